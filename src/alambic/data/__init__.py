@@ -1,0 +1,22 @@
+"""Data: read documents (`sources`), split them by document, tokenize, mask, save, and collate (`tokenize`)."""
+
+from alambic.data.sources import DataSourceError, load_documents
+from alambic.data.tokenize import (
+    DistillationCollator,
+    PreparedData,
+    load_prepared,
+    prepare_datasets,
+    save_prepared,
+    split_documents,
+)
+
+__all__ = [
+    "DataSourceError",
+    "DistillationCollator",
+    "PreparedData",
+    "load_documents",
+    "load_prepared",
+    "prepare_datasets",
+    "save_prepared",
+    "split_documents",
+]

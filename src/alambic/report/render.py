@@ -1,0 +1,110 @@
+"""The run report: what was distilled, how, and how much of the teacher the student kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from alambic.utils import atomic_write_text, console
+
+MODEL_LABELS = {
+    "teacher": "teacher",
+    "student_before": "student, before distillation",
+    "student_distilled": "student, distilled",
+    "student_ce_control": "student, cross-entropy control",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary_rows(evaluation: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, m in evaluation.get("models", {}).items():
+        rows.append([
+            MODEL_LABELS.get(name, name),
+            f"{m['parameters'] / 1e6:.1f}M",
+            str(m.get("num_layers", "")),
+            f"{m['perplexity']:.2f}" if m["perplexity"] < 1e5 else f"{m['perplexity']:.3g}",
+            f"{100 * m['top1_agreement']:.1f}%",
+            f"{m['kl_to_teacher']:.3f}",
+        ])
+    return rows
+
+
+HEADERS = ["model", "parameters", "layers", "perplexity", "top-1 agreement", "KL(teacher‖model)"]
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `report.md` into the run folder from eval.json, config.yaml and the manifest; print its table."""
+    run_dir = Path(run_dir)
+    evaluation = _read_json(run_dir / "eval.json")
+    manifest = _read_json(run_dir / "manifest.json").get("stages", {})
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    student = _read_json(run_dir / "student" / "student.json")
+    train = _read_json(run_dir / "train_summary.json")
+    control = _read_json(run_dir / "control" / "train_summary.json")
+    n_tokens = next(iter(evaluation.get("models", {}).values()), {}).get("num_tokens", 0)
+
+    rows = summary_rows(evaluation)
+    loss = config.get("loss", {})
+    training = config.get("training", {})
+    parts = [
+        f"# alambic report: {config.get('name', run_dir.name)}",
+        "",
+        f"Teacher `{config.get('teacher', {}).get('model')}`; student: "
+        + (f"{len(student['kept_layers'])} of {student['teacher_layers']} teacher layers {student['kept_layers']}"
+           if student.get("method") == "keep_layers" else f"`{student.get('source')}`"),
+        "",
+        f"## Quality on held-out data ({n_tokens} tokens never trained on)",
+        "",
+        _markdown_table(HEADERS, rows),
+        "",
+        "## Loss",
+        "",
+        f"total = {loss.get('alpha')} · T² · {loss.get('divergence')}(T = {loss.get('temperature')}) "
+        f"+ {1 - float(loss.get('alpha', 0)):.2g} · cross-entropy"
+        + (f"; JSD β = {loss.get('jsd_beta')}" if loss.get("divergence") == "jsd" else "")
+        + (f"; skew = {loss.get('skew')}" if str(loss.get("divergence", "")).startswith("skew") else ""),
+        "",
+        "## Training",
+        "",
+        f"- data: {config.get('data', {}).get('source')} ({config.get('data', {}).get('format')}), "
+        f"sequences of {config.get('data', {}).get('max_seq_len')} tokens",
+        f"- {training.get('max_steps')} steps × {training.get('per_device_train_batch_size')} sequences × "
+        f"{training.get('gradient_accumulation_steps')} accumulation, lr {training.get('learning_rate')} "
+        f"({training.get('lr_scheduler_type')}, warm-up {training.get('warmup_ratio')})",
+    ]
+    if train:
+        parts.append(f"- distillation: {train['global_step']} steps in {train['train_seconds']:.0f} s on "
+                     f"{train['device']} ({train['torch_threads']} threads)")
+    if control:
+        parts.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
+    if manifest:
+        parts += ["", "## Stages", "", _markdown_table(
+            ["stage", "status", "seconds"],
+            [[name, e.get("status", ""), f"{e.get('seconds', 0):.1f}"] for name, e in manifest.items()
+             if name != "report"],
+        )]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+
+    table = Table(title=f"held-out quality ({n_tokens} tokens)")
+    for h in HEADERS:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"report: {path}")
+    return path

@@ -1,0 +1,153 @@
+"""The stages of `alambic run`, in order: student -> data -> distill -> control -> evaluate -> report.
+
+Each is a thin function over library code (students, data, training, evaluation, report), so that
+Python users can call the same pieces without the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alambic.config import LossConfig, ModelConfig, RunConfig
+from alambic.pipeline import Stage, StageContext
+from alambic.utils import atomic_write_json, console, resolve_dtype
+
+STUDENT_DIR, DATA_DIR, FINAL_DIR, CONTROL_DIR = "student", "data", "final", "control"
+
+
+def student_source(config: RunConfig, run_dir: Path) -> ModelConfig:
+    """Where the (untrained) student is loaded from: the built one in the run folder, or the user's own."""
+    if config.student.from_teacher is not None:
+        return ModelConfig(model=str(run_dir / STUDENT_DIR), dtype=config.student.dtype, device=config.teacher.device)
+    return ModelConfig(model=config.student.model, gguf_file=config.student.gguf_file, dtype=config.student.dtype,
+                       device=config.teacher.device)
+
+
+def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from alambic.models import count_parameters, load_model, load_tokenizer
+    from alambic.students.prune import keep_layers, layer_indices, save_student
+
+    if config.student.from_teacher is None:
+        tok_t, tok_s = load_tokenizer(config.teacher), load_tokenizer(student_source(config, ctx.run_dir))
+        check_same_tokenizer(tok_t, tok_s, config)
+        record = {"method": "given", "source": config.student.model}
+        atomic_write_json(ctx.run_dir / STUDENT_DIR / "student.json", record)
+        return record
+    teacher = load_model(config.teacher, cache=True)
+    indices = layer_indices(config.student.from_teacher.layers, teacher.config.num_hidden_layers)
+    student = keep_layers(teacher, indices)
+    if config.student.dtype != "auto":
+        student.to(dtype=resolve_dtype(config.student.dtype))
+    record = {
+        "method": "keep_layers",
+        "teacher": config.teacher.model,
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "kept_layers": indices,
+        "teacher_parameters": count_parameters(teacher),
+        "student_parameters": count_parameters(student),
+    }
+    save_student(student, load_tokenizer(config.teacher), ctx.run_dir / STUDENT_DIR, record)
+    console.print(
+        f"student: {len(indices)} of {teacher.config.num_hidden_layers} teacher layers {indices}, "
+        f"{record['student_parameters']['total'] / 1e6:.1f}M of {record['teacher_parameters']['total'] / 1e6:.1f}M parameters"
+    )
+    return record
+
+
+def check_same_tokenizer(teacher_tok, student_tok, config: RunConfig) -> None:
+    """Logit losses need one vocabulary: refuse two tokenizers that disagree on shared ids."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    disagree = [tok for tok, i in sv.items() if tv.get(tok, i) != i]
+    if disagree or abs(len(tv) - len(sv)) > 0 and not (set(sv) <= set(tv) or set(tv) <= set(sv)):
+        raise ValueError(
+            f"teacher {config.teacher.model!r} and student {config.student.model!r} have different tokenizers "
+            f"({len(tv)} vs {len(sv)} tokens, {len(disagree)} shared tokens with different ids, e.g. "
+            f"{disagree[:3]}): logit distillation needs one vocabulary. Use a student with the teacher's tokenizer."
+        )
+
+
+def prepare_data(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from alambic.data import prepare_datasets, save_prepared
+    from alambic.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.teacher)
+    prepared = prepare_datasets(config.data, tokenizer)
+    save_prepared(prepared, ctx.run_dir / DATA_DIR)
+    split = prepared.split
+    console.print(
+        f"data: {split.get('train_sequences', len(prepared.train))} training sequences, "
+        f"{split.get('validation_sequences', len(prepared.validation))} held-out sequences"
+    )
+    return {k: v for k, v in split.items() if not isinstance(v, list)}
+
+
+def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool) -> dict[str, Any]:
+    from alambic.data import load_prepared
+    from alambic.models import load_model, load_tokenizer
+    from alambic.training.run import train
+
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    source = student_source(config, ctx.run_dir)
+    student = load_model(source)
+    tokenizer = load_tokenizer(source)
+    teacher = load_model(config.teacher, cache=True) if with_teacher else None
+    summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
+                    output_dir=out, resume=ctx.resume)
+    atomic_write_json(out / "train_summary.json", summary)
+    return {k: v for k, v in summary.items() if k != "log_history"}
+
+
+def distill(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return _train(config, ctx, loss=config.loss, out=ctx.run_dir, with_teacher=config.loss.alpha > 0)
+
+
+def control(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """The same student, data and steps, trained with plain cross-entropy: what distillation must beat."""
+    ce = config.loss.model_copy(update={"alpha": 0.0})
+    return _train(config, ctx, loss=ce, out=ctx.run_dir / CONTROL_DIR, with_teacher=False)
+
+
+def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from alambic.data import load_prepared
+    from alambic.evaluation.quality import evaluate_against_teacher
+    from alambic.models import load_model, load_tokenizer
+
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    teacher = load_model(config.teacher, cache=True)
+    source = student_source(config, ctx.run_dir)
+    models = {"student_before": load_model(source)}
+    models["student_distilled"] = load_model(source.model_copy(update={"model": str(ctx.run_dir / FINAL_DIR), "gguf_file": None}))
+    if config.evaluation.ce_control and (ctx.run_dir / CONTROL_DIR / FINAL_DIR).exists():
+        models["student_ce_control"] = load_model(
+            source.model_copy(update={"model": str(ctx.run_dir / CONTROL_DIR / FINAL_DIR), "gguf_file": None})
+        )
+    results = evaluate_against_teacher(
+        teacher, models, data.validation, pad_token_id=load_tokenizer(config.teacher).pad_token_id,
+        batch_size=config.evaluation.batch_size,
+    )
+    atomic_write_json(ctx.run_dir / "eval.json", {"split": "validation", "models": results})
+    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for name, r in results.items()}
+
+
+def report(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from alambic.report.render import write_report
+
+    path = write_report(ctx.run_dir)
+    return {"report": str(path)}
+
+
+STAGES: list[Stage] = [
+    Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),
+    Stage("data", ("teacher", "data"), (DATA_DIR,), prepare_data),
+    Stage("distill", ("loss", "training"), (f"{FINAL_DIR}/config.json",), distill),
+    Stage("control", ("training", "evaluation"), (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
+          enabled=lambda c: c.evaluation.ce_control),
+    Stage("evaluate", ("evaluation",), ("eval.json",), evaluate),
+    Stage("report", (), ("report.md",), report),
+]
+
+
+def stages_until(name: str) -> list[Stage]:
+    names = [s.name for s in STAGES]
+    return STAGES[: names.index(name) + 1]

@@ -1,0 +1,155 @@
+"""Set up and run one training of a student: arguments, data, callbacks, resume, final export."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+
+from alambic.config import LossConfig, TrainingConfig
+from alambic.data import DistillationCollator, PreparedData
+from alambic.training.trainer import DistillationTrainer
+from alambic.utils import console
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every log record (step, losses, lr, eval metrics) as one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """Newest `checkpoint-N` whose trainer state was written (the Trainer writes it last).
+
+    A checkpoint cut off mid-write lacks it: it is removed, so a resume never loads half a checkpoint.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return path
+        console.print(f"[yellow]removing incomplete checkpoint {path}[/]")
+        shutil.rmtree(path)
+    return None
+
+
+def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool) -> TrainingArguments:
+    """`TrainingArguments` from the run config; `cfg.trainer_args` override anything here."""
+    args: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if (cfg.eval_steps and has_eval) else "no",
+        eval_steps=cfg.eval_steps,
+        report_to=cfg.report_to or "none",
+        seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=False,
+        logging_first_step=True,
+    )
+    args.update(cfg.trainer_args)
+    try:
+        return TrainingArguments(**args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"training / training.trainer_args rejected by transformers.TrainingArguments: {exc}") from None
+
+
+def train(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    *,
+    teacher: PreTrainedModel | None,
+    loss: LossConfig,
+    training: TrainingConfig,
+    output_dir: Path,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
+
+    Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
+    complete one. Metrics stream to `output_dir/metrics.jsonl`.
+
+    Returns:
+        A summary: steps, wall time, resumed-from step, final training loss, log history.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = output_dir / "checkpoints"
+    last = last_complete_checkpoint(checkpoints) if resume else None
+    if not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    metrics_path = output_dir / "metrics.jsonl"
+    if last is None and metrics_path.exists():
+        metrics_path.unlink()
+
+    args = training_arguments(training, checkpoints, has_eval=len(data.validation) > 0)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation if len(data.validation) else None,
+        data_collator=DistillationCollator(pad_token_id=tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        teacher=teacher,
+        loss_config=loss,
+        callbacks=[JsonlMetricsCallback(metrics_path)],
+    )
+    if last is not None:
+        console.print(f"resuming from {last}")
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    wall = time.perf_counter() - t0
+
+    final = output_dir / "final"
+    tmp = output_dir / "final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return {
+        "global_step": trainer.state.global_step,
+        "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,
+        "train_seconds": round(wall, 2),
+        "train_loss": round(float(result.training_loss), 6),
+        "tokens_per_step": training.per_device_train_batch_size
+        * training.gradient_accumulation_steps
+        * (len(data.train[0]["input_ids"]) if len(data.train) else 0),
+        "device": str(trainer.args.device),
+        "torch_threads": torch.get_num_threads(),
+        "log_history": trainer.state.log_history,
+    }

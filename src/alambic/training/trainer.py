@@ -1,0 +1,162 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is the configured distillation objective.
+
+Everything Trainer users rely on is kept (checkpoints and resume, gradient accumulation, mixed precision,
+evaluation, `report_to`, accelerate / DeepSpeed / FSDP launchers); only `compute_loss`, `prediction_step`
+and `log` are extended. The teacher is frozen, in eval mode, and runs under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+
+from alambic.config import LossConfig
+from alambic.losses import distillation_loss
+from alambic.training.forward import counted_positions, final_hidden_states, project
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard`.
+
+    Args:
+        teacher: the teacher model; may be None only when `loss.alpha == 0` (plain cross-entropy).
+        loss_config: divergence, temperature, alpha and their parameters.
+        Remaining arguments go to `transformers.Trainer`.
+    """
+
+    # compute_loss divides by the Trainer's global count of counted tokens (`num_items_in_batch`), so the
+    # loss is already right for gradient accumulation: the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if teacher is None and loss_config.alpha > 0:
+            raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs without one")
+        self.loss_config = loss_config
+        # Makes the Trainer count the tokens of the whole accumulated batch (labels[..., 1:] != -100).
+        self.model_accepts_loss_kwargs = True
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None and loss_config.alpha > 0 else None
+        self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_log_time = time.perf_counter()
+        self._check_vocab()
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            # ZeRO-3 shards the teacher like the student; other stages keep a full copy per rank.
+            import copy
+
+            import deepspeed
+
+            ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            ds_config.pop("optimizer", None)
+            ds_config.pop("scheduler", None)
+            if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+                ds_config["zero_optimization"] = {"stage": 0}
+            engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+            engine.eval()
+            return engine
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _check_vocab(self) -> None:
+        if self.teacher is None:
+            return
+        s = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        t = self._teacher_core.get_output_embeddings().weight.shape[0]
+        if s != t:
+            # Checkpoints of one family often pad the vocabulary differently: compare over the shared ids.
+            self.shared_vocab = min(s, t)
+        else:
+            self.shared_vocab = None
+
+    @property
+    def _teacher_core(self) -> PreTrainedModel:
+        teacher = self.teacher
+        return getattr(teacher, "module", teacher)
+
+    # -- loss -----------------------------------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        core = self.accelerator.unwrap_model(model)
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        mask, targets = counted_positions(inputs["labels"])  # (B, T-1), (N,)
+
+        hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
+        student_logits = project(core, hidden)  # (N, V_s)
+
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.inference_mode():
+                t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
+                t_hidden = t_hidden[:, :-1][mask]  # (N, H_t)
+            # inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap,
+            # and the teacher's head runs under no_grad on it.
+            with torch.no_grad():
+                teacher_logits = project(self._teacher_core, t_hidden.clone())
+            if self.shared_vocab is not None:
+                student_logits = student_logits[:, : self.shared_vocab]
+                teacher_logits = teacher_logits[:, : self.shared_vocab]
+
+        cfg = self.loss_config
+        parts = distillation_loss(
+            student_logits,
+            teacher_logits if teacher_logits is not None else student_logits.detach(),
+            targets,
+            divergence=cfg.divergence,
+            temperature=cfg.temperature,
+            alpha=cfg.alpha,
+            jsd_beta=cfg.jsd_beta,
+            skew=cfg.skew,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss = parts.total
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The global token count divides every rank's loss; DDP averages gradients over ranks: undo that.
+            loss = loss * self.accelerator.num_processes
+
+        mode = "train" if model.training else "eval"
+        # Log per-token means of this micro-batch (independent of how the batch was split).
+        n = max(int(parts.num_tokens), 1)
+        scale = (float(num_items_in_batch) / n) if num_items_in_batch is not None else 1.0
+        if cfg.alpha > 0:
+            self._parts[mode]["loss_soft"].append(parts.soft.item() * scale)
+        if cfg.alpha < 1:
+            self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
+        self._parts[mode]["counted_tokens"].append(float(parts.num_tokens))
+        return (loss, {"student_logits": student_logits}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        parts = self._parts[mode]
+        if parts:
+            tokens = parts.pop("counted_tokens", [])
+            if mode == "train":
+                now = time.perf_counter()
+                logs["tokens_per_second"] = round(sum(tokens) / max(now - self._last_log_time, 1e-9), 1)
+                self._last_log_time = now
+                if torch.cuda.is_available():
+                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            for key, values in parts.items():
+                if tokens and len(tokens) == len(values):
+                    # token-weighted mean: the loss over all tokens seen since the last log
+                    value = sum(v * t for v, t in zip(values, tokens)) / max(sum(tokens), 1.0)
+                else:
+                    value = sum(values) / len(values)
+                logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
+            parts.clear()
+        super().log(logs, *args, **kwargs)
