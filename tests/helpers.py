@@ -89,3 +89,40 @@ def save_tiny_pair(tmp_path, arch: str = "llama", teacher_layers: int = 4):
     tiny_model(arch, num_layers=teacher_layers).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+NEWS = [
+    "Markets rallied on Monday as the central bank held interest rates steady for a third month.",
+    "The team won the cup final after extra time, with a late goal from the young striker.",
+    "A new phone was released with a faster chip, a larger screen and a better camera.",
+    "Parliament debated the budget late into the night before a narrow vote.",
+    "The film festival opened with a drama about a family of fishermen.",
+    "Oil prices fell sharply after producers agreed to raise output next year.",
+]
+
+
+def write_text_corpus(folder, n_docs: int = 24):
+    """A folder of small .txt documents for `data.source: files`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{i:03d}.txt").write_text(" ".join(NEWS[(i + j) % len(NEWS)] for j in range(3)))
+    return folder
+
+
+def tiny_prepared(tmp_path, *, max_seq_len: int = 16, chat: bool = False):
+    """PreparedData over a tiny corpus, tokenized with `tiny_tokenizer()`."""
+    import json
+
+    from alambic.config import DataConfig
+    from alambic.data import prepare_datasets
+
+    if chat:
+        path = tmp_path / "chat.jsonl"
+        rows = [{"prompt": NEWS[i % 6][:30], "response": NEWS[(i + 1) % 6]} for i in range(16)]
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        cfg = DataConfig(source="files", format="chat", paths=[path], max_seq_len=max_seq_len * 3,
+                         validation_fraction=0.25)
+    else:
+        cfg = DataConfig(source="files", paths=[write_text_corpus(tmp_path / "corpus")], max_seq_len=max_seq_len,
+                         validation_fraction=0.2)
+    return prepare_datasets(cfg, tiny_tokenizer())

@@ -44,25 +44,29 @@ def quickstart_config_text() -> str:
     return resources.files("alambic").joinpath("configs/quickstart.yaml").read_text()
 
 
-def _run(config: RunConfig, until: str | None, resume: bool) -> None:
+def _input_errors() -> tuple[type[Exception], ...]:
+    from alambic.data import DataSourceError
     from alambic.models import ModelLoadError
+    from alambic.students.prune import PruningError
+
+    return (ConfigError, ModelLoadError, DataSourceError, PruningError, FileNotFoundError)
+
+
+def _run(config: RunConfig, until: str | None, resume: bool) -> None:
     from alambic.pipeline import run_stages
     from alambic.stages import STAGES, stages_until
 
     stages = stages_until(until) if until else STAGES
+    INPUT_ERRORS = _input_errors()
     try:
         run_stages(config, stages, resume=resume)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: run the same command again to resume ({config.run_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
+    except INPUT_ERRORS as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except Exception as exc:
-        # Input errors raised by our own checks are ValueErrors with a message written for the user.
-        if isinstance(exc, ValueError) and type(exc).__module__.startswith("alambic"):
-            console.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception:
         console.print_exception(max_frames=8)
         console.print(f"[red]failed[/]; the manifest records where: {config.run_dir / 'manifest.json'}. "
                       "Fix the cause and run the same command again to resume.")
@@ -132,3 +136,7 @@ def main() -> None:
 
     tune_allocator()
     app()
+
+
+if __name__ == "__main__":
+    main()

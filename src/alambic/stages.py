@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alambic.config import LossConfig, ModelConfig, RunConfig
+from alambic.config import ConfigError, LossConfig, ModelConfig, RunConfig
 from alambic.pipeline import Stage, StageContext
 from alambic.utils import atomic_write_json, console, resolve_dtype
 
@@ -60,7 +60,7 @@ def check_same_tokenizer(teacher_tok, student_tok, config: RunConfig) -> None:
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     disagree = [tok for tok, i in sv.items() if tv.get(tok, i) != i]
     if disagree or abs(len(tv) - len(sv)) > 0 and not (set(sv) <= set(tv) or set(tv) <= set(sv)):
-        raise ValueError(
+        raise ConfigError(
             f"teacher {config.teacher.model!r} and student {config.student.model!r} have different tokenizers "
             f"({len(tv)} vs {len(sv)} tokens, {len(disagree)} shared tokens with different ids, e.g. "
             f"{disagree[:3]}): logit distillation needs one vocabulary. Use a student with the teacher's tokenizer."

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 
-from alambic.config import LossConfig, TrainingConfig
+from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
 from alambic.training.trainer import DistillationTrainer
 from alambic.utils import console
@@ -79,11 +79,13 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         disable_tqdm=False,
         logging_first_step=True,
     )
+    if not torch.cuda.is_available():
+        args["use_cpu"] = True  # bf16 autocast on CPU is allowed only when asked for this way
     args.update(cfg.trainer_args)
     try:
         return TrainingArguments(**args)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"training / training.trainer_args rejected by transformers.TrainingArguments: {exc}") from None
+        raise ConfigError(f"training / training.trainer_args rejected by transformers.TrainingArguments: {exc}") from None
 
 
 def train(
@@ -96,6 +98,7 @@ def train(
     training: TrainingConfig,
     output_dir: Path,
     resume: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
     """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
@@ -124,7 +127,7 @@ def train(
         processing_class=tokenizer,
         teacher=teacher,
         loss_config=loss,
-        callbacks=[JsonlMetricsCallback(metrics_path)],
+        callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
     )
     if last is not None:
         console.print(f"resuming from {last}")

@@ -1,0 +1,105 @@
+"""Whole runs on a tiny random teacher: every stage, the manifest, skipping, resuming, every example config."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alambic.config import load_config, validate_config
+from alambic.pipeline import run_stages
+from alambic.stages import STAGES, stages_until
+from helpers import save_tiny_pair, write_text_corpus
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").rglob("*.yaml"))
+
+
+def tiny_run_config(tmp_path, **overrides):
+    teacher = save_tiny_pair(tmp_path)
+    data = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": str(teacher), "device": "cpu"},
+        "student": {"from_teacher": {"layers": "every_other"}},
+        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
+                 "validation_fraction": 0.2},
+        "loss": {"divergence": "forward_kl", "alpha": 0.8, "temperature": 2.0},
+        "training": {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
+        "evaluation": {"ce_control": True, "batch_size": 4},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return validate_config(data)
+
+
+def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
+    cfg = tiny_run_config(tmp_path)
+    run_stages(cfg, STAGES)
+    run = cfg.run_dir
+    for path in ("config.yaml", "manifest.json", "student/config.json", "student/student.json", "data/split.json",
+                 "final/config.json", "control/final/config.json", "eval.json", "report.md", "metrics.jsonl"):
+        assert (run / path).exists(), path
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert [manifest[s.name]["status"] for s in STAGES] == ["done"] * len(STAGES)
+    assert all(manifest[s.name]["seconds"] >= 0 and manifest[s.name]["inputs_hash"] for s in STAGES)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["loss"]["jsd_beta"] == 0.5  # defaults written out
+    evaluation = json.loads((run / "eval.json").read_text())["models"]
+    assert set(evaluation) == {"teacher", "student_before", "student_distilled", "student_ce_control"}
+    assert evaluation["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluation["student_distilled"]["parameters"] < evaluation["teacher"]["parameters"]
+    assert "student, distilled" in (run / "report.md").read_text()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "final" / "config.json", run / "eval.json")}
+    run_stages(cfg, STAGES)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing redone
+
+    # a new loss redoes distillation and what follows, not the student or the data
+    student_stamp = (run / "student" / "config.json").stat().st_mtime_ns
+    run_stages(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"temperature": 1.0})}), STAGES)
+    assert (run / "student" / "config.json").stat().st_mtime_ns == student_stamp
+    assert (run / "final" / "config.json").stat().st_mtime_ns != stamps[run / "final" / "config.json"]
+
+
+def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
+    cfg = tiny_run_config(tmp_path, training={"max_steps": 4, "save_steps": 2})
+    import alambic.training.run as run_mod
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("power cut")
+
+    original_train = run_mod.train
+    monkeypatch.setattr(run_mod, "train", lambda *a, **k: original_train(*a, callbacks=[Crash()], **k))
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_stages(cfg, stages_until("distill"))
+    manifest = json.loads((cfg.run_dir / "manifest.json").read_text())["stages"]
+    assert manifest["distill"]["status"] == "failed" and "power cut" in manifest["distill"]["error"]
+
+    monkeypatch.setattr(run_mod, "train", original_train)
+    run_stages(cfg, stages_until("distill"))
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["global_step"] == 4
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
+    shipped = load_config(example)  # valid as shipped
+    tiny = tiny_run_config(tmp_path)
+    data = shipped.model_dump(mode="json")
+    data.update(output_dir=str(tmp_path / "runs"), teacher=tiny.teacher.model_dump(mode="json"))
+    data["training"].update(max_steps=2, bf16=False, save_steps=10)
+    data["evaluation"]["ce_control"] = False
+    if shipped.data.format == "chat":
+        rows = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]}] * 12
+        path = tmp_path / "chat.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        data["data"].update(source="files", paths=[str(path)], max_seq_len=32)
+    else:
+        data["data"] = tiny.data.model_dump(mode="json")
+    cfg = validate_config(data)
+    run_stages(cfg, STAGES)
+    evaluation = json.loads((cfg.run_dir / "eval.json").read_text())["models"]
+    assert evaluation["student_distilled"]["num_tokens"] > 0

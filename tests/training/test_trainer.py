@@ -1,0 +1,111 @@
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from alambic.config import LossConfig, TrainingConfig
+from alambic.data import DistillationCollator
+from alambic.evaluation.quality import evaluate_against_teacher
+from alambic.training.run import last_complete_checkpoint, train
+from helpers import tiny_model, tiny_prepared, tiny_tokenizer
+
+
+def _kl(teacher, student, data):
+    res = evaluate_against_teacher(teacher, {"s": student}, data.validation, pad_token_id=3, batch_size=4)
+    return res["s"]["kl_to_teacher"]
+
+
+def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
+    data = tiny_prepared(tmp_path)
+    teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2, num_layers=2)
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    before = _kl(teacher, student, data)
+    summary = train(student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=1.0),
+                    training=TrainingConfig(max_steps=30, learning_rate=3e-3, logging_steps=10, save_steps=100),
+                    output_dir=tmp_path / "run")
+    after = _kl(teacher, student, data)
+    assert after < 0.7 * before, (before, after)
+    # the teacher is frozen and untouched
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_state[k], rtol=0, atol=0)
+    # every loss part is logged, and the final model reloads
+    logged = [r for r in summary["log_history"] if "loss_soft" in r]
+    assert logged and all("tokens_per_second" in r for r in logged)
+    assert "loss_hard" not in logged[0]  # alpha = 1: no hard term computed or logged
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("loss_soft") >= 3
+
+
+def _one_sgd_step(tmp_path, data, batch, accumulation, name):
+    teacher, student = tiny_model("qwen2", seed=1), tiny_model("qwen2", seed=2, num_layers=2)
+    train(student, tiny_tokenizer(), data, teacher=teacher,
+          loss=LossConfig(alpha=0.7, temperature=2.0, divergence="jsd"),
+          training=TrainingConfig(max_steps=1, per_device_train_batch_size=batch,
+                                  gradient_accumulation_steps=accumulation, learning_rate=1.0, warmup_ratio=0,
+                                  lr_scheduler_type="constant", max_grad_norm=1e9, save_steps=100,
+                                  trainer_args={"optim": "sgd", "data_seed": 0}),
+          output_dir=tmp_path / name)
+    return student.state_dict()
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path):
+    # chat data: micro-batches count different numbers of tokens, so a per-micro-batch mean would differ
+    data = tiny_prepared(tmp_path, chat=True)
+    whole = _one_sgd_step(tmp_path, data, batch=4, accumulation=1, name="b4")
+    split = _one_sgd_step(tmp_path, data, batch=1, accumulation=4, name="b1x4")
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    data = tiny_prepared(tmp_path)
+    kwargs = dict(loss=LossConfig(alpha=0.5), training=TrainingConfig(max_steps=6, save_steps=2, learning_rate=1e-3))
+    teacher = tiny_model("llama", seed=1)
+
+    straight = tiny_model("llama", seed=2, num_layers=2)
+    train(straight, tiny_tokenizer(), data, teacher=teacher, output_dir=tmp_path / "a", **kwargs)
+
+    interrupted = tiny_model("llama", seed=2, num_layers=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, tiny_tokenizer(), data, teacher=teacher, output_dir=tmp_path / "b",
+              callbacks=[_Crash(at_step=5)], **kwargs)
+    assert last_complete_checkpoint(tmp_path / "b" / "checkpoints").name == "checkpoint-4"
+    # a checkpoint cut off mid-write is not resumed from
+    (tmp_path / "b" / "checkpoints" / "checkpoint-5").mkdir()
+    resumed = tiny_model("llama", seed=3, num_layers=2)  # weights come from the checkpoint, not from here
+    summary = train(resumed, tiny_tokenizer(), data, teacher=teacher, output_dir=tmp_path / "b", **kwargs)
+    assert summary["resumed_from"] == 4 and summary["global_step"] == 6
+    assert not (tmp_path / "b" / "checkpoints" / "checkpoint-5").exists()
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cross_entropy_control_needs_no_teacher_and_a_kd_loss_does(tmp_path):
+    data = tiny_prepared(tmp_path)
+    student = tiny_model("mistral", num_layers=2)
+    summary = train(student, tiny_tokenizer(), data, teacher=None, loss=LossConfig(alpha=0.0),
+                    training=TrainingConfig(max_steps=2, save_steps=100), output_dir=tmp_path / "ce")
+    assert summary["global_step"] == 2
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(student, tiny_tokenizer(), data, teacher=None, loss=LossConfig(alpha=0.5),
+              training=TrainingConfig(max_steps=1), output_dir=tmp_path / "kd")
+
+
+def test_collator_pads_for_the_trainer():
+    batch = DistillationCollator(pad_token_id=3)([
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+        {"input_ids": [5], "attention_mask": [1], "labels": [5]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]]
+    assert batch["labels"].tolist()[1] == [5, -100, -100]
