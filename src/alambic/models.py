@@ -88,11 +88,25 @@ def _require_gguf() -> None:
         raise ModelLoadError("loading a .gguf model needs the `gguf` package: `pip install gguf` (or 'alambic[gguf]')")
 
 
+_TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    """The model's tokenizer, with a pad token (eos when the tokenizer has none).
+
+    One read from a GGUF file is kept for the life of the process: it takes seconds, and stages share it.
+    """
     src = resolve_source(cfg.model, cfg.gguf_file)
-    if src.is_gguf:
-        _require_gguf()
+    if not src.is_gguf:
+        return _load_tokenizer(cfg, src)
+    _require_gguf()
+    key = (src.path, src.gguf_file, cfg.revision)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(cfg, src)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(cfg: ModelConfig, src: ModelSource) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(
             src.path, gguf_file=src.gguf_file, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code

@@ -74,12 +74,9 @@ def prepare_data(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.teacher)
     prepared = prepare_datasets(config.data, tokenizer)
     save_prepared(prepared, ctx.run_dir / DATA_DIR)
-    split = prepared.split
-    console.print(
-        f"data: {split.get('train_sequences', len(prepared.train))} training sequences, "
-        f"{split.get('validation_sequences', len(prepared.validation))} held-out sequences"
-    )
-    return {k: v for k, v in split.items() if not isinstance(v, list)}
+    console.print(f"data: {len(prepared.train)} training sequences, {len(prepared.validation)} held-out sequences "
+                  f"({len(prepared.split['validation_document_ids'])} held-out documents)")
+    return {k: v for k, v in prepared.split.items() if not isinstance(v, list)}
 
 
 def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool) -> dict[str, Any]:

@@ -468,3 +468,14 @@ def test_bad_arguments_raise_with_the_values(call, match):
     s, t = make_logits((2, 3, 5), seed=20)
     with pytest.raises(ValueError, match=match):
         call(s, t)
+
+
+def test_plain_cross_entropy_needs_no_teacher():
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = -100
+    parts = distillation_loss(logits, None, labels, alpha=0.0)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(parts.total, ref)
+    with pytest.raises(ValueError, match="needs teacher logits"):
+        distillation_loss(logits, None, labels, alpha=0.5)

@@ -22,7 +22,7 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     teacher_state = copy.deepcopy(teacher.state_dict())
     before = _kl(teacher, student, data)
     summary = train(student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=1.0),
-                    training=TrainingConfig(max_steps=30, learning_rate=3e-3, logging_steps=10, save_steps=100),
+                    training=TrainingConfig(max_steps=30, learning_rate=3e-3, logging_steps=10, save_steps=100, eval_steps=15),
                     output_dir=tmp_path / "run")
     after = _kl(teacher, student, data)
     assert after < 0.7 * before, (before, after)
@@ -34,6 +34,8 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     logged = [r for r in summary["log_history"] if "loss_soft" in r]
     assert logged and all("tokens_per_second" in r for r in logged)
     assert "loss_hard" not in logged[0]  # alpha = 1: no hard term computed or logged
+    evals = [r for r in summary["log_history"] if "eval_loss" in r]
+    assert len(evals) == 2 and all("eval_loss_soft" in r for r in evals)
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("loss_soft") >= 3
 

@@ -13,6 +13,8 @@ from alambic.data import DistillationCollator
 from alambic.losses import forward_kl, token_cross_entropy
 from alambic.models import count_parameters
 from alambic.training.forward import counted_positions, final_hidden_states, project
+from rich.progress import track
+
 from alambic.utils import console
 
 
@@ -41,24 +43,22 @@ def evaluate_against_teacher(
     n_tokens = 0
     for m in everyone.values():
         m.eval()
-    with console.status("evaluating on held-out data") as status:
-        for i, batch in enumerate(loader):
-            status.update(f"evaluating on held-out data: batch {i + 1}/{len(loader)}")
-            mask, targets = counted_positions(batch["labels"])
-            n_tokens += int(mask.sum())
-            t_logits = None
-            for name, model in everyone.items():
-                device = next(model.parameters()).device
-                ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                hidden = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]  # (N, H)
-                logits = project(model, hidden).float()  # (N, V)
-                if t_logits is None:
-                    t_logits = logits
-                v = min(logits.shape[-1], t_logits.shape[-1])
-                tl = t_logits.to(logits.device)[:, :v]
-                sums[name]["ce"] += token_cross_entropy(logits, targets.to(device)).sum().item()
-                sums[name]["agree"] += (logits[:, :v].argmax(-1) == tl.argmax(-1)).sum().item()
-                sums[name]["kl"] += forward_kl(logits[:, :v], tl).sum().item()
+    for batch in track(loader, description=f"evaluating {len(everyone)} models on held-out data", console=console):
+        mask, targets = counted_positions(batch["labels"])
+        n_tokens += int(mask.sum())
+        t_logits = None
+        for name, model in everyone.items():
+            device = next(model.parameters()).device
+            ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            hidden = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]  # (N, H)
+            logits = project(model, hidden).float()  # (N, V)
+            if t_logits is None:
+                t_logits = logits
+            v = min(logits.shape[-1], t_logits.shape[-1])
+            tl = t_logits.to(logits.device)[:, :v]
+            sums[name]["ce"] += token_cross_entropy(logits, targets.to(device)).sum().item()
+            sums[name]["agree"] += (logits[:, :v].argmax(-1) == tl.argmax(-1)).sum().item()
+            sums[name]["kl"] += forward_kl(logits[:, :v], tl).sum().item()
     n = max(n_tokens, 1)
     results = {}
     for name, model in everyone.items():

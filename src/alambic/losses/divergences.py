@@ -328,7 +328,7 @@ def reduce_over_tokens(
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     labels: Tensor,
     *,
     divergence: DivergenceName | str = "forward_kl",
@@ -351,7 +351,7 @@ def distillation_loss(
 
     Args:
         student_logits: (..., V).
-        teacher_logits: (..., V), same shape.
+        teacher_logits: (..., V), same shape; may be None only when alpha = 0 (plain cross-entropy).
         labels: (...) aligned with the logits' positions (the caller shifts them for causal LMs);
             -100 marks tokens that do not count.
         divergence: a name from `DIVERGENCES`.
@@ -374,8 +374,10 @@ def distillation_loss(
             f"labels {tuple(labels.shape)} must have the logits' leading shape "
             f"{tuple(student_logits.shape[:-1])} (logits are (..., V), labels (...))"
         )
+    if teacher_logits is None and alpha > 0.0:
+        raise ValueError(f"alpha = {alpha} weighs a soft loss, which needs teacher logits (got None)")
     mask = labels != IGNORE_INDEX  # (...)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = _compute_dtype(student_logits, *([] if teacher_logits is None else [teacher_logits]))
     zero = torch.zeros((), dtype=dtype, device=student_logits.device)
 
     soft = zero

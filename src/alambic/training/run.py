@@ -32,10 +32,11 @@ class JsonlMetricsCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Path | None:
     """Newest `checkpoint-N` whose trainer state was written (the Trainer writes it last).
 
-    A checkpoint cut off mid-write lacks it: it is removed, so a resume never loads half a checkpoint.
+    A checkpoint cut off mid-write lacks it: it is skipped (and removed, by the main process), so a
+    resume never loads half a checkpoint.
     """
     if not folder.is_dir():
         return None
@@ -45,8 +46,9 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     for _, path in reversed(found):
         if (path / "trainer_state.json").is_file():
             return path
-        console.print(f"[yellow]removing incomplete checkpoint {path}[/]")
-        shutil.rmtree(path)
+        if remove_incomplete:
+            console.print(f"[yellow]removing incomplete checkpoint {path}[/]")
+            shutil.rmtree(path)
     return None
 
 
@@ -79,8 +81,9 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         disable_tqdm=False,
         logging_first_step=True,
     )
-    if not torch.cuda.is_available():
-        args["use_cpu"] = True  # bf16 autocast on CPU is allowed only when asked for this way
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        # Told it runs on CPU, the Trainer allows bf16 autocast there and sets up DDP (gloo) under torchrun.
+        args["use_cpu"] = True
     args.update(cfg.trainer_args)
     try:
         return TrainingArguments(**args)
@@ -108,16 +111,18 @@ def train(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, log history.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = output_dir / "checkpoints"
-    last = last_complete_checkpoint(checkpoints) if resume else None
-    if not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
     metrics_path = output_dir / "metrics.jsonl"
-    if last is None and metrics_path.exists():
-        metrics_path.unlink()
-
     args = training_arguments(training, checkpoints, has_eval=len(data.validation) > 0)
+    is_main = args.process_index == 0  # under a launcher, only rank 0 touches shared files
+    with args.main_process_first(desc="checkpoint clean-up"):
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and checkpoints.exists():
+                shutil.rmtree(checkpoints)
+        last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main) if resume else None
+        if is_main and last is None and metrics_path.exists():
+            metrics_path.unlink()
     trainer = DistillationTrainer(
         model=student,
         args=args,
@@ -135,15 +140,17 @@ def train(
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     wall = time.perf_counter() - t0
 
-    final = output_dir / "final"
-    tmp = output_dir / "final.tmp"
-    if tmp.exists():
+    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    if is_main and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # every rank: DeepSpeed / FSDP gather the weights here
+    if is_main:
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    trainer.accelerator.wait_for_everyone()
     return {
         "global_step": trainer.state.global_step,
         "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,

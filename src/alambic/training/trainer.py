@@ -109,7 +109,7 @@ class DistillationTrainer(Trainer):
         cfg = self.loss_config
         parts = distillation_loss(
             student_logits,
-            teacher_logits if teacher_logits is not None else student_logits.detach(),
+            teacher_logits,
             targets,
             divergence=cfg.divergence,
             temperature=cfg.temperature,
