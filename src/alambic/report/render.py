@@ -92,7 +92,8 @@ def write_report(run_dir: str | Path) -> Path:
     if control:
         parts.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
     if manifest:
-        parts += ["", "## Stages", "", _markdown_table(
+        total = sum(e.get("seconds", 0) or 0 for e in manifest.values())
+        parts += ["", f"## Stages ({total / 60:.1f} min in all)", "", _markdown_table(
             ["stage", "status", "seconds"],
             [[name, e.get("status", ""), f"{e.get('seconds', 0):.1f}"] for name, e in manifest.items()
              if name != "report"],
