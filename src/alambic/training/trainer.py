@@ -43,7 +43,7 @@ class DistillationTrainer(Trainer):
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and loss_config.alpha > 0 else None
         self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_log_time = time.perf_counter()
-        self._check_vocab()
+        self.shared_vocab = self._shared_vocab()
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -66,16 +66,17 @@ class DistillationTrainer(Trainer):
             return engine
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _check_vocab(self) -> None:
+    def _shared_vocab(self) -> int | None:
+        """Logit width both models share when their output heads differ, else None.
+
+        Checkpoints of one family often pad the vocabulary differently (151936 vs 152064); the stages
+        check beforehand that the tokenizers agree, so the logits are compared over the shared ids.
+        """
         if self.teacher is None:
-            return
+            return None
         s = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
         t = self._teacher_core.get_output_embeddings().weight.shape[0]
-        if s != t:
-            # Checkpoints of one family often pad the vocabulary differently: compare over the shared ids.
-            self.shared_vocab = min(s, t)
-        else:
-            self.shared_vocab = None
+        return min(s, t) if s != t else None
 
     @property
     def _teacher_core(self) -> PreTrainedModel:
