@@ -113,12 +113,12 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     data = load_prepared(ctx.run_dir / DATA_DIR)
     teacher = load_model(config.teacher, cache=True)
     source = student_source(config, ctx.run_dir)
+    trained = {"student_distilled": ctx.run_dir / FINAL_DIR}
+    if config.evaluation.ce_control:
+        trained["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
     models = {"student_before": load_model(source)}
-    models["student_distilled"] = load_model(source.model_copy(update={"model": str(ctx.run_dir / FINAL_DIR), "gguf_file": None}))
-    if config.evaluation.ce_control and (ctx.run_dir / CONTROL_DIR / FINAL_DIR).exists():
-        models["student_ce_control"] = load_model(
-            source.model_copy(update={"model": str(ctx.run_dir / CONTROL_DIR / FINAL_DIR), "gguf_file": None})
-        )
+    for name, folder in trained.items():  # same dtype and device as the untrained student
+        models[name] = load_model(source.model_copy(update={"model": str(folder), "gguf_file": None}))
     results = evaluate_against_teacher(
         teacher, models, data.validation, pad_token_id=load_tokenizer(config.teacher).pad_token_id,
         batch_size=config.evaluation.batch_size,
