@@ -6,7 +6,7 @@ from alambic.cli import app
 from alambic.config import validate_config
 
 runner = CliRunner()
-COMMANDS = ["run", "distill", "quickstart", "report"]
+COMMANDS = ["run", "distill", "cache", "quickstart", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -40,8 +40,10 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
                  "final/config.json", "control/final/config.json", "eval.json", "report.md", "metrics.jsonl"):
         assert (run / path).exists(), path
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
-    assert [manifest[s.name]["status"] for s in STAGES] == ["done"] * len(STAGES)
-    assert all(manifest[s.name]["seconds"] >= 0 and manifest[s.name]["inputs_hash"] for s in STAGES)
+    active = [s for s in STAGES if s.enabled(cfg)]
+    assert "cache" not in manifest  # no data.teacher_cache: the stage is not part of this run
+    assert [manifest[s.name]["status"] for s in active] == ["done"] * len(active)
+    assert all(manifest[s.name]["seconds"] >= 0 and manifest[s.name]["inputs_hash"] for s in active)
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["loss"]["jsd_beta"] == 0.5  # defaults written out
     evaluation = json.loads((run / "eval.json").read_text())["models"]
@@ -82,6 +84,42 @@ def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
     run_stages(cfg, stages_until("distill"))
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["global_step"] == 4
+
+
+def test_a_run_from_the_offline_teacher_cache(tmp_path):
+    cfg = tiny_run_config(tmp_path, data={"teacher_cache": {"k": 8, "sequences_per_shard": 4}},
+                          loss={"alpha": 1.0, "temperature": 1.0}, evaluation={"ce_control": False},
+                          training={"max_steps": 4, "learning_rate": 3e-3})
+    run_stages(cfg, STAGES)
+    manifest = json.loads((cfg.run_dir / "manifest.json").read_text())["stages"]
+    assert manifest["cache"]["status"] == "done"
+    cache = json.loads((cfg.run_dir / "teacher_cache" / "train" / "manifest.json").read_text())
+    assert cache["k"] == 8 and len(cache["shards"]) > 1
+    # (that training from a cache brings a student closer is tested in tests/data/test_cache.py)
+    assert json.loads((cfg.run_dir / "train_summary.json").read_text())["global_step"] == 4
+    logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("loss_soft", 0) > 0 for r in logged)
+    assert "student_distilled" in json.loads((cfg.run_dir / "eval.json").read_text())["models"]
+
+
+def test_a_cache_made_for_other_data_is_refused(tmp_path):
+    from alambic.data.cache import CacheMismatchError
+
+    cfg = tiny_run_config(tmp_path, data={"teacher_cache": {"k": 8}}, loss={"alpha": 1.0},
+                          evaluation={"ce_control": False})
+    run_stages(cfg, stages_until("cache"))
+    other = cfg.model_copy(update={"name": "other", "data": cfg.data.model_copy(update={
+        "max_seq_len": 12, "teacher_cache": cfg.data.teacher_cache.model_copy(
+            update={"folder": cfg.run_dir / "teacher_cache"})})})
+    with pytest.raises(CacheMismatchError, match="dataset"):
+        run_stages(other, [s for s in stages_until("distill") if s.name != "cache"])
+
+
+def test_logit_mse_cannot_use_a_cache(tmp_path):
+    from alambic.config import ConfigError
+
+    with pytest.raises(ConfigError, match="logit_mse cannot use it"):
+        tiny_run_config(tmp_path, data={"teacher_cache": {}}, loss={"divergence": "logit_mse"})
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

@@ -46,10 +46,11 @@ def quickstart_config_text() -> str:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     from alambic.data import DataSourceError
+    from alambic.data.cache import CacheMismatchError
     from alambic.models import ModelLoadError
     from alambic.students.prune import PruningError
 
-    return (ConfigError, ModelLoadError, DataSourceError, PruningError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, DataSourceError, PruningError, CacheMismatchError, FileNotFoundError)
 
 
 def _run(config: RunConfig, until: str | None, resume: bool) -> None:
@@ -92,6 +93,16 @@ def run(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> Non
 def distill(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
     """Build the student and the data if needed, then distil (no evaluation or report)."""
     _run(_load(config, set_), "distill", resume)
+
+
+@app.command()
+def cache(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
+    """Build the student and the data if needed, then write the offline teacher cache (data.teacher_cache)."""
+    cfg = _load(config, set_)
+    if cfg.data.teacher_cache is None:
+        console.print("[red]error:[/] the config has no data.teacher_cache section: add one (k, dtype, ...) to cache")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _run(cfg, "cache", resume)
 
 
 @app.command()

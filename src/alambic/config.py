@@ -82,6 +82,16 @@ class StudentConfig(_Section):
         return self
 
 
+class TeacherCacheConfig(_Section):
+    """Offline teacher: top-k log-probs per counted token, computed once, so training needs no teacher."""
+
+    k: int = Field(default=64, gt=0, description="Teacher log-probs kept per token (plus one tail bucket).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(default="float16", description="Storage dtype of the log-probs.")
+    batch_size: int = Field(default=8, gt=0, description="Sequences per teacher forward while writing.")
+    sequences_per_shard: int = Field(default=256, gt=0, description="Sequences per shard file (the unit of resume).")
+    folder: Path | None = Field(default=None, description="Where the cache lives; default: <run folder>/teacher_cache.")
+
+
 class DataConfig(_Section):
     """Training and held-out data."""
 
@@ -114,6 +124,9 @@ class DataConfig(_Section):
         default=64, gt=0, description="Cap on held-out sequences used for evaluation (None: all)."
     )
     seed: int = Field(default=0, description="Seed of the document shuffle and of the held-out split.")
+    teacher_cache: TeacherCacheConfig | None = Field(
+        default=None, description="Distil from an offline top-k teacher cache (`alambic cache`) instead of a live teacher."
+    )
 
     @model_validator(mode="after")
     def _source_inputs(self) -> DataConfig:
@@ -139,7 +152,13 @@ class LossConfig(_Section):
     jsd_beta: float = Field(
         default=0.5, ge=0, le=1, description="JSD(beta) interpolation; 0 is forward KL, 1 is reverse KL."
     )
-    skew: float = Field(default=0.1, ge=0, le=1, description="Skew coefficient of skew_forward_kl / skew_reverse_kl.")
+    skew: float = Field(default=0.1, ge=0, lt=1, description="Skew coefficient of skew_forward_kl / skew_reverse_kl.")
+    implementation: Literal["chunked", "full"] = Field(
+        default="chunked",
+        description="'chunked': output heads and loss fused over token chunks, never an (N, V) logits tensor "
+        "(fast, memory flat in the vocabulary). 'full': logits of all counted tokens at once (the reference).",
+    )
+    chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the chunked loss.")
 
 
 class TrainingConfig(_Section):
@@ -196,6 +215,13 @@ class RunConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _cache_needs_log_probs(self) -> RunConfig:
+        if self.data.teacher_cache is not None and self.loss.divergence == "logit_mse":
+            raise ValueError("data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; "
+                             "choose another loss.divergence or remove data.teacher_cache")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -13,7 +13,8 @@ from alambic.config import ConfigError, LossConfig, ModelConfig, RunConfig
 from alambic.pipeline import Stage, StageContext
 from alambic.utils import atomic_write_json, console, resolve_dtype
 
-STUDENT_DIR, DATA_DIR, FINAL_DIR, CONTROL_DIR = "student", "data", "final", "control"
+STUDENT_DIR, DATA_DIR, FINAL_DIR, CONTROL_DIR, CACHE_DIR = "student", "data", "final", "control", "teacher_cache"
+SPLITS = ("train", "validation")
 
 
 def student_source(config: RunConfig, run_dir: Path) -> ModelConfig:
@@ -79,8 +80,44 @@ def prepare_data(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return {k: v for k, v in prepared.split.items() if not isinstance(v, list)}
 
 
-def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool) -> dict[str, Any]:
+def cache_folder(config: RunConfig, run_dir: Path) -> Path:
+    return Path(config.data.teacher_cache.folder) if config.data.teacher_cache.folder else run_dir / CACHE_DIR
+
+
+def _cache_fingerprint(config: RunConfig, tokenizer, dataset) -> dict[str, Any]:
+    from alambic.data.cache import cache_fingerprint
+
+    t = config.teacher
+    return cache_fingerprint(tokenizer, dataset, k=config.data.teacher_cache.k, temperature=config.loss.temperature,
+                             teacher_id=f"{t.model}@{t.revision}:{t.gguf_file}")
+
+
+def build_cache(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """Run the teacher once over both splits and keep its top-k log-probs per counted token."""
     from alambic.data import load_prepared
+    from alambic.data.cache import write_teacher_cache
+    from alambic.models import load_model, load_tokenizer
+
+    c = config.data.teacher_cache
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    teacher, tokenizer = load_model(config.teacher, cache=True), load_tokenizer(config.teacher)
+    student_vocab = load_model(student_source(config, ctx.run_dir)).get_output_embeddings().weight.shape[0]
+    vocab = min(student_vocab, teacher.get_output_embeddings().weight.shape[0])
+    summary = {}
+    for split in SPLITS:
+        dataset = getattr(data, split)
+        manifest = write_teacher_cache(
+            teacher, dataset, cache_folder(config, ctx.run_dir) / split, k=c.k, temperature=config.loss.temperature,
+            dtype=c.dtype, batch_size=c.batch_size, sequences_per_shard=c.sequences_per_shard,
+            fingerprint=_cache_fingerprint(config, tokenizer, dataset), vocab_size=vocab,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        summary[split] = {k: manifest[k] for k in ("totals", "quality", "bytes_per_token") if k in manifest}
+    return summary
+
+
+def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool) -> dict[str, Any]:
+    from alambic.data import DistillationCollator, load_prepared
     from alambic.models import load_model, load_tokenizer
     from alambic.training.run import train
 
@@ -88,9 +125,22 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     source = student_source(config, ctx.run_dir)
     student = load_model(source)
     tokenizer = load_tokenizer(source)
-    teacher = load_model(config.teacher, cache=True) if with_teacher else None
+    collator = DistillationCollator(pad_token_id=tokenizer.pad_token_id)
+    teacher = None
+    if with_teacher and config.data.teacher_cache is not None:
+        from alambic.data.cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
+
+        teacher_tok = load_tokenizer(config.teacher)
+        for split in SPLITS:
+            cache = TeacherCache(cache_folder(config, ctx.run_dir) / split)
+            cache.check_compatible(_cache_fingerprint(config, teacher_tok, getattr(data, split)))
+            setattr(data, split, CachedTeacherDataset(getattr(data, split), cache))
+        collator = CachedTeacherCollator(pad_token_id=tokenizer.pad_token_id)
+    elif with_teacher:
+        teacher = load_model(config.teacher, cache=True)
     summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
-                    output_dir=out, resume=ctx.resume)
+                    output_dir=out, resume=ctx.resume, collator=collator,
+                    cached_teacher=teacher is None and with_teacher)
     atomic_write_json(out / "train_summary.json", summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
@@ -137,6 +187,8 @@ def report(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 STAGES: list[Stage] = [
     Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),
     Stage("data", ("teacher", "data"), (DATA_DIR,), prepare_data),
+    Stage("cache", ("loss",), (f"{CACHE_DIR}/train/manifest.json",), build_cache,
+          enabled=lambda c: c.data.teacher_cache is not None),
     Stage("distill", ("loss", "training"), (f"{FINAL_DIR}/config.json",), distill),
     Stage("control", ("training", "evaluation"), (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
           enabled=lambda c: c.evaluation.ce_control),

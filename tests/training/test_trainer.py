@@ -40,10 +40,10 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("loss_soft") >= 3
 
 
-def _one_sgd_step(tmp_path, data, batch, accumulation, name):
+def _one_sgd_step(tmp_path, data, batch, accumulation, name, **loss):
     teacher, student = tiny_model("qwen2", seed=1), tiny_model("qwen2", seed=2, num_layers=2)
     train(student, tiny_tokenizer(), data, teacher=teacher,
-          loss=LossConfig(alpha=0.7, temperature=2.0, divergence="jsd"),
+          loss=LossConfig(**{"alpha": 0.7, "temperature": 2.0, "divergence": "jsd", **loss}),
           training=TrainingConfig(max_steps=1, per_device_train_batch_size=batch,
                                   gradient_accumulation_steps=accumulation, learning_rate=1.0, warmup_ratio=0,
                                   lr_scheduler_type="constant", max_grad_norm=1e9, save_steps=100,
@@ -59,6 +59,16 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
     split = _one_sgd_step(tmp_path, data, batch=1, accumulation=4, name="b1x4")
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_reverse_kl"])
+def test_the_chunked_loss_takes_the_same_step_as_full_logits(tmp_path, divergence):
+    data = tiny_prepared(tmp_path, chat=True)
+    full = _one_sgd_step(tmp_path, data, 2, 2, "full", implementation="full", divergence=divergence)
+    chunked = _one_sgd_step(tmp_path, data, 2, 2, "chunked", implementation="chunked", chunk_size=5,
+                            divergence=divergence)
+    for key in full:
+        torch.testing.assert_close(chunked[key], full[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 class _Crash(TrainerCallback):

@@ -1,5 +1,6 @@
 """Distillation losses: pure functions of tensors (see `divergences` for the formulas)."""
 
+from alambic.losses.chunked import ChunkedDistillationLoss, OutputHead, chunked_distillation_loss
 from alambic.losses.divergences import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -20,9 +21,12 @@ from alambic.losses.divergences import (
 
 __all__ = [
     "DIVERGENCES",
+    "ChunkedDistillationLoss",
     "IGNORE_INDEX",
     "DivergenceName",
     "LossParts",
+    "OutputHead",
+    "chunked_distillation_loss",
     "distillation_loss",
     "divergence",
     "forward_kl",

@@ -102,10 +102,13 @@ def train(
     output_dir: Path,
     resume: bool = True,
     callbacks: list[TrainerCallback] | None = None,
+    collator: Any = None,
+    cached_teacher: bool = False,
 ) -> dict[str, Any]:
     """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
-    Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
+    `cached_teacher`: the batches carry the teacher's top-k log-probs (an offline cache, with its
+    `collator`) and `teacher` is None. Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
     complete one. Metrics stream to `output_dir/metrics.jsonl`.
 
     Returns:
@@ -128,9 +131,10 @@ def train(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation if len(data.validation) else None,
-        data_collator=DistillationCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id),
         processing_class=tokenizer,
         teacher=teacher,
+        cached_teacher=cached_teacher,
         loss_config=loss,
         callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
     )

@@ -17,6 +17,8 @@ from transformers import PreTrainedModel, Trainer
 
 from alambic.config import LossConfig
 from alambic.losses import distillation_loss
+from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.training.cached import cached_teacher_loss
 from alambic.training.forward import counted_positions, final_hidden_states, project
 
 
@@ -33,10 +35,12 @@ class DistillationTrainer(Trainer):
     # loss is already right for gradient accumulation: the Trainer must not divide it again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig, **kwargs: Any):
+    def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig,
+                 cached_teacher: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if teacher is None and loss_config.alpha > 0:
-            raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs without one")
+        if teacher is None and loss_config.alpha > 0 and not cached_teacher:
+            raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher (or an offline teacher cache); "
+                             "only alpha = 0 (plain CE) runs without one")
         self.loss_config = loss_config
         # Makes the Trainer count the tokens of the whole accumulated batch (labels[..., 1:] != -100).
         self.model_accepts_loss_kwargs = True
@@ -92,33 +96,35 @@ class DistillationTrainer(Trainer):
         mask, targets = counted_positions(inputs["labels"])  # (B, T-1), (N,)
 
         hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
-        student_logits = project(core, hidden)  # (N, V_s)
-
-        teacher_logits = None
+        t_hidden = None
         if self.teacher is not None:
             with torch.inference_mode():
                 t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
                 t_hidden = t_hidden[:, :-1][mask]  # (N, H_t)
-            # inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap,
-            # and the teacher's head runs under no_grad on it.
-            with torch.no_grad():
-                teacher_logits = project(self._teacher_core, t_hidden.clone())
-            if self.shared_vocab is not None:
-                student_logits = student_logits[:, : self.shared_vocab]
-                teacher_logits = teacher_logits[:, : self.shared_vocab]
+            # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
+            t_hidden = t_hidden.clone()
 
         cfg = self.loss_config
-        parts = distillation_loss(
-            student_logits,
-            teacher_logits,
-            targets,
-            divergence=cfg.divergence,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
-            jsd_beta=cfg.jsd_beta,
-            skew=cfg.skew,
-            num_items_in_batch=num_items_in_batch,
-        )
+        options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
+                       jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=num_items_in_batch)
+        if "teacher_ids" in inputs:
+            # Offline teacher: its top-k log-probs (+ tail) came with the batch, in counted-position order.
+            parts = cached_teacher_loss(core, hidden, inputs, targets, cfg, num_items_in_batch,
+                                        chunk_size=cfg.chunk_size)
+        elif cfg.implementation == "chunked":
+            # Heads and divergence fused, token chunk by token chunk: no (N, V) tensor is ever held.
+            parts = chunked_distillation_loss(
+                hidden, OutputHead.of(core), t_hidden,
+                OutputHead.of(self._teacher_core) if t_hidden is not None else None,
+                targets, chunk_size=cfg.chunk_size, vocab_size=self.shared_vocab, **options,
+            )
+        else:
+            student_logits = project(core, hidden)[:, : self.shared_vocab]  # (N, V)
+            teacher_logits = None
+            if t_hidden is not None:
+                with torch.no_grad():
+                    teacher_logits = project(self._teacher_core, t_hidden)[:, : self.shared_vocab]
+            parts = distillation_loss(student_logits, teacher_logits, targets, **options)
         loss = parts.total
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # The global token count divides every rank's loss; DDP averages gradients over ranks: undo that.
@@ -133,7 +139,7 @@ class DistillationTrainer(Trainer):
         if cfg.alpha < 1:
             self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
         self._parts[mode]["counted_tokens"].append(float(parts.num_tokens))
-        return (loss, {"student_logits": student_logits}) if return_outputs else loss
+        return (loss, {"loss_parts": parts}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

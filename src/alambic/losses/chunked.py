@@ -1,0 +1,422 @@
+"""The distillation loss fused with the output head, walked over the tokens in chunks.
+
+Logits are the memory problem of distillation: N counted tokens × a 150k vocabulary in float32 is
+gigabytes per tensor, and the plain path holds several (student and teacher logits, their softmaxes,
+the gradient). Here the (N, V) logits never exist. For each chunk of `chunk_size` rows:
+
+    student logits (c, V) = cap(scale · (h_s W_sᵀ + b_s))        with grad, from a detached chunk of h_s
+    teacher logits (c, V) = cap(scale · (h_t W_tᵀ + b_t))        under no_grad
+    loss of the chunk     = `distillation_loss`'s math on these rows (the functions of `divergences`)
+    d loss / d (h_s chunk, W_s, b_s) by autograd, at once: rows of dL/dh_s, accumulated dL/dW_s, dL/db_s
+
+so the extra memory is O(chunk × V) for the chunk's logits and O(V × H) for the head's gradient,
+whatever N is. The gradients are computed in the forward pass and only scaled by the incoming
+gradient in the backward (the pattern of Liger-Kernel's chunked losses): the backward never
+recomputes the logits.
+
+Values and gradients equal `distillation_loss(project_s(h_s), project_t(h_t), labels, ...)` on the
+full logits: the chunks call the same per-token functions and `reduce_over_tokens` with the whole
+call's denominator, so the chunks' contributions add up to the reference's sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alambic.losses.divergences import (
+    IGNORE_INDEX,
+    DivergenceName,
+    LossParts,
+    _check_divergence_name,
+    _check_unit_interval,
+    divergence as divergence_fn,
+    reduce_over_tokens,
+    token_cross_entropy,
+)
+
+__all__ = ["ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss"]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == is not a bool
+class OutputHead:
+    """What turns final hidden states (..., H) into logits (..., V):
+
+        logits = softcap · tanh(logit_scale · (hidden @ weightᵀ + bias) / softcap)
+
+    with the scale and the cap each skipped when None, as `alambic.training.forward.project` does.
+
+    Attributes:
+        weight: (V, H) the output embedding (may be the tied input embedding).
+        bias: (V,) or None.
+        logit_scale: multiplies the logits (Cohere's `config.logit_scale`), or None.
+        softcap: final-logit soft-capping (Gemma 2's `config.final_logit_softcapping`), or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.dim() != 2:
+            raise ValueError(f"output head weight must be (V, H), got shape {tuple(self.weight.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
+            raise ValueError(
+                f"output head bias {tuple(self.bias.shape)} must be (V,) = ({self.weight.shape[0]},) "
+                f"for a weight of shape {tuple(self.weight.shape)}"
+            )
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be > 0 (or None for no capping), got {self.softcap}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> OutputHead:
+        """The output head of a Hugging Face causal LM (unwrapped: not DDP/FSDP), with its config's
+        `logit_scale` and `final_logit_softcapping` when it has them.
+
+        Raises:
+            ValueError: the model has no output embeddings with a `weight` (a base model without LM head).
+        """
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or getattr(head, "weight", None) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no output head with a weight (get_output_embeddings() -> "
+                f"{type(head).__name__}): load the model with its LM head (AutoModelForCausalLM)"
+            )
+        config = getattr(model, "config", None)
+        scale = getattr(config, "logit_scale", None)
+        cap = getattr(config, "final_logit_softcapping", None)
+        return cls(
+            weight=head.weight,
+            bias=getattr(head, "bias", None),
+            logit_scale=None if scale is None else float(scale),
+            softcap=None if cap is None else float(cap),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# one chunk
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, head: OutputHead) -> Tensor:
+    """(c, H) -> (c, V') logits in float32 at least, differentiable in all three tensors."""
+    # The head's dtype decides the matmul (a bf16 hidden state meeting an fp32 head is cast up, as
+    # autocast would); the logits are upcast before scale, cap and softmax.
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if head.logit_scale is not None:
+        logits = logits * head.logit_scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+@dataclass(frozen=True, eq=False)
+class _Spec:
+    """Everything but the tensors, for the autograd Function."""
+
+    student_head: OutputHead
+    teacher_head: OutputHead | None
+    vocab: int
+    divergence: str
+    temperature: float
+    alpha: float
+    jsd_beta: float
+    skew: float
+    num_items_in_batch: int | Tensor | None
+    chunk_size: int
+    grad_hidden: bool
+    grad_weight: bool
+    grad_bias: bool
+
+
+def _chunk_parts(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, denominator: Tensor,
+                 spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, soft, hard) contributions of one chunk: its sums over the whole call's denominator."""
+    mask = labels != IGNORE_INDEX  # (c,)
+    soft = hard = None
+    if spec.alpha > 0.0:
+        per_token = divergence_fn(
+            spec.divergence, student_logits, teacher_logits,
+            temperature=spec.temperature, jsd_beta=spec.jsd_beta, skew=spec.skew,
+        )
+        soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, denominator)
+    if spec.alpha < 1.0:
+        hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, denominator)
+    # Same combination as `distillation_loss`: the edges take one term as it is.
+    if hard is None:
+        total = soft
+    elif soft is None:
+        total = hard
+    else:
+        total = spec.alpha * soft + (1.0 - spec.alpha) * hard
+    zero = total.new_zeros(())
+    return total, zero if soft is None else soft, zero if hard is None else hard
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """forward: chunk loop, loss value and the gradients; backward: gradients × grad_output."""
+
+    @staticmethod
+    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+                labels: Tensor, spec: _Spec):
+        n, vocab = student_hidden.shape[0], spec.vocab
+        use_teacher = spec.alpha > 0.0
+        # The leaves autograd differentiates: detached, and only the first `vocab` rows of the
+        # heads, so the rows past the shared vocabulary cost nothing and get a zero gradient.
+        w_s = student_weight.detach()[:vocab].requires_grad_(spec.grad_weight)
+        b_s = None if student_bias is None else student_bias.detach()[:vocab].requires_grad_(spec.grad_bias)
+        if use_teacher:
+            w_t = teacher_weight.detach()[:vocab]
+            b_t = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+
+        logit_dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype),
+                                          torch.float32)
+        if use_teacher:
+            teacher_dtype = torch.promote_types(torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype),
+                                                torch.float32)
+            logit_dtype = torch.promote_types(logit_dtype, teacher_dtype)
+        total = torch.zeros((), dtype=logit_dtype, device=student_hidden.device)
+        soft, hard = total.clone(), total.clone()
+
+        mask = labels != IGNORE_INDEX
+        # The whole call's denominator, given to every chunk's reduction, so the chunks add up.
+        denominator = mask.sum() if spec.num_items_in_batch is None else spec.num_items_in_batch
+
+        grad_hidden = torch.empty_like(student_hidden) if spec.grad_hidden else None
+        # Accumulate over chunks in float32 at least; cast to the weight's dtype at the end.
+        acc_dtype = torch.promote_types(student_weight.dtype, torch.float32)
+        grad_weight = (torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device)
+                       if spec.grad_weight else None)
+        grad_bias = (torch.zeros(student_bias.shape, dtype=acc_dtype, device=student_bias.device)
+                     if spec.grad_bias else None)
+        wrt_names = [name for name, on in (("h", spec.grad_hidden), ("w", spec.grad_weight),
+                                            ("b", spec.grad_bias)) if on]
+
+        for start in range(0, n, spec.chunk_size):
+            rows = slice(start, min(start + spec.chunk_size, n))
+            teacher_logits = None
+            if use_teacher:
+                teacher_logits = _logits(teacher_hidden[rows].detach(), w_t, b_t, spec.teacher_head)  # (c, V')
+            h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
+            with torch.enable_grad():
+                student_logits = _logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
+                chunk_total, chunk_soft, chunk_hard = _chunk_parts(
+                    student_logits, teacher_logits, labels[rows], denominator, spec
+                )
+            if wrt_names:
+                leaves = {"h": h_s, "w": w_s, "b": b_s}
+                grads = dict(zip(wrt_names, torch.autograd.grad(chunk_total, [leaves[k] for k in wrt_names])))
+                if spec.grad_hidden:
+                    grad_hidden[rows] = grads["h"]  # (c, H_s)
+                if spec.grad_weight:
+                    grad_weight[:vocab] += grads["w"]  # (V', H_s)
+                if spec.grad_bias:
+                    grad_bias[:vocab] += grads["b"]  # (V',)
+            total += chunk_total.detach()
+            soft += chunk_soft.detach()
+            hard += chunk_hard.detach()
+
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(student_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(student_bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(soft, hard)
+        return total, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_soft: Tensor, _grad_hard: Tensor):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+
+        def scaled(grad: Tensor | None) -> Tensor | None:
+            # 0-dim grad_total: the product keeps the gradient's dtype.
+            return None if grad is None else grad * grad_total.to(grad.device)
+
+        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _shared_vocab(student_head: OutputHead, teacher_head: OutputHead | None, vocab_size: int | None) -> int:
+    v_s = student_head.vocab_size
+    v_t = v_s if teacher_head is None else teacher_head.vocab_size
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"student head vocab {v_s} != teacher head vocab {v_t} (weights {_shape(student_head.weight)} "
+                f"and {_shape(teacher_head.weight)}): if the tokenizers agree on the first ids, pass "
+                f"vocab_size=<shared size> to compare only those logits"
+            )
+        return v_s
+    if not 1 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be in [1, {min(v_s, v_t)}] (student head vocab {v_s}, teacher head vocab "
+            f"{v_t}), got {vocab_size}"
+        )
+    return vocab_size
+
+
+def chunked_distillation_loss(
+    student_hidden: Tensor,
+    student_head: OutputHead,
+    teacher_hidden: Tensor | None,
+    teacher_head: OutputHead | None,
+    labels: Tensor,
+    *,
+    divergence: DivergenceName | str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    jsd_beta: float = 0.5,
+    skew: float = 0.1,
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> LossParts:
+    """`distillation_loss` on the logits of `student_head(student_hidden)` and
+    `teacher_head(teacher_hidden)`, without ever holding the (N, V) logits:
+
+        soft  = T² · mean_tokens divergence(student, teacher; T)
+        hard  = mean_tokens −log q(label)          (T = 1)
+        total = alpha · soft + (1 − alpha) · hard
+
+    Same values and gradients (w.r.t. `student_hidden`, `student_head.weight`, `student_head.bias`)
+    as the reference on full logits; the teacher gets no gradient. Extra memory is O(chunk_size × V)
+    plus O(V × H) for the head's gradient, flat in N.
+
+    Args:
+        student_hidden: (N, H_s) final hidden states of the counted positions only.
+        student_head: the student's output head (its weight may be a trained or frozen Parameter,
+            also the tied input embedding: its gradient is returned for the tensor given).
+        teacher_hidden: (N, H_t) the teacher's states at the same positions; None only when alpha = 0.
+        teacher_head: the teacher's output head; None only when alpha = 0.
+        labels: (N,) target ids at those positions; -100 marks tokens that do not count.
+        divergence, temperature, alpha, jsd_beta, skew, num_items_in_batch: as in `distillation_loss`.
+        chunk_size: rows of logits computed at once; peak memory grows with it, speed too until the
+            matmuls fill the device.
+        vocab_size: compare only the first `vocab_size` logits of both heads (one family's checkpoints
+            with differently padded vocabularies). None: the heads must have the same V.
+
+    Returns:
+        LossParts: `total` carries the gradient; `soft` and `hard` are detached, for logging; all are
+        float32 or wider whatever the inputs' dtype. Gradients come back in the inputs' dtypes.
+
+    Raises:
+        ValueError: shapes that do not line up (the message names them), unknown divergence, alpha,
+            temperature or chunk_size out of range, a soft loss without a teacher.
+    """
+    _check_divergence_name(divergence)
+    _check_unit_interval("alpha", alpha)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if student_hidden.dim() != 2:
+        raise ValueError(
+            f"student_hidden must be (N, H) for the N counted positions, got shape {_shape(student_hidden)} "
+            "(select the counted positions first: hidden[:, :-1][mask])"
+        )
+    n = student_hidden.shape[0]
+    if _shape(labels) != (n,):
+        raise ValueError(f"labels {_shape(labels)} must be (N,) = ({n},) for student_hidden {_shape(student_hidden)}")
+    if student_head.hidden_size != student_hidden.shape[1]:
+        raise ValueError(
+            f"student head weight {_shape(student_head.weight)} is (V, H) with H = {student_head.hidden_size}, "
+            f"but student_hidden {_shape(student_hidden)} has H = {student_hidden.shape[1]}"
+        )
+    use_teacher = alpha > 0.0
+    if use_teacher:
+        if teacher_hidden is None or teacher_head is None:
+            raise ValueError(
+                f"alpha = {alpha} weighs a soft loss, which needs the teacher's hidden states and head "
+                f"(got teacher_hidden={'None' if teacher_hidden is None else 'a tensor'}, "
+                f"teacher_head={'None' if teacher_head is None else 'an OutputHead'})"
+            )
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+            raise ValueError(
+                f"teacher_hidden {_shape(teacher_hidden)} must be (N, H_t) with the student's N = {n} "
+                f"(student_hidden {_shape(student_hidden)})"
+            )
+        if teacher_head.hidden_size != teacher_hidden.shape[1]:
+            raise ValueError(
+                f"teacher head weight {_shape(teacher_head.weight)} is (V, H) with H = {teacher_head.hidden_size}, "
+                f"but teacher_hidden {_shape(teacher_hidden)} has H = {teacher_hidden.shape[1]}"
+            )
+    vocab = _shared_vocab(student_head, teacher_head if use_teacher else None, vocab_size)
+
+    grad_on = torch.is_grad_enabled()
+    spec = _Spec(
+        student_head=student_head,
+        teacher_head=teacher_head if use_teacher else None,
+        vocab=vocab,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        jsd_beta=jsd_beta,
+        skew=skew,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        grad_hidden=grad_on and student_hidden.requires_grad,
+        grad_weight=grad_on and student_head.weight.requires_grad,
+        grad_bias=grad_on and student_head.bias is not None and student_head.bias.requires_grad,
+    )
+    total, soft, hard = _ChunkedDistillation.apply(
+        student_hidden,
+        student_head.weight,
+        student_head.bias,
+        teacher_hidden if use_teacher else None,
+        teacher_head.weight if use_teacher else None,
+        teacher_head.bias if use_teacher else None,
+        labels,
+        spec,
+    )
+    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum())
+
+
+class ChunkedDistillationLoss(nn.Module):
+    """`chunked_distillation_loss` with its settings fixed at construction (see there for each)."""
+
+    def __init__(self, *, divergence: DivergenceName | str = "forward_kl", temperature: float = 1.0,
+                 alpha: float = 0.5, jsd_beta: float = 0.5, skew: float = 0.1, chunk_size: int = 1024,
+                 vocab_size: int | None = None) -> None:
+        super().__init__()
+        _check_divergence_name(divergence)
+        self.divergence = divergence
+        self.temperature = temperature
+        self.alpha = alpha
+        self.jsd_beta = jsd_beta
+        self.skew = skew
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+
+    def forward(self, student_hidden: Tensor, student_head: OutputHead, teacher_hidden: Tensor | None,
+                teacher_head: OutputHead | None, labels: Tensor,
+                num_items_in_batch: int | Tensor | None = None) -> LossParts:
+        return chunked_distillation_loss(
+            student_hidden, student_head, teacher_hidden, teacher_head, labels,
+            divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
+            jsd_beta=self.jsd_beta, skew=self.skew, num_items_in_batch=num_items_in_batch,
+            chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
+                f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}")

@@ -1,0 +1,121 @@
+"""The student's loss against cached (or live top-k) teacher rows, walked over token chunks.
+
+The teacher side is already small, (N, k) per batch; the student's logits are the (N, V) problem. Each
+chunk of `chunk_size` counted positions is projected through the student's head and scored by
+`topk_distillation_loss` inside `torch.utils.checkpoint`: the forward keeps only the chunk's inputs,
+and the backward recomputes that chunk's logits, so one (chunk, V) logits block is alive at a time.
+
+Every chunk is reduced with the whole call's denominator (`num_items_in_batch`, or the call's own
+count of counted tokens), so the chunks' parts add up to the unchunked loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from alambic.losses.divergences import IGNORE_INDEX, LossParts
+from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
+from alambic.training.forward import project
+
+__all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
+
+# The batch keys `CachedTeacherCollator` adds.
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+
+
+def cached_teacher_loss(
+    core: PreTrainedModel,
+    hidden: Tensor,
+    batch: dict[str, Any],
+    targets: Tensor,
+    loss_config: Any,
+    num_items_in_batch: int | Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> LossParts:
+    """`topk_distillation_loss(project(core, hidden), teacher rows, targets, ...)`, chunk by chunk.
+
+    Args:
+        core: the unwrapped student (its output head, logit scale and soft-capping are applied by
+            `forward.project`).
+        hidden: (N, H) the student's final hidden states at the counted positions, in the row-major
+            order of `hidden[:, :-1][mask]`, the order `CachedTeacherCollator` concatenates the rows in.
+        batch: holds `teacher_ids` (N, k), `teacher_logprobs` (N, k), `teacher_tail` (N,) (not needed
+            when `loss_config.alpha == 0`).
+        targets: (N,) label ids at those positions (-100: not counted).
+        loss_config: anything with divergence, temperature, alpha, jsd_beta and skew (a `LossConfig`).
+            `temperature` must be the cache's.
+        num_items_in_batch: global count of counted tokens (gradient accumulation, data parallel); None:
+            this call's count.
+        vocab_size: score only the first `vocab_size` student logits (the vocabulary shared with the
+            teacher); None: all of them.
+        chunk_size: counted positions projected at once.
+
+    Returns:
+        LossParts: `total` carries the gradient (to `hidden` and the head's parameters); `soft` and
+        `hard` are detached, for logging.
+
+    Raises:
+        ValueError: rows that do not line up, ids outside the scored vocabulary, options out of range.
+    """
+    cfg = loss_config
+    _check_options(cfg.divergence, cfg.alpha, cfg.temperature)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be (N, H) for the N counted positions, got shape {tuple(hidden.shape)} (select them "
+            "first: hidden[:, :-1][mask])"
+        )
+    n = hidden.shape[0]
+    if tuple(targets.shape) != (n,):
+        raise ValueError(f"targets {tuple(targets.shape)} must be (N,) = ({n},) for hidden {tuple(hidden.shape)}")
+    head_vocab = core.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and not 1 <= vocab_size <= head_vocab:
+        raise ValueError(f"vocab_size must be in [1, {head_vocab}] (the student head's size), got {vocab_size}")
+    vocab = head_vocab if vocab_size is None else vocab_size
+
+    use_teacher = cfg.alpha > 0.0
+    if use_teacher:
+        missing = [key for key in TEACHER_KEYS if batch.get(key) is None]
+        if missing:
+            raise ValueError(
+                f"the batch has no {', '.join(missing)}: a cached teacher's rows come from CachedTeacherDataset and "
+                "CachedTeacherCollator"
+            )
+        ids, logprobs, tail = (batch[key] for key in TEACHER_KEYS)
+        _check_teacher_rows(n, vocab, ids, logprobs, tail, cfg.alpha)  # once per call: it syncs the device
+    else:
+        ids = logprobs = tail = None
+
+    # The whole call's denominator, given to every chunk's reduction, so the chunks add up.
+    denominator = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+    options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
+                   jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=denominator)
+
+    def chunk_parts(h: Tensor, ids_c: Tensor | None, logprobs_c: Tensor | None, tail_c: Tensor | None,
+                    targets_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = project(core, h)[:, :vocab]  # (c, H) -> (c, V'): the one logits block alive
+        parts = _topk_loss(logits, ids_c, logprobs_c, tail_c, targets_c, **options)
+        return parts.total, parts.soft, parts.hard
+
+    recompute = torch.is_grad_enabled()
+    total = soft = hard = None
+    # max(n, 1): an empty call still runs one (empty) chunk, so its 0 loss is connected to the graph.
+    for start in range(0, max(n, 1), chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        args = (hidden[rows], *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows])
+        if recompute:
+            # Keeps the chunk's inputs only; the backward recomputes its logits. No RNG in the head.
+            t, s, h = checkpoint(chunk_parts, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            t, s, h = chunk_parts(*args)
+        total = t if total is None else total + t
+        soft = s.detach() if soft is None else soft + s.detach()
+        hard = h.detach() if hard is None else hard + h.detach()
+    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(targets != IGNORE_INDEX).sum())
