@@ -210,7 +210,7 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
             from alambic.losses.chunked import OutputHead, chunked_distillation_loss
         except ImportError as e:
             raise Skip(f"alambic.losses.chunked not importable ({e})") from e
-        from alambic.training.forward import counted_positions, final_hidden_states
+        from alambic.modeling import counted_positions, final_hidden_states
 
         def step():
             mask, targets = counted_positions(labels)  # (B, T-1), (N,)

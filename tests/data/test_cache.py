@@ -29,7 +29,7 @@ from alambic.data.cache import (
 )
 from alambic.losses.divergences import distillation_loss
 from alambic.training.cached import cached_teacher_loss
-from alambic.training.forward import counted_positions, final_hidden_states, project
+from alambic.modeling import counted_positions, final_hidden_states, project
 from helpers import tiny_model, tiny_prepared, tiny_tokenizer
 
 PAD = 3

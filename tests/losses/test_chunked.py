@@ -218,7 +218,7 @@ def test_tied_embedding_accumulates_both_uses():
 def test_output_head_of_a_model_matches_project():
     from helpers import tiny_model
 
-    from alambic.training.forward import project
+    from alambic.modeling import project
 
     model = tiny_model("llama", vocab_size=64, hidden_size=16, num_layers=1)
     model.config.logit_scale = 0.5

@@ -25,7 +25,7 @@ from alambic.losses.topk import (
     truncation_kl,
 )
 from alambic.training.cached import cached_teacher_loss
-from alambic.training.forward import project
+from alambic.modeling import project
 from helpers import tiny_model
 
 F64 = {"rtol": 1e-9, "atol": 1e-12}

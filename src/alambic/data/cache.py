@@ -12,7 +12,7 @@ Layout of a cache folder:
     manifest.json             written last: its presence means the cache is complete
 
 A sequence's rows are its counted positions in position order (position t predicts labels[t + 1],
-`forward.counted_positions`), so the rows of a batch, concatenated sample after sample, line up with
+`modeling.counted_positions`), so the rows of a batch, concatenated sample after sample, line up with
 the student's `hidden[:, :-1][mask]` taken row-major.
 
 Each shard is written under a temporary name and renamed (a reader sees a whole shard or none), and
@@ -38,7 +38,7 @@ from torch import nn
 
 from alambic.data.tokenize import IGNORE_INDEX, DistillationCollator
 from alambic.losses.topk import topk_of_log_probs, truncation_kl
-from alambic.training.forward import counted_positions, final_hidden_states, project
+from alambic.modeling import counted_positions, final_hidden_states, project
 from alambic.utils import atomic_write_json, console, sha256_of
 
 __all__ = [

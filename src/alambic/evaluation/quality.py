@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from alambic.data import DistillationCollator
 from alambic.losses import forward_kl, token_cross_entropy
 from alambic.models import count_parameters
-from alambic.training.forward import counted_positions, final_hidden_states, project
+from alambic.modeling import counted_positions, final_hidden_states, project
 from rich.progress import track
 
 from alambic.utils import console

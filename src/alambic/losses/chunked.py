@@ -47,7 +47,7 @@ class OutputHead:
 
         logits = softcap · tanh(logit_scale · (hidden @ weightᵀ + bias) / softcap)
 
-    with the scale and the cap each skipped when None, as `alambic.training.forward.project` does.
+    with the scale and the cap each skipped when None, as `alambic.modeling.project` does.
 
     Attributes:
         weight: (V, H) the output embedding (may be the tied input embedding).

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
-from alambic.training.forward import project
+from alambic.modeling import project
 
 __all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
 
@@ -42,7 +42,7 @@ def cached_teacher_loss(
 
     Args:
         core: the unwrapped student (its output head, logit scale and soft-capping are applied by
-            `forward.project`).
+            `modeling.project`).
         hidden: (N, H) the student's final hidden states at the counted positions, in the row-major
             order of `hidden[:, :-1][mask]`, the order `CachedTeacherCollator` concatenates the rows in.
         batch: holds `teacher_ids` (N, k), `teacher_logprobs` (N, k), `teacher_tail` (N,) (not needed

@@ -19,7 +19,7 @@ from alambic.config import LossConfig
 from alambic.losses import distillation_loss
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.training.cached import cached_teacher_loss
-from alambic.training.forward import counted_positions, final_hidden_states, project
+from alambic.modeling import counted_positions, final_hidden_states, project
 
 
 class DistillationTrainer(Trainer):
