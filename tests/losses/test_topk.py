@@ -33,12 +33,7 @@ OPTIONS = {"jsd_beta": 0.3, "skew": 0.2}
 NAMES = list(TOPK_DIVERGENCES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(n=29, v=13, *, seed=0, keep=0.7, dtype=torch.float64):

@@ -34,6 +34,7 @@ from alambic.losses.divergences import (
     _check_divergence_name,
     _check_unit_interval,
     divergence as divergence_fn,
+    mix_soft_and_hard,
     reduce_over_tokens,
     token_cross_entropy,
 )
@@ -154,13 +155,7 @@ def _chunk_parts(student_logits: Tensor, teacher_logits: Tensor | None, labels: 
         soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, denominator)
     if spec.alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, denominator)
-    # Same combination as `distillation_loss`: the edges take one term as it is.
-    if hard is None:
-        total = soft
-    elif soft is None:
-        total = hard
-    else:
-        total = spec.alpha * soft + (1.0 - spec.alpha) * hard
+    total = mix_soft_and_hard(soft, hard, spec.alpha)
     zero = total.new_zeros(())
     return total, zero if soft is None else soft, zero if hard is None else hard
 

@@ -391,10 +391,16 @@ def distillation_loss(
     if alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, num_items_in_batch)
 
+    return LossParts(total=mix_soft_and_hard(soft, hard, alpha), soft=soft, hard=hard, num_tokens=mask.sum())
+
+
+def mix_soft_and_hard(soft: Tensor | None, hard: Tensor | None, alpha: float) -> Tensor:
+    """total = alpha · soft + (1 − alpha) · hard; at alpha 1 (or 0) the one computed term as it is.
+
+    Every path (full logits, chunked, top-k cache) combines its parts here.
+    """
     if alpha == 1.0:
-        total = soft
-    elif alpha == 0.0:
-        total = hard
-    else:
-        total = alpha * soft + (1.0 - alpha) * hard
-    return LossParts(total=total, soft=soft, hard=hard, num_tokens=mask.sum())
+        return soft
+    if alpha == 0.0:
+        return hard
+    return alpha * soft + (1.0 - alpha) * hard

@@ -36,6 +36,7 @@ from alambic.losses.divergences import (
     _check_unit_interval,
     _compute_dtype,
     divergence as divergence_fn,
+    mix_soft_and_hard,
     reduce_over_tokens,
     token_cross_entropy,
 )
@@ -284,10 +285,4 @@ def _topk_loss(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logpr
     if alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, num_items_in_batch)
 
-    if alpha == 1.0:
-        total = soft
-    elif alpha == 0.0:
-        total = hard
-    else:
-        total = alpha * soft + (1.0 - alpha) * hard
-    return LossParts(total=total, soft=soft, hard=hard, num_tokens=mask.sum())
+    return LossParts(total=mix_soft_and_hard(soft, hard, alpha), soft=soft, hard=hard, num_tokens=mask.sum())
