@@ -180,6 +180,12 @@ class Skip(Exception):
     """The method cannot run here; the message says why."""
 
 
+def _backbone_hidden(model, input_ids, attention_mask):
+    """The backbone's last hidden states minus the last position, as TRL's and Liger's recipes take them."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                            use_cache=False).last_hidden_state[:, :-1]
+
+
 def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
     """A closure that runs teacher forward + student forward/backward and returns the loss (detached)."""
     import torch
@@ -247,10 +253,8 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
             # As TRL's DistillationTrainer._compute_loss: backbones' last hidden states minus the last
             # position (teacher under no_grad), then the chunked divergence over the heads' weights.
             with torch.no_grad():
-                t_hidden = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                              use_cache=False).last_hidden_state[:, :-1]
-            s_hidden = student.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state[:, :-1]
+                t_hidden = _backbone_hidden(teacher, input_ids, attention_mask)
+            s_hidden = _backbone_hidden(student, input_ids, attention_mask)
             loss, _entropy, _n = _chunked_divergence_loss(
                 s_hidden, t_hidden, s_head.weight, t_head.weight, completion_mask, beta,
                 student_lm_head_bias=s_head.bias, teacher_lm_head_bias=t_head.bias, temperature=temp,
@@ -281,10 +285,8 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
 
         def step():
             with torch.no_grad():
-                t_hidden = teacher.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                              use_cache=False).last_hidden_state[:, :-1]
-            s_hidden = student.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state[:, :-1]
+                t_hidden = _backbone_hidden(teacher, input_ids, attention_mask)
+            s_hidden = _backbone_hidden(student, input_ids, attention_mask)
             loss = loss_fn(
                 s_hidden.reshape(-1, s_hidden.shape[-1]), s_head.weight,
                 t_hidden.reshape(-1, t_hidden.shape[-1]), t_head.weight, targets, s_head.bias, t_head.bias,

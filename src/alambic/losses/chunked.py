@@ -270,6 +270,23 @@ def _shared_vocab(student_head: OutputHead, teacher_head: OutputHead | None, voc
     return vocab_size
 
 
+def check_counted_rows(hidden: Tensor, labels: Tensor, chunk_size: int, *,
+                       names: tuple[str, str] = ("student_hidden", "labels")) -> int:
+    """Check the inputs every chunked loss walks: (N, H) hidden rows, (N,) labels, chunk_size >= 1. Returns N."""
+    hidden_name, labels_name = names
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"{hidden_name} must be (N, H) for the N counted positions, got shape {_shape(hidden)} "
+            "(select the counted positions first: hidden[:, :-1][mask])"
+        )
+    n = hidden.shape[0]
+    if _shape(labels) != (n,):
+        raise ValueError(f"{labels_name} {_shape(labels)} must be (N,) = ({n},) for {hidden_name} {_shape(hidden)}")
+    return n
+
+
 def chunked_distillation_loss(
     student_hidden: Tensor,
     student_head: OutputHead,
@@ -322,16 +339,7 @@ def chunked_distillation_loss(
     _check_unit_interval("alpha", alpha)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if student_hidden.dim() != 2:
-        raise ValueError(
-            f"student_hidden must be (N, H) for the N counted positions, got shape {_shape(student_hidden)} "
-            "(select the counted positions first: hidden[:, :-1][mask])"
-        )
-    n = student_hidden.shape[0]
-    if _shape(labels) != (n,):
-        raise ValueError(f"labels {_shape(labels)} must be (N,) = ({n},) for student_hidden {_shape(student_hidden)}")
+    n = check_counted_rows(student_hidden, labels, chunk_size)
     if student_head.hidden_size != student_hidden.shape[1]:
         raise ValueError(
             f"student head weight {_shape(student_head.weight)} is (V, H) with H = {student_head.hidden_size}, "

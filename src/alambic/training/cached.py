@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from alambic.losses.chunked import check_counted_rows
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
 from alambic.modeling import project
@@ -65,16 +66,7 @@ def cached_teacher_loss(
     """
     cfg = loss_config
     _check_options(cfg.divergence, cfg.alpha, cfg.temperature)
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if hidden.dim() != 2:
-        raise ValueError(
-            f"hidden must be (N, H) for the N counted positions, got shape {tuple(hidden.shape)} (select them "
-            "first: hidden[:, :-1][mask])"
-        )
-    n = hidden.shape[0]
-    if tuple(targets.shape) != (n,):
-        raise ValueError(f"targets {tuple(targets.shape)} must be (N,) = ({n},) for hidden {tuple(hidden.shape)}")
+    n = check_counted_rows(hidden, targets, chunk_size, names=("hidden", "targets"))
     head_vocab = core.get_output_embeddings().weight.shape[0]
     if vocab_size is not None and not 1 <= vocab_size <= head_vocab:
         raise ValueError(f"vocab_size must be in [1, {head_vocab}] (the student head's size), got {vocab_size}")
