@@ -6,7 +6,7 @@ from alambic.cli import app
 from alambic.config import validate_config
 
 runner = CliRunner()
-COMMANDS = ["run", "distill", "cache", "quickstart", "report"]
+COMMANDS = ["run", "prune", "distill", "cache", "quickstart", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -42,3 +42,11 @@ def test_a_missing_model_exits_2_and_says_what_to_do(tmp_path):
 def test_report_of_an_unevaluated_folder_exits_2(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "eval.json" in result.output
+
+
+def test_prune_without_from_teacher_exits_2_and_says_what_to_do(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"model": "x"}, "student": {"model": "my-student"}}))
+    result = runner.invoke(app, ["prune", str(path)])
+    assert result.exit_code == 2
+    assert "add a student.from_teacher section" in " ".join(result.output.split())

@@ -63,6 +63,31 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     assert (run / "final" / "config.json").stat().st_mtime_ns != stamps[run / "final" / "config.json"]
 
 
+def test_a_pruned_student_gets_its_pruning_report(tmp_path):
+    """Depth by importance and width at once, on the tiny teacher: pruning.json, the report section, plots."""
+    cfg = tiny_run_config(tmp_path, student={"from_teacher": {
+        "layers": "importance", "num_layers": 3, "num_attention_heads": 2, "intermediate_size": 48,
+        "hidden_size": 24, "calibration_sequences": 4}}, evaluation={"ce_control": False})
+    run_stages(cfg, STAGES)
+    run = cfg.run_dir
+    pruning = json.loads((run / "student" / "pruning.json").read_text())
+    assert pruning["student_shape"] == {"num_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                        "intermediate_size": 48, "hidden_size": 24, "head_dim": 8}
+    assert len(pruning["kept_layers"]) == 3 and pruning["layer_ranking"] == "skip_loss"
+    assert len(pruning["importance"]["skip_loss_increase"]) == 4
+    assert pruning["importance"]["num_sequences"] == 4
+    assert pruning["student_parameters"]["total"] < pruning["teacher_parameters"]["total"]
+    assert pruning["after_pruning"]["student_pruned"]["kl_to_teacher"] > 0
+    assert pruning["student_disk_bytes"] > 0
+    report = (run / "report.md").read_text()
+    assert "## Pruning" in report and "right after pruning" in report and "after distillation" in report
+    for plot in ("layer_importance.png", "head_importance.png"):
+        assert f"plots/{plot}" in report and (run / "plots" / plot).stat().st_size > 1000
+    evaluation = json.loads((run / "eval.json").read_text())["models"]
+    assert evaluation["student_before"]["kl_to_teacher"] == pytest.approx(
+        pruning["after_pruning"]["student_pruned"]["kl_to_teacher"], rel=1e-4)
+
+
 def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
     cfg = tiny_run_config(tmp_path, training={"max_steps": 4, "save_steps": 2})
     import alambic.training.run as run_mod
@@ -130,6 +155,11 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     data.update(output_dir=str(tmp_path / "runs"), teacher=tiny.teacher.model_dump(mode="json"))
     data["training"].update(max_steps=2, bf16=False, save_steps=10)
     data["evaluation"]["ce_control"] = False
+    pruning = data["student"]["from_teacher"] or {}
+    if pruning.get("target_parameters"):  # a budget for the real teacher: scale it to the tiny one
+        pruning["target_parameters"] = 30_000
+    if pruning.get("num_layers"):
+        pruning["num_layers"] = 2
     if shipped.data.format == "chat":
         rows = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]}] * 12
         path = tmp_path / "chat.jsonl"

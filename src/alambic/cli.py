@@ -90,6 +90,17 @@ def run(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> Non
 
 
 @app.command()
+def prune(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
+    """Prepare the data and build the student (student.from_teacher): importance, pruning, pruning.json."""
+    cfg = _load(config, set_)
+    if cfg.student.from_teacher is None:
+        console.print("[red]error:[/] student.from_teacher is not set: the config brings its own student "
+                      f"({cfg.student.model!r}); add a student.from_teacher section to prune the teacher")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _run(cfg, "student", resume)
+
+
+@app.command()
 def distill(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
     """Build the student and the data if needed, then distil (no evaluation or report)."""
     _run(_load(config, set_), "distill", resume)

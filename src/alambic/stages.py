@@ -1,4 +1,4 @@
-"""The stages of `alambic run`, in order: student -> data -> distill -> control -> evaluate -> report.
+"""The stages of `alambic run`, in order: data -> student -> cache -> distill -> control -> evaluate -> report.
 
 Each is a thin function over library code (students, data, training, evaluation, report), so that
 Python users can call the same pieces without the CLI.
@@ -26,8 +26,9 @@ def student_source(config: RunConfig, run_dir: Path) -> ModelConfig:
 
 
 def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    from alambic.models import count_parameters, load_model, load_tokenizer
-    from alambic.students.prune import keep_layers, layer_indices, save_student
+    """The student: the user's own (checked against the teacher's tokenizer), or pruned from the teacher."""
+    from alambic.models import load_model, load_tokenizer
+    from alambic.students.prune import save_student
 
     if config.student.from_teacher is None:
         tok_t, tok_s = load_tokenizer(config.teacher), load_tokenizer(student_source(config, ctx.run_dir))
@@ -35,25 +36,40 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         record = {"method": "given", "source": config.student.model}
         atomic_write_json(ctx.run_dir / STUDENT_DIR / "student.json", record)
         return record
-    teacher = load_model(config.teacher, cache=True)
-    indices = layer_indices(config.student.from_teacher.layers, teacher.config.num_hidden_layers)
-    student = keep_layers(teacher, indices)
+    teacher, tokenizer = load_model(config.teacher, cache=True), load_tokenizer(config.teacher)
+    student, record = prune_student(config, ctx, teacher, tokenizer)
+    folder = ctx.run_dir / STUDENT_DIR
+    summary = {k: v for k, v in record.items() if k not in ("importance", "plan", "after_pruning")}
+    save_student(student, tokenizer, folder, summary)  # student.json: how it was made, in brief
+    record["student_disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    atomic_write_json(folder / "pruning.json", record)  # the whole pruning report
+    s, t = record["student_parameters"]["total"], record["teacher_parameters"]["total"]
+    console.print(f"student: {record['student_shape']} from {record['teacher_shape']}, {s / 1e6:.1f}M of "
+                  f"{t / 1e6:.1f}M parameters ({folder / 'pruning.json'})")
+    return summary
+
+
+def prune_student(config: RunConfig, ctx: StageContext, teacher, tokenizer) -> tuple[Any, dict[str, Any]]:
+    """Measure importance on training sequences, cut the student, and score it on held-out data right away."""
+    from alambic.data import load_prepared
+    from alambic.evaluation.quality import evaluate_against_teacher
+    from alambic.students.build import build_from_teacher
+    from alambic.students.importance import calibration_batches
+
+    cfg = config.student.from_teacher
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    calibration = calibration_batches(data.train, num_sequences=cfg.calibration_sequences,
+                                      batch_size=config.evaluation.batch_size, pad_token_id=tokenizer.pad_token_id)
+    student, record = build_from_teacher(teacher, cfg, calibration)
     if config.student.dtype != "auto":
         student.to(dtype=resolve_dtype(config.student.dtype))
-    record = {
-        "method": "keep_layers",
-        "teacher": config.teacher.model,
-        "teacher_layers": teacher.config.num_hidden_layers,
-        "kept_layers": indices,
-        "teacher_parameters": count_parameters(teacher),
-        "student_parameters": count_parameters(student),
-    }
-    save_student(student, load_tokenizer(config.teacher), ctx.run_dir / STUDENT_DIR, record)
-    console.print(
-        f"student: {len(indices)} of {teacher.config.num_hidden_layers} teacher layers {indices}, "
-        f"{record['student_parameters']['total'] / 1e6:.1f}M of {record['teacher_parameters']['total'] / 1e6:.1f}M parameters"
-    )
-    return record
+    record["teacher"] = config.teacher.model
+    if cfg.evaluate:
+        scores = evaluate_against_teacher(teacher, {"student_pruned": student}, data.validation,
+                                          pad_token_id=tokenizer.pad_token_id, batch_size=config.evaluation.batch_size)
+        record["after_pruning"] = {name: {k: scores[name][k] for k in ("perplexity", "top1_agreement", "kl_to_teacher",
+                                                                     "num_tokens")} for name in scores}
+    return student, record
 
 
 def check_same_tokenizer(teacher_tok, student_tok, config: RunConfig) -> None:
@@ -185,8 +201,8 @@ def report(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 STAGES: list[Stage] = [
-    Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),
     Stage("data", ("teacher", "data"), (DATA_DIR,), prepare_data),
+    Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),
     Stage("cache", ("loss",), (f"{CACHE_DIR}/train/manifest.json",), build_cache,
           enabled=lambda c: c.data.teacher_cache is not None),
     Stage("distill", ("loss", "training"), (f"{FINAL_DIR}/config.json",), distill),

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from rich.table import Table
 
+from alambic.report.pruning import pruning_section
 from alambic.utils import atomic_write_text, console
 
 MODEL_LABELS = {
@@ -46,6 +47,11 @@ def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _width_pruned(student: dict[str, Any]) -> bool:
+    t, s = student.get("teacher_shape", {}), student.get("student_shape", {})
+    return any(t.get(k) != s.get(k) for k in t if k != "num_layers")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.md` into the run folder from eval.json, config.yaml and the manifest; print its table."""
     run_dir = Path(run_dir)
@@ -65,7 +71,8 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         f"Teacher `{config.get('teacher', {}).get('model')}`; student: "
         + (f"{len(student['kept_layers'])} of {student['teacher_layers']} teacher layers {student['kept_layers']}"
-           if student.get("method") == "keep_layers" else f"`{student.get('source')}`"),
+           if "kept_layers" in student else f"`{student.get('source')}`")
+        + ("; width pruned (see Pruning)" if _width_pruned(student) else ""),
         "",
         f"## Quality on held-out data ({n_tokens} tokens never trained on)",
         "",
@@ -95,6 +102,9 @@ def write_report(run_dir: str | Path) -> Path:
                      f"{train['device']} ({train['torch_threads']} threads)")
     if control:
         parts.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
+    pruning = _read_json(run_dir / "student" / "pruning.json")
+    if pruning:
+        parts += ["", *pruning_section(pruning, evaluation, run_dir)]
     if manifest:
         total = sum(e.get("seconds", 0) or 0 for e in manifest.values())
         parts += ["", f"## Stages ({total / 60:.1f} min in all)", "", _markdown_table(
