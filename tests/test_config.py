@@ -83,7 +83,7 @@ def test_relative_data_paths_resolve_against_the_config(tmp_path):
 def test_quickstart_config_is_valid():
     cfg = validate_config(yaml.safe_load(quickstart_config_text()))
     assert cfg.teacher.model == "smollm2-135m-instruct"
-    assert cfg.student.from_teacher.layers == "every_other"
+    assert cfg.student.from_teacher.resolved_layers() == "importance" and cfg.student.from_teacher.num_layers == 15
 
 
 @pytest.mark.parametrize("from_teacher,resolved", [

@@ -124,7 +124,7 @@ def quickstart(
     set_: SetOpt = None,
     resume: ResumeOpt = True,
 ) -> None:
-    """Distil SmolLM2-135M-Instruct into a half-depth student on BBC News, evaluate, and report."""
+    """Prune SmolLM2-135M-Instruct to half depth by layer importance, distil it on BBC News, evaluate, report."""
     text = quickstart_config_text()
     if print_config:
         sys.stdout.write(text)

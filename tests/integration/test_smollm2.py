@@ -4,25 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alambic.config import DataConfig, LossConfig, ModelConfig, TrainingConfig
+from alambic.config import DataConfig, LossConfig, TrainingConfig
 from alambic.data import prepare_datasets
 from alambic.evaluation.quality import evaluate_against_teacher
-from alambic.models import load_model, load_tokenizer
 from alambic.students.prune import keep_layers, layer_indices, save_student
 from alambic.training.run import train
 
 pytestmark = pytest.mark.integration
-TEACHER = ModelConfig(model="smollm2-135m-instruct", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return load_model(TEACHER, cache=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TEACHER)
 
 
 def test_the_alias_loads_a_plain_float_llama(teacher, tokenizer):

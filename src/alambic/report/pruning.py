@@ -34,7 +34,7 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
         ["parameters", f"{tp['total'] / 1e6:.1f}M", f"{sp['total'] / 1e6:.1f}M", f"{sp['total'] / tp['total']:.2f}"],
         ["non-embedding parameters", f"{tp['non_embedding'] / 1e6:.1f}M", f"{sp['non_embedding'] / 1e6:.1f}M",
          f"{sp['non_embedding'] / max(tp['non_embedding'], 1):.2f}"],
-        ["weights (fp32 bytes)", f"{pruning['teacher_tensor_bytes'] / 2**20:.0f} MiB",
+        ["weights (teacher dtype)", f"{pruning['teacher_tensor_bytes'] / 2**20:.0f} MiB",
          f"{pruning['student_tensor_bytes'] / 2**20:.0f} MiB",
          f"{pruning['student_tensor_bytes'] / pruning['teacher_tensor_bytes']:.2f}"],
     ])]
@@ -52,10 +52,14 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
         lines.append(f"Importance measured on {imp.get('num_sequences')} calibration sequences "
                      f"({imp.get('num_tokens')} tokens) of the training split; teacher calibration loss "
                      f"{imp.get('base_loss', float('nan')):.3f}.")
+    # Right after pruning: measured by the student stage, else (from_teacher.evaluate: false) the evaluate
+    # stage's `student_before`, the same weights scored on the same held-out split.
+    after = pruning.get("after_pruning") or {}
+    models = evaluation.get("models", {})
     rows = [r for r in (
-        _quality_row("teacher", (pruning.get("after_pruning") or {}).get("teacher")),
-        _quality_row("right after pruning", (pruning.get("after_pruning") or {}).get("student_pruned")),
-        _quality_row("after distillation", evaluation.get("models", {}).get("student_distilled")),
+        _quality_row("teacher", after.get("teacher") or models.get("teacher")),
+        _quality_row("right after pruning", after.get("student_pruned") or models.get("student_before")),
+        _quality_row("after distillation", models.get("student_distilled")),
     ) if r]
     if rows:
         lines += ["", "Quality on the held-out split:", "", *_table(["student", "perplexity", "top-1 agree", "KL to teacher"], rows)]

@@ -35,15 +35,15 @@ from torch import nn
 from alambic.data import DistillationCollator
 from alambic.losses import token_cross_entropy
 from alambic.modeling import counted_positions, final_hidden_states, project
-from alambic.students.prune import decoder_layers
+from alambic.students.architecture import PruningError, decoder_layers, final_norm, layer_submodules, model_dims
 from alambic.utils import console
 
-_WIDTH_MODULES = "self_attn.o_proj, mlp.down_proj, input_layernorm and post_attention_layernorm"
-# Names decoders give the norm applied after the last layer (Llama/Qwen2/Mistral: `norm`).
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_norm", "ln_f")
+_WIDTH_HINT = ("width and head-gradient statistics read Llama-style blocks (self_attn.o_proj, mlp.down_proj, "
+               "input_layernorm and post_attention_layernorm); pass width=False, head_gradient=False to measure only "
+               "layer importance")
 
 
-class ImportanceError(ValueError):
+class ImportanceError(PruningError):
     """Importance cannot be measured on this model or this data; the message says why and what to do."""
 
 
@@ -161,8 +161,8 @@ def measure_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         raise ImportanceError("no calibration batches: calibration_batches(...) of a non-empty dataset gives some")
     prefix, layer_list = decoder_layers(model)
     num_layers = len(layer_list)
-    heads = _head_layout(model, prefix, layer_list) if (width or head_gradient) else None
-    mlp_norms = _mlp_and_norms(model, prefix, layer_list) if width else None
+    heads = _head_layout(model) if (width or head_gradient) else None
+    mlp_norms = _mlp_and_norms(model) if width else None
     masks = [_counted_mask(b) for b in batches]  # (B, T) bool each
     num_tokens = sum(int(m.sum()) for m in masks)
     if num_tokens == 0:
@@ -380,25 +380,10 @@ class _MlpNorms:
     hidden_size: int
 
 
-def _per_layer(prefix: str, layer_list: nn.ModuleList, path: str) -> list[nn.Module]:
-    found = []
-    for i, layer in enumerate(layer_list):
-        try:
-            found.append(layer.get_submodule(path))
-        except AttributeError:
-            raise ImportanceError(
-                f"{prefix}.{i} ({type(layer).__name__}) has no `{path}` module: width and head-gradient "
-                f"statistics read Llama-style blocks ({_WIDTH_MODULES}); pass width=False, head_gradient=False "
-                "to measure only layer importance"
-            ) from None
-    return found
-
-
-def _head_layout(model: nn.Module, prefix: str, layer_list: nn.ModuleList) -> _Heads:
-    config = model.config
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    o_proj = _per_layer(prefix, layer_list, "self_attn.o_proj")
+def _head_layout(model: nn.Module) -> _Heads:
+    dims = model_dims(model)
+    num_heads, head_dim = dims.num_heads, dims.head_dim
+    o_proj = layer_submodules(model, "self_attn.o_proj", _WIDTH_HINT, ImportanceError)
     widths = {getattr(m, "in_features", None) for m in o_proj}
     if widths != {num_heads * head_dim}:
         raise ImportanceError(
@@ -408,31 +393,18 @@ def _head_layout(model: nn.Module, prefix: str, layer_list: nn.ModuleList) -> _H
     return _Heads(o_proj, num_heads, head_dim)
 
 
-def _mlp_and_norms(model: nn.Module, prefix: str, layer_list: nn.ModuleList) -> _MlpNorms:
-    down_proj = _per_layer(prefix, layer_list, "mlp.down_proj")
+def _mlp_and_norms(model: nn.Module) -> _MlpNorms:
+    down_proj = layer_submodules(model, "mlp.down_proj", _WIDTH_HINT, ImportanceError)
     sizes = {getattr(m, "in_features", None) for m in down_proj}
     if len(sizes) != 1 or None in sizes:
         raise ImportanceError(
             f"down_proj input widths {sorted(sizes, key=str)} differ between layers: neuron_activation "
             "needs one intermediate size"
         )
-    pre_attn = _per_layer(prefix, layer_list, "input_layernorm")
-    pre_mlp = _per_layer(prefix, layer_list, "post_attention_layernorm")
-    norms = [n for pair in zip(pre_attn, pre_mlp) for n in pair] + [_final_norm(model)]
+    pre_attn = layer_submodules(model, "input_layernorm", _WIDTH_HINT, ImportanceError)
+    pre_mlp = layer_submodules(model, "post_attention_layernorm", _WIDTH_HINT, ImportanceError)
+    norms = [n for pair in zip(pre_attn, pre_mlp) for n in pair] + [final_norm(model)]
     return _MlpNorms(down_proj, norms, sizes.pop(), model.config.hidden_size)
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    """The norm the decoder applies after its last layer (`model.model.norm` for Llama)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    for name in _FINAL_NORM_NAMES:
-        norm = getattr(decoder, name, None)
-        if isinstance(norm, nn.Module):
-            return norm
-    raise ImportanceError(
-        f"cannot find the final norm of {type(decoder).__name__}: looked for {list(_FINAL_NORM_NAMES)}; "
-        "channel_activation needs it (pass width=False to skip width statistics)"
-    )
 
 
 def _progress_bar(enabled: bool):

@@ -16,22 +16,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Re-exported: callers import the whole pruning API from here.
+from alambic.students.architecture import ModelDims, PruningError, decoder_layers, model_dims  # noqa: F401
 from alambic.students.slicing import (  # noqa: F401
     _PER_LAYER_CONFIG_LISTS,
     KeepPlan,
-    PruningError,
     _materialize_buffers,
     apply_plan,
-    decoder_layers,
-    planned_parameters,
-)
-from alambic.students.slicing import (
-    ModelDims,
     check_width_prunable,
     count_terms,
     evaluate_terms,
-    model_dims,
     parameter_table,
+    planned_parameters,
     student_config,
 )
 from alambic.utils import atomic_write_json

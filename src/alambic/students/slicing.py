@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from alambic.students.architecture import ModelDims, PruningError, Unit, decoder_layers, model_dims
 
 # Per-layer lists some configs carry (Qwen2's sliding/full attention pattern, Gemma's...); kept in step
 # with the layers so the student's config stays valid.
@@ -26,7 +28,6 @@ _PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rop
 # Per-head norms (Qwen3's q_norm/k_norm) act on head_dim, never on the residual stream.
 _PER_HEAD_NORMS = ("q_norm", "k_norm")
 
-Unit = Literal["channel", "query_head", "kv_head", "neuron"]
 # (out, in) units of each projection's weight; its bias follows the first (output) axis.
 _PROJECTION_AXES: dict[str, tuple[Unit, Unit]] = {
     "q_proj": ("query_head", "channel"),
@@ -38,10 +39,6 @@ _PROJECTION_AXES: dict[str, tuple[Unit, Unit]] = {
     "down_proj": ("channel", "neuron"),
 }
 _PROJECTIONS = tuple(_PROJECTION_AXES)  # the only matrices a width-prunable decoder block may hold
-
-
-class PruningError(ValueError):
-    """A pruning request that cannot be applied to this model."""
 
 
 @dataclass
@@ -72,51 +69,6 @@ class KeepPlan:
             return x if x is None else [plain(i) for i in x] if isinstance(x, (list, tuple)) else int(x)
 
         return {f: plain(getattr(self, f)) for f in ("layers", "heads", "kv_heads", "neurons", "channels")}
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The teacher sizes the rules need; `intermediate_size` is None for configs without one (gpt2)."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int | None
-
-    @property
-    def n_rep(self) -> int:
-        """Query heads per KV group."""
-        return self.num_heads // self.num_kv_heads
-
-    def full_sizes(self) -> dict[Unit, int | None]:
-        """Entries along a tensor dimension of each unit when nothing is pruned."""
-        return {"channel": self.hidden_size, "query_head": self.num_heads * self.head_dim,
-                "kv_head": self.num_kv_heads * self.head_dim, "neuron": self.intermediate_size}
-
-
-def model_dims(model: PreTrainedModel) -> ModelDims:
-    c = model.config
-    heads = c.num_attention_heads
-    return ModelDims(
-        num_layers=c.num_hidden_layers, num_heads=heads,
-        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-        hidden_size=c.hidden_size, intermediate_size=getattr(c, "intermediate_size", None),
-    )
-
-
-def decoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks and its dotted name (`model.layers`, `transformer.h`, ...)."""
-    n = model.config.num_hidden_layers
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if len(candidates) != 1:
-        raise PruningError(
-            f"cannot find the decoder layers of {type(model).__name__}: expected one nn.ModuleList of "
-            f"{n} blocks, found {[c[0] for c in candidates] or 'none'}"
-        )
-    return candidates[0]
 
 
 def check_width_prunable(model: PreTrainedModel) -> None:
