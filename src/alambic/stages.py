@@ -215,7 +215,7 @@ STAGES: list[Stage] = [
     Stage("control", ("training", "evaluation"), (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
           enabled=lambda c: c.evaluation.ce_control),
     Stage("evaluate", ("evaluation",), ("eval.json",), evaluate),
-    Stage("report", (), ("report.md",), report),
+    Stage("report", (), ("report.md", "report.html"), report),
 ]
 
 

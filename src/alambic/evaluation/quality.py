@@ -1,21 +1,26 @@
-"""Quality against the teacher on held-out data: perplexity, top-1 agreement, KL(teacher || student)."""
+"""Quality against the teacher on held-out data: perplexity, top-1/top-5 agreement, KL(teacher || student),
+each with a bootstrap interval over held-out sequences."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from alambic.data import DistillationCollator
+from alambic.evaluation.bootstrap import SUMS, bootstrap_intervals, metrics_from_sums
 from alambic.losses import forward_kl, token_cross_entropy
 from alambic.models import count_parameters
 from alambic.modeling import counted_positions, final_hidden_states, project
 from rich.progress import track
 
 from alambic.utils import console
+
+TOP_K = 5
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
 
 
 @torch.inference_mode()
@@ -31,21 +36,28 @@ def evaluate_against_teacher(
 
     Per model, over the counted tokens (labels != -100, causal shift):
       perplexity = exp(mean token cross-entropy); top1_agreement = share of positions where
-      argmax student == argmax teacher; kl_to_teacher = mean KL(P_teacher || Q_student) at T = 1.
+      argmax model == argmax teacher; top5_agreement = share where the teacher's argmax is among the
+      model's 5 most likely tokens; kl_to_teacher = mean KL(P_teacher || Q_model) at T = 1.
+    Each metric also gets a 95 % percentile-bootstrap interval over held-out sequences
+    (`evaluation.bootstrap`, 1000 resamples, fixed seed, the same resampled sets for every model).
 
     Returns:
-        {name: {"perplexity", "top1_agreement", "kl_to_teacher", "num_tokens", "parameters", ...}},
+        {name: {"perplexity", "cross_entropy", "top1_agreement", "top5_agreement", "kl_to_teacher",
+        "intervals": {metric: [low, high]}, "num_tokens", "num_sequences", "parameters", ...}},
         the teacher under the key "teacher".
     """
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator(pad_token_id))
     everyone = {"teacher": teacher, **models}
-    sums = {name: {"ce": 0.0, "agree": 0.0, "kl": 0.0} for name in everyone}
-    n_tokens = 0
+    # Per-sequence sums (float64, on CPU): the bootstrap resamples sequences, so it needs nothing else.
+    per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
     for batch in track(loader, description=f"evaluating {len(everyone)} models on held-out data", console=console):
-        mask, targets = counted_positions(batch["labels"])
-        n_tokens += int(mask.sum())
+        mask, targets = counted_positions(batch["labels"])  # (B, T-1), (N,)
+        # (N,): the sequence of each counted token (mask is flattened row-major, like the hidden states)
+        seq_of_token = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+        tokens = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
+            0, seq_of_token, torch.ones(len(seq_of_token), dtype=torch.float64))
         t_logits = None
         for name, model in everyone.items():
             device = next(model.parameters()).device
@@ -56,20 +68,32 @@ def evaluate_against_teacher(
                 t_logits = logits
             v = min(logits.shape[-1], t_logits.shape[-1])
             tl = t_logits.to(logits.device)[:, :v]
-            sums[name]["ce"] += token_cross_entropy(logits, targets.to(device)).sum().item()
-            sums[name]["agree"] += (logits[:, :v].argmax(-1) == tl.argmax(-1)).sum().item()
-            sums[name]["kl"] += forward_kl(logits[:, :v], tl).sum().item()
-    n = max(n_tokens, 1)
+            t_top = tl.argmax(-1, keepdim=True)  # (N, 1)
+            top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (N, 5)
+            per_token = {
+                "ce": token_cross_entropy(logits, targets.to(device)),
+                # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
+                "agree1": logits[:, :v].argmax(-1, keepdim=True) == t_top,
+                "agree5": (top == t_top).any(-1),
+                "kl": forward_kl(logits[:, :v], tl),
+            }
+            for key, values in per_token.items():
+                per_seq[name][key].append(torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
+                    0, seq_of_token, values.reshape(-1).double().cpu()))
+            per_seq[name]["tokens"].append(tokens)
     results = {}
     for name, model in everyone.items():
-        s = sums[name]
+        sums = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in per_seq[name].items()}  # (S,) each
+        totals = {k: float(v.sum()) for k, v in sums.items()}
+        n_tokens = int(totals["tokens"])
         params = count_parameters(model)
         results[name] = {
-            "perplexity": math.exp(min(s["ce"] / n, 700.0)),
-            "cross_entropy": s["ce"] / n,
-            "top1_agreement": s["agree"] / n,
-            "kl_to_teacher": s["kl"] / n,
+            **metrics_from_sums(**totals),
+            "cross_entropy": totals["ce"] / max(n_tokens, 1),
+            "intervals": bootstrap_intervals(sums, resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
+                                             seed=BOOTSTRAP_SEED),
             "num_tokens": n_tokens,
+            "num_sequences": len(sums["tokens"]),
             "parameters": params["total"],
             "non_embedding_parameters": params["non_embedding"],
             "num_layers": getattr(model.config, "num_hidden_layers", None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,86 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The log records of a `metrics.jsonl`, in order; [] when there is none. Unreadable lines are skipped:
+    a run killed mid-write leaves half a line at the end."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+# Logged every step but not curves worth a panel: bookkeeping, throughput, the end-of-training summary.
+_NOT_CURVES = {"step", "time", "epoch", "tokens_per_second", "peak_memory_gib", "total_flos", "eval_runtime",
+               "eval_samples_per_second", "eval_steps_per_second", "train_runtime", "train_samples_per_second",
+               "train_steps_per_second", "train_loss"}
+_TITLES = {"loss": "loss (total objective)", "loss_soft": "loss_soft (divergence to the teacher)",
+           "loss_hard": "loss_hard (cross-entropy on labels)", "eval_loss": "eval_loss (total, held-out)",
+           "eval_loss_soft": "eval_loss_soft (held-out)", "eval_loss_hard": "eval_loss_hard (held-out)",
+           "learning_rate": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+RUN_COLORS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5")
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    # A resumed run appends again from its checkpoint's step: the later record of a step wins.
+    by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+_PARTS = ("loss", "loss_soft", "loss_hard")
+
+
+def _curve_order(key: str) -> tuple[int, int, str]:
+    # training objective and its parts, then the same held out, then other eval metrics, then the optimiser's
+    name = key.removeprefix("eval_")
+    held_out = key.startswith("eval_")
+    group = int(held_out) if name == "loss" or name.startswith("loss_") else 3 - int(held_out)
+    rank = _PARTS.index(name) if name in _PARTS else len(_PARTS)
+    return group, rank, key
+
+
+def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
+    """One panel per logged curve (each loss part, each eval metric, learning rate, grad norm) against the
+    optimizer step, one line per run (e.g. the distilled student and its cross-entropy control).
+
+    Args:
+        runs: {label: records of `read_metrics`}; runs without records are left out.
+        path: the PNG to write.
+
+    Returns:
+        `path`, or None when no run logged anything to plot.
+    """
+    runs = {label: records for label, records in runs.items() if records}
+    keys = sorted({k for records in runs.values() for r in records for k, v in r.items()
+                   if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                  key=_curve_order)
+    if not keys:
+        return None
+    cols = 2 if len(keys) > 1 else 1
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.9 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for color, (label, records) in zip(RUN_COLORS, runs.items()):
+            steps, values = _series(records, key)
+            if steps:
+                ax.plot(steps, values, marker="o" if len(steps) < 3 else None, ms=3, lw=1.4, color=color, label=label)
+        ax.set_title(_TITLES.get(key, key), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "learning_rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if len(runs) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    return _save(fig, path)

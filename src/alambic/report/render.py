@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 from rich.table import Table
 
+from alambic.report.html import write_html_report
+from alambic.report.plots import plot_training_curves, read_metrics
 from alambic.report.pruning import pruning_section
 from alambic.utils import atomic_write_text, console
 
@@ -24,6 +26,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
+
+
+def _cell(m: dict[str, Any], key: str, fmt) -> str:
+    """`value [low, high]` with the bootstrap interval where eval.json has one; a point interval (the
+    teacher against itself) is left out, and so is a metric an older eval.json lacks."""
+    if m.get(key) is None:
+        return "–"
+    low_high = (m.get("intervals") or {}).get(key)
+    if not low_high or low_high[0] == low_high[1]:
+        return fmt(m[key])
+    return f"{fmt(m[key])} [{fmt(low_high[0])}, {fmt(low_high[1])}]"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
 def summary_rows(evaluation: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, m in evaluation.get("models", {}).items():
@@ -31,14 +52,15 @@ def summary_rows(evaluation: dict[str, Any]) -> list[list[str]]:
             MODEL_LABELS.get(name, name),
             f"{m['parameters'] / 1e6:.1f}M",
             str(m.get("num_layers", "")),
-            f"{m['perplexity']:.2f}" if m["perplexity"] < 1e5 else f"{m['perplexity']:.3g}",
-            f"{100 * m['top1_agreement']:.1f}%",
-            f"{m['kl_to_teacher']:.3f}",
+            _cell(m, "perplexity", _ppl),
+            _cell(m, "top1_agreement", _pct),
+            _cell(m, "top5_agreement", _pct),
+            _cell(m, "kl_to_teacher", lambda v: f"{v:.3f}"),
         ])
     return rows
 
 
-HEADERS = ["model", "params", "layers", "perplexity", "top-1 agree", "KL to teacher"]
+HEADERS = ["model", "params", "layers", "perplexity", "top-1 agree", "top-5 agree", "KL to teacher"]
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -53,7 +75,8 @@ def _width_pruned(student: dict[str, Any]) -> bool:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write `report.md` into the run folder from eval.json, config.yaml and the manifest; print its table."""
+    """Write `report.md` and `report.html` (the same, self-contained) into the run folder from eval.json,
+    config.yaml, metrics.jsonl and the manifest; print its table. Returns the path of report.md."""
     run_dir = Path(run_dir)
     evaluation = _read_json(run_dir / "eval.json")
     manifest = _read_json(run_dir / "manifest.json").get("stages", {})
@@ -61,7 +84,8 @@ def write_report(run_dir: str | Path) -> Path:
     student = _read_json(run_dir / "student" / "student.json")
     train = _read_json(run_dir / "train_summary.json")
     control = _read_json(run_dir / "control" / "train_summary.json")
-    n_tokens = next(iter(evaluation.get("models", {}).values()), {}).get("num_tokens", 0)
+    first = next(iter(evaluation.get("models", {}).values()), {})
+    n_tokens, n_sequences = first.get("num_tokens", 0), first.get("num_sequences")
 
     rows = summary_rows(evaluation)
     loss = config.get("loss", {})
@@ -74,13 +98,17 @@ def write_report(run_dir: str | Path) -> Path:
            if "kept_layers" in student else f"`{student.get('source')}`")
         + ("; width pruned (see Pruning)" if _width_pruned(student) else ""),
         "",
-        f"## Quality on held-out data ({n_tokens} tokens never trained on)",
+        f"## Quality on held-out data ({n_tokens} tokens"
+        + (f" in {n_sequences} sequences" if n_sequences else "") + " never trained on)",
         "",
         _markdown_table(HEADERS, rows),
         "",
         "Perplexity of the held-out text; top-1 agree: share of positions where the model's most likely next "
-        "token is the teacher's; KL to teacher: mean KL(teacher‖model) per token at T = 1. The CE control is "
-        "the same student trained on the same data for the same steps with plain cross-entropy.",
+        "token is the teacher's; top-5 agree: share where the teacher's most likely token is among the model's "
+        "five most likely; KL to teacher: mean KL(teacher‖model) per token at T = 1. The CE control is "
+        "the same student trained on the same data for the same steps with plain cross-entropy."
+        + (" [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
+           "the same resamples for every model)." if "intervals" in first else ""),
         "",
         "## Loss",
         "",
@@ -102,6 +130,12 @@ def write_report(run_dir: str | Path) -> Path:
                      f"{train['device']} ({train['torch_threads']} threads)")
     if control:
         parts.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
+    # The control trains into control/, so its log is control/metrics.jsonl.
+    curves = plot_training_curves({"distilled student": read_metrics(run_dir / "metrics.jsonl"),
+                                   "CE control": read_metrics(run_dir / "control" / "metrics.jsonl")},
+                                  run_dir / "plots" / "training_curves.png")
+    if curves is not None:
+        parts += ["", "![Training curves](plots/training_curves.png)"]
     pruning = _read_json(run_dir / "student" / "pruning.json")
     if pruning:
         parts += ["", *pruning_section(pruning, evaluation, run_dir)]
@@ -113,7 +147,9 @@ def write_report(run_dir: str | Path) -> Path:
              if name != "report"],
         )]
     path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(parts) + "\n")
+    markdown = "\n".join(parts) + "\n"
+    atomic_write_text(path, markdown)
+    html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}")
 
     table = Table(title=f"held-out quality ({n_tokens} tokens)")
     for h in HEADERS:
@@ -121,5 +157,5 @@ def write_report(run_dir: str | Path) -> Path:
     for r in rows:
         table.add_row(*r)
     console.print(table)
-    console.print(f"report: {path}")
+    console.print(f"report: {path} and {html_path.name}")
     return path
