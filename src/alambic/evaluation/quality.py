@@ -20,6 +20,7 @@ from rich.progress import track
 from alambic.utils import console
 
 TOP_K = 5
+EVAL_CHUNK = 512  # counted tokens whose logits are held at once
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
 
 
@@ -56,31 +57,37 @@ def evaluate_against_teacher(
         mask, targets = counted_positions(batch["labels"])  # (B, T-1), (N,)
         # (N,): the sequence of each counted token (mask is flattened row-major, like the hidden states)
         seq_of_token = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
-        tokens = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
-            0, seq_of_token, torch.ones(len(seq_of_token), dtype=torch.float64))
-        t_logits = None
+        hidden = {}  # name -> (N, H): every model's final hidden states at the counted positions
         for name, model in everyone.items():
             device = next(model.parameters()).device
             ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            hidden = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]  # (N, H)
-            logits = project(model, hidden).float()  # (N, V)
-            if t_logits is None:
-                t_logits = logits
-            v = min(logits.shape[-1], t_logits.shape[-1])
-            tl = t_logits.to(logits.device)[:, :v]
-            t_top = tl.argmax(-1, keepdim=True)  # (N, 1)
-            top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (N, 5)
-            per_token = {
-                "ce": token_cross_entropy(logits, targets.to(device)),
-                # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
-                "agree1": logits[:, :v].argmax(-1, keepdim=True) == t_top,
-                "agree5": (top == t_top).any(-1),
-                "kl": forward_kl(logits[:, :v], tl),
-            }
-            for key, values in per_token.items():
-                per_seq[name][key].append(torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
-                    0, seq_of_token, values.reshape(-1).double().cpu()))
-            per_seq[name]["tokens"].append(tokens)
+            hidden[name] = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]
+        batch_sums = {name: {k: torch.zeros(mask.shape[0], dtype=torch.float64) for k in SUMS} for name in everyone}
+        # Logits a chunk of tokens at a time: (chunk, V) temporaries of one fixed size, never (N, V) per model
+        # (with several models those dominated the process's memory).
+        for start in range(0, len(seq_of_token), EVAL_CHUNK):
+            rows = slice(start, start + EVAL_CHUNK)
+            seqs = seq_of_token[rows]
+            t_logits = project(teacher, hidden["teacher"][rows]).float()  # (n, V)
+            for name, model in everyone.items():
+                logits = t_logits if name == "teacher" else project(model, hidden[name][rows]).float()  # (n, V)
+                v = min(logits.shape[-1], t_logits.shape[-1])
+                tl = t_logits.to(logits.device)[:, :v]
+                t_top = tl.argmax(-1, keepdim=True)  # (n, 1)
+                top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (n, 5)
+                per_token = {
+                    "ce": token_cross_entropy(logits, targets[rows].to(logits.device)),
+                    # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
+                    "agree1": logits[:, :v].argmax(-1, keepdim=True) == t_top,
+                    "agree5": (top == t_top).any(-1),
+                    "kl": forward_kl(logits[:, :v], tl),
+                    "tokens": torch.ones(len(seqs)),
+                }
+                for key, values in per_token.items():
+                    batch_sums[name][key].index_add_(0, seqs, values.reshape(-1).double().cpu())
+        for name in everyone:
+            for key in SUMS:
+                per_seq[name][key].append(batch_sums[name][key])
     results = {}
     for name, model in everyone.items():
         sums = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in per_seq[name].items()}  # (S,) each

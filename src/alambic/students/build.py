@@ -15,7 +15,15 @@ from transformers import PreTrainedModel
 from alambic.config import FromTeacherConfig
 from alambic.models import count_parameters
 from alambic.students.importance import Importance, measure_importance
-from alambic.students.prune import KeepPlan, Shape, apply_plan, layer_indices, plan_for_shape, search_shape
+from alambic.students.prune import (
+    PruningError,
+    Shape,
+    apply_plan,
+    check_width_prunable,
+    layer_indices,
+    plan_for_shape,
+    search_shape,
+)
 
 
 def target_shape(teacher: PreTrainedModel, cfg: FromTeacherConfig) -> tuple[Shape, list[int] | None]:
@@ -49,13 +57,12 @@ def build_from_teacher(
     shape, explicit_layers = target_shape(teacher, cfg)
     importance: Importance | None = None
     if calibration is not None:
-        width_measurable = _has_width_modules(teacher)
         importance = measure_importance(
-            teacher, calibration, layers=True, skip_loss=needs_skip_loss(cfg), width=width_measurable,
+            teacher, calibration, layers=True, skip_loss=needs_skip_loss(cfg), width=_width_prunable(teacher),
             head_gradient=cfg.prunes_width and cfg.head_importance == "gradient",
         )
     elif cfg.needs_importance:
-        raise ValueError("student.from_teacher chooses units by importance: calibration batches are required")
+        raise PruningError("student.from_teacher chooses units by importance: calibration batches are required")
 
     if explicit_layers is not None:
         # Explicit layers go through the same planner as ranked ones: kept layers score 1, others 0.
@@ -113,6 +120,10 @@ def tensor_bytes(model: PreTrainedModel) -> int:
     return total
 
 
-def _has_width_modules(model: PreTrainedModel) -> bool:
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return {"o_proj", "down_proj"} <= names
+def _width_prunable(model: PreTrainedModel) -> bool:
+    """Width statistics only for blocks the width rules understand (a gpt2 teacher still gets layer scores)."""
+    try:
+        check_width_prunable(model)
+    except PruningError:
+        return False
+    return True
