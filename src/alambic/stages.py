@@ -51,6 +51,8 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 def prune_student(config: RunConfig, ctx: StageContext, teacher, tokenizer) -> tuple[Any, dict[str, Any]]:
     """Measure importance on training sequences, cut the student, and score it on held-out data right away."""
+    import torch
+
     from alambic.data import load_prepared
     from alambic.evaluation.quality import evaluate_against_teacher
     from alambic.students.build import build_from_teacher
@@ -62,8 +64,6 @@ def prune_student(config: RunConfig, ctx: StageContext, teacher, tokenizer) -> t
                                       batch_size=config.evaluation.batch_size, pad_token_id=tokenizer.pad_token_id)
     # bf16 autocast where the run trains in bf16: 3x faster on CPU with AMX, and on SmolLM2 it ranks the layers
     # exactly as fp32 does (skip-loss increases agree to 3 decimals); statistics still accumulate in fp32.
-    import torch
-
     device = next(teacher.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=config.training.bf16 and device in ("cpu", "cuda")):
         student, record = build_from_teacher(teacher, cfg, calibration)
