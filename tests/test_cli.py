@@ -50,3 +50,17 @@ def test_prune_without_from_teacher_exits_2_and_says_what_to_do(tmp_path):
     result = runner.invoke(app, ["prune", str(path)])
     assert result.exit_code == 2
     assert "add a student.from_teacher section" in " ".join(result.output.split())
+
+
+def test_prune_to_an_impossible_shape_exits_2_naming_the_size(tmp_path):
+    from helpers import save_tiny_pair, write_text_corpus
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "runs"), "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
+        "student": {"from_teacher": {"hidden_size": 1000, "calibration_sequences": 2}},
+        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16},
+    }))
+    result = runner.invoke(app, ["prune", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "hidden_size=1000: keep between 1 and the teacher's 32" in " ".join(result.output.split())

@@ -55,6 +55,7 @@ def build_from_teacher(
     by importance; with them, layer and width scores are always measured so the report can plot them.
     """
     shape, explicit_layers = target_shape(teacher, cfg)
+    plan_for_shape(teacher, shape, gqa=cfg.gqa)  # an impossible shape fails now, not after minutes of calibration
     importance: Importance | None = None
     if calibration is not None:
         importance = measure_importance(
