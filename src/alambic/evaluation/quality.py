@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import track
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
@@ -15,7 +16,6 @@ from alambic.evaluation.bootstrap import SUMS, bootstrap_intervals, metrics_from
 from alambic.losses import forward_kl, token_cross_entropy
 from alambic.models import count_parameters
 from alambic.modeling import counted_positions, final_hidden_states, project
-from rich.progress import track
 
 from alambic.utils import console
 

@@ -5,22 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alambic.report.markdown import kl, percent, perplexity, table
 from alambic.report.plots import plot_head_importance, plot_layer_importance
 
 SHAPE_ROWS = [("decoder layers", "num_layers"), ("query heads", "num_attention_heads"),
               ("KV heads", "num_key_value_heads"), ("FFN size", "intermediate_size"), ("hidden size", "hidden_size")]
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _quality_row(label: str, m: dict[str, Any] | None) -> list[str] | None:
     if not m:
         return None
-    ppl = m["perplexity"]
-    return [label, f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}", f"{100 * m['top1_agreement']:.1f}%",
-            f"{m['kl_to_teacher']:.3f}"]
+    return [label, perplexity(m["perplexity"]), percent(m["top1_agreement"]), kl(m["kl_to_teacher"])]
 
 
 def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir: Path) -> list[str]:
@@ -28,9 +23,9 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
     distillation, importance plots (written to `run_dir/plots/`)."""
     t, s = pruning["teacher_shape"], pruning["student_shape"]
     tp, sp = pruning["teacher_parameters"], pruning["student_parameters"]
-    lines = ["## Pruning", "", *_table(["", "teacher", "student"],
+    lines = ["## Pruning", "", table(["", "teacher", "student"],
                                        [[label, str(t.get(k)), str(s.get(k))] for label, k in SHAPE_ROWS])]
-    lines += ["", *_table(["size", "teacher", "student", "ratio"], [
+    lines += ["", table(["size", "teacher", "student", "ratio"], [
         ["parameters", f"{tp['total'] / 1e6:.1f}M", f"{sp['total'] / 1e6:.1f}M", f"{sp['total'] / tp['total']:.2f}"],
         ["non-embedding parameters", f"{tp['non_embedding'] / 1e6:.1f}M", f"{sp['non_embedding'] / 1e6:.1f}M",
          f"{sp['non_embedding'] / max(tp['non_embedding'], 1):.2f}"],
@@ -62,7 +57,7 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
         _quality_row("after distillation", models.get("student_distilled")),
     ) if r]
     if rows:
-        lines += ["", "Quality on the held-out split:", "", *_table(["student", "perplexity", "top-1 agree", "KL to teacher"], rows)]
+        lines += ["", "Quality on the held-out split:", "", table(["student", "perplexity", "top-1 agree", "KL to teacher"], rows)]
     for title, plot, name in (("Layer importance", plot_layer_importance, "layer_importance.png"),
                               ("Head importance", plot_head_importance, "head_importance.png")):
         path = plot(pruning, run_dir / "plots" / name)

@@ -10,6 +10,7 @@ import yaml
 from rich.table import Table
 
 from alambic.report.html import write_html_report
+from alambic.report.markdown import kl, percent, perplexity, table
 from alambic.report.plots import plot_training_curves, read_metrics
 from alambic.report.pruning import pruning_section
 from alambic.utils import atomic_write_text, console
@@ -26,10 +27,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _ppl(value: float) -> str:
-    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
-
-
 def _cell(m: dict[str, Any], key: str, fmt) -> str:
     """`value [low, high]` with the bootstrap interval where eval.json has one; a point interval (the
     teacher against itself) is left out, and so is a metric an older eval.json lacks."""
@@ -41,10 +38,6 @@ def _cell(m: dict[str, Any], key: str, fmt) -> str:
     return f"{fmt(m[key])} [{fmt(low_high[0])}, {fmt(low_high[1])}]"
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def summary_rows(evaluation: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, m in evaluation.get("models", {}).items():
@@ -52,21 +45,15 @@ def summary_rows(evaluation: dict[str, Any]) -> list[list[str]]:
             MODEL_LABELS.get(name, name),
             f"{m['parameters'] / 1e6:.1f}M",
             str(m.get("num_layers", "")),
-            _cell(m, "perplexity", _ppl),
-            _cell(m, "top1_agreement", _pct),
-            _cell(m, "top5_agreement", _pct),
-            _cell(m, "kl_to_teacher", lambda v: f"{v:.3f}"),
+            _cell(m, "perplexity", perplexity),
+            _cell(m, "top1_agreement", percent),
+            _cell(m, "top5_agreement", percent),
+            _cell(m, "kl_to_teacher", kl),
         ])
     return rows
 
 
 HEADERS = ["model", "params", "layers", "perplexity", "top-1 agree", "top-5 agree", "KL to teacher"]
-
-
-def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _width_pruned(student: dict[str, Any]) -> bool:
@@ -101,7 +88,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"## Quality on held-out data ({n_tokens} tokens"
         + (f" in {n_sequences} sequences" if n_sequences else "") + " never trained on)",
         "",
-        _markdown_table(HEADERS, rows),
+        table(HEADERS, rows),
         "",
         "Perplexity of the held-out text; top-1 agree: share of positions where the model's most likely next "
         "token is the teacher's; top-5 agree: share where the teacher's most likely token is among the model's "
@@ -141,7 +128,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts += ["", *pruning_section(pruning, evaluation, run_dir)]
     if manifest:
         total = sum(e.get("seconds", 0) or 0 for e in manifest.values())
-        parts += ["", f"## Stages ({total / 60:.1f} min in all)", "", _markdown_table(
+        parts += ["", f"## Stages ({total / 60:.1f} min in all)", "", table(
             ["stage", "status", "seconds"],
             [[name, e.get("status", ""), f"{e.get('seconds', 0):.1f}"] for name, e in manifest.items()
              if name != "report"],
@@ -151,11 +138,11 @@ def write_report(run_dir: str | Path) -> Path:
     atomic_write_text(path, markdown)
     html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}")
 
-    table = Table(title=f"held-out quality ({n_tokens} tokens)")
+    summary = Table(title=f"held-out quality ({n_tokens} tokens)")
     for h in HEADERS:
-        table.add_column(h, justify="left" if h == "model" else "right")
+        summary.add_column(h, justify="left" if h == "model" else "right")
     for r in rows:
-        table.add_row(*r)
-    console.print(table)
+        summary.add_row(*r)
+    console.print(summary)
     console.print(f"report: {path} and {html_path.name}")
     return path
