@@ -29,3 +29,19 @@ def test_step_benchmark_tiny(tmp_path):
         assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0, f"{name}: {r}"
     # Same models, same batch: the chunked path's loss is the naive reference's.
     assert abs(results["alambic"]["loss"] - results["naive"]["loss"]) <= 1e-4 * max(1.0, abs(results["naive"]["loss"]))
+
+
+def test_cost_stability_benchmark_tiny(tmp_path):
+    """Two fresh processes measure a tiny saved model; the comparison table and both runs are written. Tiny-model
+    millisecond timings are too noisy to require a PASS (exit 1 is a FAIL verdict, not a crash)."""
+    from helpers import save_tiny_pair
+
+    folder = save_tiny_pair(tmp_path)
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(BENCH.parent / "cost_stability.py"), "--model", str(folder), "--new-tokens", "4",
+           "--prompt-tokens", "8", "--batch-size", "2", "--repeats", "2", "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode in (0, 1), f"benchmark crashed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert "| peak memory |" in proc.stdout and "# result:" in proc.stdout
+    runs = json.loads(out.read_text())["models"][str(folder)]["runs"]
+    assert len(runs) == 2 and all(r["peak_memory_bytes"] > 0 for r in runs)

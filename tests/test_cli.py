@@ -6,7 +6,7 @@ from alambic.cli import app
 from alambic.config import validate_config
 
 runner = CliRunner()
-COMMANDS = ["run", "prune", "distill", "cache", "quickstart", "report"]
+COMMANDS = ["run", "prune", "distill", "cache", "quickstart", "evaluate", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -64,3 +64,49 @@ def test_prune_to_an_impossible_shape_exits_2_naming_the_size(tmp_path):
     result = runner.invoke(app, ["prune", str(path)])
     assert result.exit_code == 2, result.output
     assert "hidden_size=1000: keep between 1 and the teacher's 32" in " ".join(result.output.split())
+
+
+def _sweep_config(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump({"name": "base", "output_dir": str(tmp_path / "runs"), "teacher": {"model": "x"},
+                                    "student": {"from_teacher": {}}}))
+    return str(path)
+
+
+def test_sweep_help_shows_the_grid_syntax():
+    result = runner.invoke(app, ["sweep", "--help"])
+    assert result.exit_code == 0 and "loss.temperature=1,2,4" in result.output
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["loss.temperature=1,2", "loss.alpha=0.5,3"], "sweep point 2/4 temperature-1_alpha-3"),
+    (["loss.temperature=2"], "nothing to sweep"),
+    (["loss.temperature=1,,2"], "empty value"),
+])
+def test_a_bad_sweep_exits_2_before_running_anything(tmp_path, sets, message):
+    result = runner.invoke(app, ["sweep", _sweep_config(tmp_path), *(f"--set={s}" for s in sets)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("raise_at, exit_code", [(None, 0), (2.0, 1), ("interrupt", 130)])
+def test_sweep_exit_codes(tmp_path, monkeypatch, raise_at, exit_code):
+    """0 when every point is done, 1 when one failed (the report is still written), 130 on Ctrl-C."""
+    import json
+
+    import alambic.stages
+    from alambic.pipeline import Stage
+
+    def evaluate(cfg, ctx):
+        if raise_at == "interrupt":
+            raise KeyboardInterrupt
+        if cfg.loss.temperature == raise_at:
+            raise RuntimeError("this point breaks")
+        (ctx.run_dir / "eval.json").write_text(json.dumps({"models": {"student_distilled": {"kl_to_teacher": 1.0}}}))
+        return {}
+
+    monkeypatch.setattr(alambic.stages, "STAGES", [Stage("evaluate", ("loss",), ("eval.json",), evaluate)])
+    result = runner.invoke(app, ["sweep", _sweep_config(tmp_path), "--set", "loss.temperature=1,2"])
+    assert result.exit_code == exit_code, result.output
+    assert (tmp_path / "runs" / "base-sweep" / "sweep.md").is_file() == (exit_code != 130)

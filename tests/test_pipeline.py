@@ -25,7 +25,9 @@ def tiny_run_config(tmp_path, **overrides):
                  "validation_fraction": 0.2},
         "loss": {"divergence": "forward_kl", "alpha": 0.8, "temperature": 2.0},
         "training": {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
-        "evaluation": {"ce_control": True, "batch_size": 4},
+        # cost measured on every run, but as little of it as still exercises each figure
+        "evaluation": {"ce_control": True, "batch_size": 4,
+                       "cost": {"prompt_tokens": 8, "new_tokens": 3, "batch_size": 2, "warmup": 0, "repeats": 1}},
     }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -51,16 +53,27 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     assert evaluation["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert evaluation["student_distilled"]["parameters"] < evaluation["teacher"]["parameters"]
     assert "student distilled" in (run / "report.md").read_text()
+    # cost of every model on the weights just scored, and what each keeps of the teacher
+    cost = evaluation["student_distilled"]["cost"]
+    assert cost["new_tokens"] == 3 and cost["repeats"] == 1 and cost["disk"]["format"] == "safetensors"
+    assert cost["peak_memory_bytes"] >= cost["weight_bytes"] > 0
+    assert 2 * evaluation["student_distilled"]["architecture"]["num_layers"] == evaluation["teacher"]["architecture"]["num_layers"]
+    retained = json.loads((run / "eval.json").read_text())["retention"]["student_distilled"]
+    assert retained["size_reduction"] > 1 and retained["speedup"] is not None
+    assert "## Cost" in (run / "report.md").read_text()
 
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "final" / "config.json", run / "eval.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "final" / "config.json", run / "eval.json",
+                                                run / "control" / "final" / "config.json")}
     run_stages(cfg, STAGES)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing redone
 
-    # a new loss redoes distillation and what follows, not the student or the data
+    # a new loss redoes distillation and what follows, not the data, the student or the CE control
     student_stamp = (run / "student" / "config.json").stat().st_mtime_ns
     run_stages(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"temperature": 1.0})}), STAGES)
     assert (run / "student" / "config.json").stat().st_mtime_ns == student_stamp
+    assert (run / "control" / "final" / "config.json").stat().st_mtime_ns == stamps[run / "control" / "final" / "config.json"]
     assert (run / "final" / "config.json").stat().st_mtime_ns != stamps[run / "final" / "config.json"]
+    assert (run / "eval.json").stat().st_mtime_ns != stamps[run / "eval.json"]
 
 
 def test_a_pruned_student_gets_its_pruning_report(tmp_path):
@@ -154,7 +167,7 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     data = shipped.model_dump(mode="json")
     data.update(output_dir=str(tmp_path / "runs"), teacher=tiny.teacher.model_dump(mode="json"))
     data["training"].update(max_steps=2, bf16=False, save_steps=10)
-    data["evaluation"]["ce_control"] = False
+    data["evaluation"].update(ce_control=False, cost=tiny.evaluation.cost.model_dump(), generation={"max_new_tokens": 4})
     pruning = data["student"]["from_teacher"] or {}
     if pruning.get("target_parameters"):  # a budget for the real teacher: scale it to the tiny one
         pruning["target_parameters"] = 30_000
@@ -171,3 +184,74 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     run_stages(cfg, STAGES)
     evaluation = json.loads((cfg.run_dir / "eval.json").read_text())["models"]
     assert evaluation["student_distilled"]["num_tokens"] > 0
+    if shipped.data.format == "chat":  # responses to the held-out prompts, against the references and the teacher
+        generation = evaluation["student_distilled"]["generation"]
+        assert generation["reference"]["num_prompts"] > 0 and 0 <= generation["teacher"]["rouge_l"] <= 1
+        assert "## Responses to held-out prompts" in (cfg.run_dir / "report.md").read_text()
+
+
+def test_a_run_reuses_only_the_identical_prefix_of_a_siblings_stages(tmp_path):
+    """A different loss shares the data and the student (hard-linked), not the distillation."""
+    import os
+
+    first = tiny_run_config(tmp_path, evaluation={"ce_control": False})
+    run_stages(first, stages_until("distill"))
+    second = first.model_copy(update={"name": "second", "loss": first.loss.model_copy(update={"temperature": 1.0})})
+    stages = run_stages(second, stages_until("distill"), reuse_from=[first.run_dir]).stages
+    assert stages["data"]["reused_from"] == stages["student"]["reused_from"] == str(first.run_dir)
+    assert stages["student"]["inputs_hash"] == json.loads((first.run_dir / "manifest.json").read_text())[
+        "stages"]["student"]["inputs_hash"]
+    assert "reused_from" not in stages["distill"] and stages["distill"]["status"] == "done"
+    weights = Path("student") / "model.safetensors"
+    assert os.path.samefile(first.run_dir / weights, second.run_dir / weights)
+    assert (second.run_dir / "data" / "split.json").is_file() and (second.run_dir / "final" / "config.json").is_file()
+    assert json.loads((second.run_dir / "train_summary.json").read_text())["global_step"] == 3  # trained here
+
+
+def test_a_reused_stage_run_again_never_writes_into_the_siblings_files(tmp_path):
+    """Hard links share one file: a stage that appends in place (a log) must get its own copy first."""
+    import os
+
+    from alambic.pipeline import Stage
+
+    def append(cfg, ctx):
+        log = ctx.run_dir / "logs" / "log.txt"
+        log.parent.mkdir(exist_ok=True)
+        with log.open("a") as f:  # in place, as metrics.jsonl or a resumable shard is written
+            f.write(f"T={cfg.loss.temperature}\n")
+        return {}
+
+    stages = [Stage("log", ("loss",), ("logs/log.txt",), append)]
+    first = tiny_run_config(tmp_path)
+    run_stages(first, stages)
+    second = first.model_copy(update={"name": "second"})
+    assert run_stages(second, stages, reuse_from=[first.run_dir]).stages["log"]["reused_from"] == str(first.run_dir)
+    assert os.path.samefile(first.run_dir / "logs" / "log.txt", second.run_dir / "logs" / "log.txt")
+
+    changed = second.model_copy(update={"loss": second.loss.model_copy(update={"temperature": 5.0})})
+    assert "reused_from" not in run_stages(changed, stages, reuse_from=[first.run_dir]).stages["log"]
+    assert (first.run_dir / "logs" / "log.txt").read_text() == "T=2.0\n"
+    assert (second.run_dir / "logs" / "log.txt").read_text() == "T=2.0\nT=5.0\n"
+
+
+def test_evaluate_redoes_only_the_evaluation_and_report_even_of_a_moved_run_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from alambic.cli import app
+
+    cfg = tiny_run_config(tmp_path, evaluation={"ce_control": False})
+    run_stages(cfg, STAGES)
+    moved = tmp_path / "elsewhere" / "tiny"
+    moved.parent.mkdir()
+    cfg.run_dir.rename(moved)
+    final = (moved / "final" / "config.json").stat().st_mtime_ns
+    result = CliRunner().invoke(app, ["evaluate", str(moved), "--set", "evaluation.cost.repeats=2"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((moved / "eval.json").read_text())["models"]
+    assert evaluation["teacher"]["cost"]["repeats"] == 2  # the override reached the evaluation
+    assert (moved / "final" / "config.json").stat().st_mtime_ns == final  # nothing trained again
+    manifest = json.loads((moved / "manifest.json").read_text())["stages"]
+    assert manifest["evaluate"]["status"] == manifest["report"]["status"] == "done"
+    assert not (tmp_path / "runs" / "tiny").exists()  # evaluated where it is now, not where it was run
+    bad = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a run folder" in " ".join(bad.output.split())

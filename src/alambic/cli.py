@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input (config, files, options), 1
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -140,6 +141,76 @@ def quickstart(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     _run(config, None, resume)
+
+
+@app.command()
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run config (YAML) or a run folder.", show_default=False)],
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate (again) the teacher, the students and the config's baselines: quality, responses, cost; report.
+
+    Stages before evaluation run only where not done yet (a config that was never run is trained first); the
+    evaluation and the report are always redone, e.g. to measure cost on another machine or device.
+    """
+    from alambic.pipeline import Manifest
+    from alambic.stages import STAGES
+
+    if target.is_dir():
+        if not (target / "config.yaml").is_file():
+            console.print(f"[red]error:[/] {target} is not a run folder (no config.yaml): give a run folder or a config")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        # the folder may have moved since it was run: it is where it is now
+        cfg = _load(target / "config.yaml", [*(set_ or []), f"output_dir={json.dumps(str(target.parent))}",
+                                                 f"name={json.dumps(target.name)}"])
+    else:
+        cfg = _load(target, set_)
+    names = [s.name for s in STAGES]
+    manifest = Manifest(cfg.run_dir / "manifest.json")
+    for name in names[names.index("evaluate"):]:
+        if name in manifest.stages:
+            manifest.update(name, status="outdated")
+    _run(cfg, None, resume=True)
+
+
+@app.command()
+def sweep(
+    config: ConfigArg,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=V1,V2,...: values to sweep (each parsed as YAML; commas inside [], {} or "
+                     "quotes do not split). One value: applied to every point. Repeatable."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--restart", help="--resume (default): skip finished points and stages, continue an "
+                     "interrupted one. --restart: wipe the sweep folder first."),
+    ] = True,
+) -> None:
+    """Run every point of a grid of config values, each an ordinary resumable run, and compare them.
+
+    Example (6 points):  alambic sweep my.yaml --set loss.temperature=1,2,4 --set loss.alpha=0.5,0.9
+
+    Points run one after another into <output_dir>/<name>-sweep/<point>/, e.g. temperature-2_alpha-0.5.
+    Finished stages with the same inputs are shared: a loss sweep prepares the data and the student once.
+    sweep.md and sweep.html compare the distilled students on held-out data and name the best (lowest KL).
+    A failed point is recorded and the others still run; the exit code is then 1.
+    """
+    from alambic.sweep import plan_sweep, run_sweep
+
+    try:
+        planned = plan_sweep(config, set_ or [])
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        record = run_sweep(planned, resume=resume)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({planned.folder})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if any(p["status"] != "done" for p in record["points"]):
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"[green]finished[/]: {planned.folder}")
 
 
 @app.command()

@@ -219,6 +219,89 @@ class DataConfig(_Section):
         return self
 
 
+class HiddenStateLossConfig(_Section):
+    """Match the outputs of mapped decoder layers (TinyBERT); the student's are projected to the teacher's width."""
+
+    weight: float = Field(default=0.5, gt=0, description="Weight w of this term: total = logit objective + w * term.")
+    kind: Literal["mse", "cosine"] = Field(
+        default="cosine",
+        description="'cosine': 1 - cos(student, teacher) per position, scale-free, in [0, 2]. 'mse': mean over "
+        "channels of the squared difference; grows with the states' magnitude (LLM outlier channels reach the "
+        "hundreds), so lower the weight.",
+    )
+    layers: Literal["all"] | list[int] = Field(
+        default="all", description="Student layers matched, each with its layer_map partner; 'all': every pair.",
+    )
+
+
+class AttentionMapLossConfig(_Section):
+    """Match the attention probabilities of mapped layers, head by head (TinyBERT); head counts must be equal."""
+
+    weight: float = Field(default=0.1, gt=0, description="Weight w of this term: total = logit objective + w * term.")
+    kind: Literal["kl", "mse"] = Field(
+        default="kl", description="'kl': KL(teacher row || student row) per query, summed over keys; 'mse': squared "
+        "difference summed over keys. Both averaged over heads and counted positions.",
+    )
+    layers: Literal["all"] | list[int] = Field(
+        default="all", description="Student layers matched, each with its layer_map partner; 'all': every pair.",
+    )
+
+
+class AttentionRelationLossConfig(_Section):
+    """Match q-q, k-k and v-v self-attention relations of one layer (MiniLM-v2); widths and head counts may differ."""
+
+    weight: float = Field(default=0.5, gt=0, description="Weight w of this term: total = logit objective + w * term.")
+    num_relation_heads: int | None = Field(
+        default=None, gt=0, description="Relation heads R the q, k and v vectors are split into; R must divide every "
+        "q/k/v width of both models. None: the largest such R up to the student's number of attention heads.",
+    )
+    layer: int = Field(default=-1, description="Student layer whose relations are matched; negative counts from the end.")
+    teacher_layer: int | None = Field(
+        default=None, description="Teacher layer it learns from; negative counts from the end. None: layer_map's partner "
+        "of `layer` (MiniLM-v2 finds an upper-middle teacher layer can teach large students better).",
+    )
+
+
+class FeatureLossConfig(_Section):
+    """Feature distillation terms added to the logit objective: total = logit objective + sum_i w_i * term_i.
+
+    Each term is averaged over the positions the logit loss counts. The teacher's hidden states come from a live
+    teacher: these terms cannot use an offline teacher cache, nor run at alpha = 0 (no teacher is loaded).
+    """
+
+    hidden_states: HiddenStateLossConfig | None = Field(default=None, description="Hidden-state matching (null: off).")
+    attention: AttentionMapLossConfig | None = Field(default=None, description="Attention-map matching (null: off).")
+    attention_relations: AttentionRelationLossConfig | None = Field(
+        default=None, description="MiniLM-v2 q/k/v relation matching (null: off)."
+    )
+    layer_map: Literal["auto", "uniform", "last"] | list[tuple[int, int]] = Field(
+        default="auto",
+        description="Which teacher layer each student layer learns from. 'uniform': student i <-> teacher "
+        "round((i+1)*Lt/Ls) - 1; 'last': the last layers only; 'auto': a student pruned from the teacher learns "
+        "from the layers it kept, any other 'uniform'; or explicit [[student, teacher], ...] pairs.",
+    )
+
+    @field_validator("layer_map")
+    @classmethod
+    def _pairs_valid(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty layer_map pairs no layer; give [[student, teacher], ...] or 'auto'")
+            if any(s < 0 or t < 0 for s, t in v):
+                raise ValueError(f"layer_map indices must be >= 0, got {[list(p) for p in v]}")
+            students = [s for s, _ in v]
+            if len(set(students)) != len(students):
+                raise ValueError(f"layer_map pairs a student layer twice: {[list(p) for p in v]}")
+        return v
+
+    @model_validator(mode="after")
+    def _asks_for_something(self) -> FeatureLossConfig:
+        if self.hidden_states is None and self.attention is None and self.attention_relations is None:
+            raise ValueError("loss.features asks for no term: set at least one of hidden_states, attention, "
+                             "attention_relations (or remove loss.features)")
+        return self
+
+
 class LossConfig(_Section):
     """Distillation objective: total = alpha * T^2 * soft(divergence at T) + (1 - alpha) * hard CE."""
 
@@ -235,6 +318,17 @@ class LossConfig(_Section):
         "(fast, memory flat in the vocabulary). 'full': logits of all counted tokens at once (the reference).",
     )
     chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the chunked loss.")
+    features: FeatureLossConfig | None = Field(
+        default=None, description="Feature distillation terms (hidden states, attention maps, MiniLM relations) "
+        "added to the logit objective; null: logits only.",
+    )
+
+    @model_validator(mode="after")
+    def _features_need_the_teacher(self) -> LossConfig:
+        if self.features is not None and self.alpha == 0:
+            raise ValueError("loss.features needs the live teacher, which alpha = 0 (plain cross-entropy) does not "
+                             "load: raise loss.alpha above 0 or remove loss.features")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -270,14 +364,56 @@ class TrainingConfig(_Section):
         return self
 
 
+class CostConfig(_Section):
+    """Inference cost of each evaluated model, measured on the very weights scored for quality."""
+
+    prompt_tokens: int = Field(default=128, gt=0, description="Prompt length (held-out tokens) of each generation.")
+    new_tokens: int = Field(default=64, ge=2, description="Tokens generated per run (greedy, EOS suppressed).")
+    batch_size: int = Field(default=8, gt=0, description="Batch of the throughput figure (latency is at batch 1).")
+    warmup: int = Field(default=1, ge=0, description="Untimed runs before the timed ones.")
+    repeats: int = Field(default=5, gt=0, description="Timed runs per figure; the report gives median and spread.")
+
+
+class GenerationEvalConfig(_Section):
+    """Greedy responses to held-out prompts (chat data), scored against the references and the teacher's."""
+
+    max_prompts: int = Field(default=64, gt=0, description="Held-out prompts answered by each model.")
+    max_new_tokens: int = Field(default=64, gt=0, description="Cap on each response's length.")
+    batch_size: int = Field(default=8, gt=0, description="Prompts generated at once.")
+
+
 class EvaluationConfig(_Section):
-    """Held-out evaluation after distillation."""
+    """Held-out evaluation after distillation: quality against the teacher, inference cost, baselines."""
 
     ce_control: bool = Field(
         default=True,
         description="Also train the same student with plain cross-entropy for the same steps, as a control.",
     )
     batch_size: int = Field(default=8, gt=0, description="Sequences per evaluation batch.")
+    device: str | None = Field(
+        default=None, description="Where every model is evaluated and its cost measured ('cpu', 'cuda', "
+        "'cuda:1', ...); default: teacher.device. Changing it redoes only the evaluation.",
+    )
+    baselines: dict[str, ModelConfig] = Field(
+        default_factory=dict,
+        description="Other models to score beside the teacher and the students, by name, e.g. "
+        "{smollm2-360m: {model: HuggingFaceTB/SmolLM2-360M-Instruct}}; they must share the teacher's tokenizer.",
+    )
+    cost: CostConfig | None = Field(
+        default_factory=CostConfig, description="Measure latency, throughput and memory of every model (null: skip)."
+    )
+    generation: GenerationEvalConfig | None = Field(
+        default_factory=GenerationEvalConfig,
+        description="Chat data: ROUGE-L and exact match of greedy responses (null: skip). Ignored for text data.",
+    )
+
+    @field_validator("baselines")
+    @classmethod
+    def _baseline_names(cls, v: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        taken = [n for n in v if n == "teacher" or n.startswith("student_")]
+        if taken:
+            raise ValueError(f"baseline names {taken} are taken by the run's own models: rename them")
+        return v
 
 
 class RunConfig(_Section):
@@ -297,6 +433,9 @@ class RunConfig(_Section):
         if self.data.teacher_cache is not None and self.loss.divergence == "logit_mse":
             raise ValueError("data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; "
                              "choose another loss.divergence or remove data.teacher_cache")
+        if self.data.teacher_cache is not None and self.loss.features is not None:
+            raise ValueError("loss.features needs the live teacher's hidden states and attention, which "
+                             "data.teacher_cache does not keep: remove one of them")
         return self
 
     @property

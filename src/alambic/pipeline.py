@@ -9,9 +9,10 @@ checkpoint) and redoes one whose inputs changed, and every stage after it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ class Stage:
     outputs: tuple[str, ...]  # paths, relative to the run folder, that exist once it is done
     run: Callable[[RunConfig, "StageContext"], dict[str, Any]]
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
+    # The earlier stages whose results this one reads, when not all of them: the CE control needs the data
+    # and the student, not the distillation, so a loss sweep trains it once and reuses it.
+    after: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -53,19 +57,84 @@ class Manifest:
 
 
 def _stage_hashes(config: RunConfig, stages: list[Stage]) -> dict[str, str]:
-    """A stage's hash covers its own sections and the hash of every stage before it."""
-    hashes, previous = {}, ""
+    """A stage's inputs hash covers its own sections and the hash of every stage before it (a chain), or, for a
+    stage that names the stages it reads (`after`), only theirs. The chain goes on through such a stage, so the
+    stages after it still depend on everything before them."""
+    hashes, chain, previous = {}, {}, ""
     for stage in stages:
-        hashes[stage.name] = sha256_of([previous, config.section_hash(*stage.sections), stage.name])
-        previous = hashes[stage.name]
+        own = config.section_hash(*stage.sections)
+        chain[stage.name] = previous = sha256_of([previous, own, stage.name])
+        hashes[stage.name] = previous if stage.after is None else sha256_of(
+            [*(chain[name] for name in stage.after if name in chain), own, stage.name])
     return hashes
 
 
-def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True) -> Manifest:
+def _top_level(stage: Stage) -> list[str]:
+    """What a stage writes, as whole top-level entries of the run folder: its outputs name marker files
+    (`student/student.json`), but the stage writes the whole folder (`student/`)."""
+    return list(dict.fromkeys(Path(o).parts[0] for o in stage.outputs))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # instant and no extra disk; both runs see one file, so neither may write it in place
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
+
+
+def _unshare(path: Path) -> None:
+    """Replace every hard-linked file under `path` by a private copy, before a stage writes there again:
+    a stage that rewrites a file in place (save_pretrained does) must not change the run it was reused from."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    for f in files:
+        if f.stat().st_nlink > 1:
+            tmp = f.with_name(f".{f.name}.unshare")
+            shutil.copy2(f, tmp)
+            os.replace(tmp, f)
+
+
+def _reusable(stage: Stage, inputs_hash: str, siblings: Sequence[Path], run_dir: Path) -> tuple[Path, dict] | None:
+    """The first sibling run folder where `stage` is done with the same inputs hash and all its outputs."""
+    for sibling in siblings:
+        if Path(sibling).resolve() == run_dir.resolve():
+            continue
+        entry = Manifest(Path(sibling) / "manifest.json").stages.get(stage.name, {})
+        if (entry.get("status") == "done" and entry.get("inputs_hash") == inputs_hash
+                and all((Path(sibling) / o).exists() for o in stage.outputs)):
+            return Path(sibling), entry
+    return None
+
+
+def _copy_outputs(stage: Stage, source: Path, run_dir: Path) -> None:
+    for name in _top_level(stage):
+        src, dst = source / name, run_dir / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)  # a partial attempt of this run: the sibling's finished outputs replace it
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        elif src.exists():
+            _link_or_copy(str(src), str(dst))
+
+
+def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
+               reuse_from: Sequence[Path] = ()) -> Manifest:
     """Run `stages` in order into `config.run_dir`, skipping finished ones whose inputs are unchanged.
+
+    Reuse: before running a stage that is not done here, the run folders in `reuse_from` (e.g. the other
+    points of a sweep) are searched, in order, for the same stage done with the same inputs hash and all
+    its outputs present. The first match's outputs are copied here (hard links where the file system
+    allows, else copies; whole top-level folders, e.g. `student/`), its manifest entry with
+    `reused_from` added, and the stage is skipped. A stage's inputs hash covers its own config sections
+    and the hashes of every stage before it, so only an identical prefix of stages is reused: two runs
+    that differ in `loss` share `data`, `student` and the CE control (which reads only those), but `distill`
+    and everything after it run again. Files the stage writes outside its outputs' folders
+    (`metrics.jsonl`, `train_summary.json` of distill) are not copied.
 
     Args:
         resume: False wipes the run folder first (`--restart`).
+        reuse_from: other run folders whose finished stages may be reused.
 
     Raises:
         Whatever a stage raises; the manifest then records the stage as failed.
@@ -86,9 +155,21 @@ def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True) -
         if same_inputs and entry.get("status") == "done" and outputs_there:
             console.print(f"{header} [green]done already[/] (inputs unchanged), skipped")
             continue
+        found = _reusable(stage, hashes[stage.name], reuse_from, run_dir) if reuse_from else None
+        if found is not None:
+            started = time.time()
+            _copy_outputs(stage, found[0], run_dir)
+            manifest.stages[stage.name] = {**found[1], "reused_from": str(found[0]), "started": started,
+                                           "finished": time.time(), "seconds": round(time.time() - started, 2)}
+            manifest.save()
+            console.print(f"{header} [green]reused from {found[0]}[/] (same inputs), skipped")
+            continue
         resuming = same_inputs and entry.get("status") in ("running", "failed")
         console.rule(header + (" [yellow](resuming)[/]" if resuming else ""))
+        for name in _top_level(stage):
+            _unshare(run_dir / name)
         started = time.time()
+        manifest.stages.get(stage.name, {}).pop("reused_from", None)  # run here now, whatever it was before
         manifest.update(stage.name, inputs_hash=hashes[stage.name], status="running", started=started,
                         outputs=list(stage.outputs))
         try:

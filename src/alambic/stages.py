@@ -6,6 +6,7 @@ Python users can call the same pieces without the CLI.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     if config.student.from_teacher is None:
         tok_t, tok_s = load_tokenizer(config.teacher), load_tokenizer(student_source(config, ctx.run_dir))
-        check_same_tokenizer(tok_t, tok_s, config)
+        check_same_tokenizer(tok_t, tok_s, config.teacher.model, f"student {config.student.model}")
         record = {"method": "given", "source": config.student.model}
         atomic_write_json(ctx.run_dir / STUDENT_DIR / "student.json", record)
         return record
@@ -78,15 +79,16 @@ def prune_student(config: RunConfig, ctx: StageContext, teacher, tokenizer) -> t
     return student, record
 
 
-def check_same_tokenizer(teacher_tok, student_tok, config: RunConfig) -> None:
-    """Logit losses need one vocabulary: refuse two tokenizers that disagree on shared ids."""
-    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+def check_same_tokenizer(teacher_tok, other_tok, teacher_name: str, other_name: str) -> None:
+    """Logit losses and agreement metrics need one vocabulary: refuse two tokenizers that disagree on shared ids."""
+    tv, sv = teacher_tok.get_vocab(), other_tok.get_vocab()
     disagree = [tok for tok, i in sv.items() if tv.get(tok, i) != i]
     if disagree or abs(len(tv) - len(sv)) > 0 and not (set(sv) <= set(tv) or set(tv) <= set(sv)):
         raise ConfigError(
-            f"teacher {config.teacher.model!r} and student {config.student.model!r} have different tokenizers "
+            f"teacher {teacher_name!r} and {other_name!r} have different tokenizers "
             f"({len(tv)} vs {len(sv)} tokens, {len(disagree)} shared tokens with different ids, e.g. "
-            f"{disagree[:3]}): logit distillation needs one vocabulary. Use a student with the teacher's tokenizer."
+            f"{disagree[:3]}): logits can only be compared over one vocabulary. Use a model with the teacher's "
+            "tokenizer."
         )
 
 
@@ -143,6 +145,9 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     from alambic.models import load_model, load_tokenizer
     from alambic.training.run import train
 
+    kept_layers = None
+    if config.student.from_teacher is not None:  # pruned from this teacher: `layer_map: auto` pairs the kept layers
+        kept_layers = json.loads((ctx.run_dir / STUDENT_DIR / "student.json").read_text()).get("kept_layers")
     data = load_prepared(ctx.run_dir / DATA_DIR)
     source = student_source(config, ctx.run_dir)
     student = load_model(source)
@@ -162,7 +167,7 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
         teacher = load_model(config.teacher, cache=True)
     summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
                     output_dir=out, resume=ctx.resume, collator=collator,
-                    cached_teacher=teacher is None and with_teacher)
+                    cached_teacher=teacher is None and with_teacher, kept_layers=kept_layers)
     atomic_write_json(out / "train_summary.json", summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
@@ -173,30 +178,39 @@ def distill(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 def control(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """The same student, data and steps, trained with plain cross-entropy: what distillation must beat."""
-    ce = config.loss.model_copy(update={"alpha": 0.0})
+    ce = config.loss.model_copy(update={"alpha": 0.0, "features": None})  # plain CE: no teacher, no features
     return _train(config, ctx, loss=ce, out=ctx.run_dir / CONTROL_DIR, with_teacher=False)
 
 
 def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """Quality, generation and cost of the teacher, the student before and after distillation, the CE control
+    and the configured baselines, all on the held-out split, each model loaded once (eval.json)."""
     from alambic.data import load_prepared
-    from alambic.evaluation.quality import evaluate_against_teacher
-    from alambic.models import load_model, load_tokenizer
+    from alambic.evaluation.suite import evaluate_models
+    from alambic.models import load_model, load_tokenizer, resolve_source
 
     data = load_prepared(ctx.run_dir / DATA_DIR)
-    teacher = load_model(config.teacher, cache=True)
-    source = student_source(config, ctx.run_dir)
-    trained = {"student_distilled": ctx.run_dir / FINAL_DIR}
+    device = config.evaluation.device or config.teacher.device
+    teacher = load_model(config.teacher.model_copy(update={"device": device}), cache=True)
+    tokenizer = load_tokenizer(config.teacher)
+    source = student_source(config, ctx.run_dir).model_copy(update={"device": device})
+    folders = {"student_before": None, "student_distilled": ctx.run_dir / FINAL_DIR}
     if config.evaluation.ce_control:
-        trained["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
-    models = {"student_before": load_model(source)}
-    for name, folder in trained.items():  # same dtype and device as the untrained student
-        models[name] = load_model(source.model_copy(update={"model": str(folder), "gguf_file": None}))
-    results = evaluate_against_teacher(
-        teacher, models, data.validation, pad_token_id=load_tokenizer(config.teacher).pad_token_id,
-        batch_size=config.evaluation.batch_size,
-    )
-    atomic_write_json(ctx.run_dir / "eval.json", {"split": "validation", "models": results})
-    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for name, r in results.items()}
+        folders["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
+    models, sources = {}, {"teacher": resolve_source(config.teacher.model, config.teacher.gguf_file)}
+    for name, folder in folders.items():  # same dtype and device as the untrained student
+        cfg = source if folder is None else source.model_copy(update={"model": str(folder), "gguf_file": None})
+        models[name], sources[name] = load_model(cfg), resolve_source(cfg.model, cfg.gguf_file)
+    for name, cfg in config.evaluation.baselines.items():
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.teacher.model, f"baseline {name} ({cfg.model})")
+        cfg = cfg.model_copy(update={"device": config.evaluation.device or cfg.device})
+        models[name], sources[name] = load_model(cfg), resolve_source(cfg.model, cfg.gguf_file)
+    results = evaluate_models(teacher, models, data, tokenizer, config.evaluation,
+                              sources={n: (s.path, s.gguf_file) for n, s in sources.items()})
+    atomic_write_json(ctx.run_dir / "eval.json", results)
+    keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
+    return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep}
+            for name, r in results["models"].items()}
 
 
 def report(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -211,9 +225,10 @@ STAGES: list[Stage] = [
     Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),
     Stage("cache", ("loss",), (f"{CACHE_DIR}/train/manifest.json",), build_cache,
           enabled=lambda c: c.data.teacher_cache is not None),
-    Stage("distill", ("loss", "training"), (f"{FINAL_DIR}/config.json",), distill),
-    Stage("control", ("training", "evaluation"), (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
-          enabled=lambda c: c.evaluation.ce_control),
+    Stage("distill", ("loss", "training"), (f"{FINAL_DIR}/config.json", "train_summary.json", "metrics.jsonl"),
+          distill),
+    Stage("control", ("training",), (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
+          enabled=lambda c: c.evaluation.ce_control, after=("data", "student")),
     Stage("evaluate", ("evaluation",), ("eval.json",), evaluate),
     Stage("report", (), ("report.md", "report.html"), report),
 ]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alambic.evaluation.pareto import pareto_fronts, retention
+
 SHAPE = {"num_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
          "hidden_size": 32, "head_dim": 8}
 
@@ -42,7 +44,36 @@ def _metrics(alpha: float, steps: int = 60) -> list[str]:
     return lines
 
 
-def make_run(run_dir: Path, *, intervals: bool = True, control: bool = True, pruning: bool = True) -> Path:
+def _timing(median: float) -> dict:
+    values = [median * f for f in (0.98, 1.0, 1.0, 1.01, 1.03)]
+    return {"median": median, "min": min(values), "max": max(values), "spread": (max(values) - min(values)) / median,
+            "values": values}
+
+
+def _cost(params: int, latency: float) -> dict:
+    """Shaped like evaluation.cost.measure_cost's record."""
+    return {"device": "cpu", "device_name": "Fake CPU @ 2 GHz", "torch_threads": 2, "dtype": "float32",
+            "parameters": params, "prompt_tokens": 128, "new_tokens": 64, "batch_size": 8, "warmup": 1, "repeats": 5,
+            "prefill_seconds": _timing(latency * 3), "latency_per_token_seconds": _timing(latency),
+            "tokens_per_second_batch1": _timing(1 / latency), "throughput_tokens_per_second": _timing(4 / latency),
+            "weight_bytes": params * 4, "working_memory_bytes": 50 * 2**20, "peak_memory_bytes": params * 4 + 50 * 2**20,
+            "memory_method": "peak RSS (clear_refs)", "disk": {"bytes": params * 4, "format": "safetensors", "files": 1}}
+
+
+def _generation(rouge: float, vs_teacher: float | None) -> dict:
+    def g(value):
+        return {"rouge_l": value, "exact_match": value / 4, "intervals": {"rouge_l": [value - 0.05, value + 0.05],
+                "exact_match": [0.0, value / 2]}, "num_prompts": 32, "response_tokens": {"mean": 20.5, "median": 18,
+                "max": 64}, "truncated_share": 0.125}
+    out = {"reference": g(rouge), "examples": [{"prompt": "What is AI?", "reference": "Artificial intelligence.",
+                                               "response": "AI is artificial intelligence."}]}
+    if vs_teacher is not None:
+        out["teacher"] = g(vs_teacher)
+    return out
+
+
+def make_run(run_dir: Path, *, intervals: bool = True, control: bool = True, pruning: bool = True,
+             cost: bool = True, generation: bool = False) -> Path:
     """Write the records of a finished run (no models) into `run_dir`; returns it."""
     (run_dir / "student").mkdir(parents=True)
     config = {"name": "fake_run", "teacher": {"model": "smollm2-135m-instruct"},
@@ -60,7 +91,21 @@ def make_run(run_dir: Path, *, intervals: bool = True, control: bool = True, pru
     if intervals:  # the teacher against itself: point intervals
         models["teacher"]["intervals"].update(top1_agreement=[1.0, 1.0], top5_agreement=[1.0, 1.0],
                                               kl_to_teacher=[0.0, 0.0])
-    (run_dir / "eval.json").write_text(json.dumps({"split": "validation", "models": models}))
+    evaluation = {"split": "validation", "models": models}
+    latencies = {"teacher": 0.020, "student_before": 0.011, "student_distilled": 0.011, "student_ce_control": 0.011}
+    for name, m in models.items():
+        m["architecture"] = {"model_type": "llama", "num_layers": m["num_layers"], "hidden_size": 576,
+                             "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                             "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
+                             "dtype": "float32"}
+        if cost:
+            m["cost"] = _cost(m["parameters"], latencies[name])
+        if generation:
+            m["generation"] = _generation({"teacher": 0.4}.get(name, 0.3), None if name == "teacher" else 0.5)
+    if cost:  # eval.json from before cost measurement has no retention either
+        ret = retention(models)
+        evaluation |= {"retention": ret, "pareto_front": pareto_fronts(ret)}
+    (run_dir / "eval.json").write_text(json.dumps(evaluation))
     summary = {"global_step": 60, "train_seconds": 700.0, "device": "cpu", "torch_threads": 2, "log_history": []}
     (run_dir / "train_summary.json").write_text(json.dumps(summary))
     # a resumed run re-logs the steps after its checkpoint; a killed one leaves half a line

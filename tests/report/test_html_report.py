@@ -76,23 +76,32 @@ def test_html_is_self_contained_with_the_same_tables_and_every_figure_inlined(fa
     assert not re.search(r"https?:", html_text, re.IGNORECASE)  # nothing to fetch, no link out
     assert "script" not in page.tags and "link" not in page.tags
     sources = [img["src"] for img in page.images]
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     inlined = {base64.b64decode(s.split(",", 1)[1]) for s in sources}
     assert inlined == {(run / "plots" / n).read_bytes() for n in
-                       ("training_curves.png", "layer_importance.png", "head_importance.png")}
-    assert {img["alt"] for img in page.images} == {"Training curves", "Layer importance", "Head importance"}
+                       ("training_curves.png", "layer_importance.png", "head_importance.png", "pareto.png")}
+    assert {img["alt"] for img in page.images} == {"Training curves", "Layer importance", "Head importance",
+                                                   "Quality kept against cost saved"}
     quality = _rows(page, "top-5 agree")
     assert quality["student distilled"][3:] == ["71.11 [68.98, 73.24]", "50.4% [49.4%, 51.4%]",
-                                                "78.0% [77.0%, 79.0%]", "0.974 [0.925, 1.023]"]
+                                                "78.0% [77.0%, 79.0%]", "0.974 [0.925, 1.023]", "11.0", "1.82×"]
     assert set(quality) == {"model", "teacher", "student before", "student distilled", "student CE control"}
-    assert _rows(page, "teacher")["decoder layers"] == ["decoder layers", "4", "2"]  # pruning: shapes
+    assert _rows(page, "student")["decoder layers"] == ["decoder layers", "4", "2"]  # pruning: shapes
     assert _rows(page, "stage")["distill"] == ["distill", "done", "789.1"]
-    assert len(page.tables) == 5  # quality; pruning: shapes, sizes, quality after pruning; stages
+    # cost: median [min–max] of the repeats; retention against the teacher; both architectures side by side
+    assert _rows(page, "latency / token")["student distilled"][6:] == [
+        "33.0 ms [32.3–34.0]", "11.0 ms [10.8–11.3]", "364"]
+    assert _rows(page, "speed-up (latency)")["student distilled"] == [
+        "student distilled", "51.9%", "50.4%", "1.82×", "1.82×", "1.65×", "1.56×"]
+    arch = _rows(page, "teacher")
+    assert arch["decoder layers"] == ["decoder layers", "30", "15"] and arch["compression (teacher ÷ model params)"][1:] == ["1.00×", "1.65×"]
+    # quality; advice none; cost; retention; architecture; pruning: shapes, sizes, quality after pruning; stages
+    assert len(page.tables) == 8
     assert "<style>" in html_text and "cross-entropy control: 60 steps in 500 s" in html_text
 
 
 def test_older_eval_json_without_intervals_or_top5_still_renders(fake_run):
-    run = fake_run(intervals=False, control=False, pruning=False)
+    run = fake_run(intervals=False, control=False, pruning=False, cost=False)
     for key in ("top5_agreement", "num_sequences"):
         text = (run / "eval.json").read_text().replace(f'"{key}"', f'"old_{key}"')
         (run / "eval.json").write_text(text)
@@ -122,3 +131,15 @@ def test_images_that_are_not_local_files_are_never_linked(tmp_path):
     page = _Page(body)
     assert [img["src"] for img in page.images] == ["data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()]
     assert body.count("figure not found") == 3 and "script" not in page.tags  # raw HTML is escaped
+
+
+def test_prompt_data_gets_a_responses_section_with_intervals_and_an_example(fake_run):
+    run = fake_run(generation=True)
+    text = write_report(run).read_text()
+    assert "## Responses to held-out prompts (32 prompts never trained on)" in text
+    assert ("| student distilled | 0.300 [0.250, 0.350] | 0.075 [0.000, 0.150] | 0.500 [0.450, 0.550] | 20.5 "
+            "| 12.5% |") in text
+    assert "| teacher | 0.400 [0.350, 0.450] | 0.100 [0.000, 0.200] | – |" in text
+    assert "> **student distilled** AI is artificial intelligence." in text
+    retained = _rows(_Page((run / "report.html").read_text()), "ROUGE-L kept")["student distilled"]
+    assert retained[3] == "75.0%"  # 0.30 / 0.40 of the teacher's ROUGE-L against the references

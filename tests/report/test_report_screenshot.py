@@ -60,8 +60,10 @@ def test_screenshot_shows_a_page_with_its_figures(report_url, tmp_path):
 
 def test_dom_has_the_tables_and_inlined_plots(report_url, tmp_path):
     dom = _chromium(tmp_path, "--dump-dom", report_url).stdout
-    assert dom.count("<table>") == 5 and "top-5 agree" in dom and "student CE control" in dom
-    assert dom.count('src="data:image/png;base64,') == 3
-    for alt in ("Training curves", "Layer importance", "Head importance"):
+    # quality, cost, retention, architecture, pruning (3), stages
+    assert dom.count("<table>") == 8 and "top-5 agree" in dom and "student CE control" in dom
+    assert "latency / token" in dom and "## Advice" not in dom and "<h2>Advice</h2>" in dom
+    assert dom.count('src="data:image/png;base64,') == 4
+    for alt in ("Training curves", "Layer importance", "Head importance", "Quality kept against cost saved"):
         assert f'alt="{alt}"' in dom
     assert "figure not found" not in dom

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from alambic.config import DataConfig
+from alambic.data.prompts import PROMPTS_FILE, build_prompts, read_prompts, write_prompts
 from alambic.data.sources import DataSourceError, load_documents
 from alambic.utils import sha256_of
 
@@ -214,6 +215,8 @@ class PreparedData:
     train: Any  # datasets.Dataset with input_ids, attention_mask, labels
     validation: Any  # datasets.Dataset, same columns, capped to data.max_validation_sequences
     split: dict[str, Any] = field(default_factory=dict)
+    # held-out chat prompts {"id", "messages", "reference"} (data.prompts); text data has none
+    prompts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _counted(samples: list[dict[str, list[int]]]) -> int:
@@ -255,6 +258,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
     validation_total = len(validation)
     if cfg.max_validation_sequences is not None:
         validation = validation[: cfg.max_validation_sequences]  # the first ones: deterministic
+    prompts = build_prompts(validation_docs, limit=cfg.max_validation_sequences) if cfg.format == "chat" else []
     train_ids = [d["id"] for d in train_docs]
     validation_ids = [d["id"] for d in validation_docs]
     split = {
@@ -267,6 +271,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
         "validation_document_ids": validation_ids,
         "sequences": {"train": len(train), "validation": len(validation), "validation_before_cap": validation_total},
         "counted_tokens": {"train": _counted(train), "validation": _counted(validation)},
+        "prompts": len(prompts),
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
         "max_seq_len": cfg.max_seq_len,
         "train_ids_hash": sha256_of(sorted(train_ids)),
@@ -277,11 +282,11 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
         len(train_docs), len(validation_docs), len(train), len(validation),
         split["counted_tokens"]["train"], split["counted_tokens"]["validation"],
     )
-    return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split)
+    return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split, prompts=prompts)
 
 
 def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
-    """Write `folder/{train,validation}` (Arrow) and `folder/split.json`.
+    """Write `folder/{train,validation}` (Arrow), `folder/split.json` and `folder/prompts.jsonl`.
 
     Written into a sibling temporary folder, then renamed into place: a reader sees the old data or the
     new, and a crash mid-write leaves no half-written folder that looks complete.
@@ -297,6 +302,7 @@ def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
     prepared.train.save_to_disk(str(tmp / "train"))
     prepared.validation.save_to_disk(str(tmp / "validation"))
     (tmp / "split.json").write_text(json.dumps(prepared.split, indent=2) + "\n")
+    write_prompts(prepared.prompts, tmp / PROMPTS_FILE)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
@@ -305,7 +311,7 @@ def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
 
 
 def load_prepared(folder: str | Path) -> PreparedData:
-    """Read what `save_prepared` wrote.
+    """Read what `save_prepared` wrote (a folder written before prompts existed loads with none).
 
     Raises:
         FileNotFoundError: the folder is not a complete prepared-data folder.
@@ -323,6 +329,7 @@ def load_prepared(folder: str | Path) -> PreparedData:
         train=datasets.load_from_disk(str(folder / "train")),
         validation=datasets.load_from_disk(str(folder / "validation")),
         split=json.loads((folder / "split.json").read_text()),
+        prompts=read_prompts(folder / PROMPTS_FILE),
     )
 
 

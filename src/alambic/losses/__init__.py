@@ -18,6 +18,7 @@ from alambic.losses.divergences import (
     token_cross_entropy,
     tvd,
 )
+from alambic.losses.features import attention_map_loss, attention_relation_loss, hidden_state_loss, layer_map
 
 __all__ = [
     "DIVERGENCES",
@@ -26,11 +27,15 @@ __all__ = [
     "DivergenceName",
     "LossParts",
     "OutputHead",
+    "attention_map_loss",
+    "attention_relation_loss",
     "chunked_distillation_loss",
     "distillation_loss",
     "divergence",
     "forward_kl",
+    "hidden_state_loss",
     "jsd",
+    "layer_map",
     "logit_mse",
     "reduce_over_tokens",
     "reverse_kl",

@@ -63,16 +63,20 @@ def markdown_to_html(markdown: str, base_dir: Path) -> str:
     return md.render(markdown)
 
 
-def write_html_report(run_dir: Path, markdown: str, *, title: str) -> Path:
-    """Write `run_dir/report.html`: `markdown` (the report.md text) rendered, with its figures inlined."""
-    body = markdown_to_html(markdown, run_dir)
+RUN_FOOTER = ("Written by alambic from the run folder's records (eval.json, metrics.jsonl, config.yaml, "
+              "manifest.json); the same content as report.md.")
+
+
+def write_html_report(folder: Path, markdown: str, *, title: str, filename: str = "report.html",
+                      footer: str = RUN_FOOTER) -> Path:
+    """Write `folder/filename`: `markdown` (the text of the .md next to it) rendered, its figures inlined."""
+    body = markdown_to_html(markdown, folder)
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}"
-        "<footer>Written by alambic from the run folder's records (eval.json, metrics.jsonl, config.yaml, "
-        "manifest.json); the same content as report.md.</footer>\n</body>\n</html>\n"
+        f"<footer>{html.escape(footer)}</footer>\n</body>\n</html>\n"
     )
-    path = run_dir / "report.html"
+    path = folder / filename
     atomic_write_text(path, page)
     return path

@@ -21,3 +21,27 @@ def percent(value: float) -> str:
 
 def kl(value: float) -> str:
     return f"{value:.3f}"
+
+
+MODEL_LABELS = {"teacher": "teacher", "student_before": "student before", "student_distilled": "student distilled",
+                "student_ce_control": "student CE control"}
+
+
+def model_label(name: str) -> str:
+    """How a model of eval.json is named in reports; baselines keep the name the config gave them."""
+    return MODEL_LABELS.get(name, name)
+
+
+def mib(value: float | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+def with_interval(m: dict, key: str, fmt) -> str:
+    """`value [low, high]` with the bootstrap interval where eval.json has one; a point interval (the
+    teacher against itself) is left out, and so is a metric an older eval.json lacks."""
+    if m.get(key) is None:
+        return "–"
+    low_high = (m.get("intervals") or {}).get(key)
+    if not low_high or low_high[0] == low_high[1]:
+        return fmt(m[key])
+    return f"{fmt(m[key])} [{fmt(low_high[0])}, {fmt(low_high[1])}]"

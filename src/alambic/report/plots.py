@@ -32,7 +32,7 @@ def plot_layer_importance(pruning: dict[str, Any], path: Path) -> Path | None:
         ax.set_xlim(-0.6, len(values) - 0.4)
     axes[0, 0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=KEPT), plt.Rectangle((0, 0), 1, 1, color=REMOVED)],
                       labels=["kept", "removed"], fontsize=8, loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_head_importance(pruning: dict[str, Any], path: Path) -> Path | None:
@@ -58,10 +58,10 @@ def plot_head_importance(pruning: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("query head")
     ax.set_ylabel("teacher layer")
     ax.set_title("attention head importance (hatched: removed)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
@@ -151,4 +151,46 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> P
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+_GAIN_TITLES = {"speedup": "speed-up (teacher latency ÷ model, batch 1)",
+                "throughput_gain": "throughput (model ÷ teacher, batch B)",
+                "size_reduction": "size reduction (teacher params ÷ model)",
+                "memory_reduction": "memory reduction (teacher peak ÷ model)"}
+
+
+def plot_pareto(ret: dict[str, dict[str, float | None]], fronts: dict[str, list[str]], path: Path, *,
+                label=str, quality: str = "perplexity") -> Path | None:
+    """Quality kept (y) against each cost saving (x), one panel per saving measured; the Pareto front joined.
+
+    Args:
+        ret: `evaluation.pareto.retention` output; fronts: `pareto_fronts` output (names on each front).
+        label: model name -> text shown next to its point.
+
+    Returns:
+        `path`, or None when no saving was measured for two models.
+    """
+    gains = [g for g in _GAIN_TITLES if sum(r.get(g) is not None and r.get(quality) is not None
+                                             for r in ret.values()) > 1]
+    if not gains:
+        return None
+    fig, axes = plt.subplots(1, len(gains), figsize=(4.6 * len(gains), 3.8), squeeze=False)
+    for ax, gain in zip(axes.flat, gains):
+        points = {n: (r[gain], r[quality]) for n, r in ret.items() if r.get(gain) is not None and r.get(quality) is not None}
+        front = fronts.get(gain, [])
+        for color, (name, (x, y)) in zip(RUN_COLORS * 4, points.items()):
+            ax.scatter([x], [y], s=46 if name in front else 26, color=color, zorder=3,
+                       edgecolors="black" if name in front else "none")
+            ax.annotate(label(name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if len(front) > 1:
+            ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="gray", lw=1, ls="--",
+                    zorder=2, label="Pareto front")
+            ax.legend(fontsize=8, loc="lower left")
+        ax.axhline(1.0, color="gray", lw=0.6, alpha=0.5)
+        ax.axvline(1.0, color="gray", lw=0.6, alpha=0.5)
+        ax.set_xlabel(_GAIN_TITLES[gain], fontsize=9)
+        ax.set_ylabel(f"{quality} kept (teacher = 1)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle("quality kept against cost saved", fontsize=10)
+    return save_figure(fig, path)

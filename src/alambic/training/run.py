@@ -104,12 +104,16 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     collator: Any = None,
     cached_teacher: bool = False,
+    kept_layers: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
     `cached_teacher`: the batches carry the teacher's top-k log-probs (an offline cache, with its
     `collator`) and `teacher` is None. Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
-    complete one. Metrics stream to `output_dir/metrics.jsonl`.
+    complete one. Metrics stream to `output_dir/metrics.jsonl`. `kept_layers`: the teacher layer each
+    student layer was copied from (`student/student.json`), which `loss.features.layer_map: auto` pairs up.
+    A feature projector (`loss.features.hidden_states` across widths) is saved in each checkpoint and
+    restored on resume, but is not part of `final/`, which stays an ordinary HF model.
 
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, log history.
@@ -136,6 +140,7 @@ def train(
         teacher=teacher,
         cached_teacher=cached_teacher,
         loss_config=loss,
+        kept_layers=kept_layers,
         callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
     )
     if last is not None:

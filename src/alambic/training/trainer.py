@@ -9,25 +9,36 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.config import LossConfig
 from alambic.losses import distillation_loss
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.training.cached import cached_teacher_loss
+from alambic.training.features import LOG_NAMES, FeatureDistiller
 from alambic.modeling import counted_positions, final_hidden_states, project
+
+# The feature projector's weights, in each checkpoint folder beside the student's (never in final/).
+PROJECTOR_FILE = "feature_projector.safetensors"
 
 
 class DistillationTrainer(Trainer):
-    """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard`.
+    """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard (+ sum_i w_i * feature_i)`.
 
     Args:
         teacher: the teacher model; may be None only when `loss.alpha == 0` (plain cross-entropy).
-        loss_config: divergence, temperature, alpha and their parameters.
+        loss_config: divergence, temperature, alpha and their parameters; `features` adds feature terms.
+        kept_layers: the teacher layer each student layer was copied from (a student pruned from this
+            teacher), for `loss.features.layer_map: auto`; None: any other student.
         Remaining arguments go to `transformers.Trainer`.
     """
 
@@ -36,7 +47,7 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig,
-                 cached_teacher: bool = False, **kwargs: Any):
+                 cached_teacher: bool = False, kept_layers: list[int] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if teacher is None and loss_config.alpha > 0 and not cached_teacher:
             raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher (or an offline teacher cache); "
@@ -48,6 +59,7 @@ class DistillationTrainer(Trainer):
         self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_log_time = time.perf_counter()
         self.shared_vocab = self._shared_vocab()
+        self.features = self._prepare_features(loss_config, kept_layers)
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -82,6 +94,26 @@ class DistillationTrainer(Trainer):
         t = self._teacher_core.get_output_embeddings().weight.shape[0]
         return min(s, t) if s != t else None
 
+    def _prepare_features(self, cfg: LossConfig, kept_layers: list[int] | None) -> FeatureDistiller | None:
+        if cfg.features is None:
+            return None
+        if self.teacher is None:
+            raise ValueError("loss.features needs a live teacher's hidden states: an offline teacher cache has none, "
+                             "and alpha = 0 loads no teacher; remove loss.features or distil from the live teacher")
+        features = FeatureDistiller(cfg.features, self.accelerator.unwrap_model(self.model), self._teacher_core,
+                                    kept_layers)
+        features.projector.to(self.args.device)
+        if self._projector_parameters(features) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "loss.features.hidden_states with a student narrower than the teacher trains a projection beside the "
+                "student, which DeepSpeed / FSDP do not shard or save here: train under DDP or a single device, or "
+                "drop hidden_states (attention and attention_relations need no projection)")
+        return features
+
+    def _projector_parameters(self, features: FeatureDistiller | None = None) -> list[nn.Parameter]:
+        features = features or getattr(self, "features", None)
+        return list(features.projector.parameters()) if features is not None else []
+
     @property
     def _teacher_core(self) -> PreTrainedModel:
         teacher = self.teacher
@@ -94,15 +126,23 @@ class DistillationTrainer(Trainer):
         core = self.accelerator.unwrap_model(model)
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         mask, targets = counted_positions(inputs["labels"])  # (B, T-1), (N,)
+        feats = self.features
+        # Feature terms count the positions the logit loss counts, over (B, T); keys: every non-padding token.
+        feature_mask = F.pad(mask, (0, 1), value=False)
+        key_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
-        hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
-        t_hidden = None
+        with feats.capture(core, "student") if feats else nullcontext() as s_capture:
+            hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
+        t_hidden = t_feats = None
         if self.teacher is not None:
             with torch.inference_mode():
-                t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
+                with feats.capture(self._teacher_core, "teacher") if feats else nullcontext() as t_capture:
+                    t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
                 t_hidden = t_hidden[:, :-1][mask]  # (N, H_t)
+                t_feats = t_capture.features(key_mask) if feats else None
             # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
             t_hidden = t_hidden.clone()
+            t_feats = t_feats.clone() if t_feats is not None else None
 
         cfg = self.loss_config
         options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
@@ -126,6 +166,13 @@ class DistillationTrainer(Trainer):
                     teacher_logits = project(self._teacher_core, t_hidden)[:, : self.shared_vocab]
             parts = distillation_loss(student_logits, teacher_logits, targets, **options)
         loss = parts.total
+        terms: dict[str, torch.Tensor] = {}
+        if feats is not None:
+            s_feats = s_capture.features(key_mask)
+            if model.training and torch.is_grad_enabled():
+                feats.check_graph(s_feats)
+            terms = feats.losses(s_feats, t_feats, feature_mask, key_mask, num_items_in_batch)
+            loss = loss + feats.weighted_sum(terms)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # The global token count divides every rank's loss; DDP averages gradients over ranks: undo that.
             loss = loss * self.accelerator.num_processes
@@ -138,6 +185,8 @@ class DistillationTrainer(Trainer):
             self._parts[mode]["loss_soft"].append(parts.soft.item() * scale)
         if cfg.alpha < 1:
             self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
+        for name, value in terms.items():  # unweighted, like loss_soft / loss_hard
+            self._parts[mode][LOG_NAMES[name]].append(value.item() * scale)
         self._parts[mode]["counted_tokens"].append(float(parts.num_tokens))
         return (loss, {"loss_parts": parts}) if return_outputs else loss
 
@@ -146,6 +195,62 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # -- the feature projector trains, clips, syncs, saves and resumes with the student ------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        params = self._projector_parameters()
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if params and not any(id(p) in known for p in params):
+            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module):
+        params = self._projector_parameters()
+        if not params:
+            return super()._clip_grad_norm(model)
+        # One norm over the student and its projector, as if the projector were part of the model.
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *params], self.args.max_grad_norm)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._projector_parameters() and getattr(self, "_projector_step", None) != self.state.global_step:
+            # First micro-batch of an optimizer step: the Trainer zeroes the model's gradients after each step
+            # (`model.zero_grad()`), not the projector's, which would otherwise accumulate across steps.
+            self.features.projector.zero_grad(set_to_none=True)
+            self._projector_step = self.state.global_step
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        world = self.accelerator.num_processes
+        if world > 1:
+            # DDP averages the student's gradients over ranks; the projector lives outside the wrapper, so its
+            # gradients are averaged here (every micro-batch: averaging is linear, the sum comes out the same).
+            for p in self._projector_parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+        return loss
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self._projector_parameters() and self.args.should_save:
+            # Written before the Trainer's own files: trainer_state.json, written last, marks a complete checkpoint.
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.features.projector.state_dict().items()}
+            save_file(state, str(folder / PROJECTOR_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._projector_parameters():
+            return
+        path = Path(resume_from_checkpoint) / PROJECTOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint was written without loss.features.hidden_states (or its "
+                "projection); resume with the loss it was trained with, or start afresh (`alambic ... --restart`)")
+        device = next(self.features.projector.parameters()).device
+        # In place: the optimizer already holds these parameters.
+        self.features.projector.load_state_dict(load_file(str(path), device=str(device)))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -1,0 +1,108 @@
+"""Everything the evaluate stage measures, for the teacher and every other model, from one set of loaded weights:
+quality against the teacher, responses to held-out prompts (chat data), inference cost, retention and Pareto front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from alambic.config import CostConfig, EvaluationConfig, GenerationEvalConfig
+from alambic.evaluation.pareto import pareto_fronts, retention
+from alambic.evaluation.quality import evaluate_against_teacher
+from alambic.utils import console
+
+
+def cost_prompts(dataset, cfg: CostConfig) -> torch.Tensor:
+    """(R, P) prompt ids for the cost runs: the first `cfg.prompt_tokens` tokens of the first held-out
+    sequences, R = cfg.batch_size (repeated when the split has fewer), P shortened to the shortest of them."""
+    rows = [list(dataset[i]["input_ids"]) for i in range(min(len(dataset), cfg.batch_size))]
+    if not rows:
+        raise ValueError("the held-out split is empty: nothing to prompt the cost runs with")
+    length = min(cfg.prompt_tokens, *(len(r) for r in rows))
+    ids = torch.tensor([r[:length] for r in rows], dtype=torch.long)
+    return ids.repeat(-(-cfg.batch_size // len(rows)), 1)[: cfg.batch_size]
+
+
+def architecture(model: PreTrainedModel) -> dict[str, Any]:
+    """The shape of a model as its config states it (what a user compares between teacher and student)."""
+    c = model.config
+    heads = getattr(c, "num_attention_heads", None)
+    return {
+        "model_type": getattr(c, "model_type", None),
+        "num_layers": getattr(c, "num_hidden_layers", None),
+        "hidden_size": getattr(c, "hidden_size", None),
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None),
+        "intermediate_size": getattr(c, "intermediate_size", None),
+        "vocab_size": getattr(c, "vocab_size", None),
+        "tie_word_embeddings": getattr(c, "tie_word_embeddings", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def generation_scores(everyone: dict[str, PreTrainedModel], tokenizer, prompts: list[dict[str, Any]],
+                      cfg: GenerationEvalConfig) -> dict[str, dict[str, Any]]:
+    """Greedy responses of every model to the held-out prompts, scored against the references and (students,
+    baselines) against the teacher's own responses."""
+    from alambic.evaluation.generation import generate_responses, generation_metrics
+
+    prompts = prompts[: cfg.max_prompts]
+    conversations = [p["messages"] for p in prompts]
+    references = [p["reference"] for p in prompts]
+    responses = {name: generate_responses(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
+                                          batch_size=cfg.batch_size, description=f"{name}: answering")
+                 for name, model in everyone.items()}
+    teacher_texts = [r["response"] for r in responses["teacher"]]
+    scores = {}
+    for name, out in responses.items():
+        texts = [r["response"] for r in out]
+        scores[name] = {"reference": generation_metrics(texts, references, num_tokens=[r["num_tokens"] for r in out],
+                                                        finish_reasons=[r["finish_reason"] for r in out])}
+        if name != "teacher":
+            scores[name]["teacher"] = generation_metrics(texts, teacher_texts)
+        scores[name]["examples"] = [{"prompt": p["messages"][-1]["content"], "reference": p["reference"],
+                                     "response": t} for p, t in list(zip(prompts, texts))[:3]]
+    return scores
+
+
+def evaluate_models(teacher: PreTrainedModel, models: dict[str, PreTrainedModel], data, tokenizer,
+                    cfg: EvaluationConfig, *, sources: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """Score the teacher and `models` on the held-out split; the content of `eval.json`.
+
+    Args:
+        data: `PreparedData`: `validation` for quality and cost prompts, `prompts` (chat data) for generation.
+        sources: {name: (folder or hub id, gguf file or None)} the weights were loaded from, for size on disk.
+
+    Returns:
+        {"split", "models": {name: quality metrics + "architecture" + "cost" + "generation"}, "retention",
+        "pareto_front"}.
+    """
+    from alambic.evaluation.cost import disk_size, measure_cost
+
+    everyone = {"teacher": teacher, **models}
+    results = evaluate_against_teacher(teacher, models, data.validation, pad_token_id=tokenizer.pad_token_id,
+                                       batch_size=cfg.batch_size)
+    for name, model in everyone.items():
+        results[name]["architecture"] = architecture(model)
+    prompts = getattr(data, "prompts", None) or []
+    if cfg.generation is not None and prompts:
+        for name, scores in generation_scores(everyone, tokenizer, prompts, cfg.generation).items():
+            results[name]["generation"] = scores
+    if cfg.cost is not None:
+        prompt_ids = cost_prompts(data.validation, cfg.cost)
+        for name, model in everyone.items():
+            console.print(f"cost: {name} ({cfg.cost.repeats} timed runs of {cfg.cost.new_tokens} tokens)")
+            c = cfg.cost
+            cost = measure_cost(model, prompt_ids, new_tokens=c.new_tokens, batch_size=c.batch_size, warmup=c.warmup,
+                                repeats=c.repeats, pad_token_id=tokenizer.pad_token_id)
+            path, gguf = sources[name]
+            if gguf is not None or Path(path).is_dir():
+                cost["disk"] = disk_size(path, gguf)
+            results[name]["cost"] = cost
+    ret = retention(results)
+    return {"split": "validation", "models": results, "retention": ret, "pareto_front": pareto_fronts(ret)}

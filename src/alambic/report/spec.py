@@ -1,0 +1,84 @@
+"""The report's record of what was run: architectures, loss and training configuration, stages and wall time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alambic.report.markdown import model_label, table
+
+ARCH_ROWS = [("model type", "model_type"), ("decoder layers", "num_layers"), ("hidden size", "hidden_size"),
+             ("query heads", "num_attention_heads"), ("KV heads", "num_key_value_heads"), ("head dim", "head_dim"),
+             ("FFN size", "intermediate_size"), ("vocabulary", "vocab_size"), ("tied embeddings", "tie_word_embeddings"),
+             ("dtype", "dtype")]
+
+
+def architecture_section(evaluation: dict[str, Any]) -> list[str]:
+    """Teacher and student shapes side by side (one column per distinct architecture), with parameter counts."""
+    models = {n: m for n, m in evaluation.get("models", {}).items() if m.get("architecture")}
+    if not models:
+        return []
+    # the students before/after training share one architecture: show each distinct one once
+    columns: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        key = repr(sorted(m["architecture"].items())) + str(m["parameters"])
+        columns.setdefault(key, {"names": [], "m": m})["names"].append(model_label(name))
+    teacher = models.get("teacher")
+    headers = ["", *(" / ".join(c["names"]) for c in columns.values())]
+    rows = [[title, *(str(c["m"]["architecture"].get(k)) for c in columns.values())] for title, k in ARCH_ROWS]
+    rows.append(["parameters", *(f"{c['m']['parameters'] / 1e6:.1f}M" for c in columns.values())])
+    rows.append(["non-embedding parameters",
+                 *(f"{c['m'].get('non_embedding_parameters', 0) / 1e6:.1f}M" for c in columns.values())])
+    if teacher:
+        rows.append(["compression (teacher ÷ model params)",
+                     *(f"{teacher['parameters'] / c['m']['parameters']:.2f}×" for c in columns.values())])
+    return ["## Architecture", "", table(headers, rows)]
+
+
+def loss_section(config: dict[str, Any]) -> list[str]:
+    loss = config.get("loss", {})
+    alpha = float(loss.get("alpha", 0))
+    lines = ["## Loss", "",
+             f"total = {alpha:g} · T² · {loss.get('divergence')}(T = {loss.get('temperature')}) "
+             f"+ {1 - alpha:.2g} · cross-entropy"
+             + (f"; JSD β = {loss.get('jsd_beta')}" if loss.get("divergence") == "jsd" else "")
+             + (f"; skew = {loss.get('skew')}" if str(loss.get("divergence", "")).startswith("skew") else "")]
+    features = loss.get("features") or {}
+    terms = [f"{name} (weight {term.get('weight')}" + (f", {term['kind']}" if term.get("kind") else "") + ")"
+             for name, term in features.items() if isinstance(term, dict) and term.get("weight")]
+    if terms:
+        lines.append(f"+ feature terms: {', '.join(terms)}; layer map {features.get('layer_map', 'auto')}")
+    lines.append(f"\nImplementation: {loss.get('implementation', 'chunked')}"
+                 + (f" (chunks of {loss.get('chunk_size')} tokens)" if loss.get("implementation") == "chunked" else "")
+                 + ("; teacher from the offline top-k cache (k = "
+                    f"{config['data']['teacher_cache'].get('k')})" if (config.get("data") or {}).get("teacher_cache") else ""))
+    return lines
+
+
+def training_section(config: dict[str, Any], train: dict[str, Any], control: dict[str, Any],
+                     hardware: str | None) -> list[str]:
+    data, training = config.get("data", {}), config.get("training", {})
+    batch = training.get("per_device_train_batch_size", 0) * training.get("gradient_accumulation_steps", 1)
+    lines = ["## Training", "",
+             f"- data: {data.get('source')} ({data.get('format')}), sequences of {data.get('max_seq_len')} tokens",
+             f"- {training.get('max_steps')} steps × {training.get('per_device_train_batch_size')} sequences × "
+             f"{training.get('gradient_accumulation_steps')} accumulation (batch {batch}), lr "
+             f"{training.get('learning_rate')} ({training.get('lr_scheduler_type')}, warm-up "
+             f"{training.get('warmup_ratio')}), weight decay {training.get('weight_decay')}, "
+             + ("bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32") + " training"]
+    if train:
+        tokens = train.get("tokens_per_step", 0) * train["global_step"]
+        lines.append(f"- distillation: {train['global_step']} steps, {tokens:,} sequence tokens, in "
+                     f"{train['train_seconds']:.0f} s on {train['device']} ({train['torch_threads']} threads)"
+                     + (f", {hardware}" if hardware else ""))
+    if control:
+        lines.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
+    return lines
+
+
+def stages_section(manifest: dict[str, Any]) -> list[str]:
+    if not manifest:
+        return []
+    total = sum(e.get("seconds", 0) or 0 for e in manifest.values())
+    rows = [[name, e.get("status", ""), f"{e.get('seconds', 0):.1f}"] for name, e in manifest.items()
+            if name != "report"]
+    return [f"## Stages ({total / 60:.1f} min in all)", "", table(["stage", "status", "seconds"], rows)]
