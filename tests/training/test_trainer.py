@@ -121,3 +121,20 @@ def test_collator_pads_for_the_trainer():
     ])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]]
     assert batch["labels"].tolist()[1] == [5, -100, -100]
+
+
+def test_the_teacher_leaves_training_with_its_own_forward(tmp_path):
+    """Under bf16 the Trainer's accelerator wraps the teacher's forward in autocast, in place; the teacher object is
+    shared with the evaluation (models.load_model cache), which must score and time it in its own dtype."""
+    data = tiny_prepared(tmp_path)
+    teacher, student = tiny_model("llama", seed=1), tiny_model("llama", seed=2, num_layers=2)
+    ids = torch.tensor([data.validation[0]["input_ids"]])
+    with torch.no_grad():
+        before = teacher(ids).logits
+    train(student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=1.0), output_dir=tmp_path / "run",
+          training=TrainingConfig(max_steps=2, bf16=True, logging_steps=1, save_steps=100))
+    assert "forward" not in teacher.__dict__ and "_original_forward" not in teacher.__dict__
+    with torch.no_grad():
+        after = teacher(ids).logits
+    assert after.dtype == torch.float32
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # fp32 again, bit for bit

@@ -58,6 +58,10 @@ RETENTION_COLUMNS = [("perplexity", "perplexity kept", percent), ("top1_agreemen
                      ("memory_reduction", "less memory", _ratio)]
 
 
+GAIN_NAMES = {"speedup": "speed-up (latency)", "throughput_gain": "throughput", "size_reduction": "size (parameters)",
+              "memory_reduction": "peak memory"}
+
+
 def retention_section(evaluation: dict[str, Any], run_dir: Path) -> list[str]:
     """Markdown lines: quality retained against cost saved per model, the Pareto fronts and their plot."""
     ret = evaluation.get("retention") or {}
@@ -73,7 +77,7 @@ def retention_section(evaluation: dict[str, Any], run_dir: Path) -> list[str]:
              "model ÷ teacher for throughput (above 1 = better than the teacher)."]
     fronts = evaluation.get("pareto_front") or {}
     if fronts:
-        lines += [""] + [f"- Pareto front, perplexity kept against {gain.replace('_', ' ')}: "
+        lines += [""] + [f"- Pareto front, perplexity kept against {GAIN_NAMES.get(gain, gain)}: "
                          f"{', '.join(model_label(n) for n in names)}" for gain, names in fronts.items()]
     path = plot_pareto(ret, fronts, run_dir / "plots" / "pareto.png", label=model_label)
     if path is not None:
