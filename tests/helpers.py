@@ -126,3 +126,27 @@ def tiny_prepared(tmp_path, *, max_seq_len: int = 16, chat: bool = False):
         cfg = DataConfig(source="files", paths=[write_text_corpus(tmp_path / "corpus")], max_seq_len=max_seq_len,
                          validation_fraction=0.2)
     return prepare_datasets(cfg, tiny_tokenizer())
+
+
+TOPICS = {"business": NEWS[0], "sport": NEWS[1], "tech": NEWS[2]}  # a tiny labelled corpus: one phrase per class
+
+
+def write_labelled_corpus(path, n_docs: int = 30):
+    """A jsonl file of {"text", "label"} rows for `data.format: classification`, classes in turn."""
+    import json
+
+    names = list(TOPICS)
+    rows = [{"text": f"{TOPICS[names[i % 3]]} Story {i}.", "label": names[i % 3]} for i in range(n_docs)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def tiny_classifier(arch: str = "llama", num_labels: int = 3, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A randomly initialised sequence classifier of a real architecture (pad id 3, the tiny tokenizer's <pad>)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **kwargs)
+    config.num_labels = num_labels
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    return model.eval()

@@ -9,7 +9,7 @@ import yaml
 from alambic.config import load_config, validate_config
 from alambic.pipeline import run_stages
 from alambic.stages import STAGES, stages_until
-from helpers import save_tiny_pair, write_text_corpus
+from helpers import save_tiny_pair, tiny_model, tiny_tokenizer, write_text_corpus
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").rglob("*.yaml"))
 
@@ -160,12 +160,31 @@ def test_logit_mse_cannot_use_a_cache(tmp_path):
         tiny_run_config(tmp_path, data={"teacher_cache": {}}, loss={"divergence": "logit_mse"})
 
 
+def _tiny_chain_steps(steps: list[dict]) -> None:
+    """Chain steps scaled to the tiny teacher (4 layers, cut to 2 by the base): a step's own data, training and
+    evaluation give way to the tiny ones, and a step that prunes further keeps 1 layer."""
+    for step in steps:
+        overrides = step["overrides"]
+        for key in [k for k in overrides if k.split(".")[0] in ("data", "training", "evaluation")]:
+            del overrides[key]
+        if "student.from_teacher.num_layers" in overrides:
+            overrides["student.from_teacher.num_layers"] = 1
+        for student in (overrides.get("student"), step.get("student")):
+            if isinstance(student, dict) and (student.get("from_teacher") or {}).get("num_layers"):
+                student["from_teacher"]["num_layers"] = 1
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     shipped = load_config(example)  # valid as shipped
     tiny = tiny_run_config(tmp_path)
     data = shipped.model_dump(mode="json")
     data.update(output_dir=str(tmp_path / "runs"), teacher=tiny.teacher.model_dump(mode="json"))
+    for i, extra in enumerate(data.get("additional_teachers") or []):  # more teachers: tiny ones, same tokenizer
+        folder = tmp_path / f"teacher_{i + 1}"
+        tiny_model("llama", seed=10 + i).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        extra.update(model=str(folder), gguf_file=None, device="cpu", dtype="float32")
     data["training"].update(max_steps=2, bf16=False, save_steps=10)
     data["evaluation"].update(ce_control=False, cost=tiny.evaluation.cost.model_dump(), generation={"max_new_tokens": 4})
     pruning = data["student"]["from_teacher"] or {}
@@ -178,12 +197,39 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
         path = tmp_path / "chat.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
         data["data"].update(source="files", paths=[str(path)], max_seq_len=32)
+        if data["data"].get("teacher_responses"):  # a random teacher seldom stops: short answers, all kept
+            data["data"]["teacher_responses"].update(max_new_tokens=6, filter_degenerate=False)
+    elif shipped.task == "sequence_classification":  # labelled rows; a short fine-tune gives the tiny teacher its head
+        from helpers import write_labelled_corpus
+
+        data["data"].update(source="files", paths=[str(write_labelled_corpus(tmp_path / "labelled.jsonl"))],
+                            max_seq_len=32)
+        if shipped.teacher.fine_tune is not None:
+            data["teacher"]["fine_tune"] = {**shipped.teacher.fine_tune.model_dump(), "max_steps": 2, "bf16": False}
     else:
         data["data"] = tiny.data.model_dump(mode="json")
+    if data.get("chain"):  # every step on the tiny data, quality only, through the chain runner
+        import torch
+
+        from alambic.chain import plan_chain, run_chain
+
+        _tiny_chain_steps(data["chain"])
+        data["evaluation"].update(cost=None, generation=None)
+        chain = plan_chain(validate_config(data))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # several runs of tiny tensors: more threads only contend (3x slower under load)
+        try:
+            assert [s["status"] for s in run_chain(chain)["steps"]] == ["done"] * len(chain.steps)
+        finally:
+            torch.set_num_threads(threads)
+        compared = json.loads((chain.folder / "chain_eval.json").read_text())["steps"]
+        assert list(compared) == [s.name for s in chain.steps] and all(m["num_tokens"] > 0 for m in compared.values())
+        return
     cfg = validate_config(data)
     run_stages(cfg, STAGES)
     evaluation = json.loads((cfg.run_dir / "eval.json").read_text())["models"]
-    assert evaluation["student_distilled"]["num_tokens"] > 0
+    counted = "num_examples" if shipped.task == "sequence_classification" else "num_tokens"
+    assert evaluation["student_distilled"][counted] > 0
     if shipped.data.format == "chat":  # responses to the held-out prompts, against the references and the teacher
         generation = evaluation["student_distilled"]["generation"]
         assert generation["reference"]["num_prompts"] > 0 and 0 <= generation["teacher"]["rouge_l"] <= 1
@@ -255,3 +301,71 @@ def test_evaluate_redoes_only_the_evaluation_and_report_even_of_a_moved_run_fold
     assert not (tmp_path / "runs" / "tiny").exists()  # evaluated where it is now, not where it was run
     bad = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
     assert bad.exit_code == 2 and "not a run folder" in " ".join(bad.output.split())
+
+
+def test_response_distillation_with_entropy_selection(tmp_path):
+    """generate -> select -> distill on the teacher's answers; each later change redoes only what it must."""
+    import numpy as np
+    from helpers import NEWS
+
+    from alambic.data import load_prepared
+    from alambic.data.generate import read_generations
+    from alambic.models import load_tokenizer
+    from alambic.stages import distill_train_set
+
+    rows = [{"messages": [{"role": "user", "content": NEWS[i % 6][: 20 + i]},
+                          {"role": "assistant", "content": NEWS[(i + 1) % 6]}]} for i in range(16)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tiny_run_config(
+        tmp_path, loss={"alpha": 0.0}, evaluation={"ce_control": False, "generation": {"max_new_tokens": 4}},
+        data={"paths": [str(chat)], "format": "chat", "max_seq_len": 96,
+              "teacher_responses": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 4,
+                                    "filter_degenerate": False},
+              "selection": {"keep_fraction": 0.5, "band": "lowest", "batch_size": 4}})
+    run_stages(cfg, STAGES)
+    run = cfg.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert manifest["generate"]["status"] == manifest["select"]["status"] == "done"
+    held_out = set(json.loads((run / "data" / "split.json").read_text())["validation_document_ids"])
+    records = read_generations(run / "generations" / "generations.jsonl")
+    assert len(records) == 13 and not {r["prompt_id"] for r in records} & held_out  # 16 conversations, 3 held out
+    generated = json.loads((run / "generations" / "summary.json").read_text())
+    selection = json.loads((run / "selection" / "selection.json").read_text())
+    assert selection["total"] == generated["training_sequences"]
+    assert selection["kept"] == round(0.5 * selection["total"])
+    ranked = np.argsort(selection["scores"], kind="stable")[: selection["kept"]]
+    assert sorted(ranked.tolist()) == selection["kept_indices"]
+
+    # distill trained on the kept teacher answers, counting the answers' tokens only
+    trained = distill_train_set(cfg, run, load_prepared(run / "data").train)
+    assert len(trained) == selection["kept"]
+    tokenizer = load_tokenizer(cfg.teacher)
+    responses = {r["response"] + "<|im_end|>" for r in records}
+    for row in trained:
+        assert tokenizer.decode([t for t in row["labels"] if t != -100]) in responses
+    assert json.loads((run / "train_summary.json").read_text())["global_step"] == 3
+    report = (run / "report.md").read_text()
+    assert "## Training data" in report and "Teacher-entropy selection: kept" in report
+    assert (run / "plots" / "selection_entropy.png").stat().st_size > 1000
+
+    def stamps():
+        paths = ("data/split.json", "student/config.json", "generations/summary.json", "selection/selection.json",
+                 "final/config.json")
+        return {p: (run / p).stat().st_mtime_ns for p in paths}
+
+    before = stamps()
+    wider = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "selection": cfg.data.selection.model_copy(update={"keep_fraction": 0.75})})})
+    run_stages(wider, stages_until("distill"))
+    after = stamps()
+    assert [p for p in before if before[p] != after[p]] == ["selection/selection.json", "final/config.json"]
+
+    hotter = wider.model_copy(update={"data": wider.data.model_copy(update={
+        "teacher_responses": wider.data.teacher_responses.model_copy(update={"temperature": 2.0})})})
+    run_stages(hotter, stages_until("distill"))
+    again = stamps()
+    assert [p for p in after if after[p] != again[p]] == ["generations/summary.json", "selection/selection.json",
+                                                          "final/config.json"]
+    summary = json.loads((run / "generations" / "summary.json").read_text())
+    assert summary["discarded"] == summary["generated"] == 13  # other settings: all answered anew

@@ -54,11 +54,18 @@ def _input_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, ModelLoadError, DataSourceError, PruningError, CacheMismatchError, FileNotFoundError)
 
 
-def _run(config: RunConfig, until: str | None, resume: bool) -> None:
+def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ...] = ()) -> None:
     from alambic.pipeline import run_stages
     from alambic.stages import STAGES, stages_until
 
+    if config.chain is not None:  # its top-level sections are a base for the steps, not a run of their own
+        console.print("[red]error:[/] this config is a chain (`chain` is set): `alambic run` runs its steps in order. "
+                      "The other commands work on one run: give them a step's config, "
+                      f"{config.output_dir}/{config.name}-chain/<step>/config.yaml, or remove `chain`")
+        raise typer.Exit(EXIT_BAD_INPUT)
     stages = stages_until(until) if until else STAGES
+    if only:  # a command that needs some stages, not all those before it (generate needs no student)
+        stages = [s for s in stages if s.name in only]
     INPUT_ERRORS = _input_errors()
     try:
         run_stages(config, stages, resume=resume)
@@ -86,8 +93,41 @@ def _load(path: Path, overrides: list[str] | None) -> RunConfig:
 
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
-    """Run every stage the config names, in order, into one run folder (resumable)."""
-    _run(_load(config, set_), None, resume)
+    """Run every stage the config names, in order, into one run folder (resumable).
+
+    A config with a `chain` runs its steps one after another, each a run folder in <output_dir>/<name>-chain/
+    (--set applies to every step), then compares them in chain.md / chain.html.
+    """
+    cfg = _load(config, set_)
+    if cfg.chain is not None:
+        _run_chain(cfg, resume)
+    else:
+        _run(cfg, None, resume)
+
+
+def _run_chain(config: RunConfig, resume: bool) -> None:
+    """Every step's config checked first, then the steps run in order (`alambic.chain`)."""
+    from alambic.chain import plan_chain, run_chain
+
+    try:
+        planned = plan_chain(config)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    try:
+        run_chain(planned, resume=resume)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({planned.folder})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except _input_errors() as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception:
+        console.print_exception(max_frames=8)
+        console.print(f"[red]failed[/]; {planned.folder / 'chain.json'} records which step, its manifest where. "
+                      "Fix the cause and run the same command again: finished steps are skipped.")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(f"[green]finished[/]: {planned.folder}")
 
 
 @app.command()
@@ -115,6 +155,21 @@ def cache(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> N
         console.print("[red]error:[/] the config has no data.teacher_cache section: add one (k, dtype, ...) to cache")
         raise typer.Exit(EXIT_BAD_INPUT)
     _run(cfg, "cache", resume)
+
+
+@app.command()
+def generate(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> None:
+    """Prepare the data if needed, then have the teacher answer the training prompts (data.teacher_responses).
+
+    Writes <run>/generations/: generations.jsonl (one record per response, degenerate ones flagged), the
+    tokenized training set and summary.json. Interrupted, it resumes from the last finished batch.
+    """
+    cfg = _load(config, set_)
+    if cfg.data.teacher_responses is None:
+        console.print("[red]error:[/] the config has no data.teacher_responses section: add one (max_new_tokens, "
+                      "temperature, ...) to generate")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _run(cfg, "generate", resume, only=("data", "generate"))
 
 
 @app.command()
@@ -214,10 +269,15 @@ def sweep(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.", show_default=False)]) -> None:
-    """(Re)write the report of a finished run folder."""
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder or a chain folder.", show_default=False)]) -> None:
+    """(Re)write the report of a finished run folder (or chain.md / chain.html of a chain folder)."""
     from alambic.report.render import write_report
 
+    if (run_dir / "chain.json").is_file():
+        from alambic.report.chain import write_chain_report
+
+        write_chain_report(run_dir)
+        return
     if not (run_dir / "eval.json").is_file():
         console.print(f"[red]error:[/] {run_dir / 'eval.json'} not found: evaluate the run first (`alambic run CONFIG`)")
         raise typer.Exit(EXIT_BAD_INPUT)

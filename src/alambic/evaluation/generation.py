@@ -62,6 +62,8 @@ def generate_responses(
     top_k: int = 0,
     seed: int = 0,
     description: str = "generating",
+    with_tokens: bool = False,
+    show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The model's response to each conversation, rendered with the tokenizer's chat template.
 
@@ -83,11 +85,16 @@ def generate_responses(
         top_k: keep the k most likely tokens; 0 keeps every token. Used only when sampling.
         seed: seed of the sampling generator (the same seed, batch size and inputs give the same responses).
         description: label of the progress bar.
+        with_tokens: also return each response's token ids and its prompt's length (`data.generate` keeps
+            them to count tokens and to detect repetition loops).
+        show_progress: draw the progress bar (a caller with its own bar over many calls turns it off).
 
     Returns:
         One dict per conversation, in order: {"response": decoded text, special tokens skipped, stripped;
         "num_tokens": generated tokens up to and including the stop token; "finish_reason": "stop" when a
-        stop token was produced, "length" when the cap was hit first}.
+        stop token was produced, "length" when the cap was hit first}; with `with_tokens`, also
+        "token_ids": the `num_tokens` generated ids (stop token included, no padding) and "prompt_tokens":
+        the rendered prompt's length in tokens.
 
     Raises:
         ValueError: an argument out of range, a tokenizer without a chat template or stop token, or a
@@ -115,7 +122,7 @@ def generate_responses(
     was_training = model.training
     model.eval()
     try:
-        with _progress() as bar:
+        with _progress(disable=not show_progress) as bar:
             task = bar.add_task(description, total=len(prompts), rate="-")
             started, generated = time.perf_counter(), 0
 
@@ -132,10 +139,71 @@ def generate_responses(
                               **sampling)
                 for row, index in zip(new.tolist(), rows):
                     results[index] = _response(row, stop_set, tokenizer)
+                    if with_tokens:
+                        results[index]["token_ids"] = row[: results[index]["num_tokens"]]
+                        results[index]["prompt_tokens"] = len(prompts[index])
                 bar.advance(task, len(rows))
     finally:
         model.train(was_training)
     return results
+
+
+@torch.inference_mode()
+def generate_token_responses(
+    model,
+    prompts: list[list[int]],
+    *,
+    stop_ids: list[int],
+    pad_id: int,
+    vocab_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Responses to prompts that are already token ids, decoded together as one batch (KV cache, left padding).
+
+    The decoding of `generate_responses` without the chat rendering, batching and progress bar: for callers that
+    hold token ids already (on-policy distillation cuts its prompts out of training sequences).
+
+    Args:
+        model: a causal LM; it is run in eval mode and put back in the mode it was in.
+        prompts: one list of token ids per row, none empty.
+        stop_ids: ids that end a response (`stop_token_ids(tokenizer)`).
+        pad_id: id put left of the shorter prompts (masked out; any valid id).
+        vocab_size: ids at or above it (a model vocabulary padded past its tokenizer) are never picked.
+        max_new_tokens, temperature, top_p, top_k, seed: as in `generate_responses`.
+
+    Returns:
+        Per prompt, in order, its new ids up to and including the first stop token (all `max_new_tokens` of them
+        when none was produced); never empty, never padded.
+    Raises:
+        ValueError: an argument out of range, no prompt, or an empty prompt.
+    """
+    _check_generation_args(max_new_tokens, 1, temperature, top_p, top_k)
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if not prompts or empty:
+        raise ValueError(f"generate_token_responses: {'no prompt' if not prompts else f'empty prompts at rows {empty}'}; "
+                         "every row needs at least one token to continue")
+    device = next(model.parameters()).device
+    ids, attention = _left_pad(prompts, pad_id)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    was_training = model.training
+    model.eval()
+    try:
+        new = _decode(model, ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
+                      stop_ids=torch.tensor(stop_ids, device=device), pad_id=pad_id, vocab_size=vocab_size,
+                      temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                      on_step=lambda _rows: None)
+    finally:
+        model.train(was_training)
+    stops = set(stop_ids)
+    responses = []
+    for row in new.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        responses.append(row if end is None else row[: end + 1])  # the stop token kept: it is learned too
+    return responses
 
 
 def _check_generation_args(max_new_tokens: int, batch_size: int, temperature: float, top_p: float,
@@ -235,12 +303,13 @@ def _response(tokens: list[int], stops: set[int], tokenizer) -> dict[str, Any]:
     }
 
 
-def _progress():
+def _progress(disable: bool = False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
         TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=False,
+        disable=disable,
     )
 
 

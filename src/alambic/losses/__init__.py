@@ -19,6 +19,12 @@ from alambic.losses.divergences import (
     tvd,
 )
 from alambic.losses.features import attention_map_loss, attention_relation_loss, hidden_state_loss, layer_map
+from alambic.losses.mixture import (
+    ensemble_divergence,
+    mixture_logits,
+    multi_teacher_distillation_loss,
+    normalize_weights,
+)
 
 __all__ = [
     "DIVERGENCES",
@@ -32,11 +38,15 @@ __all__ = [
     "chunked_distillation_loss",
     "distillation_loss",
     "divergence",
+    "ensemble_divergence",
     "forward_kl",
     "hidden_state_loss",
     "jsd",
     "layer_map",
     "logit_mse",
+    "mixture_logits",
+    "multi_teacher_distillation_loss",
+    "normalize_weights",
     "reduce_over_tokens",
     "reverse_kl",
     "skew_forward_kl",

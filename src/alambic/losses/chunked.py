@@ -17,10 +17,15 @@ recomputes the logits.
 Values and gradients equal `distillation_loss(project_s(h_s), project_t(h_t), labels, ...)` on the
 full logits: the chunks call the same per-token functions and `reduce_over_tokens` with the whole
 call's denominator, so the chunks' contributions add up to the reference's sums.
+
+Several teachers (`losses.mixture`): per chunk, each teacher's states are projected with its own head,
+(c, V) each, and `ensemble_divergence` mixes them (mixture) or sums their weighted divergences (sum), as
+`multi_teacher_distillation_loss` does on full logits; still no (N, V) tensor, K (c, V) blocks at most.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +38,11 @@ from alambic.losses.divergences import (
     LossParts,
     _check_divergence_name,
     _check_unit_interval,
-    divergence as divergence_fn,
     mix_soft_and_hard,
     reduce_over_tokens,
     token_cross_entropy,
 )
+from alambic.losses.mixture import _check_combination, ensemble_divergence, normalize_weights
 
 __all__ = ["ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss"]
 
@@ -128,7 +133,9 @@ class _Spec:
     """Everything but the tensors, for the autograd Function."""
 
     student_head: OutputHead
-    teacher_head: OutputHead | None
+    teacher_heads: tuple[OutputHead, ...]  # empty when alpha = 0
+    teacher_weights: tuple[float, ...]  # normalised, one per teacher
+    teachers: str  # 'mixture' | 'sum'
     vocab: int
     divergence: str
     temperature: float
@@ -142,22 +149,29 @@ class _Spec:
     grad_bias: bool
 
 
-def _chunk_parts(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, denominator: Tensor,
-                 spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, soft, hard) contributions of one chunk: its sums over the whole call's denominator."""
+def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: Tensor, denominator: Tensor,
+                 spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, soft, hard, per-teacher soft (K,) or (0,)) contributions of one chunk: its sums over the whole
+    call's denominator."""
     mask = labels != IGNORE_INDEX  # (c,)
     soft = hard = None
+    per_teacher_soft = None
     if spec.alpha > 0.0:
-        per_token = divergence_fn(
-            spec.divergence, student_logits, teacher_logits,
+        per_token, per_teacher = ensemble_divergence(
+            spec.divergence, student_logits, teacher_logits, spec.teacher_weights, teachers=spec.teachers,
             temperature=spec.temperature, jsd_beta=spec.jsd_beta, skew=spec.skew,
         )
         soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, denominator)
+        if per_teacher is not None:
+            per_teacher_soft = torch.stack([spec.temperature**2 * reduce_over_tokens(d.detach(), mask, denominator)
+                                            for d in per_teacher])
     if spec.alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, denominator)
     total = mix_soft_and_hard(soft, hard, spec.alpha)
     zero = total.new_zeros(())
-    return total, zero if soft is None else soft, zero if hard is None else hard
+    if per_teacher_soft is None:
+        per_teacher_soft = total.new_zeros((0,))
+    return total, zero if soft is None else soft, zero if hard is None else hard, per_teacher_soft
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -165,26 +179,24 @@ class _ChunkedDistillation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
-                teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
-                labels: Tensor, spec: _Spec):
+                teachers: tuple[tuple[Tensor, Tensor, Tensor | None], ...], labels: Tensor, spec: _Spec):
+        # `teachers`: (hidden (N, H_i), head weight, head bias) per teacher, in a tuple, so autograd does not
+        # track them: teachers get no gradient.
         n, vocab = student_hidden.shape[0], spec.vocab
-        use_teacher = spec.alpha > 0.0
         # The leaves autograd differentiates: detached, and only the first `vocab` rows of the
         # heads, so the rows past the shared vocabulary cost nothing and get a zero gradient.
         w_s = student_weight.detach()[:vocab].requires_grad_(spec.grad_weight)
         b_s = None if student_bias is None else student_bias.detach()[:vocab].requires_grad_(spec.grad_bias)
-        if use_teacher:
-            w_t = teacher_weight.detach()[:vocab]
-            b_t = None if teacher_bias is None else teacher_bias.detach()[:vocab]
+        t_heads = [(w.detach()[:vocab], None if b is None else b.detach()[:vocab]) for _, w, b in teachers]
 
         logit_dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype),
                                           torch.float32)
-        if use_teacher:
-            teacher_dtype = torch.promote_types(torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype),
-                                                torch.float32)
-            logit_dtype = torch.promote_types(logit_dtype, teacher_dtype)
+        for t_hidden, t_weight, _ in teachers:
+            logit_dtype = torch.promote_types(logit_dtype, torch.promote_types(t_hidden.dtype, t_weight.dtype))
         total = torch.zeros((), dtype=logit_dtype, device=student_hidden.device)
         soft, hard = total.clone(), total.clone()
+        per_teacher = torch.zeros((len(teachers) if spec.teachers == "sum" and spec.alpha > 0 else 0,),
+                                  dtype=logit_dtype, device=student_hidden.device)
 
         mask = labels != IGNORE_INDEX
         # The whole call's denominator, given to every chunk's reduction, so the chunks add up.
@@ -202,13 +214,13 @@ class _ChunkedDistillation(torch.autograd.Function):
 
         for start in range(0, n, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, n))
-            teacher_logits = None
-            if use_teacher:
-                teacher_logits = _logits(teacher_hidden[rows].detach(), w_t, b_t, spec.teacher_head)  # (c, V')
+            # Each teacher through its own head: K blocks of (c, V'), mixed (or scored) in `_chunk_parts`.
+            teacher_logits = [_logits(t_hidden[rows].detach(), w_t, b_t, head)
+                              for (t_hidden, _, _), (w_t, b_t), head in zip(teachers, t_heads, spec.teacher_heads)]
             h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
             with torch.enable_grad():
                 student_logits = _logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
-                chunk_total, chunk_soft, chunk_hard = _chunk_parts(
+                chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
                     student_logits, teacher_logits, labels[rows], denominator, spec
                 )
             if wrt_names:
@@ -223,24 +235,25 @@ class _ChunkedDistillation(torch.autograd.Function):
             total += chunk_total.detach()
             soft += chunk_soft.detach()
             hard += chunk_hard.detach()
+            per_teacher += chunk_per_teacher.detach()
 
         if grad_weight is not None:
             grad_weight = grad_weight.to(student_weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(student_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(soft, hard)
-        return total, soft, hard
+        ctx.mark_non_differentiable(soft, hard, per_teacher)
+        return total, soft, hard, per_teacher
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor, _grad_soft: Tensor, _grad_hard: Tensor):
+    def backward(ctx, grad_total: Tensor, _grad_soft: Tensor, _grad_hard: Tensor, _grad_per_teacher: Tensor):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
 
         def scaled(grad: Tensor | None) -> Tensor | None:
             # 0-dim grad_total: the product keeps the gradient's dtype.
             return None if grad is None else grad * grad_total.to(grad.device)
 
-        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None)
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,21 +264,24 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _shared_vocab(student_head: OutputHead, teacher_head: OutputHead | None, vocab_size: int | None) -> int:
+def _shared_vocab(student_head: OutputHead, teacher_heads: Sequence[OutputHead], vocab_size: int | None) -> int:
     v_s = student_head.vocab_size
-    v_t = v_s if teacher_head is None else teacher_head.vocab_size
+    several = len(teacher_heads) > 1
     if vocab_size is None:
-        if v_s != v_t:
-            raise ValueError(
-                f"student head vocab {v_s} != teacher head vocab {v_t} (weights {_shape(student_head.weight)} "
-                f"and {_shape(teacher_head.weight)}): if the tokenizers agree on the first ids, pass "
-                f"vocab_size=<shared size> to compare only those logits"
-            )
+        for i, head in enumerate(teacher_heads):
+            if head.vocab_size != v_s:
+                raise ValueError(
+                    f"student head vocab {v_s} != teacher{f' {i}' * several} head vocab {head.vocab_size} (weights "
+                    f"{_shape(student_head.weight)} and {_shape(head.weight)}): if the tokenizers agree on the first "
+                    f"ids, pass vocab_size=<shared size> to compare only those logits"
+                )
         return v_s
-    if not 1 <= vocab_size <= min(v_s, v_t):
+    smallest = min([v_s, *(head.vocab_size for head in teacher_heads)])
+    if not 1 <= vocab_size <= smallest:
+        teacher_vocabs = ", ".join(str(head.vocab_size) for head in teacher_heads) or "none"
         raise ValueError(
-            f"vocab_size must be in [1, {min(v_s, v_t)}] (student head vocab {v_s}, teacher head vocab "
-            f"{v_t}), got {vocab_size}"
+            f"vocab_size must be in [1, {smallest}] (student head vocab {v_s}, teacher head vocab"
+            f"{'s' * several} {teacher_vocabs}), got {vocab_size}"
         )
     return vocab_size
 
@@ -290,8 +306,8 @@ def check_counted_rows(hidden: Tensor, labels: Tensor, chunk_size: int, *,
 def chunked_distillation_loss(
     student_hidden: Tensor,
     student_head: OutputHead,
-    teacher_hidden: Tensor | None,
-    teacher_head: OutputHead | None,
+    teacher_hidden: Tensor | Sequence[Tensor] | None,
+    teacher_head: OutputHead | Sequence[OutputHead] | None,
     labels: Tensor,
     *,
     divergence: DivergenceName | str = "forward_kl",
@@ -302,6 +318,8 @@ def chunked_distillation_loss(
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
+    teacher_weights: Sequence[float] | None = None,
+    teachers: str = "mixture",
 ) -> LossParts:
     """`distillation_loss` on the logits of `student_head(student_hidden)` and
     `teacher_head(teacher_hidden)`, without ever holding the (N, V) logits:
@@ -319,17 +337,23 @@ def chunked_distillation_loss(
         student_head: the student's output head (its weight may be a trained or frozen Parameter,
             also the tied input embedding: its gradient is returned for the tensor given).
         teacher_hidden: (N, H_t) the teacher's states at the same positions; None only when alpha = 0.
-        teacher_head: the teacher's output head; None only when alpha = 0.
+            Several teachers: a sequence of K such tensors, (N, H_i) each.
+        teacher_head: the teacher's output head, or a sequence of K heads, one per teacher_hidden;
+            None only when alpha = 0.
         labels: (N,) target ids at those positions; -100 marks tokens that do not count.
         divergence, temperature, alpha, jsd_beta, skew, num_items_in_batch: as in `distillation_loss`.
         chunk_size: rows of logits computed at once; peak memory grows with it, speed too until the
             matmuls fill the device.
         vocab_size: compare only the first `vocab_size` logits of both heads (one family's checkpoints
             with differently padded vocabularies). None: the heads must have the same V.
+        teacher_weights: one weight > 0 per teacher, normalised to sum to 1; None: equal weights.
+        teachers: how several teachers make the soft loss, 'mixture' (D(Σ_i w_i P_i, Q)) or 'sum'
+            (Σ_i w_i D(P_i, Q)); see `losses.mixture`. One teacher: either is plain distillation.
 
     Returns:
         LossParts: `total` carries the gradient; `soft` and `hard` are detached, for logging; all are
-        float32 or wider whatever the inputs' dtype. Gradients come back in the inputs' dtypes.
+        float32 or wider whatever the inputs' dtype. Gradients come back in the inputs' dtypes. In sum
+        mode, `soft_per_teacher` (K,) holds each teacher's unweighted soft loss.
 
     Raises:
         ValueError: shapes that do not line up (the message names them), unknown divergence, alpha,
@@ -345,7 +369,11 @@ def chunked_distillation_loss(
             f"student head weight {_shape(student_head.weight)} is (V, H) with H = {student_head.hidden_size}, "
             f"but student_hidden {_shape(student_hidden)} has H = {student_hidden.shape[1]}"
         )
+    _check_combination(teachers)
     use_teacher = alpha > 0.0
+    t_hiddens: tuple[Tensor, ...] = ()
+    t_heads: tuple[OutputHead, ...] = ()
+    weights: tuple[float, ...] = ()
     if use_teacher:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError(
@@ -353,22 +381,37 @@ def chunked_distillation_loss(
                 f"(got teacher_hidden={'None' if teacher_hidden is None else 'a tensor'}, "
                 f"teacher_head={'None' if teacher_head is None else 'an OutputHead'})"
             )
-        if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
-            raise ValueError(
-                f"teacher_hidden {_shape(teacher_hidden)} must be (N, H_t) with the student's N = {n} "
-                f"(student_hidden {_shape(student_hidden)})"
-            )
-        if teacher_head.hidden_size != teacher_hidden.shape[1]:
-            raise ValueError(
-                f"teacher head weight {_shape(teacher_head.weight)} is (V, H) with H = {teacher_head.hidden_size}, "
-                f"but teacher_hidden {_shape(teacher_hidden)} has H = {teacher_hidden.shape[1]}"
-            )
-    vocab = _shared_vocab(student_head, teacher_head if use_teacher else None, vocab_size)
+        t_hiddens = (teacher_hidden,) if isinstance(teacher_hidden, Tensor) else tuple(teacher_hidden)
+        t_heads = (teacher_head,) if isinstance(teacher_head, OutputHead) else tuple(teacher_head)
+        if len(t_hiddens) != len(t_heads) or not t_hiddens:
+            raise ValueError(f"{len(t_hiddens)} teacher_hidden tensors but {len(t_heads)} teacher heads: give one "
+                             "(N, H_i) tensor and one OutputHead per teacher")
+        several = len(t_hiddens) > 1
+        for i, (t_hidden, t_head) in enumerate(zip(t_hiddens, t_heads)):
+            name, head_name = (f"teacher_hidden[{i}]", f"teacher {i} head") if several else ("teacher_hidden",
+                                                                                          "teacher head")
+            if t_hidden.dim() != 2 or t_hidden.shape[0] != n:
+                raise ValueError(
+                    f"{name} {_shape(t_hidden)} must be (N, H_t) with the student's N = {n} "
+                    f"(student_hidden {_shape(student_hidden)})"
+                )
+            if t_head.hidden_size != t_hidden.shape[1]:
+                raise ValueError(
+                    f"{head_name} weight {_shape(t_head.weight)} is (V, H) with H = {t_head.hidden_size}, "
+                    f"but {name} {_shape(t_hidden)} has H = {t_hidden.shape[1]}"
+                )
+        weights = normalize_weights([1.0] * len(t_hiddens) if teacher_weights is None else teacher_weights)
+        if len(weights) != len(t_hiddens):
+            raise ValueError(f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per "
+                             "teacher")
+    vocab = _shared_vocab(student_head, t_heads, vocab_size)
 
     grad_on = torch.is_grad_enabled()
     spec = _Spec(
         student_head=student_head,
-        teacher_head=teacher_head if use_teacher else None,
+        teacher_heads=t_heads,
+        teacher_weights=weights,
+        teachers=teachers,
         vocab=vocab,
         divergence=divergence,
         temperature=temperature,
@@ -381,17 +424,16 @@ def chunked_distillation_loss(
         grad_weight=grad_on and student_head.weight.requires_grad,
         grad_bias=grad_on and student_head.bias is not None and student_head.bias.requires_grad,
     )
-    total, soft, hard = _ChunkedDistillation.apply(
+    total, soft, hard, per_teacher = _ChunkedDistillation.apply(
         student_hidden,
         student_head.weight,
         student_head.bias,
-        teacher_hidden if use_teacher else None,
-        teacher_head.weight if use_teacher else None,
-        teacher_head.bias if use_teacher else None,
+        tuple((h, head.weight, head.bias) for h, head in zip(t_hiddens, t_heads)),
         labels,
         spec,
     )
-    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum())
+    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum(),
+                     soft_per_teacher=per_teacher if per_teacher.numel() else None)
 
 
 class ChunkedDistillationLoss(nn.Module):
@@ -399,9 +441,13 @@ class ChunkedDistillationLoss(nn.Module):
 
     def __init__(self, *, divergence: DivergenceName | str = "forward_kl", temperature: float = 1.0,
                  alpha: float = 0.5, jsd_beta: float = 0.5, skew: float = 0.1, chunk_size: int = 1024,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, teacher_weights: Sequence[float] | None = None,
+                 teachers: str = "mixture") -> None:
         super().__init__()
         _check_divergence_name(divergence)
+        _check_combination(teachers)
+        self.teacher_weights = None if teacher_weights is None else tuple(teacher_weights)
+        self.teachers = teachers
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -410,16 +456,18 @@ class ChunkedDistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
 
-    def forward(self, student_hidden: Tensor, student_head: OutputHead, teacher_hidden: Tensor | None,
-                teacher_head: OutputHead | None, labels: Tensor,
+    def forward(self, student_hidden: Tensor, student_head: OutputHead,
+                teacher_hidden: Tensor | Sequence[Tensor] | None,
+                teacher_head: OutputHead | Sequence[OutputHead] | None, labels: Tensor,
                 num_items_in_batch: int | Tensor | None = None) -> LossParts:
         return chunked_distillation_loss(
             student_hidden, student_head, teacher_hidden, teacher_head, labels,
             divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
             jsd_beta=self.jsd_beta, skew=self.skew, num_items_in_batch=num_items_in_batch,
-            chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+            chunk_size=self.chunk_size, vocab_size=self.vocab_size, teacher_weights=self.teacher_weights,
+            teachers=self.teachers,
         )
 
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
-                f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}")
+                f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}, teachers={self.teachers!r}")

@@ -283,13 +283,16 @@ class LossParts:
     """The parts of one distillation loss, each a 0-dim tensor.
 
     total = alpha · soft + (1 − alpha) · hard. `num_tokens` counts the tokens of this call that
-    count (labels != -100), whatever denominator was used.
+    count (labels != -100), whatever denominator was used. `soft_per_teacher`: with several teachers
+    combined as a weighted sum (`losses.mixture`), each teacher's unweighted soft loss, shape (K,),
+    detached, for logging; None otherwise.
     """
 
     total: Tensor
     soft: Tensor
     hard: Tensor
     num_tokens: Tensor
+    soft_per_teacher: Tensor | None = None
 
 
 def _denominator(mask: Tensor, num_items_in_batch: int | Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -9,6 +9,10 @@ from alambic.report.markdown import mib, model_label, percent, table, with_inter
 from alambic.report.plots import plot_pareto
 
 
+TIMED = ("prefill_seconds", "latency_per_token_seconds", "throughput_tokens_per_second")
+NOISY_SPREAD = 0.2  # (max - min) / median of the repeats: above this the machine was busy, not the model slow
+
+
 def _timing(figure: dict[str, Any] | None, scale: float, unit: str, digits: int = 1) -> str:
     """`median unit [min–max]` of a repeated measurement."""
     if not figure:
@@ -37,6 +41,13 @@ def cost_section(evaluation: dict[str, Any]) -> list[str]:
             f"{c['throughput_tokens_per_second']['median']:.0f}",
         ])
     c = next(iter(models.values()))["cost"]
+    noisy = {n: m["cost"] for n, m in models.items()
+             if any((m["cost"].get(k) or {}).get("spread") and m["cost"][k]["spread"] > NOISY_SPREAD for k in TIMED)}
+    warning = [] if not noisy else ["", "**Timings disturbed:** the repeats of " + ", ".join(
+        f"{model_label(n)} (spread up to {max(c[k]['spread'] or 0 for k in TIMED):.0%}, load average "
+        f"{c.get('load_average_1min') or float('nan'):.1f})" for n, c in noisy.items())
+        + f" varied by more than {NOISY_SPREAD:.0%}: something else was using the machine. Their medians are not "
+        "comparable; measure again on a quiet machine with `alambic evaluate RUN_DIR`."]
     return [
         "## Cost", "",
         table(["model", "params", "non-embedding", "on disk", "weights", "peak memory generating",
@@ -49,6 +60,7 @@ def cost_section(evaluation: dict[str, Any]) -> list[str]:
         f"memory: weights plus the most working memory (activations, KV cache) used while generating at batch "
         f"{c['batch_size']} ({c.get('memory_method', 'see cost.py')}). On disk: the file the model was loaded from "
         "(a GGUF teacher is stored quantized, so compare parameters or weights, not disk, with it).",
+        *warning,
     ]
 
 

@@ -10,6 +10,7 @@ import yaml
 from rich.table import Table
 
 from alambic.report.advice import advice
+from alambic.report.classification import classification_rows, classification_section, is_classification
 from alambic.report.cost import cost_section, generation_section, retention_section
 from alambic.report.html import write_html_report
 from alambic.report.markdown import kl, model_label, percent, perplexity, table, with_interval
@@ -55,6 +56,36 @@ def _width_pruned(student: dict[str, Any]) -> bool:
     return any(t.get(k) != s.get(k) for k in t if k != "num_layers")
 
 
+def training_data_section(run_dir: Path) -> list[str]:
+    """Markdown lines on what distill trained on, when not the corpus as it is: the teacher's responses
+    (generations/summary.json) and the teacher-entropy selection (selection/selection.json, with its histogram)."""
+    generated = _read_json(run_dir / "generations" / "summary.json")
+    selection = _read_json(run_dir / "selection" / "selection.json")
+    if not generated and not selection:
+        return []
+    lines = ["## Training data", ""]
+    if generated:
+        s, flagged = generated["settings"], ", ".join(f"{k} {v}" for k, v in generated["flagged"].items() if v)
+        lines.append(
+            f"- Teacher responses: {generated['responses']} to {generated['prompts']} training prompts (temperature "
+            f"{s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new tokens); "
+            f"{generated['degenerate']} flagged degenerate" + (f" ({flagged})" if flagged else "")
+            + (", left out" if s["filter_degenerate"] else ", kept") + f"; {generated['training_sequences']} "
+            f"training sequences, {generated['counted_tokens']} response tokens counted."
+            + (" The CE control trains on the corpus answers." if (run_dir / "control").is_dir() else ""))
+    if selection:
+        lo, hi = selection["kept_range"]
+        lines.append(
+            f"- Teacher-entropy selection: kept {selection['kept']} of {selection['total']} training sequences, the "
+            f"{selection['band']} {selection['keep_fraction']:.0%} (mean token entropy {lo:.3f}–{hi:.3f} nats; "
+            f"median of all {selection['quantiles']['0.5']:.3f}).")
+        from alambic.data.select import plot_entropy_histogram
+
+        if plot_entropy_histogram(selection, run_dir / "plots" / "selection_entropy.png") is not None:
+            lines += ["", "![Teacher entropy of the training sequences](plots/selection_entropy.png)"]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.md` and `report.html` (the same, self-contained) into the run folder from eval.json,
     config.yaml, metrics.jsonl and the manifest; print its table. Returns the path of report.md."""
@@ -67,11 +98,13 @@ def write_report(run_dir: str | Path) -> Path:
     control = _read_json(run_dir / "control" / "train_summary.json")
     first = next(iter(evaluation.get("models", {}).values()), {})
     n_tokens, n_sequences = first.get("num_tokens", 0), first.get("num_sequences")
+    # task sequence_classification: accuracy and macro-F1 replace the next-token metrics, advice and cost sections
+    classifier = is_classification(evaluation)
 
-    headers, rows = summary_rows(evaluation)
+    headers, rows = classification_rows(evaluation) if classifier else summary_rows(evaluation)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     pruning = _read_json(run_dir / "student" / "pruning.json")
-    tips = advice(evaluation, config, pruning=pruning or None, metrics=metrics)
+    tips = [] if classifier else advice(evaluation, config, pruning=pruning or None, metrics=metrics)
     parts = [
         f"# alambic report: {config.get('name', run_dir.name)}",
         "",
@@ -79,35 +112,43 @@ def write_report(run_dir: str | Path) -> Path:
         + (f"{len(student['kept_layers'])} of {student['teacher_layers']} teacher layers {student['kept_layers']}"
            if "kept_layers" in student else f"`{student.get('source')}`")
         + ("; width pruned (see Pruning)" if _width_pruned(student) else ""),
-        "",
-        f"## Quality on held-out data ({n_tokens} tokens"
-        + (f" in {n_sequences} sequences" if n_sequences else "") + " never trained on)",
-        "",
-        table(headers, rows),
-        "",
-        "Perplexity of the held-out text; top-1 agree: share of positions where the model's most likely next "
-        "token is the teacher's; top-5 agree: share where the teacher's most likely token is among the model's "
-        "five most likely; KL to teacher: mean KL(teacher‖model) per token at T = 1. The CE control is "
-        "the same student trained on the same data for the same steps with plain cross-entropy."
-        + (" [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
-           "the same resamples for every model)." if "intervals" in first else ""),
     ]
+    if classifier:
+        parts += ["", *classification_section(evaluation, run_dir)]
+    else:
+        parts += [
+            "",
+            f"## Quality on held-out data ({n_tokens} tokens"
+            + (f" in {n_sequences} sequences" if n_sequences else "") + " never trained on)",
+            "",
+            table(headers, rows),
+            "",
+            "Perplexity of the held-out text; top-1 agree: share of positions where the model's most likely next "
+            "token is the teacher's; top-5 agree: share where the teacher's most likely token is among the model's "
+            "five most likely; KL to teacher: mean KL(teacher‖model) per token at T = 1. The CE control is "
+            "the same student trained on the same data for the same steps with plain cross-entropy."
+            + (" [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
+               "the same resamples for every model)." if "intervals" in first else ""),
+        ]
     if tips:
         parts += ["", "## Advice", "", *(f"- {tip}" for tip in tips)]
-    for section in (generation_section(evaluation), cost_section(evaluation), retention_section(evaluation, run_dir),
-                    architecture_section(evaluation), loss_section(config)):
+    lm_sections = [] if classifier else [generation_section(evaluation), cost_section(evaluation),
+                                         retention_section(evaluation, run_dir)]
+    for section in (*lm_sections, architecture_section(evaluation), loss_section(config)):
         if section:
             parts += ["", *section]
     hardware = next((m["cost"].get("device_name") for m in evaluation.get("models", {}).values() if m.get("cost")),
                     None)
     parts += ["", *training_section(config, train, control, hardware)]
+    if data_lines := training_data_section(run_dir):
+        parts += ["", *data_lines]
     # The control trains into control/, so its log is control/metrics.jsonl.
     curves = plot_training_curves({"distilled student": metrics,
                                    "CE control": read_metrics(run_dir / "control" / "metrics.jsonl")},
                                   run_dir / "plots" / "training_curves.png")
     if curves is not None:
         parts += ["", "![Training curves](plots/training_curves.png)"]
-    if pruning:
+    if pruning and not classifier:  # its quality rows are next-token metrics
         parts += ["", *pruning_section(pruning, evaluation, run_dir)]
     if manifest:
         parts += ["", *stages_section(manifest)]
@@ -116,7 +157,8 @@ def write_report(run_dir: str | Path) -> Path:
     atomic_write_text(path, markdown)
     html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}")
 
-    summary = Table(title=f"held-out quality ({n_tokens} tokens)")
+    summary = Table(title=f"held-out classification ({first.get('num_examples')} examples)" if classifier
+                    else f"held-out quality ({n_tokens} tokens)")
     for h in headers:
         summary.add_column(h, justify="left" if h == "model" else "right")
     for r in rows:

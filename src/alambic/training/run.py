@@ -156,7 +156,9 @@ def train(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation if len(data.validation) else None,
-        data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id),
+        # loss.on_policy answers each sequence's prompt: the batches carry its length
+        data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id,
+                                                       prompt_lengths=loss.on_policy is not None),
         processing_class=tokenizer,
         teacher=teacher,
         cached_teacher=cached_teacher,
@@ -172,7 +174,8 @@ def train(
     try:
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     finally:
-        restore_forward(teacher)
+        for model in (teacher, *(t.model for t in additional_teachers)):  # a caller may use them afterwards
+            restore_forward(model)
     wall = time.perf_counter() - t0
 
     final, tmp = output_dir / "final", output_dir / "final.tmp"
@@ -196,5 +199,19 @@ def train(
         * (len(data.train[0]["input_ids"]) if len(data.train) else 0),
         "device": str(trainer.args.device),
         "torch_threads": torch.get_num_threads(),
+        **({"on_policy": on_policy_summary(trainer)} if trainer.on_policy is not None else {}),
         "log_history": trainer.state.log_history,
     }
+
+
+def on_policy_summary(trainer: DistillationTrainer) -> dict[str, Any]:
+    """What loss.on_policy cost over the whole training: steps drawn on-policy (exact: the draw is a function of the
+    step), and the decoding's seconds and tokens summed over the logged records (this process; steps of a crashed
+    run after its last log and before its checkpoint are not counted)."""
+    history = trainer.state.log_history
+    seconds = sum(r.get("on_policy_seconds", 0.0) for r in history)
+    tokens = sum(r.get("on_policy_tokens", 0) for r in history)
+    steps = trainer.on_policy.steps_on_policy(trainer.state.global_step)
+    return {"steps": steps, "share": round(steps / max(trainer.state.global_step, 1), 4),
+            "seconds": round(seconds, 3), "tokens": int(tokens),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}

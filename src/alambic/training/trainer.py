@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.config import LossConfig
-from alambic.losses import distillation_loss
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.training.cached import cached_teacher_loss
 from alambic.training.features import LOG_NAMES, FeatureDistiller
+from alambic.training.on_policy import OnPolicySampler
+from alambic.training.teachers import TeacherEnsemble, WeightedTeacher, vocab_size_of
 from alambic.modeling import counted_positions, final_hidden_states, project
 
 # The feature projector's weights, in each checkpoint folder beside the student's (never in final/).
@@ -39,6 +42,9 @@ class DistillationTrainer(Trainer):
         loss_config: divergence, temperature, alpha and their parameters; `features` adds feature terms.
         kept_layers: the teacher layer each student layer was copied from (a student pruned from this
             teacher), for `loss.features.layer_map: auto`; None: any other student.
+        additional_teachers: more teachers for the soft loss, combined with `teacher` as `loss.teachers` says
+            (`losses.mixture`); they need the live primary teacher (not an offline cache).
+        teacher_weight: the primary teacher's weight among several, before normalisation.
         Remaining arguments go to `transformers.Trainer`.
     """
 
@@ -47,19 +53,29 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig,
-                 cached_teacher: bool = False, kept_layers: list[int] | None = None, **kwargs: Any):
+                 cached_teacher: bool = False, kept_layers: list[int] | None = None,
+                 additional_teachers: Sequence[WeightedTeacher] = (), teacher_weight: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if teacher is None and loss_config.alpha > 0 and not cached_teacher:
             raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher (or an offline teacher cache); "
                              "only alpha = 0 (plain CE) runs without one")
+        if additional_teachers and (teacher is None or loss_config.alpha == 0):
+            raise ValueError(
+                f"additional teachers {[t.name for t in additional_teachers]} need the live primary teacher and "
+                f"loss.alpha > 0 (got teacher={'None' if teacher is None else 'a model'}, alpha = {loss_config.alpha}"
+                f"{', an offline teacher cache' if cached_teacher else ''}): an offline cache holds one teacher")
         self.loss_config = loss_config
         # Makes the Trainer count the tokens of the whole accumulated batch (labels[..., 1:] != -100).
         self.model_accepts_loss_kwargs = True
         self.teacher = self._prepare_teacher(teacher) if teacher is not None and loss_config.alpha > 0 else None
+        # The other teachers and every teacher's weight (primary first); one teacher: weights (1.0,).
+        self.ensemble = (TeacherEnsemble(additional_teachers, primary_weight=teacher_weight, device=self.args.device,
+                                         prepare=self._prepare_teacher) if self.teacher is not None else None)
         self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_log_time = time.perf_counter()
         self.shared_vocab = self._shared_vocab()
         self.features = self._prepare_features(loss_config, kept_layers)
+        self.on_policy = self._prepare_on_policy(loss_config)
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -90,9 +106,9 @@ class DistillationTrainer(Trainer):
         """
         if self.teacher is None:
             return None
-        s = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
-        t = self._teacher_core.get_output_embeddings().weight.shape[0]
-        return min(s, t) if s != t else None
+        sizes = {vocab_size_of(self.accelerator.unwrap_model(self.model)), vocab_size_of(self._teacher_core),
+                 *self.ensemble.vocab_sizes}
+        return min(sizes) if len(sizes) > 1 else None
 
     def _prepare_features(self, cfg: LossConfig, kept_layers: list[int] | None) -> FeatureDistiller | None:
         if cfg.features is None:
@@ -109,6 +125,21 @@ class DistillationTrainer(Trainer):
                 "student, which DeepSpeed / FSDP do not shard or save here: train under DDP or a single device, or "
                 "drop hidden_states (attention and attention_relations need no projection)")
         return features
+
+    def _prepare_on_policy(self, cfg: LossConfig) -> OnPolicySampler | None:
+        if cfg.on_policy is None:
+            return None
+        if self.teacher is None:
+            raise ValueError("loss.on_policy needs a live teacher to score the student's responses: an offline teacher "
+                             "cache has none, and alpha = 0 loads none; remove loss.on_policy or distil from the live "
+                             "teacher with alpha > 0")
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 or self.is_fsdp_enabled:
+            # Their sharded forward gathers parameters collectively, step by step: ranks whose responses end at
+            # different lengths would wait on each other forever.
+            raise ValueError("loss.on_policy decodes with the unwrapped student, which DeepSpeed ZeRO-3 and FSDP shard "
+                             "across processes: train under DDP, DeepSpeed ZeRO-1/2 or a single device")
+        return OnPolicySampler(cfg.on_policy, self.processing_class)
 
     def _projector_parameters(self, features: FeatureDistiller | None = None) -> list[nn.Parameter]:
         features = features or getattr(self, "features", None)
@@ -134,6 +165,7 @@ class DistillationTrainer(Trainer):
         with feats.capture(core, "student") if feats else nullcontext() as s_capture:
             hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
         t_hidden = t_feats = None
+        t_hiddens: list[torch.Tensor] = []  # every teacher's (N, H_i), the primary first
         if self.teacher is not None:
             with torch.inference_mode():
                 with feats.capture(self._teacher_core, "teacher") if feats else nullcontext() as t_capture:
@@ -143,28 +175,35 @@ class DistillationTrainer(Trainer):
             # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
             t_hidden = t_hidden.clone()
             t_feats = t_feats.clone() if t_feats is not None else None
+            # The other teachers, one after another (their activations freed in between).
+            t_hiddens = [t_hidden, *self.ensemble.hidden_states(input_ids, attention_mask, mask)]
 
         cfg = self.loss_config
         options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
                        jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=num_items_in_batch)
+        weights = self.ensemble.weights if self.ensemble is not None else None
         if "teacher_ids" in inputs:
             # Offline teacher: its top-k log-probs (+ tail) came with the batch, in counted-position order.
             parts = cached_teacher_loss(core, hidden, inputs, targets, cfg, num_items_in_batch,
                                         chunk_size=cfg.chunk_size)
         elif cfg.implementation == "chunked":
             # Heads and divergence fused, token chunk by token chunk: no (N, V) tensor is ever held.
+            # Several teachers: each projected by its own head per chunk, then mixed or summed (loss.teachers).
+            heads = [OutputHead.of(self._teacher_core), *self.ensemble.heads()] if t_hiddens else None
             parts = chunked_distillation_loss(
-                hidden, OutputHead.of(core), t_hidden,
-                OutputHead.of(self._teacher_core) if t_hidden is not None else None,
-                targets, chunk_size=cfg.chunk_size, vocab_size=self.shared_vocab, **options,
+                hidden, OutputHead.of(core), t_hiddens or None, heads, targets, chunk_size=cfg.chunk_size,
+                vocab_size=self.shared_vocab, teacher_weights=weights, teachers=cfg.teachers, **options,
             )
         else:
             student_logits = project(core, hidden)[:, : self.shared_vocab]  # (N, V)
-            teacher_logits = None
-            if t_hidden is not None:
+            teacher_logits = []
+            if t_hiddens:
                 with torch.no_grad():
-                    teacher_logits = project(self._teacher_core, t_hidden)[:, : self.shared_vocab]
-            parts = distillation_loss(student_logits, teacher_logits, targets, **options)
+                    teacher_logits = [project(self._teacher_core, t_hidden),
+                                      *self.ensemble.logits(t_hiddens[1:])]
+                teacher_logits = [z[:, : self.shared_vocab] for z in teacher_logits]  # (N, V) each
+            parts = multi_teacher_distillation_loss(student_logits, teacher_logits, targets, weights=weights,
+                                                    teachers=cfg.teachers, **options)
         loss = parts.total
         terms: dict[str, torch.Tensor] = {}
         if feats is not None:
@@ -183,12 +222,28 @@ class DistillationTrainer(Trainer):
         scale = (float(num_items_in_batch) / n) if num_items_in_batch is not None else 1.0
         if cfg.alpha > 0:
             self._parts[mode]["loss_soft"].append(parts.soft.item() * scale)
+        if parts.soft_per_teacher is not None and len(parts.soft_per_teacher) > 1:  # sum mode: each teacher's own
+            for name, value in zip(self.ensemble.names, parts.soft_per_teacher.tolist()):
+                self._parts[mode][f"loss_soft_{name}"].append(value * scale)
         if cfg.alpha < 1:
             self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
         for name, value in terms.items():  # unweighted, like loss_soft / loss_hard
             self._parts[mode][LOG_NAMES[name]].append(value.item() * scale)
         self._parts[mode]["counted_tokens"].append(float(parts.num_tokens))
         return (loss, {"loss_parts": parts}) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The micro-batches of one optimizer step; on an on-policy step (loss.on_policy), the student's responses to
+        their prompts, and the count of counted tokens (the loss's divisor) taken over those responses."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy is None:  # (only the training loop calls this: evaluation batches stay as they are)
+            return batches, num_items_in_batch
+        step = self.state.global_step  # optimizer steps done so far: this step's index, restored on resume
+        new = self.on_policy.step_batches(self.accelerator.unwrap_model(self.model), batches, step=step,
+                                          rank=self.args.process_index)
+        if new is batches:
+            return batches, num_items_in_batch
+        return new, self._get_num_items_in_batch(new, device)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -258,6 +313,8 @@ class DistillationTrainer(Trainer):
         if parts:
             tokens = parts.pop("counted_tokens", [])
             if mode == "train":
+                if self.on_policy is not None:  # the decoding's own cost, apart from the update
+                    logs.update(self.on_policy.stats.pop())
                 now = time.perf_counter()
                 logs["tokens_per_second"] = round(sum(tokens) / max(now - self._last_log_time, 1e-9), 1)
                 self._last_log_time = now

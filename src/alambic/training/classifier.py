@@ -1,0 +1,213 @@
+"""Sequence classifiers: distillation on class logits, the teacher fine-tuning before it, and the run both share.
+
+A classifier's logits are (B, C), one row per example, so the objective of `alambic.losses` applies unchanged
+with one counted "token" per example (no new math, `distillation_loss` computes it):
+
+    total = alpha * T^2 * mean_examples divergence(teacher, student; T) + (1 - alpha) * mean_examples CE(label)
+
+The teacher's fine-tuning is the same run at alpha = 0 (plain cross-entropy, no teacher). Checkpoints, resume,
+metrics and the final export follow `alambic.training.run.train`, whose helpers are reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from alambic.config import FineTuneConfig, LossConfig, TrainingConfig
+from alambic.data import PreparedData
+from alambic.data.classification import ClassificationCollator
+from alambic.losses import distillation_loss
+from alambic.training.run import _CHECKPOINT, JsonlMetricsCallback, last_complete_checkpoint, training_arguments
+from alambic.utils import console
+
+
+class ClassifierDistillationTrainer(Trainer):
+    """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard` on the class logits of two classifiers.
+
+    Args:
+        teacher: a classifier with the student's labels; may be None only when `loss.alpha == 0` (plain CE).
+        loss_config: divergence, temperature, alpha and their parameters (`features` and `implementation`,
+            which concern token logits, are not used).
+        Remaining arguments go to `transformers.Trainer`.
+    """
+
+    # compute_loss divides by the Trainer's global count of labelled examples (`num_items_in_batch`), so the loss
+    # is already right for gradient accumulation: the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if teacher is None and loss_config.alpha > 0:
+            raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs "
+                             "without one")
+        self.loss_config = loss_config
+        # Makes the Trainer count the labelled examples of the whole accumulated batch; one label per example,
+        # none shifted (the causal-LM count would drop each batch's first example).
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = False
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None and loss_config.alpha > 0 else None
+        self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_log_time = time.perf_counter()
+
+    def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
+        if self.is_deepspeed_enabled:
+            raise ValueError("classifier distillation does not place a teacher under DeepSpeed: train on one device "
+                             "or under DDP (torchrun), where each rank keeps a copy of the teacher")
+        teacher.eval()
+        teacher.requires_grad_(False)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        labels = inputs["labels"]  # (B,) class ids; -100 would mark an example that does not count
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        logits = model(**batch).logits  # (B, C)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.inference_mode():
+                teacher_logits = self.teacher(**batch).logits
+            teacher_logits = teacher_logits.clone()  # inference tensors cannot be saved for backward
+        cfg = self.loss_config
+        parts = distillation_loss(logits, teacher_logits, labels, divergence=cfg.divergence,
+                                  temperature=cfg.temperature, alpha=cfg.alpha, jsd_beta=cfg.jsd_beta, skew=cfg.skew,
+                                  num_items_in_batch=num_items_in_batch)
+        loss = parts.total
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The global example count divides every rank's loss; DDP averages gradients over ranks: undo that.
+            loss = loss * self.accelerator.num_processes
+
+        mode = "train" if model.training else "eval"
+        # Per-example means of this micro-batch, whatever denominator the loss used.
+        n = max(int(parts.num_tokens), 1)
+        scale = float(num_items_in_batch) / n if num_items_in_batch is not None else 1.0
+        if cfg.alpha > 0:
+            self._parts[mode]["loss_soft"].append(parts.soft.item() * scale)
+        if cfg.alpha < 1:
+            self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
+        self._parts[mode]["examples"].append(float(parts.num_tokens))
+        mask = batch["attention_mask"]
+        self._parts[mode]["tokens"].append(float(mask.sum() if mask is not None else batch["input_ids"].numel()))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        parts = self._parts[mode]
+        if parts:
+            examples, tokens = parts.pop("examples", []), parts.pop("tokens", [])
+            if mode == "train":
+                now = time.perf_counter()
+                elapsed = max(now - self._last_log_time, 1e-9)
+                logs["examples_per_second"] = round(sum(examples) / elapsed, 2)
+                logs["tokens_per_second"] = round(sum(tokens) / elapsed, 1)
+                self._last_log_time = now
+                if torch.cuda.is_available():
+                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            for key, values in parts.items():
+                # example-weighted: the loss over all examples seen since the last log
+                weights = examples if len(examples) == len(values) else [1.0] * len(values)
+                value = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1.0)
+                logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
+            parts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def train_classifier(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    *,
+    teacher: PreTrainedModel | None,
+    loss: LossConfig,
+    training: TrainingConfig,
+    output_dir: Path,
+    resume: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Train the classifier `student` and export it to `output_dir/final` (HF format, tokenizer included).
+
+    The same layout as `alambic.training.run.train`: checkpoints in `output_dir/checkpoints` (with `resume`,
+    training continues from the newest complete one), metrics streamed to `output_dir/metrics.jsonl`.
+
+    Returns:
+        A summary: steps, wall time, resumed-from step, final training loss, examples and tokens per step, log history.
+    """
+    checkpoints, metrics_path = output_dir / "checkpoints", output_dir / "metrics.jsonl"
+    args = training_arguments(training, checkpoints, has_eval=len(data.validation) > 0)
+    is_main = args.process_index == 0  # under a launcher, only rank 0 touches shared files
+    with args.main_process_first(desc="checkpoint clean-up"):
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and checkpoints.exists():
+                shutil.rmtree(checkpoints)
+        last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main) if resume else None
+        if is_main and last is None and metrics_path.exists():
+            metrics_path.unlink()
+    trainer = ClassifierDistillationTrainer(
+        model=student, args=args, train_dataset=data.train,
+        eval_dataset=data.validation if len(data.validation) else None,
+        data_collator=ClassificationCollator(pad_token_id=student.config.pad_token_id),
+        processing_class=tokenizer, teacher=teacher, loss_config=loss,
+        callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
+    )
+    if last is not None:
+        console.print(f"resuming from {last}")
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    wall = time.perf_counter() - t0
+
+    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # every rank: distributed back-ends gather the weights here
+    if is_main:
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    trainer.accelerator.wait_for_everyone()
+    examples = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    mean_length = sum(len(ids) for ids in data.train["input_ids"]) / max(len(data.train), 1)
+    return {
+        "global_step": trainer.state.global_step,
+        "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,
+        "train_seconds": round(wall, 2),
+        "train_loss": round(float(result.training_loss), 6),
+        "examples_per_step": examples,
+        "tokens_per_step": round(examples * mean_length),  # on average: examples are not padded to one length
+        "device": str(trainer.args.device),
+        "torch_threads": torch.get_num_threads(),
+        "log_history": trainer.state.log_history,
+    }
+
+
+def fine_tune_arguments(cfg: FineTuneConfig) -> TrainingConfig:
+    """The training settings of a teacher fine-tuning (linear decay, as is usual for fine-tuning classifiers)."""
+    return TrainingConfig(max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                          per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                          lr_scheduler_type="linear", warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                          bf16=cfg.bf16, seed=cfg.seed, save_steps=max(50, cfg.max_steps // 4))
+
+
+def fine_tune_teacher(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData,
+                      cfg: FineTuneConfig, output_dir: Path, *, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune a classifier (a backbone with a fresh head, from `load_model(..., labels=...)`) with plain
+    cross-entropy on the training split; the result lands in `output_dir/final`. Returns `train_classifier`'s
+    summary."""
+    plain_ce = LossConfig(alpha=0.0)
+    return train_classifier(backbone, tokenizer, data, teacher=None, loss=plain_ce, training=fine_tune_arguments(cfg),
+                            output_dir=output_dir, resume=resume)

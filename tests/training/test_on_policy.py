@@ -1,0 +1,259 @@
+"""On-policy distillation: prompts cut from chat sequences, the step draw, the (prompt, response) batch and its loss
+by hand, the student's mode and gradients, lambda 0 = off-policy bit for bit, lambda 1 every step, resume, a run
+through the stages, and the config's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from alambic.config import ConfigError, LossConfig, OnPolicyConfig, TrainingConfig, validate_config
+from alambic.data import DistillationCollator
+from alambic.evaluation.generation import stop_token_ids
+from alambic.pipeline import run_stages
+from alambic.stages import stages_until
+from alambic.training.on_policy import batch_prompts, is_on_policy_step
+from alambic.training.run import train, training_arguments
+from alambic.training.trainer import DistillationTrainer
+from helpers import save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STOPS = set(stop_token_ids(tiny_tokenizer()))
+
+
+def _loss(fraction=1.0, **kwargs) -> LossConfig:
+    on_policy = OnPolicyConfig(fraction=fraction, max_new_tokens=6, seed=kwargs.pop("seed", 0))
+    return LossConfig(**{"divergence": "reverse_kl", "alpha": 1.0, **kwargs}, on_policy=on_policy)
+
+
+def _trainer(tmp_path, data, loss, teacher=None) -> DistillationTrainer:
+    tok = tiny_tokenizer()
+    return DistillationTrainer(
+        model=tiny_model("llama", seed=2, num_layers=2).train(), args=training_arguments(
+            TrainingConfig(max_steps=1, save_steps=100), tmp_path / "trainer", has_eval=False),
+        train_dataset=data.train, data_collator=DistillationCollator(pad_token_id=3, prompt_lengths=True),
+        processing_class=tok, teacher=teacher or tiny_model("llama", seed=1), loss_config=loss)
+
+
+def _batch(data, n=3):
+    return DistillationCollator(pad_token_id=3, prompt_lengths=True)([data.train[i] for i in range(n)])
+
+
+# --------------------------------------------------------------------------------------------
+# prompts and the step draw
+
+
+def test_the_collator_carries_each_rows_prompt_up_to_its_last_assistant_turn(tmp_path):
+    tok = tiny_tokenizer()
+    data = tiny_prepared(tmp_path, chat=True)
+    batch = _batch(data, n=4)
+    for ids, labels, n in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["prompt_length"].tolist()):
+        assert tok.decode(ids[:n]).endswith("<|im_start|>assistant\n")  # the generation prompt, header included
+        assert labels[n - 1] == -100 and labels[n] != -100 and all(t == -100 for t in labels[:n])
+    # exactly what the chat template renders as the prompt of the conversation
+    conversation = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]
+    full = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    prompt = tok(tok.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    from alambic.data.tokenize import tokenize_chat
+
+    sample = tokenize_chat([{"id": "a", "messages": conversation}], tok, 64)[0]
+    assert sample["input_ids"] == full
+    assert DistillationCollator(pad_token_id=3, prompt_lengths=True)([sample])["prompt_length"].item() == len(prompt)
+    assert "prompt_length" not in DistillationCollator(pad_token_id=3)([sample])  # only when asked
+
+
+def test_the_step_draw_is_reproducible_with_the_asked_share():
+    draws = [is_on_policy_step(s, 0.3, seed=7) for s in range(2000)]
+    assert draws == [is_on_policy_step(s, 0.3, seed=7) for s in range(2000)]  # a function of (seed, step)
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    assert draws != [is_on_policy_step(s, 0.3, seed=8) for s in range(2000)]
+    assert not any(is_on_policy_step(s, 0.0, seed=7) for s in range(200))
+    assert all(is_on_policy_step(s, 1.0, seed=7) for s in range(200))
+
+
+# --------------------------------------------------------------------------------------------
+# one on-policy batch
+
+
+def test_an_on_policy_batch_counts_only_the_generated_tokens(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    teacher = tiny_model("llama", seed=1)
+    trainer = _trainer(tmp_path, data, _loss(temperature=2.0, implementation="chunked", chunk_size=7), teacher)
+    batch = _batch(data)
+    prompts = batch_prompts(batch)
+    [new], num_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+
+    responses = []
+    for b, prompt in enumerate(prompts):
+        ids, labels, attention = (new[k][b].tolist() for k in ("input_ids", "labels", "attention_mask"))
+        n = sum(attention)
+        response = ids[len(prompt):n]
+        responses.append(response)
+        assert ids[:len(prompt)] == prompt and new["prompt_length"][b] == len(prompt)
+        assert 1 <= len(response) <= 6 and (response[-1] in STOPS or len(response) == 6)
+        assert not STOPS & set(response[:-1])  # decoding stops at the first end-of-turn
+        assert labels == [-100] * len(prompt) + response + [-100] * (len(ids) - n)
+    assert int(num_items) == sum(len(r) for r in responses)
+
+    # the configured objective by hand: T^2 * mean over response tokens of KL(Q_T || P_T)
+    model = trainer.model
+    loss = trainer.compute_loss(model, new, num_items_in_batch=num_items)
+    with torch.no_grad():
+        s = model(input_ids=new["input_ids"], attention_mask=new["attention_mask"]).logits[:, :-1].double()
+        t = teacher(input_ids=new["input_ids"], attention_mask=new["attention_mask"]).logits[:, :-1].double()
+    counted = new["labels"][:, 1:] != -100
+    log_q, log_p = F.log_softmax(s[counted] / 2.0, -1), F.log_softmax(t[counted] / 2.0, -1)
+    want = 4.0 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_student_decodes_in_eval_mode_with_a_cache_then_trains_with_gradients(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    trainer = _trainer(tmp_path, data, _loss())
+    model = trainer.model
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((module.training, kwargs.get("use_cache"))), with_kwargs=True)
+    try:
+        [new], num_items = trainer.get_batch_samples(iter([_batch(data)]), 1, torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert calls and all(mode is False and cache is True for mode, cache in calls)  # KV-cached decoding, eval mode
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # decoding left no gradient behind
+    trainer.training_step(model, new, num_items)
+    assert model.training
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_batches_without_a_prompt_are_refused():
+    batch = DistillationCollator(pad_token_id=3)([{"input_ids": [5, 6], "labels": [5, 6]}])
+    with pytest.raises(KeyError, match="prompt_lengths=True"):
+        batch_prompts(batch)
+    text = DistillationCollator(pad_token_id=3, prompt_lengths=True)([{"input_ids": [5, 6], "labels": [5, 6]}])
+    with pytest.raises(ValueError, match=r"rows \[0\] .* no prompt .*data.format: chat"):
+        batch_prompts(text)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _train(tmp_path, data, name, loss, steps=3, callbacks=None, **training):
+    student = tiny_model("llama", seed=2, num_layers=2)
+    summary = train(student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), loss=loss,
+                    training=TrainingConfig(**{"max_steps": steps, "logging_steps": 1, "save_steps": 100,
+                                               "learning_rate": 3e-3, **training}),
+                    output_dir=tmp_path / name, callbacks=callbacks)
+    return student.state_dict(), summary
+
+
+def _per_step(summary, key):
+    return [r[key] for r in summary["log_history"] if key in r and "train_runtime" not in r]
+
+
+def test_lambda_zero_is_exactly_the_off_policy_trainer(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    off, _ = _train(tmp_path, data, "off", LossConfig(divergence="jsd", alpha=0.7))
+    zero, summary = _train(tmp_path, data, "zero", _loss(0.0, divergence="jsd", alpha=0.7))
+    for key, value in off.items():
+        torch.testing.assert_close(zero[key], value, rtol=0, atol=0, msg=key)
+    assert _per_step(summary, "on_policy_share") == [0.0] * 3 and _per_step(summary, "on_policy_tokens") == [0] * 3
+    assert summary["on_policy"]["steps"] == 0
+
+
+def test_lambda_one_generates_every_step_and_logs_its_cost(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    _, summary = _train(tmp_path, data, "one", _loss(1.0, alpha=0.5), gradient_accumulation_steps=2,
+                        per_device_train_batch_size=2)
+    assert _per_step(summary, "on_policy_share") == [1.0] * 3
+    assert all(s > 0 for s in _per_step(summary, "on_policy_seconds"))
+    # two micro-batches of two rows per step, each response 1..6 tokens
+    assert all(4 <= n <= 24 for n in _per_step(summary, "on_policy_tokens"))
+    assert len(_per_step(summary, "loss_soft")) == len(_per_step(summary, "loss_hard")) == 3
+    cost = summary["on_policy"]
+    assert cost["steps"] == 3 and cost["share"] == 1.0 and cost["seconds"] > 0
+    assert cost["tokens"] == sum(_per_step(summary, "on_policy_tokens"))
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+
+def test_the_on_policy_steps_and_samples_survive_a_resume(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    loss = _loss(0.5, seed=5)
+    drawn = [float(is_on_policy_step(s, 0.5, seed=5)) for s in range(6)]
+    assert set(drawn[4:]) == {0.0, 1.0}  # (seed chosen so that) the resumed steps are of both kinds
+    straight, summary = _train(tmp_path, data, "a", loss, steps=6, save_steps=2)
+    assert _per_step(summary, "on_policy_share") == drawn
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, data, "b", loss, steps=6, save_steps=2, callbacks=[_Crash()])
+    resumed, summary = _train(tmp_path, data, "b", loss, steps=6, save_steps=2)
+    assert summary["resumed_from"] == 4 and summary["on_policy"]["steps"] == sum(drawn)
+    assert _per_step(summary, "on_policy_share")[-2:] == drawn[4:]
+    for key, value in straight.items():  # the same steps drawn, the same responses sampled
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _chat_run(tmp_path, **loss):
+    rows = [{"messages": [{"role": "user", "content": f"hello there {i}"},
+                          {"role": "assistant", "content": "hi, fine"}]} for i in range(12)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
+        "student": {"from_teacher": {"layers": "every_other", "evaluate": False}},
+        "data": {"source": "files", "format": "chat", "paths": [str(path)], "max_seq_len": 32},
+        "loss": {"divergence": "jsd", "alpha": 1.0, "on_policy": {"fraction": 1.0, "max_new_tokens": 4}, **loss},
+        "training": {"max_steps": 2, "logging_steps": 1, "save_steps": 10},
+        "evaluation": {"ce_control": True},
+    }
+
+
+def test_a_run_through_the_stages_logs_the_on_policy_cost(tmp_path):
+    cfg = validate_config(_chat_run(tmp_path))
+    run_stages(cfg, stages_until("control"))
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss_soft" in r]
+    assert steps and all(r["on_policy_share"] == 1.0 and r["on_policy_seconds"] > 0 for r in steps)
+    summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
+    assert summary["on_policy"]["steps"] == 2 and summary["on_policy"]["tokens"] > 0
+    # the CE control trains on the corpus answers: no decoding, no teacher
+    control = (cfg.run_dir / "control" / "metrics.jsonl").read_text()
+    assert "on_policy" not in control and "loss_hard" in control
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"format": "text", "source": "files"}}, "needs prompts to answer: set data.format: chat"),
+    ({"data": {"teacher_cache": {"k": 8}}}, "data.teacher_cache .* remove one of them"),
+    ({"loss": {"alpha": 0.0}}, "alpha = 0 .* raise loss.alpha above 0"),
+    ({"task": "sequence_classification", "data": {"format": "classification"}},
+     "task 'sequence_classification' has none"),
+    ({"loss": {"on_policy": {"fraction": 1.5}}}, "loss.on_policy.fraction"),
+    ({"loss": {"on_policy": {"temperature": 1.0}}}, "loss.on_policy.temperature: unknown key"),
+])
+def test_the_config_refuses_what_on_policy_cannot_use(tmp_path, change, message):
+    data = _chat_run(tmp_path)
+    for section, value in change.items():
+        data[section] = {**data[section], **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(data)
+
+
+def test_the_trainer_refuses_on_policy_without_a_live_teacher(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    with pytest.raises(ValueError, match="loss.on_policy needs a live teacher"):
+        DistillationTrainer(model=tiny_model(num_layers=1), args=training_arguments(
+            TrainingConfig(max_steps=1), tmp_path / "t", has_eval=False), train_dataset=data.train,
+            processing_class=tiny_tokenizer(), teacher=None, cached_teacher=True, loss_config=_loss())
