@@ -47,10 +47,24 @@ def loss_section(config: dict[str, Any]) -> list[str]:
              for name, term in features.items() if isinstance(term, dict) and term.get("weight")]
     if terms:
         lines.append(f"+ feature terms: {', '.join(terms)}; layer map {features.get('layer_map', 'auto')}")
-    lines.append(f"\nImplementation: {loss.get('implementation', 'chunked')}"
-                 + (f" (chunks of {loss.get('chunk_size')} tokens)" if loss.get("implementation") == "chunked" else "")
-                 + ("; teacher from the offline top-k cache (k = "
-                    f"{config['data']['teacher_cache'].get('k')})" if (config.get("data") or {}).get("teacher_cache") else ""))
+    extra = config.get("additional_teachers") or []
+    if extra:
+        weights = [config.get("teacher_weight", 1.0), *(t.get("weight", 1.0) for t in extra)]
+        names = [config.get("teacher", {}).get("model"), *(t.get("model") for t in extra)]
+        mode = loss.get("teachers", "mixture")
+        lines.append(f"\nTeachers ({mode}: " + ("one divergence against Σ wᵢ Pᵢ" if mode == "mixture" else
+                     "Σ wᵢ · divergence against each Pᵢ") + ", weights normalised): "
+                     + ", ".join(f"`{n}` × {w:g}" for n, w in zip(names, weights)))
+    on_policy = loss.get("on_policy")
+    if on_policy:
+        lines.append(f"\nOn-policy: {on_policy.get('fraction'):.0%} of the steps train on the student's own responses "
+                     f"(up to {on_policy.get('max_new_tokens')} tokens, sampling temperature "
+                     f"{on_policy.get('sampling_temperature')}), scored by the teacher with the divergence above.")
+    if config.get("task") != "sequence_classification":  # a classifier's loss is over C class logits: no chunks
+        lines.append(f"\nImplementation: {loss.get('implementation', 'chunked')}"
+                     + (f" (chunks of {loss.get('chunk_size')} tokens)" if loss.get("implementation") == "chunked" else "")
+                     + ("; teacher from the offline top-k cache (k = "
+                        f"{config['data']['teacher_cache'].get('k')})" if (config.get("data") or {}).get("teacher_cache") else ""))
     return lines
 
 
@@ -70,6 +84,11 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
         lines.append(f"- distillation: {train['global_step']} steps, {tokens:,} sequence tokens, in "
                      f"{train['train_seconds']:.0f} s on {train['device']} ({train['torch_threads']} threads)"
                      + (f", {hardware}" if hardware else ""))
+    on_policy = (train or {}).get("on_policy") or {}
+    if on_policy.get("steps"):
+        lines.append(f"- on-policy: {on_policy['steps']} of the steps ({on_policy.get('share', 0):.0%}) sampled "
+                     f"{on_policy.get('tokens', 0):,} student tokens in {on_policy.get('seconds', 0):.0f} s of the "
+                     "training time")
     if control:
         lines.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
     return lines

@@ -1,0 +1,242 @@
+"""The whole run: every section together, the steps of a chain, and the checks that span sections."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from alambic.config._base import Task, _Section
+from alambic.config.data import DataConfig
+from alambic.config.evaluation import EvaluationConfig
+from alambic.config.loss import LossConfig
+from alambic.config.models import AdditionalTeacherConfig, TeacherConfig
+from alambic.config.student import StudentConfig
+from alambic.config.training import TrainingConfig
+
+
+class ChainStep(_Section):
+    """One step of a chain (`chain`): an ordinary run whose config is the top-level config with this step's
+    overrides applied. Every key of the step besides name, teacher, student and overrides is an override: a
+    section as a nested mapping, merged into the top-level one (`loss: {alpha: 0}`), or a dotted key
+    (`loss.alpha: 0`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Step name; its run folder is "
+                      "<output_dir>/<name>-chain/<step name>.")
+    teacher: Literal["previous"] | dict[str, Any] | None = Field(
+        default=None, description="'previous': the previous step's final student (its final/ folder) is this step's "
+        "teacher, with the top-level teacher's dtype and device (progressive and born-again distillation). A mapping: "
+        "overrides of the teacher section. null: the top-level teacher.",
+    )
+    student: Literal["previous", "first"] | dict[str, Any] | None = Field(
+        default=None, description="'previous': start from the previous step's final student (fine-tune it, or distil "
+        "it further: two-stage). 'first': start from the untrained student of the first step (the top-level "
+        "from_teacher applied to the original teacher, or the given student); with teacher: previous this is born-again "
+        "self-distillation. A mapping: overrides of the student section. null: the top-level student, whose "
+        "from_teacher prunes this step's teacher.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the top-level config for this step, nested sections or dotted "
+        "keys; the keys written at the step's top level are gathered here.",
+    )
+
+    # set by the chain itself: where each step runs, and a step holds no chain
+    NOT_PER_STEP: ClassVar[tuple[str, ...]] = ("name", "output_dir", "chain")
+    # what a `previous` / `first` shorthand leaves to the step: placement, not which weights
+    SHORTHAND_KEEPS: ClassVar[tuple[str, ...]] = ("dtype", "device")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_overrides(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("overrides", {}), dict):
+            return data  # the field's own error names the wrong type
+        own = ("name", "teacher", "student", "overrides")
+        extra = {k: v for k, v in data.items() if k not in own}
+        if not extra:
+            return data
+        return {**{k: v for k, v in data.items() if k in own}, "overrides": {**(data.get("overrides") or {}), **extra}}
+
+    @model_validator(mode="after")
+    def _overrides_fit(self) -> ChainStep:
+        problems = []
+        top = sorted({str(k).split(".")[0] for k in self.overrides} & set(self.NOT_PER_STEP))
+        if top:
+            problems.append(f"{top} cannot be set per step: each step runs in <output_dir>/<name>-chain/<step name> "
+                            "and holds no chain of its own; set name and output_dir at the top level")
+        for section, value in (("teacher", self.teacher), ("student", self.student)):
+            if not isinstance(value, str):
+                continue
+            clash = [k for k in self.overrides if k == section or (k.startswith(section + ".")
+                                                                   and k.split(".")[1] not in self.SHORTHAND_KEEPS)]
+            if clash:
+                problems.append(f"{section}: {value} says which weights the step uses, so {clash} cannot be set beside "
+                                f"it (only {section}.dtype / {section}.device); write the {section} section out instead")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RunConfig(_Section):
+    """A whole run: teacher -> student -> data -> distill -> evaluate -> report."""
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; the folder is output_dir/name.")
+    output_dir: Path = Field(default=Path("runs"), description="Parent folder of run folders.")
+    task: Task = Field(
+        default="causal_lm",
+        description="'causal_lm': distil next-token distributions. 'sequence_classification': teacher and student are "
+        "classifiers (a backbone gets a classification head), distilled on class logits, scored by accuracy and "
+        "macro-F1; needs data.format: classification.",
+    )
+    teacher: TeacherConfig
+    teacher_weight: float = Field(
+        default=1.0, gt=0, description="Weight of `teacher` among several teachers, before normalisation (see "
+        "additional_teachers, loss.teachers); ignored with one teacher.",
+    )
+    additional_teachers: list[AdditionalTeacherConfig] = Field(
+        default_factory=list,
+        description="More teachers distilled from at once, e.g. a domain expert beside a general instruct teacher: "
+        "[{model: ..., weight: 1.0, device: ..., dtype: ...}]. Each must share the teacher's tokenizer; they run one "
+        "after another in each training step under inference mode. `teacher` stays the primary: its tokenizer is "
+        "the run's, the student is pruned from it, loss.features and evaluation use it. Empty: one teacher.",
+    )
+    student: StudentConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    chain: list[ChainStep] | None = Field(
+        default=None, description="Run several steps in order, each an ordinary run of this config with the step's "
+        "overrides, in <output_dir>/<name>-chain/<step name>/; a step may learn from the previous step's final student "
+        "(teacher: previous) or start from it (student: previous): two-stage, progressive and born-again "
+        "distillation. `alambic run` runs every step, then compares them in chain.md / chain.html. null: one run.",
+    )
+
+    @field_validator("chain")
+    @classmethod
+    def _chain_order(cls, v: list[ChainStep] | None) -> list[ChainStep] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty chain runs nothing: give at least one step, or remove `chain`")
+        problems = []
+        names = [s.name for s in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"step names {twice} are used twice: each step needs its own name (it names its run folder)")
+        first = v[0]
+        if first.teacher == "previous" or first.student in ("previous", "first"):
+            problems.append(f"the first step {first.name!r} has no step before it: teacher: previous and student: "
+                            "previous / first need one; remove them from the first step")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _cache_needs_log_probs(self) -> RunConfig:
+        if self.data.teacher_cache is not None and self.loss.divergence == "logit_mse":
+            raise ValueError("data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; "
+                             "choose another loss.divergence or remove data.teacher_cache")
+        if self.data.teacher_cache is not None and self.loss.features is not None:
+            raise ValueError("loss.features needs the live teacher's hidden states and attention, which "
+                             "data.teacher_cache does not keep: remove one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_fits(self) -> RunConfig:
+        """Every setting that cannot go with loss.on_policy, in one message (alpha 0: in LossConfig)."""
+        if self.loss.on_policy is None:
+            return self
+        problems = []
+        if self.task != "causal_lm":
+            problems.append(f"loss.on_policy samples responses from a language model: task {self.task!r} has none; "
+                            "remove loss.on_policy")
+        elif self.data.format != "chat":
+            problems.append(f"loss.on_policy needs prompts to answer: set data.format: chat (got {self.data.format!r}) "
+                            "or remove loss.on_policy")
+        if self.data.teacher_cache is not None:
+            problems.append("loss.on_policy has the live teacher score the student's fresh responses, which "
+                            "data.teacher_cache (written for the corpus sequences) cannot: remove one of them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _several_teachers_fit(self) -> RunConfig:
+        """Every setting that cannot go with additional_teachers, in one message."""
+        if not self.additional_teachers:
+            return self
+        problems = []
+        if self.data.teacher_cache is not None:
+            problems.append("data.teacher_cache holds the top-k log-probs of `teacher` alone: several teachers cannot "
+                            "use it; remove data.teacher_cache or additional_teachers")
+        if self.loss.alpha == 0:
+            problems.append("additional_teachers weigh the soft loss, which loss.alpha = 0 (plain cross-entropy) does "
+                            "not compute: raise loss.alpha above 0 or remove additional_teachers")
+        # (classifiers: refused in `_task_fits`)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> RunConfig:
+        """Every setting that cannot go with the task, in one message."""
+        problems = []
+        if self.task == "causal_lm":
+            if self.data.format == "classification":
+                problems.append("data.format classification holds labelled examples: set task: sequence_classification")
+            if self.teacher.fine_tune is not None:
+                problems.append("teacher.fine_tune trains a classification head: set task: sequence_classification "
+                                "or remove teacher.fine_tune")
+        else:
+            if self.data.format != "classification":
+                problems.append(f"task sequence_classification needs labelled examples: set data.format: classification "
+                                f"(got {self.data.format!r}) and data.label_field")
+            if self.data.teacher_cache is not None:
+                problems.append("data.teacher_cache keeps next-token log-probs: a classifier's teacher runs live; "
+                                "remove data.teacher_cache")
+            if self.loss.features is not None:
+                problems.append("loss.features (hidden states, attention) is not supported for classifiers: "
+                                "remove loss.features")
+            if getattr(self.data, "selection", None) is not None:
+                problems.append("data.selection ranks sequences by the teacher's next-token entropy, which a classifier "
+                                "does not give: remove data.selection")
+            if getattr(self, "additional_teachers", None):
+                problems.append("additional_teachers (teacher ensembles) are not supported for classifiers: remove them")
+            cut = self.student.from_teacher
+            if cut is not None and cut.needs_importance:
+                problems.append("student.from_teacher: importance (layers: importance, width fields, target_parameters) "
+                                "is measured with the language-model loss, which a classifier lacks; choose layers "
+                                "every_other / first_half / last_half or explicit indices")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    # Fields of a section read only by a later stage, which names them ("data.teacher_responses"): they are left out
+    # of the section's own hash, so changing them redoes that stage and what follows, not the data or the student.
+    LATER_STAGE_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("teacher_responses", "selection")}
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections ("data") or fields ("data.selection"): a stage whose sections are
+        unchanged can be skipped. A whole section leaves out its `LATER_STAGE_FIELDS`."""
+        dumped = self.model_dump(mode="json")
+        payload = {}
+        for name in sections:
+            section, _, field = name.partition(".")
+            if field:
+                payload[name] = dumped[section][field]
+            else:
+                later = self.LATER_STAGE_FIELDS.get(section, ())
+                value = dumped[section]
+                payload[name] = {k: v for k, v in value.items() if k not in later} if isinstance(value, dict) else value
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

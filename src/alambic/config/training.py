@@ -1,0 +1,42 @@
+"""The training section: the optimisation of the distill stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from alambic.config._base import _Section
+
+
+class TrainingConfig(_Section):
+    """Optimisation; fields map onto `transformers.TrainingArguments`."""
+
+    max_steps: int = Field(default=100, gt=0, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(default=4, gt=0, description="Sequences per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(default=8, gt=0, description="Sequences per device for evaluation.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=5e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler_type: str = Field(default="cosine", description="Any transformers scheduler name.")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    fp16: bool = Field(default=False, description="float16 mixed precision (CUDA only).")
+    logging_steps: int = Field(default=5, gt=0, description="Log every N steps.")
+    eval_steps: int | None = Field(default=None, gt=0, description="Evaluate on held-out data every N steps.")
+    save_steps: int = Field(default=50, gt=0, description="Checkpoint every N steps (the most a crash can lose).")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept.")
+    report_to: list[str] = Field(default_factory=list, description="Trainer loggers: tensorboard, wandb, ...")
+    seed: int = Field(default=0, description="Training seed.")
+    dataloader_num_workers: int = Field(default=0, ge=0, description="Data loader workers.")
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> TrainingConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("training.bf16 and training.fp16 are exclusive: choose one")
+        return self
