@@ -1,6 +1,6 @@
 """Distillation losses: pure functions of tensors (see `divergences` for the formulas)."""
 
-from alambic.losses.chunked import ChunkedDistillationLoss, OutputHead, chunked_distillation_loss
+from alambic.losses.chunked import ChunkedDistillationLoss, chunked_distillation_loss
 from alambic.losses.divergences import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -19,6 +19,7 @@ from alambic.losses.divergences import (
     tvd,
 )
 from alambic.losses.features import attention_map_loss, attention_relation_loss, hidden_state_loss, layer_map
+from alambic.losses.heads import OutputHead
 from alambic.losses.mixture import (
     ensemble_divergence,
     mixture_logits,

@@ -2,7 +2,8 @@
 
 Logits are the memory problem of distillation: N counted tokens × a 150k vocabulary in float32 is
 gigabytes per tensor, and the plain path holds several (student and teacher logits, their softmaxes,
-the gradient). Here the (N, V) logits never exist. For each chunk of `chunk_size` rows:
+the gradient). Here the (N, V) logits never exist. For each chunk of `chunk_size` rows, through the
+heads of `losses.heads` (`OutputHead`, `head_logits`):
 
     student logits (c, V) = cap(scale · (h_s W_sᵀ + b_s))        with grad, from a detached chunk of h_s
     teacher logits (c, V) = cap(scale · (h_t W_tᵀ + b_t))        under no_grad
@@ -29,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alambic.losses.divergences import (
@@ -42,90 +42,15 @@ from alambic.losses.divergences import (
     reduce_over_tokens,
     token_cross_entropy,
 )
+from alambic.losses.heads import OutputHead, _shape, head_logits, shared_vocab_size
 from alambic.losses.mixture import _check_combination, ensemble_divergence, normalize_weights
 
+# OutputHead lives in `losses.heads`; it stays importable from here, where callers have always taken it.
 __all__ = ["ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss"]
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == is not a bool
-class OutputHead:
-    """What turns final hidden states (..., H) into logits (..., V):
-
-        logits = softcap · tanh(logit_scale · (hidden @ weightᵀ + bias) / softcap)
-
-    with the scale and the cap each skipped when None, as `alambic.modeling.project` does.
-
-    Attributes:
-        weight: (V, H) the output embedding (may be the tied input embedding).
-        bias: (V,) or None.
-        logit_scale: multiplies the logits (Cohere's `config.logit_scale`), or None.
-        softcap: final-logit soft-capping (Gemma 2's `config.final_logit_softcapping`), or None.
-    """
-
-    weight: Tensor
-    bias: Tensor | None = None
-    logit_scale: float | None = None
-    softcap: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.weight.dim() != 2:
-            raise ValueError(f"output head weight must be (V, H), got shape {tuple(self.weight.shape)}")
-        if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
-            raise ValueError(
-                f"output head bias {tuple(self.bias.shape)} must be (V,) = ({self.weight.shape[0]},) "
-                f"for a weight of shape {tuple(self.weight.shape)}"
-            )
-        if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"softcap must be > 0 (or None for no capping), got {self.softcap}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.weight.shape[1]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> OutputHead:
-        """The output head of a Hugging Face causal LM (unwrapped: not DDP/FSDP), with its config's
-        `logit_scale` and `final_logit_softcapping` when it has them.
-
-        Raises:
-            ValueError: the model has no output embeddings with a `weight` (a base model without LM head).
-        """
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or getattr(head, "weight", None) is None:
-            raise ValueError(
-                f"{type(model).__name__} has no output head with a weight (get_output_embeddings() -> "
-                f"{type(head).__name__}): load the model with its LM head (AutoModelForCausalLM)"
-            )
-        config = getattr(model, "config", None)
-        scale = getattr(config, "logit_scale", None)
-        cap = getattr(config, "final_logit_softcapping", None)
-        return cls(
-            weight=head.weight,
-            bias=getattr(head, "bias", None),
-            logit_scale=None if scale is None else float(scale),
-            softcap=None if cap is None else float(cap),
-        )
 
 
 # --------------------------------------------------------------------------------------------
 # one chunk
-
-
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, head: OutputHead) -> Tensor:
-    """(c, H) -> (c, V') logits in float32 at least, differentiable in all three tensors."""
-    # The head's dtype decides the matmul (a bf16 hidden state meeting an fp32 head is cast up, as
-    # autocast would); the logits are upcast before scale, cap and softmax.
-    logits = F.linear(hidden.to(weight.dtype), weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if head.logit_scale is not None:
-        logits = logits * head.logit_scale
-    if head.softcap is not None:
-        logits = torch.tanh(logits / head.softcap) * head.softcap
-    return logits
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,11 +140,11 @@ class _ChunkedDistillation(torch.autograd.Function):
         for start in range(0, n, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, n))
             # Each teacher through its own head: K blocks of (c, V'), mixed (or scored) in `_chunk_parts`.
-            teacher_logits = [_logits(t_hidden[rows].detach(), w_t, b_t, head)
+            teacher_logits = [head_logits(t_hidden[rows].detach(), w_t, b_t, head)
                               for (t_hidden, _, _), (w_t, b_t), head in zip(teachers, t_heads, spec.teacher_heads)]
             h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
             with torch.enable_grad():
-                student_logits = _logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
+                student_logits = head_logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
                 chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
                     student_logits, teacher_logits, labels[rows], denominator, spec
                 )
@@ -258,32 +183,6 @@ class _ChunkedDistillation(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------------------
 # public API
-
-
-def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def _shared_vocab(student_head: OutputHead, teacher_heads: Sequence[OutputHead], vocab_size: int | None) -> int:
-    v_s = student_head.vocab_size
-    several = len(teacher_heads) > 1
-    if vocab_size is None:
-        for i, head in enumerate(teacher_heads):
-            if head.vocab_size != v_s:
-                raise ValueError(
-                    f"student head vocab {v_s} != teacher{f' {i}' * several} head vocab {head.vocab_size} (weights "
-                    f"{_shape(student_head.weight)} and {_shape(head.weight)}): if the tokenizers agree on the first "
-                    f"ids, pass vocab_size=<shared size> to compare only those logits"
-                )
-        return v_s
-    smallest = min([v_s, *(head.vocab_size for head in teacher_heads)])
-    if not 1 <= vocab_size <= smallest:
-        teacher_vocabs = ", ".join(str(head.vocab_size) for head in teacher_heads) or "none"
-        raise ValueError(
-            f"vocab_size must be in [1, {smallest}] (student head vocab {v_s}, teacher head vocab"
-            f"{'s' * several} {teacher_vocabs}), got {vocab_size}"
-        )
-    return vocab_size
 
 
 def check_counted_rows(hidden: Tensor, labels: Tensor, chunk_size: int, *,
@@ -404,7 +303,7 @@ def chunked_distillation_loss(
         if len(weights) != len(t_hiddens):
             raise ValueError(f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per "
                              "teacher")
-    vocab = _shared_vocab(student_head, t_heads, vocab_size)
+    vocab = shared_vocab_size(student_head, t_heads, vocab_size)
 
     grad_on = torch.is_grad_enabled()
     spec = _Spec(

@@ -1,29 +1,8 @@
-"""Offline teacher cache: run the teacher once over the training data, keep per counted token its top-k
-log-probs, their ids and the log of its tail mass, and read them back during training.
-
-Layout of a cache folder:
-
-    shard-00000.safetensors   sequences [0, S), S = sequences_per_shard
-        offsets   (S + 1,)  int64    rows of sequence j are [offsets[j], offsets[j + 1])
-        ids       (n, k)    int32    the teacher's k most likely ids, most likely first
-        logprobs  (n, k)    dtype    log softmax(z / T) at those ids (float16, bfloat16 or float32)
-        tail      (n,)      float32  log(1 − Σ_topk p): the mass of the other V − k ids (floor when 0)
-    shard-00001.safetensors   sequences [S, 2S) ...
-    manifest.json             written last: its presence means the cache is complete
-
-A sequence's rows are its counted positions in position order (position t predicts labels[t + 1],
-`modeling.counted_positions`), so the rows of a batch, concatenated sample after sample, line up with
-the student's `hidden[:, :-1][mask]` taken row-major.
-
-Each shard is written under a temporary name and renamed (a reader sees a whole shard or none), and
-carries in its metadata the key of the settings it was made with: re-running the writer keeps the
-shards already complete for the same settings and writes only the others (resume after a crash).
-"""
+"""Writing a teacher cache: the teacher over the training sequences in order, its top-k log-probs per
+counted position into shards written whole or not at all, kept when complete (resume), the manifest last."""
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import json
 import logging
 import os
@@ -32,110 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from alambic.data.tokenize import IGNORE_INDEX, DistillationCollator
+from alambic.data.cache.fingerprint import FORMAT, FORMAT_VERSION, MANIFEST
+from alambic.data.tokenize import DistillationCollator
 from alambic.losses.topk import topk_of_log_probs, truncation_kl
 from alambic.modeling import counted_positions, final_hidden_states, project
 from alambic.utils import atomic_write_json, console, sha256_of
 
-__all__ = [
-    "CacheMismatchError",
-    "CachedTeacherCollator",
-    "CachedTeacherDataset",
-    "TeacherCache",
-    "cache_fingerprint",
-    "write_teacher_cache",
-]
+__all__ = ["write_teacher_cache"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "alambic-teacher-cache"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Counted positions projected through the teacher's head at once while writing: bounds the (rows, V)
 # float32 logits block (4096 × 152k × 4 B = 2.5 GB).
 _ROWS_PER_PROJECTION = 4096
-# What must match between a cache and the run that reads it, with the words the error uses.
-_COMPATIBILITY = (
-    ("format_version", "cache format version"),
-    ("teacher", "teacher"),
-    ("tokenizer", "tokenizer"),
-    ("dataset", "dataset"),
-    ("k", "k (ids kept per token)"),
-    ("temperature", "temperature"),
-)
-
-
-class CacheMismatchError(ValueError):
-    """A teacher cache made for other data, another tokenizer, teacher, k or temperature."""
-
-
-# --------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """Size and hash of the (token, id) pairs: two tokenizers with the same ids for the same tokens agree."""
-    vocab = tokenizer.get_vocab()
-    return {"size": len(tokenizer), "vocab_sha256": sha256_of(sorted(vocab.items()))}
-
-
-def _int_rows(dataset, column: str):
-    """Rows of `column` as int64 numpy arrays, in order (batched for a `datasets.Dataset`)."""
-    if hasattr(dataset, "iter") and hasattr(dataset, "column_names"):  # datasets.Dataset
-        for batch in dataset.select_columns([column]).iter(batch_size=1024):
-            for row in batch[column]:
-                yield np.asarray(row, dtype=np.int64)
-    else:
-        for i in range(len(dataset)):
-            yield np.asarray(dataset[i][column], dtype=np.int64)
-
-
-def dataset_fingerprint(dataset) -> dict[str, Any]:
-    """Number of sequences, of counted positions, and a hash of every sequence's input_ids and labels.
-
-    Labels are hashed with the ids: they decide which positions count, hence the cache's rows.
-    """
-    digest = hashlib.sha256()
-    sequences = counted = 0
-    has_labels = "labels" in (getattr(dataset, "column_names", None) or dataset[0])
-    labels_rows = _int_rows(dataset, "labels") if has_labels else None
-    for ids in _int_rows(dataset, "input_ids"):
-        labels = next(labels_rows) if labels_rows is not None else ids
-        digest.update(np.int64(len(ids)).tobytes())
-        digest.update(ids.tobytes())
-        digest.update(labels.tobytes())
-        sequences += 1
-        counted += int((labels[1:] != IGNORE_INDEX).sum())
-    return {"sequences": sequences, "counted_positions": counted, "sha256": digest.hexdigest()[:16]}
-
-
-def cache_fingerprint(tokenizer, dataset, *, k: int, temperature: float, teacher_id: str) -> dict[str, Any]:
-    """What a cache must have been made from to serve a run: compare with `TeacherCache.check_compatible`.
-
-    Args:
-        tokenizer: the teacher's tokenizer (the student's must equal it for logit distillation).
-        dataset: the training sequences (input_ids, labels), in the order training indexes them.
-        k: ids kept per token.
-        temperature: the KD temperature the log-probs are taken at (the loss's `temperature`).
-        teacher_id: names the teacher, e.g. its hub id or path and revision.
-    """
-    return {
-        "format_version": FORMAT_VERSION,
-        "teacher": str(teacher_id),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dataset": dataset_fingerprint(dataset),
-        "k": int(k),
-        "temperature": float(temperature),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# writing
 
 
 def _shard_name(index: int) -> str:
@@ -402,185 +294,3 @@ def write_teacher_cache(
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-
-
-class TeacherCache:
-    """Read a complete teacher cache; shards are opened lazily and memory-mapped.
-
-    `cache[i]` is sequence i's rows: ids (n_i, k) int64, logprobs (n_i, k) float32, tail (n_i,) float32.
-
-    Raises:
-        FileNotFoundError: no manifest (never written, or the writer has not finished).
-        ValueError: a manifest of another format.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        path = self.folder / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{self.folder}: no complete teacher cache ({MANIFEST} missing: never written, or the writer was "
-                "interrupted); build it with `alambic cache CONFIG` (it resumes where it stopped)"
-            )
-        self.manifest: dict[str, Any] = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not an alambic teacher cache manifest (format {self.manifest.get('format')!r})"
-            )
-        self._shards = self.manifest["shards"]
-        self._starts = [s["first_sequence"] for s in self._shards]
-        self._open: dict[int, tuple[Any, torch.Tensor]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Open file handles do not pickle (data loader workers): each process opens its own.
-        return {**self.__dict__, "_open": {}}
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return self.manifest["fingerprint"]
-
-    @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
-
-    @property
-    def temperature(self) -> float:
-        return float(self.manifest["temperature"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["totals"]["sequences"])
-
-    def _shard(self, index: int) -> tuple[Any, torch.Tensor]:
-        if index not in self._open:
-            from safetensors import safe_open
-
-            path = self.folder / self._shards[index]["file"]
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path}: shard missing from a complete cache; rebuild it with `alambic cache CONFIG`"
-                )
-            handle = safe_open(str(path), framework="pt")
-            self._open[index] = (handle, handle.get_tensor("offsets"))
-        return self._open[index]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"sequence {index} out of range: the cache holds {n} sequences")
-        index %= n
-        shard = bisect.bisect_right(self._starts, index) - 1
-        handle, offsets = self._shard(shard)
-        j = index - self._starts[shard]
-        a, b = int(offsets[j]), int(offsets[j + 1])
-        return {
-            "ids": handle.get_slice("ids")[a:b].long(),
-            "logprobs": handle.get_slice("logprobs")[a:b].float(),
-            "tail": handle.get_slice("tail")[a:b].float(),
-        }
-
-    def check_compatible(self, fingerprint: dict[str, Any]) -> None:
-        """Raise unless this cache was made from what `fingerprint` describes.
-
-        Raises:
-            CacheMismatchError: naming each thing that differs, the cached and the expected value.
-        """
-        cached = self.fingerprint
-        differ = [(key, words) for key, words in _COMPATIBILITY if cached.get(key) != fingerprint.get(key)]
-        if differ:
-            details = "; ".join(f"{words}: cached {_short(cached.get(key))}, now {_short(fingerprint.get(key))}"
-                                for key, words in differ)
-            raise CacheMismatchError(
-                f"teacher cache {self.folder} was made for another {', '.join(w for _, w in differ)} ({details}): "
-                "rebuild it with `alambic cache CONFIG` or point data.teacher_cache elsewhere"
-            )
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-# --------------------------------------------------------------------------------------------
-# training data
-
-
-def _counted_in(labels: Any) -> int:
-    labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-
-
-class CachedTeacherDataset(torch.utils.data.Dataset):
-    """`dataset`'s samples with their cached teacher rows: teacher_ids (n_i, k), teacher_logprobs (n_i, k),
-    teacher_tail (n_i,), n_i = the sample's counted positions (labels[1:] != -100).
-
-    Raises:
-        ValueError: the dataset and the cache hold different numbers of sequences.
-    """
-
-    def __init__(self, dataset, cache: TeacherCache):
-        if len(dataset) != len(cache):
-            raise CacheMismatchError(
-                f"the dataset has {len(dataset)} sequences but teacher cache {cache.folder} holds {len(cache)}: "
-                "it was made for other data; rebuild it with `alambic cache CONFIG`"
-            )
-        self.dataset = dataset
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self.dataset[index])
-        rows = self.cache[index]
-        labels = sample.get("labels", sample["input_ids"])
-        if rows["ids"].shape[0] != _counted_in(labels):
-            raise CacheMismatchError(
-                f"sequence {index}: teacher cache {self.cache.folder} holds {rows['ids'].shape[0]} rows, the sample "
-                f"has {_counted_in(labels)} counted positions: the cache was made for other data or masking; "
-                "rebuild it with `alambic cache CONFIG`"
-            )
-        sample["teacher_ids"] = rows["ids"]
-        sample["teacher_logprobs"] = rows["logprobs"]
-        sample["teacher_tail"] = rows["tail"]
-        return sample
-
-
-@dataclass
-class CachedTeacherCollator:
-    """`DistillationCollator` for samples of `CachedTeacherDataset`, plus the teacher rows of the batch,
-    concatenated sample after sample: teacher_ids (N, k), teacher_logprobs (N, k), teacher_tail (N,).
-
-    Each sample's rows are in position order, so the concatenation lines up with the student's
-    `hidden[:, :-1][mask]` (row-major over the (B, T-1) mask), N = mask.sum().
-
-    Raises:
-        ValueError: a sample without teacher rows, or N different from the batch's counted positions.
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __post_init__(self) -> None:
-        self._pad = DistillationCollator(self.pad_token_id, self.pad_to_multiple_of)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        missing = [i for i, f in enumerate(features) if "teacher_ids" not in f]
-        if missing:
-            raise ValueError(f"samples {missing[:5]} have no teacher rows: wrap the dataset in CachedTeacherDataset")
-        batch = self._pad([{k: v for k, v in f.items() if not k.startswith("teacher_")} for f in features])
-        for key in ("teacher_ids", "teacher_logprobs", "teacher_tail"):
-            batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features])
-        counted = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1), the trainer's mask
-        rows = [len(f["teacher_ids"]) for f in features]
-        if sum(rows) != int(counted.sum()):
-            per_sample = counted.sum(1).tolist()
-            bad = [(i, r, c) for i, (r, c) in enumerate(zip(rows, per_sample)) if r != c]
-            raise ValueError(
-                f"the batch has {int(counted.sum())} counted positions but {sum(rows)} teacher rows; "
-                f"(sample, rows, counted) that differ: {bad[:5]}"
-            )
-        return batch

@@ -1,0 +1,61 @@
+"""Stages 'evaluate' and 'report': every model of the run scored on the held-out split (eval.json), then the
+report written from the run folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alambic.config import ConfigError, RunConfig
+from alambic.pipeline import StageContext
+from alambic.stages.models import check_same_tokenizer
+from alambic.stages.paths import CONTROL_DIR, DATA_DIR, FINAL_DIR, run_labels, student_source, teacher_source
+from alambic.utils import atomic_write_json
+
+
+def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """Quality, generation and cost of the teacher, the student before and after distillation, the CE control
+    and the configured baselines, all on the held-out split, each model loaded once (eval.json)."""
+    from alambic.data import load_prepared
+    from alambic.evaluation.suite import evaluate_models
+    from alambic.models import is_classifier, load_model, load_tokenizer, resolve_source
+
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    labels = run_labels(config, ctx.run_dir)  # classifiers: every model is loaded with this head
+    device = config.evaluation.device or config.teacher.device
+    teacher_cfg = teacher_source(config, ctx.run_dir)
+    teacher = load_model(teacher_cfg.model_copy(update={"device": device}), cache=True, labels=labels)
+    tokenizer = load_tokenizer(config.teacher)
+    source = student_source(config, ctx.run_dir).model_copy(update={"device": device})
+    folders = {"student_before": None, "student_distilled": ctx.run_dir / FINAL_DIR}
+    if config.evaluation.ce_control:
+        folders["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
+    models, sources = {}, {"teacher": resolve_source(teacher_cfg.model, teacher_cfg.gguf_file)}
+    for name, folder in folders.items():  # same dtype and device as the untrained student
+        cfg = source if folder is None else source.model_copy(update={"model": str(folder), "gguf_file": None})
+        models[name], sources[name] = load_model(cfg, labels=labels), resolve_source(cfg.model, cfg.gguf_file)
+    for name, cfg in config.evaluation.baselines.items():
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.teacher.model, f"baseline {name} ({cfg.model})")
+        if labels is not None and not is_classifier(cfg):
+            raise ConfigError(f"evaluation.baselines.{name}: {cfg.model!r} is not a sequence classifier; a "
+                              "classification run compares classifiers trained on its labels")
+        cfg = cfg.model_copy(update={"device": config.evaluation.device or cfg.device})
+        models[name], sources[name] = load_model(cfg, labels=labels), resolve_source(cfg.model, cfg.gguf_file)
+    sources = {n: (s.path, s.gguf_file) for n, s in sources.items()}
+    if labels is not None:
+        from alambic.evaluation.classification import evaluate_classifier_models
+
+        results = evaluate_classifier_models(teacher, models, data, config.evaluation, labels=labels, sources=sources)
+        keep = ("accuracy", "macro_f1", "teacher_agreement", "kl_to_teacher", "num_examples", "parameters")
+    else:
+        results = evaluate_models(teacher, models, data, tokenizer, config.evaluation, sources=sources)
+        keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
+    atomic_write_json(ctx.run_dir / "eval.json", results)
+    return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep}
+            for name, r in results["models"].items()}
+
+
+def report(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from alambic.report.render import write_report
+
+    path = write_report(ctx.run_dir)
+    return {"report": str(path)}

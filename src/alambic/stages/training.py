@@ -1,0 +1,84 @@
+"""Stages 'distill' and 'control': the student trained against the teacher (live, cached or several), and the
+same student trained with plain cross-entropy; language models and classifiers alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alambic.config import LossConfig, RunConfig
+from alambic.pipeline import StageContext
+from alambic.stages.data import _cache_fingerprint, cache_folder, distill_train_set
+from alambic.stages.models import _classifier_teacher, load_additional_teachers
+from alambic.stages.paths import CONTROL_DIR, DATA_DIR, SPLITS, STUDENT_DIR, run_labels, student_source
+from alambic.utils import atomic_write_json
+
+
+def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool,
+           teacher_data: bool = False) -> dict[str, Any]:
+    if config.task == "sequence_classification":
+        return _train_classifier(config, ctx, loss=loss, out=out, with_teacher=with_teacher)
+    from alambic.data import DistillationCollator, load_prepared
+    from alambic.models import load_model, load_tokenizer
+    from alambic.training.run import train
+
+    kept_layers = None
+    if config.student.from_teacher is not None:  # pruned from this teacher: `layer_map: auto` pairs the kept layers
+        kept_layers = json.loads((ctx.run_dir / STUDENT_DIR / "student.json").read_text()).get("kept_layers")
+    data = load_prepared(ctx.run_dir / DATA_DIR)
+    if teacher_data:  # the held-out split stays the real data: only what is trained on changes
+        data.train = distill_train_set(config, ctx.run_dir, data.train)
+    source = student_source(config, ctx.run_dir)
+    student = load_model(source)
+    tokenizer = load_tokenizer(source)
+    if not with_teacher:  # the CE control trains on the data's answers only
+        loss = loss.model_copy(update={"on_policy": None})
+    collator = DistillationCollator(pad_token_id=tokenizer.pad_token_id, prompt_lengths=loss.on_policy is not None)
+    teacher, additional = None, []
+    if with_teacher and config.data.teacher_cache is not None:
+        from alambic.data.cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
+
+        teacher_tok = load_tokenizer(config.teacher)
+        for split in SPLITS:
+            cache = TeacherCache(cache_folder(config, ctx.run_dir) / split)
+            cache.check_compatible(_cache_fingerprint(config, teacher_tok, getattr(data, split)))
+            setattr(data, split, CachedTeacherDataset(getattr(data, split), cache))
+        collator = CachedTeacherCollator(pad_token_id=tokenizer.pad_token_id)
+    elif with_teacher:
+        teacher = load_model(config.teacher, cache=True)
+        additional = load_additional_teachers(config)
+    summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
+                    output_dir=out, resume=ctx.resume, collator=collator,
+                    cached_teacher=teacher is None and with_teacher, kept_layers=kept_layers,
+                    additional_teachers=additional, teacher_weight=config.teacher_weight)
+    atomic_write_json(out / "train_summary.json", summary)
+    return {k: v for k, v in summary.items() if k != "log_history"}
+
+
+def _train_classifier(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
+                      with_teacher: bool) -> dict[str, Any]:
+    from alambic.data import load_prepared
+    from alambic.models import load_model, load_tokenizer
+    from alambic.training.classifier import train_classifier
+
+    source = student_source(config, ctx.run_dir)
+    # A given student that is a backbone gets a fresh head; the pruned one is already a classifier.
+    student = load_model(source, labels=run_labels(config, ctx.run_dir))
+    teacher = _classifier_teacher(config, ctx.run_dir) if with_teacher else None
+    summary = train_classifier(student, load_tokenizer(source), load_prepared(ctx.run_dir / DATA_DIR),
+                               teacher=teacher, loss=loss, training=config.training, output_dir=out,
+                               resume=ctx.resume)
+    atomic_write_json(out / "train_summary.json", summary)
+    return {k: v for k, v in summary.items() if k != "log_history"}
+
+
+def distill(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return _train(config, ctx, loss=config.loss, out=ctx.run_dir, with_teacher=config.loss.alpha > 0,
+                  teacher_data=True)
+
+
+def control(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """The same student, data and steps, trained with plain cross-entropy: what distillation must beat."""
+    ce = config.loss.model_copy(update={"alpha": 0.0, "features": None})  # plain CE: no teacher, no features
+    return _train(config, ctx, loss=ce, out=ctx.run_dir / CONTROL_DIR, with_teacher=False)
