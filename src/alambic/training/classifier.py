@@ -11,7 +11,6 @@ metrics and the final export follow `alambic.training.run.train`, whose helpers 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,14 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from alambic.config import FineTuneConfig, LossConfig, TrainingConfig
 from alambic.data import PreparedData
 from alambic.data.classification import ClassificationCollator
 from alambic.losses import distillation_loss
-from alambic.training.run import _CHECKPOINT, JsonlMetricsCallback, last_complete_checkpoint, training_arguments
-from alambic.utils import console
+from alambic.training.run import fit_and_export
 
 
 class ClassifierDistillationTrainer(Trainer):
@@ -145,52 +143,23 @@ def train_classifier(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, examples and tokens per step, log history.
     """
-    checkpoints, metrics_path = output_dir / "checkpoints", output_dir / "metrics.jsonl"
-    args = training_arguments(training, checkpoints, has_eval=len(data.validation) > 0)
-    is_main = args.process_index == 0  # under a launcher, only rank 0 touches shared files
-    with args.main_process_first(desc="checkpoint clean-up"):
-        if is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and checkpoints.exists():
-                shutil.rmtree(checkpoints)
-        last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main) if resume else None
-        if is_main and last is None and metrics_path.exists():
-            metrics_path.unlink()
-    trainer = ClassifierDistillationTrainer(
-        model=student, args=args, train_dataset=data.train,
-        eval_dataset=data.validation if len(data.validation) else None,
-        data_collator=ClassificationCollator(pad_token_id=student.config.pad_token_id),
-        processing_class=tokenizer, teacher=teacher, loss_config=loss,
-        callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
-    )
-    if last is not None:
-        console.print(f"resuming from {last}")
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    wall = time.perf_counter() - t0
+    def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> ClassifierDistillationTrainer:
+        return ClassifierDistillationTrainer(
+            model=student, args=args, train_dataset=data.train,
+            eval_dataset=data.validation if len(data.validation) else None,
+            data_collator=ClassificationCollator(pad_token_id=student.config.pad_token_id),
+            processing_class=tokenizer, teacher=teacher, loss_config=loss, callbacks=all_callbacks,
+        )
 
-    final, tmp = output_dir / "final", output_dir / "final.tmp"
-    if is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # every rank: distributed back-ends gather the weights here
-    if is_main:
-        tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    trainer.accelerator.wait_for_everyone()
+    trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
+                                      tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
+                                      teachers=(teacher,))
     examples = training.per_device_train_batch_size * training.gradient_accumulation_steps
     mean_length = sum(len(ids) for ids in data.train["input_ids"]) / max(len(data.train), 1)
     return {
-        "global_step": trainer.state.global_step,
-        "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,
-        "train_seconds": round(wall, 2),
-        "train_loss": round(float(result.training_loss), 6),
+        **summary,
         "examples_per_step": examples,
         "tokens_per_step": round(examples * mean_length),  # on average: examples are not padded to one length
-        "device": str(trainer.args.device),
-        "torch_threads": torch.get_num_threads(),
         "log_history": trainer.state.log_history,
     }
 

@@ -6,12 +6,12 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
@@ -139,9 +139,64 @@ def train(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, log history.
     """
+    def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> DistillationTrainer:
+        return DistillationTrainer(
+            model=student,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.validation if len(data.validation) else None,
+            # loss.on_policy answers each sequence's prompt: the batches carry its length
+            data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id,
+                                                           prompt_lengths=loss.on_policy is not None),
+            processing_class=tokenizer,
+            teacher=teacher,
+            cached_teacher=cached_teacher,
+            loss_config=loss,
+            kept_layers=kept_layers,
+            additional_teachers=additional_teachers,
+            teacher_weight=teacher_weight,
+            callbacks=all_callbacks,
+        )
+
+    trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
+                                      tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
+                                      teachers=(teacher, *(t.model for t in additional_teachers)))
+    return {
+        **summary,
+        "tokens_per_step": training.per_device_train_batch_size
+        * training.gradient_accumulation_steps
+        * (len(data.train[0]["input_ids"]) if len(data.train) else 0),
+        **({"on_policy": on_policy_summary(trainer)} if trainer.on_policy is not None else {}),
+        "log_history": trainer.state.log_history,
+    }
+
+
+def fit_and_export(
+    make_trainer: Callable[[TrainingArguments, list[TrainerCallback]], Trainer],
+    *,
+    training: TrainingConfig,
+    has_eval: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    resume: bool,
+    callbacks: list[TrainerCallback] | None = None,
+    teachers: Sequence[torch.nn.Module | None] = (),
+) -> tuple[Trainer, dict[str, Any]]:
+    """What every alambic training shares, whatever its Trainer: checkpoints in `output_dir/checkpoints` (with
+    `resume`, continue from the newest complete one; without, start clean), metrics streamed to
+    `output_dir/metrics.jsonl`, the teachers' own forward given back afterwards (`restore_forward`), and the
+    trained model exported to `output_dir/final` (HF format, tokenizer included) through a temporary folder.
+
+    Args:
+        make_trainer: builds the Trainer from the TrainingArguments and the callbacks to pass it.
+
+    Returns:
+        The trainer, and the summary every training reports: global_step, resumed_from, train_seconds,
+        train_loss, device, torch_threads.
+    """
     checkpoints = output_dir / "checkpoints"
     metrics_path = output_dir / "metrics.jsonl"
-    args = training_arguments(training, checkpoints, has_eval=len(data.validation) > 0)
+    args = training_arguments(training, checkpoints, has_eval=has_eval)
     is_main = args.process_index == 0  # under a launcher, only rank 0 touches shared files
     with args.main_process_first(desc="checkpoint clean-up"):
         if is_main:
@@ -151,30 +206,14 @@ def train(
         last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main) if resume else None
         if is_main and last is None and metrics_path.exists():
             metrics_path.unlink()
-    trainer = DistillationTrainer(
-        model=student,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.validation if len(data.validation) else None,
-        # loss.on_policy answers each sequence's prompt: the batches carry its length
-        data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id,
-                                                       prompt_lengths=loss.on_policy is not None),
-        processing_class=tokenizer,
-        teacher=teacher,
-        cached_teacher=cached_teacher,
-        loss_config=loss,
-        kept_layers=kept_layers,
-        additional_teachers=additional_teachers,
-        teacher_weight=teacher_weight,
-        callbacks=[JsonlMetricsCallback(metrics_path), *(callbacks or [])],
-    )
+    trainer = make_trainer(args, [JsonlMetricsCallback(metrics_path), *(callbacks or [])])
     if last is not None:
         console.print(f"resuming from {last}")
     t0 = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     finally:
-        for model in (teacher, *(t.model for t in additional_teachers)):  # a caller may use them afterwards
+        for model in teachers:  # a caller may use them afterwards
             restore_forward(model)
     wall = time.perf_counter() - t0
 
@@ -189,18 +228,13 @@ def train(
             shutil.rmtree(final)
         tmp.rename(final)
     trainer.accelerator.wait_for_everyone()
-    return {
+    return trainer, {
         "global_step": trainer.state.global_step,
         "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,
         "train_seconds": round(wall, 2),
         "train_loss": round(float(result.training_loss), 6),
-        "tokens_per_step": training.per_device_train_batch_size
-        * training.gradient_accumulation_steps
-        * (len(data.train[0]["input_ids"]) if len(data.train) else 0),
         "device": str(trainer.args.device),
         "torch_threads": torch.get_num_threads(),
-        **({"on_policy": on_policy_summary(trainer)} if trainer.on_policy is not None else {}),
-        "log_history": trainer.state.log_history,
     }
 
 
