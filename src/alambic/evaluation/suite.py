@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import track
 from transformers import PreTrainedModel
 
 from alambic.config import CostConfig, EvaluationConfig, GenerationEvalConfig
@@ -95,9 +96,9 @@ def evaluate_models(teacher: PreTrainedModel, models: dict[str, PreTrainedModel]
             results[name]["generation"] = scores
     if cfg.cost is not None:
         prompt_ids = cost_prompts(data.validation, cfg.cost)
-        for name, model in everyone.items():
-            console.print(f"cost: {name} ({cfg.cost.repeats} timed runs of {cfg.cost.new_tokens} tokens)")
-            c = cfg.cost
+        c = cfg.cost
+        description = f"measuring cost ({c.warmup} + {c.repeats} runs of {c.new_tokens} tokens per figure)"
+        for name, model in track(everyone.items(), description=description, console=console):
             cost = measure_cost(model, prompt_ids, new_tokens=c.new_tokens, batch_size=c.batch_size, warmup=c.warmup,
                                 repeats=c.repeats, pad_token_id=tokenizer.pad_token_id)
             path, gguf = sources[name]
