@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from alambic.report.html import write_html_report
-from alambic.report.markdown import kl, percent, perplexity, table, with_interval
+from alambic.report.markdown import kl, not_done_section, percent, perplexity, table, with_interval
 from alambic.utils import atomic_write_text, console
 
 HEADERS = ["step", "teacher", "student starts from", "parameters", "perplexity", "top-1 agree (original)",
@@ -105,12 +105,8 @@ def write_chain_report(folder: str | Path) -> Path:
         best = min(scored, key=lambda r: r["original"]["kl_to_teacher"])
         parts += ["", (f"Closest to the original teacher: **{_cell(best['name'])}** (KL "
                        f"{with_interval(best['original'], 'kl_to_teacher', kl)}).")]
-    failed = [r for r in rows if r.get("status") not in ("done", "pending", None)]
-    if failed:
-        parts += ["", "## Steps not done", ""]
-        parts += [f"- {_cell(r['name'])}: {r.get('status')}"
-                  + (f": `{r['error'].splitlines()[0].replace('`', chr(39))}`" if r.get("error") else "")
-                  for r in failed]
+    parts += not_done_section("Steps not done", [(_cell(r["name"]), r.get("status"), r.get("error")) for r in rows
+                                                 if r.get("status") not in ("done", "pending", None)])
     path = folder / "chain.md"
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)

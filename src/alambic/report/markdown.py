@@ -45,3 +45,13 @@ def with_interval(m: dict, key: str, fmt) -> str:
     if not low_high or low_high[0] == low_high[1]:
         return fmt(m[key])
     return f"{fmt(m[key])} [{fmt(low_high[0])}, {fmt(low_high[1])}]"
+
+
+def not_done_section(title: str, entries: list[tuple[str, str | None, str | None]]) -> list[str]:
+    """Markdown lines listing runs that did not finish: `(name, status, error)` each, with the first line of the
+    error in a code span (a backtick inside would end it early, so it becomes a quote). [] when there are none."""
+    if not entries:
+        return []
+    return ["", f"## {title}", "", *(f"- {name}: {status}"
+                                     + (f": `{error.splitlines()[0].replace('`', chr(39))}`" if error else "")
+                                     for name, status, error in entries)]

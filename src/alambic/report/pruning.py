@@ -38,7 +38,6 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
     imp = pruning.get("importance") or {}
     lines += ["", f"Layers kept ({pruning['layer_ranking']}): {pruning['kept_layers']}; removed: "
               f"{pruning.get('removed_layers', [])}."]
-    plan = pruning.get("plan") or {}
     if s["num_attention_heads"] != t["num_attention_heads"] or s["num_key_value_heads"] != t["num_key_value_heads"]:
         lines.append(f"Attention: {s['num_attention_heads']} of {t['num_attention_heads']} query heads and "
                      f"{s['num_key_value_heads']} of {t['num_key_value_heads']} KV heads kept in every layer, "

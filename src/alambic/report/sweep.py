@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from alambic.report.html import write_html_report
-from alambic.report.markdown import kl, model_label, percent, perplexity, table, with_interval
+from alambic.report.markdown import kl, model_label, not_done_section, percent, perplexity, table, with_interval
 from alambic.report.plots import RUN_COLORS, plt, save_figure  # plt with the Agg backend report.plots selects
 from alambic.utils import atomic_write_text, console
 
@@ -187,13 +187,8 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         parts += ["", "## For reference", "", table(["model", *(h for h, _, _ in QUALITY)], refs)]
     if plot_sweep(grid, points, evals, sweep_dir / "plots" / "sweep.png", best=best) is not None:
         parts += ["", "![KL to teacher across the sweep](plots/sweep.png)"]
-    failed = [p for p in points if p.get("status") not in ("done", None)]
-    if failed:
-        parts += ["", "## Points not done", ""]
-        # first line of the error only, in a code span (a backtick inside would end it early)
-        parts += [f"- {p['name']}: {p.get('status')}"
-                  + (f": `{p['error'].splitlines()[0].replace('`', chr(39))}`" if p.get("error") else "")
-                  for p in failed]
+    parts += not_done_section("Points not done", [(p["name"], p.get("status"), p.get("error")) for p in points
+                                                  if p.get("status") not in ("done", None)])
     path = sweep_dir / "sweep.md"
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)
