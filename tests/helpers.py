@@ -55,6 +55,36 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return tok
 
 
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=None)
+def _other_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=200, unk_token="<unk>", initial_alphabet=["\n"],
+                                      special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<pad>"])
+    tok.train_from_iterator([*_CORPUS, *NEWS], trainer=trainer)
+    return tok.to_str()
+
+
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer unlike `tiny_tokenizer` in every way a second teacher's can be: SentencePiece-style unigram
+    (Metaspace, as Llama 2's), other ids, another chat template (Zephyr's) and end-of-turn token (</s>)."""
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_other_tokenizer_json()), bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok.chat_template = ZEPHYR_TEMPLATE
+    return tok
+
+
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 

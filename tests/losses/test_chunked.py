@@ -375,3 +375,10 @@ def test_peak_allocation_is_flat_in_tokens():
         ref = distillation_loss(hidden @ student.weight.T + student.bias, t_hidden @ teacher.weight.T, labels, **kwargs)
         ref.total.backward()
     assert spy.largest >= full_logits
+
+
+@pytest.mark.parametrize("v_t", [11, 29])
+def test_uld_with_another_teacher_vocabulary_matches_reference(v_t):
+    case = make_case(v_s=19, v_t=v_t, label_vocab=19)
+    kwargs = dict(divergence="uld", alpha=0.6, temperature=2.0)
+    assert_same(chunked(*case, chunk_size=8, **kwargs), reference(*case, **kwargs), what=f"uld V_t={v_t}")

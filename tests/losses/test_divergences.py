@@ -69,7 +69,22 @@ def ref_divergence(name, s, t, temperature, beta=JSD_BETA, skew=SKEW):
         return 0.5 * (p - q).abs().sum(-1)
     if name == "logit_mse":
         return ((s.double() / temperature - t.double() / temperature) ** 2).sum(-1) / s.shape[-1]
+    if name == "uld":
+        return ref_uld(p, q)
     raise KeyError(name)
+
+
+def ref_uld(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row by row: both probability vectors sorted in decreasing order, the shorter padded with zeros, L1 distance."""
+    flat_p, flat_q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+    out = []
+    for row_p, row_q in zip(flat_p, flat_q):
+        a = sorted(row_p.unbind(), key=lambda x: float(x.detach()), reverse=True)
+        b = sorted(row_q.unbind(), key=lambda x: float(x.detach()), reverse=True)
+        zero = torch.zeros((), dtype=torch.float64)
+        a, b = a + [zero] * (len(b) - len(a)), b + [zero] * (len(a) - len(b))
+        out.append(sum((x - y).abs() for x, y in zip(a, b)))
+    return torch.stack(out).reshape(p.shape[:-1])
 
 
 def ref_cross_entropy(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -473,3 +488,29 @@ def test_plain_cross_entropy_needs_no_teacher():
     torch.testing.assert_close(parts.total, ref)
     with pytest.raises(ValueError, match="needs teacher logits"):
         distillation_loss(logits, None, labels, alpha=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# ULD: the one divergence across vocabularies
+
+
+@pytest.mark.parametrize("v_s,v_t", [(11, 11), (7, 13), (13, 5)])
+def test_uld_across_vocabularies_matches_reference(v_s, v_t):
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(4, 6, v_s, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = (torch.randn(4, 6, v_t, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    got = values_and_grads(lambda a, b: divergence("uld", a, b, temperature=2.0), s, t)
+    want = values_and_grads(lambda a, b: ref_uld(ref_probs(b, 2.0), ref_probs(a, 2.0)), s, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_uld_sees_only_the_shape_of_the_distributions():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    shuffled = t[:, torch.randperm(9, generator=g)]
+    torch.testing.assert_close(divergences_module.uld(s, t), divergences_module.uld(s, shuffled))
+    assert divergences_module.uld(t, shuffled).abs().max() < 1e-6  # a permutation of the teacher is at distance 0
+    assert (divergences_module.uld(s, t) <= 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="same leading shape"):
+        divergences_module.uld(s, t[:4])

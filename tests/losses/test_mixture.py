@@ -54,6 +54,8 @@ def ref_divergence(name, z_s, p, z_mix_logits, temperature):
         return 0.5 * (p - q).abs().sum(-1)
     if name == "logit_mse":
         return ((z_s - z_mix_logits) / temperature).square().mean(-1)
+    if name == "uld":  # the sorted mixture against the sorted student
+        return (p.sort(-1, descending=True).values - q.sort(-1, descending=True).values).abs().sum(-1)
     raise AssertionError(name)
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 Divergence = Literal[
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse"
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse", "uld"
 ]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Task = Literal["causal_lm", "sequence_classification"]

@@ -225,13 +225,15 @@ class RunConfig(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections ("data") or fields ("data.selection"): a stage whose sections are
-        unchanged can be skipped. A whole section leaves out its `LATER_STAGE_FIELDS`."""
+        unchanged can be skipped. A whole section leaves out its `LATER_STAGE_FIELDS`; a field that is None is left
+        out too, so a stage given a new optional input keeps the hash of the runs that do not set it."""
         dumped = self.model_dump(mode="json")
         payload = {}
         for name in sections:
             section, _, field = name.partition(".")
             if field:
-                payload[name] = dumped[section][field]
+                if dumped[section][field] is not None:
+                    payload[name] = dumped[section][field]
             else:
                 later = self.LATER_STAGE_FIELDS.get(section, ())
                 value = dumped[section]

@@ -338,8 +338,10 @@ def write_response_set(
     teacher_id: str,
     max_seq_len: int,
     on_batch: Callable[[int], None] | None = None,
+    train_tokenizer=None,
 ) -> dict[str, Any]:
-    """Generate (or resume) the responses, tokenize the kept ones, write `folder`'s files; `summary.json` last.
+    """Generate (or resume) the responses, tokenize the kept ones (with `train_tokenizer`, the student's, when it is
+    not the teacher's `tokenizer`), write `folder`'s files; `summary.json` last.
 
     Returns:
         The summary: the counts of `generate_teacher_responses`, "kept" responses, "training_sequences",
@@ -351,7 +353,7 @@ def write_response_set(
     records, counts = generate_teacher_responses(model, tokenizer, prompts, folder / GENERATIONS_FILE,
                                                  settings=settings, teacher_id=teacher_id, on_batch=on_batch)
     docs = response_conversations(records, filter_degenerate=settings.filter_degenerate)
-    samples = tokenize_responses(docs, tokenizer, max_seq_len)
+    samples = tokenize_responses(docs, train_tokenizer or tokenizer, max_seq_len)
     if not samples:
         raise DataSourceError(
             f"no teacher response is left to train on: {counts['degenerate']} of {counts['responses']} flagged "

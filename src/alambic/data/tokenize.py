@@ -144,14 +144,14 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer) -> tuple[str, lis
     return full, spans
 
 
+def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's label: its id where it overlaps a counted character span, else -100."""
+    return [token if any(a < e and b > s for s, e in spans) else IGNORE_INDEX for token, (a, b) in zip(ids, offsets)]
+
+
 def _labels_from_offsets(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = []
-    for token, (a, b) in zip(ids, enc["offset_mapping"]):
-        counted = any(a < e and b > s for s, e in spans)  # the token overlaps a counted span
-        labels.append(token if counted else IGNORE_INDEX)
-    return ids, labels
+    return enc["input_ids"], labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans)
 
 
 def _labels_from_segments(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -226,17 +226,21 @@ def _counted(samples: list[dict[str, list[int]]]) -> int:
 def _to_dataset(samples: list[dict[str, list[int]]]):
     import datasets
 
-    features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "attention_mask": datasets.List(datasets.Value("int8")),
-        "labels": datasets.List(datasets.Value("int32")),
-    })
-    columns = {k: [s[k] for s in samples] for k in ("input_ids", "attention_mask", "labels")}
-    return datasets.Dataset.from_dict(columns, features=features)
+    from alambic.data.cross import CROSS_COLUMNS
+
+    ids = datasets.List(datasets.Value("int32"))
+    features = {"input_ids": ids, "attention_mask": datasets.List(datasets.Value("int8")), "labels": ids}
+    if samples and "teacher_input_ids" in samples[0]:  # a teacher with another tokenizer: see data.cross
+        features.update({name: ids for name in CROSS_COLUMNS})
+    columns = {k: [s[k] for s in samples] for k in features}
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
+def prepare_datasets(cfg: DataConfig, tokenizer, teacher_tokenizer=None) -> PreparedData:
     """Load, split (by document), tokenize and record the data of a run.
+
+    `teacher_tokenizer`: the teacher's, when it is not `tokenizer` (the student's): each sequence then also
+    carries the teacher's tokens and the positions where the two line up (`data.cross`).
 
     Raises:
         DataSourceError: no documents, or a split with no sequence to train or evaluate on.
@@ -247,7 +251,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
         from alambic.data.classification import prepare_classification
 
         return prepare_classification(cfg, tokenizer, docs, train_docs, validation_docs)
-    tokenize = tokenize_text if cfg.format == "text" else tokenize_chat
+    if teacher_tokenizer is not None:
+        from alambic.data.cross import tokenize_chat_pair, tokenize_text_pair
+
+        pair = tokenize_text_pair if cfg.format == "text" else tokenize_chat_pair
+
+        def tokenize(d, tok, n):
+            return pair(d, tok, teacher_tokenizer, n)
+    else:
+        tokenize = tokenize_text if cfg.format == "text" else tokenize_chat
     train = tokenize(train_docs, tokenizer, cfg.max_seq_len)
     validation = tokenize(validation_docs, tokenizer, cfg.max_seq_len)
     for name, samples, n_docs in (("train", train, len(train_docs)), ("validation", validation, len(validation_docs))):
@@ -277,6 +289,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
         "counted_tokens": {"train": _counted(train), "validation": _counted(validation)},
         "prompts": len(prompts),
         "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+        **(_cross_record(teacher_tokenizer, train, validation) if teacher_tokenizer is not None else {}),
         "max_seq_len": cfg.max_seq_len,
         "train_ids_hash": sha256_of(sorted(train_ids)),
         "validation_ids_hash": sha256_of(sorted(validation_ids)),
@@ -287,6 +300,13 @@ def prepare_datasets(cfg: DataConfig, tokenizer) -> PreparedData:
         split["counted_tokens"]["train"], split["counted_tokens"]["validation"],
     )
     return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split, prompts=prompts)
+
+
+def _cross_record(teacher_tokenizer, train, validation) -> dict[str, Any]:
+    from alambic.data.cross import aligned_share
+
+    return {"teacher_tokenizer": getattr(teacher_tokenizer, "name_or_path", "") or "",
+            "aligned_share": {"train": aligned_share(train), "validation": aligned_share(validation)}}
 
 
 def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
@@ -350,11 +370,15 @@ class DistillationCollator:
         pad_to_multiple_of: round the padded length up to a multiple (e.g. 8 for tensor cores).
         prompt_lengths: also return `prompt_length` (B,): each row's `last_turn_start`, the tokens of its prompt
             (chat data; on-policy distillation answers these prompts).
+        teacher_pad_token_id: the teacher's pad id, for data made for a teacher with another tokenizer
+            (`data.cross`): its columns are padded too, into teacher_input_ids / teacher_attention_mask (pad id, 0),
+            teacher_labels (-100) and teacher_positions (-1). None: those columns are dropped if present.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     prompt_lengths: bool = False
+    teacher_pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
@@ -372,17 +396,28 @@ class DistillationCollator:
         masks = [_as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(i)
                  for f, i in zip(features, ids)]
         labels = [_as_list(f["labels"]) if "labels" in f else list(i) for f, i in zip(features, ids)]
-        length = max(len(i) for i in ids)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
-            "input_ids": [i + [self.pad_token_id] * (length - len(i)) for i in ids],
-            "attention_mask": [m + [0] * (length - len(m)) for m in masks],
-            "labels": [lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels],
+            "input_ids": self._pad(ids, self.pad_token_id),
+            "attention_mask": self._pad(masks, 0),
+            "labels": self._pad(labels, IGNORE_INDEX),
         }
+        if self.teacher_pad_token_id is not None:
+            # one entry per student token, padded like the labels
+            batch["teacher_positions"] = self._pad([_as_list(f["teacher_positions"]) for f in features], -1)
+            t_ids = [_as_list(f["teacher_input_ids"]) for f in features]
+            batch["teacher_input_ids"] = self._pad(t_ids, self.teacher_pad_token_id)
+            batch["teacher_attention_mask"] = self._pad([[1] * len(i) for i in t_ids], 0)
+            batch["teacher_labels"] = self._pad([_as_list(f["teacher_labels"]) for f in features], IGNORE_INDEX)
         if self.prompt_lengths:
             batch["prompt_length"] = [last_turn_start(lab) for lab in labels]
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+    def _pad(self, rows: list[list[int]], value: int) -> list[list[int]]:
+        """Right-pad to the longest row, rounded up to `pad_to_multiple_of`."""
+        length = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return [r + [value] * (length - len(r)) for r in rows]
 
 
 def last_turn_start(labels: list[int]) -> int:

@@ -32,6 +32,7 @@ def evaluate_against_teacher(
     *,
     pad_token_id: int,
     batch_size: int = 8,
+    teacher_pad_token_id: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score the teacher and each model on the same held-out batches.
 
@@ -42,67 +43,93 @@ def evaluate_against_teacher(
     Each metric also gets a 95 % percentile-bootstrap interval over held-out sequences
     (`evaluation.bootstrap`, 1000 resamples, fixed seed, the same resampled sets for every model).
 
+    A teacher with another tokenizer (`dataset` made by `data.cross`, `teacher_pad_token_id` given): the teacher
+    reads the same texts in its own tokens, and its summed cross-entropy over them is divided by the students' count
+    of tokens of the same texts: a perplexity per student token, comparable with theirs (the teacher's own count is
+    `own_tokens`). Agreement and KL, defined only over one vocabulary, are None.
+
     Returns:
         {name: {"perplexity", "cross_entropy", "top1_agreement", "top5_agreement", "kl_to_teacher",
         "intervals": {metric: [low, high]}, "num_tokens", "num_sequences", "parameters", ...}},
         the teacher under the key "teacher".
     """
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator(pad_token_id))
+    cross = teacher_pad_token_id is not None
+    collator = DistillationCollator(pad_token_id, teacher_pad_token_id=teacher_pad_token_id)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     everyone = {"teacher": teacher, **models}
+    # One tokenization each group reads, compared with its first model; across tokenizers, nothing is compared.
+    groups = [({"teacher": teacher}, "teacher_"), (models, "")] if cross else [(everyone, "")]
     # Per-sequence sums (float64, on CPU): the bootstrap resamples sequences, so it needs nothing else.
     per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
     for batch in track(loader, description=f"evaluating {len(everyone)} models on held-out data", console=console):
-        mask, targets = counted_positions(batch["labels"])  # (B, T-1), (N,)
-        # (N,): the sequence of each counted token (mask is flattened row-major, like the hidden states)
-        seq_of_token = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
-        hidden = {}  # name -> (N, H): every model's final hidden states at the counted positions
-        for name, model in everyone.items():
-            device = next(model.parameters()).device
-            ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            hidden[name] = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]
-        batch_sums = {name: {k: torch.zeros(mask.shape[0], dtype=torch.float64) for k in SUMS} for name in everyone}
-        # Logits a chunk of tokens at a time: (chunk, V) temporaries of one fixed size, never (N, V) per model
-        # (with several models those dominated the process's memory).
-        for start in range(0, len(seq_of_token), EVAL_CHUNK):
-            rows = slice(start, start + EVAL_CHUNK)
-            seqs = seq_of_token[rows]
-            t_logits = project(teacher, hidden["teacher"][rows]).float()  # (n, V)
-            for name, model in everyone.items():
-                logits = t_logits if name == "teacher" else project(model, hidden[name][rows]).float()  # (n, V)
-                v = min(logits.shape[-1], t_logits.shape[-1])
-                tl = t_logits.to(logits.device)[:, :v]
-                t_top = tl.argmax(-1, keepdim=True)  # (n, 1)
-                top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (n, 5)
-                per_token = {
-                    "ce": token_cross_entropy(logits, targets[rows].to(logits.device)),
-                    # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
-                    "agree1": logits[:, :v].argmax(-1, keepdim=True) == t_top,
-                    "agree5": (top == t_top).any(-1),
-                    "kl": forward_kl(logits[:, :v], tl),
-                    "tokens": torch.ones(len(seqs)),
-                }
-                for key, values in per_token.items():
-                    batch_sums[name][key].index_add_(0, seqs, values.reshape(-1).double().cpu())
-        for name in everyone:
-            for key in SUMS:
-                per_seq[name][key].append(batch_sums[name][key])
+        for group, prefix in groups:
+            if group:
+                reference = "teacher" if not cross else None
+                for name, sums in _score_batch(group, batch, prefix, reference).items():
+                    for key in SUMS:
+                        per_seq[name][key].append(sums[key])
+    own_tokens = {name: int(sum(float(t.sum()) for t in per_seq[name]["tokens"])) for name in everyone}
+    if cross and models:  # the teacher's cross-entropy per student token of the same texts
+        per_seq["teacher"]["tokens"] = per_seq[next(iter(models))]["tokens"]
     results = {}
     for name, model in everyone.items():
         sums = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in per_seq[name].items()}  # (S,) each
         totals = {k: float(v.sum()) for k, v in sums.items()}
         n_tokens = int(totals["tokens"])
         params = count_parameters(model)
+        metrics = metrics_from_sums(**totals)
+        intervals = bootstrap_intervals(sums, resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
+                                        seed=BOOTSTRAP_SEED)
+        if cross:  # no common vocabulary: only the perplexity means something
+            metrics.update(top1_agreement=None, top5_agreement=None, kl_to_teacher=None)
+            intervals = {"perplexity": intervals["perplexity"]}
         results[name] = {
-            **metrics_from_sums(**totals),
+            **metrics,
             "cross_entropy": totals["ce"] / max(n_tokens, 1),
-            "intervals": bootstrap_intervals(sums, resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
-                                             seed=BOOTSTRAP_SEED),
+            "intervals": intervals,
             "num_tokens": n_tokens,
             "num_sequences": len(sums["tokens"]),
             "parameters": params["total"],
             "non_embedding_parameters": params["non_embedding"],
             "num_layers": getattr(model.config, "num_hidden_layers", None),
+            **({"own_tokens": own_tokens[name]} if cross else {}),
         }
     return results
+
+
+def _score_batch(models: dict[str, PreTrainedModel], batch: dict[str, torch.Tensor], prefix: str,
+                 reference: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-sequence sums of one batch for `models`, which read the `prefix` columns (input_ids, attention_mask,
+    labels), compared with model `reference` (None: agreement and KL left at 0)."""
+    mask, targets = counted_positions(batch[prefix + "labels"])  # (B, T-1), (N,)
+    # (N,): the sequence of each counted token (mask is flattened row-major, like the hidden states)
+    seq_of_token = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+    hidden = {}  # name -> (N, H): every model's final hidden states at the counted positions
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        ids, att = batch[prefix + "input_ids"].to(device), batch[prefix + "attention_mask"].to(device)
+        hidden[name] = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]
+    batch_sums = {name: {k: torch.zeros(mask.shape[0], dtype=torch.float64) for k in SUMS} for name in models}
+    # Logits a chunk of tokens at a time: (chunk, V) temporaries of one fixed size, never (N, V) per model
+    # (with several models those dominated the process's memory).
+    for start in range(0, len(seq_of_token), EVAL_CHUNK):
+        rows = slice(start, start + EVAL_CHUNK)
+        seqs = seq_of_token[rows]
+        ref = project(models[reference], hidden[reference][rows]).float() if reference else None  # (n, V)
+        for name, model in models.items():
+            logits = ref if name == reference else project(model, hidden[name][rows]).float()  # (n, V)
+            per_token = {"ce": token_cross_entropy(logits, targets[rows].to(logits.device)),
+                         "tokens": torch.ones(len(seqs))}
+            if ref is not None:
+                v = min(logits.shape[-1], ref.shape[-1])
+                tl = ref.to(logits.device)[:, :v]
+                t_top = tl.argmax(-1, keepdim=True)  # (n, 1)
+                top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (n, 5)
+                # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
+                per_token.update(agree1=logits[:, :v].argmax(-1, keepdim=True) == t_top, agree5=(top == t_top).any(-1),
+                                 kl=forward_kl(logits[:, :v], tl))
+            for key, values in per_token.items():
+                batch_sums[name][key].index_add_(0, seqs, values.reshape(-1).double().cpu())
+    return batch_sums

@@ -17,10 +17,11 @@ from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.utils import console
 
 
-def cost_prompts(dataset, cfg: CostConfig) -> torch.Tensor:
+def cost_prompts(dataset, cfg: CostConfig, column: str = "input_ids") -> torch.Tensor:
     """(R, P) prompt ids for the cost runs: the first `cfg.prompt_tokens` tokens of the first held-out
-    sequences, R = cfg.batch_size (repeated when the split has fewer), P shortened to the shortest of them."""
-    rows = [list(dataset[i]["input_ids"]) for i in range(min(len(dataset), cfg.batch_size))]
+    sequences (`column`: the teacher's own, `teacher_input_ids`, when it has another tokenizer), R =
+    cfg.batch_size (repeated when the split has fewer), P shortened to the shortest of them."""
+    rows = [list(dataset[i][column]) for i in range(min(len(dataset), cfg.batch_size))]
     if not rows:
         raise ValueError("the held-out split is empty: nothing to prompt the cost runs with")
     length = min(cfg.prompt_tokens, *(len(r) for r in rows))
@@ -47,15 +48,17 @@ def architecture(model: PreTrainedModel) -> dict[str, Any]:
 
 
 def generation_scores(everyone: dict[str, PreTrainedModel], tokenizer, prompts: list[dict[str, Any]],
-                      cfg: GenerationEvalConfig) -> dict[str, dict[str, Any]]:
+                      cfg: GenerationEvalConfig, teacher_tokenizer=None) -> dict[str, dict[str, Any]]:
     """Greedy responses of every model to the held-out prompts, scored against the references and (students,
-    baselines) against the teacher's own responses."""
+    baselines) against the teacher's own responses. `teacher_tokenizer`: the teacher's, when it is not
+    `tokenizer` (each model answers in its own chat template)."""
     from alambic.evaluation.generation import generate_responses, generation_metrics
 
     prompts = prompts[: cfg.max_prompts]
     conversations = [p["messages"] for p in prompts]
     references = [p["reference"] for p in prompts]
-    responses = {name: generate_responses(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
+    responses = {name: generate_responses(model, teacher_tokenizer if name == "teacher" and teacher_tokenizer
+                                          else tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
                                           batch_size=cfg.batch_size, description=f"{name}: answering")
                  for name, model in everyone.items()}
     teacher_texts = [r["response"] for r in responses["teacher"]]
@@ -72,12 +75,15 @@ def generation_scores(everyone: dict[str, PreTrainedModel], tokenizer, prompts: 
 
 
 def evaluate_models(teacher: PreTrainedModel, models: dict[str, PreTrainedModel], data, tokenizer,
-                    cfg: EvaluationConfig, *, sources: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+                    cfg: EvaluationConfig, *, sources: dict[str, tuple[str, str | None]],
+                    teacher_tokenizer=None) -> dict[str, Any]:
     """Score the teacher and `models` on the held-out split; the content of `eval.json`.
 
     Args:
         data: `PreparedData`: `validation` for quality and cost prompts, `prompts` (chat data) for generation.
         sources: {name: (folder or hub id, gguf file or None)} the weights were loaded from, for size on disk.
+        teacher_tokenizer: the teacher's, when the students have another tokenizer (`tokenizer`; `data` made by
+            `data.cross`): the teacher reads its own tokens, and nothing is compared token by token.
 
     Returns:
         {"split", "models": {name: quality metrics + "architecture" + "cost" + "generation"}, "retention",
@@ -86,21 +92,26 @@ def evaluate_models(teacher: PreTrainedModel, models: dict[str, PreTrainedModel]
     from alambic.evaluation.cost import disk_size, measure_cost
 
     everyone = {"teacher": teacher, **models}
+    t_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer is not None else None
     results = evaluate_against_teacher(teacher, models, data.validation, pad_token_id=tokenizer.pad_token_id,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size, teacher_pad_token_id=t_pad)
     for name, model in everyone.items():
         results[name]["architecture"] = architecture(model)
     prompts = getattr(data, "prompts", None) or []
     if cfg.generation is not None and prompts:
-        for name, scores in generation_scores(everyone, tokenizer, prompts, cfg.generation).items():
+        for name, scores in generation_scores(everyone, tokenizer, prompts, cfg.generation,
+                                              teacher_tokenizer).items():
             results[name]["generation"] = scores
     if cfg.cost is not None:
         prompt_ids = cost_prompts(data.validation, cfg.cost)
+        t_prompt_ids = cost_prompts(data.validation, cfg.cost, "teacher_input_ids") if t_pad is not None else None
         c = cfg.cost
         description = f"measuring cost ({c.warmup} + {c.repeats} runs of {c.new_tokens} tokens per figure)"
         for name, model in track(everyone.items(), description=description, console=console):
-            cost = measure_cost(model, prompt_ids, new_tokens=c.new_tokens, batch_size=c.batch_size, warmup=c.warmup,
-                                repeats=c.repeats, pad_token_id=tokenizer.pad_token_id)
+            own = name == "teacher" and t_pad is not None  # the teacher's own tokens of the same texts
+            cost = measure_cost(model, t_prompt_ids if own else prompt_ids, new_tokens=c.new_tokens,
+                                batch_size=c.batch_size, warmup=c.warmup, repeats=c.repeats,
+                                pad_token_id=t_pad if own else tokenizer.pad_token_id)
             path, gguf = sources[name]
             if gguf is not None or Path(path).is_dir():
                 cost["disk"] = disk_size(path, gguf)

@@ -17,6 +17,7 @@ from alambic.losses.divergences import (
     skew_reverse_kl,
     token_cross_entropy,
     tvd,
+    uld,
 )
 from alambic.losses.features import attention_map_loss, attention_relation_loss, hidden_state_loss, layer_map
 from alambic.losses.heads import OutputHead
@@ -54,4 +55,5 @@ __all__ = [
     "skew_reverse_kl",
     "token_cross_entropy",
     "tvd",
+    "uld",
 ]

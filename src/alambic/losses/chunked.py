@@ -61,7 +61,8 @@ class _Spec:
     teacher_heads: tuple[OutputHead, ...]  # empty when alpha = 0
     teacher_weights: tuple[float, ...]  # normalised, one per teacher
     teachers: str  # 'mixture' | 'sum'
-    vocab: int
+    vocab: int  # student logits compared (the shared vocabulary)
+    teacher_vocab: int | None  # teacher logits compared: `vocab`, or None for the whole head (uld)
     divergence: str
     temperature: float
     alpha: float
@@ -112,7 +113,8 @@ class _ChunkedDistillation(torch.autograd.Function):
         # heads, so the rows past the shared vocabulary cost nothing and get a zero gradient.
         w_s = student_weight.detach()[:vocab].requires_grad_(spec.grad_weight)
         b_s = None if student_bias is None else student_bias.detach()[:vocab].requires_grad_(spec.grad_bias)
-        t_heads = [(w.detach()[:vocab], None if b is None else b.detach()[:vocab]) for _, w, b in teachers]
+        t_vocab = spec.teacher_vocab
+        t_heads = [(w.detach()[:t_vocab], None if b is None else b.detach()[:t_vocab]) for _, w, b in teachers]
 
         logit_dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype),
                                           torch.float32)
@@ -244,7 +246,8 @@ def chunked_distillation_loss(
         chunk_size: rows of logits computed at once; peak memory grows with it, speed too until the
             matmuls fill the device.
         vocab_size: compare only the first `vocab_size` logits of both heads (one family's checkpoints
-            with differently padded vocabularies). None: the heads must have the same V.
+            with differently padded vocabularies). None: the heads must have the same V, except for
+            divergence 'uld', which compares every head whole (a teacher with another tokenizer).
         teacher_weights: one weight > 0 per teacher, normalised to sum to 1; None: equal weights.
         teachers: how several teachers make the soft loss, 'mixture' (D(Σ_i w_i P_i, Q)) or 'sum'
             (Σ_i w_i D(P_i, Q)); see `losses.mixture`. One teacher: either is plain distillation.
@@ -303,7 +306,12 @@ def chunked_distillation_loss(
         if len(weights) != len(t_hiddens):
             raise ValueError(f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per "
                              "teacher")
-    vocab = shared_vocab_size(student_head, t_heads, vocab_size)
+    if divergence == "uld" and vocab_size is None:
+        # ULD compares sorted probability vectors: the vocabularies may differ (a teacher with another tokenizer),
+        # and each head is used whole.
+        vocab, teacher_vocab = student_head.vocab_size, None
+    else:
+        vocab = teacher_vocab = shared_vocab_size(student_head, t_heads, vocab_size)
 
     grad_on = torch.is_grad_enabled()
     spec = _Spec(
@@ -312,6 +320,7 @@ def chunked_distillation_loss(
         teacher_weights=weights,
         teachers=teachers,
         vocab=vocab,
+        teacher_vocab=teacher_vocab,
         divergence=divergence,
         temperature=temperature,
         alpha=alpha,

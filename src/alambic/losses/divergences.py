@@ -25,7 +25,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 DivergenceName = Literal[
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse"
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse", "uld"
 ]
 
 
@@ -201,6 +201,30 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, temperature: fl
     return diff.square().mean(-1)
 
 
+def uld(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): Σ_i |p_(i) − q_(i)|, the L1 distance between the
+    teacher's and the student's probabilities each sorted in decreasing order (the shorter vector padded with
+    zeros). It compares the shapes of the two distributions, not which token gets which mass, so the vocabularies
+    may differ: the one logit loss for a teacher with another tokenizer. In [0, 2]; 0 when one distribution is a
+    permutation of the other.
+
+    Shapes: (..., V_s) and (..., V_t) with the same leading shape -> (...).
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must "
+            "have the same leading shape (the same positions); only the vocabularies may differ"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    q = F.softmax(student_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).sort(dim=-1, descending=True).values
+    width = max(p.shape[-1], q.shape[-1])
+    q, p = F.pad(q, (0, width - q.shape[-1])), F.pad(p, (0, width - p.shape[-1]))
+    return (p - q).abs().sum(-1)
+
+
 def token_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     """Hard-label cross-entropy per token, −log q(label) at T = 1; 0 where labels == -100.
 
@@ -237,6 +261,7 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
     "logit_mse": logit_mse,
+    "uld": uld,
 }
 
 

@@ -47,7 +47,7 @@ def advice(evaluation: dict[str, Any], config: dict[str, Any], *, pruning: dict[
             "the teacher's ranking of unlikely tokens); feature matching (`loss.features`: hidden states, "
             "attention relations); a larger student.")
     control = models.get("student_ce_control")
-    if control:
+    if control and student.get("kl_to_teacher") is not None:  # None: a teacher with another tokenizer
         s_kl, c_kl = student["kl_to_teacher"], control["kl_to_teacher"]
         iv = lambda m: (m.get("intervals") or {}).get("kl_to_teacher")  # noqa: E731
         if s_kl >= c_kl:

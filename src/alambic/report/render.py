@@ -130,6 +130,14 @@ def write_report(run_dir: str | Path) -> Path:
             + (" [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
                "the same resamples for every model)." if "intervals" in first else ""),
         ]
+        teacher = evaluation.get("models", {}).get("teacher", {})
+        if "own_tokens" in teacher:  # a student with its own tokenizer (data.cross)
+            parts += ["", f"The student has its own tokenizer: the teacher read the same texts in its own "
+                      f"{teacher['own_tokens']} tokens, and its perplexity is its summed cross-entropy over them per "
+                      "student token, comparable with the students'. Agreement and KL need one vocabulary: the "
+                      "student learnt from the teacher by " + ("ULD (sorted probability vectors, where the two "
+                      "tokenizations line up)" if config.get("loss", {}).get("divergence") == "uld" else
+                      "its generated responses") + "; responses to held-out prompts (chat data) compare them tokenizer-free."]
     if tips:
         parts += ["", "## Advice", "", *(f"- {tip}" for tip in tips)]
     lm_sections = [] if classifier else [generation_section(evaluation), cost_section(evaluation),

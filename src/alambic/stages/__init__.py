@@ -29,7 +29,8 @@ __all__ = [
 
 # Here, not in a submodule: the CLI, sweep and chain read `alambic.stages.STAGES` when they run (tests swap it).
 STAGES: list[Stage] = [
-    Stage("data", ("teacher", "data"), (DATA_DIR,), prepare_data),
+    # student.model: a given student with another tokenizer than the teacher's is trained on its own tokens.
+    Stage("data", ("teacher", "data", "student.model", "student.gguf_file"), (DATA_DIR,), prepare_data),
     Stage("teacher", ("teacher",), (f"{TEACHER_DIR}/{FINAL_DIR}/config.json",), fine_tune,
           enabled=lambda c: c.teacher.fine_tune is not None),
     Stage("student", ("teacher", "student"), (f"{STUDENT_DIR}/student.json",), build_student),

@@ -15,10 +15,11 @@ from alambic.utils import atomic_write_json, console
 
 def prepare_data(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from alambic.data import prepare_datasets, save_prepared
-    from alambic.models import load_tokenizer
+    from alambic.stages.models import data_tokenizers
 
-    tokenizer = load_tokenizer(config.teacher)
-    prepared = prepare_datasets(config.data, tokenizer)
+    # The student's tokenizer when it is not the teacher's (then the teacher's too): checked first of all.
+    tokenizer, teacher_tokenizer = data_tokenizers(config, ctx.run_dir)
+    prepared = prepare_datasets(config.data, tokenizer, teacher_tokenizer)
     save_prepared(prepared, ctx.run_dir / DATA_DIR)
     console.print(f"data: {len(prepared.train)} training sequences, {len(prepared.validation)} held-out sequences "
                   f"({len(prepared.split['validation_document_ids'])} held-out documents)")
@@ -76,10 +77,13 @@ def generate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     prompts = training_prompts(config.data, split)
     teacher, tokenizer = load_model(config.teacher, cache=True), load_tokenizer(config.teacher)
     # Finished batches are kept even when this stage's inputs changed: each record carries the teacher and the
-    # sampling settings it was made with, and those that no longer match are discarded.
+    # sampling settings it was made with, and those that no longer match are discarded. The responses are
+    # trained on in the data's tokens: the student's own, when it has another tokenizer (response distillation).
     return write_response_set(teacher, tokenizer, prompts, ctx.run_dir / GENERATIONS_DIR,
                               settings=config.data.teacher_responses, teacher_id=teacher_id(config),
-                              max_seq_len=config.data.max_seq_len)
+                              max_seq_len=config.data.max_seq_len,
+                              train_tokenizer=load_tokenizer(student_source(config, ctx.run_dir))
+                              if split.get("teacher_tokenizer") else None)
 
 
 def distill_train_set(config: RunConfig, run_dir: Path, corpus_train, *, selected: bool = True):

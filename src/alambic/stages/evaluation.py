@@ -24,8 +24,11 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     device = config.evaluation.device or config.teacher.device
     teacher_cfg = teacher_source(config, ctx.run_dir)
     teacher = load_model(teacher_cfg.model_copy(update={"device": device}), cache=True, labels=labels)
-    tokenizer = load_tokenizer(config.teacher)
+    tokenizer = teacher_tokenizer = load_tokenizer(config.teacher)
     source = student_source(config, ctx.run_dir).model_copy(update={"device": device})
+    cross = bool(data.split.get("teacher_tokenizer"))  # the student has its own tokenizer (data.cross)
+    if cross:
+        tokenizer = load_tokenizer(source)
     folders = {"student_before": None, "student_distilled": ctx.run_dir / FINAL_DIR}
     if config.evaluation.ce_control:
         folders["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
@@ -34,7 +37,9 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         cfg = source if folder is None else source.model_copy(update={"model": str(folder), "gguf_file": None})
         models[name], sources[name] = load_model(cfg, labels=labels), resolve_source(cfg.model, cfg.gguf_file)
     for name, cfg in config.evaluation.baselines.items():
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.teacher.model, f"baseline {name} ({cfg.model})")
+        # Baselines are compared with the models on the data's tokens: the student's tokenizer when it is its own.
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.student.model if cross else config.teacher.model,
+                             f"baseline {name} ({cfg.model})")
         if labels is not None and not is_classifier(cfg):
             raise ConfigError(f"evaluation.baselines.{name}: {cfg.model!r} is not a sequence classifier; a "
                               "classification run compares classifiers trained on its labels")
@@ -47,10 +52,11 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         results = evaluate_classifier_models(teacher, models, data, config.evaluation, labels=labels, sources=sources)
         keep = ("accuracy", "macro_f1", "teacher_agreement", "kl_to_teacher", "num_examples", "parameters")
     else:
-        results = evaluate_models(teacher, models, data, tokenizer, config.evaluation, sources=sources)
+        results = evaluate_models(teacher, models, data, tokenizer, config.evaluation, sources=sources,
+                                  teacher_tokenizer=teacher_tokenizer if cross else None)
         keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
     atomic_write_json(ctx.run_dir / "eval.json", results)
-    return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep}
+    return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}
             for name, r in results["models"].items()}
 
 

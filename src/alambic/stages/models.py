@@ -55,9 +55,8 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from alambic.students.prune import save_student
 
     if config.student.from_teacher is None:
-        tok_t, tok_s = load_tokenizer(config.teacher), load_tokenizer(student_source(config, ctx.run_dir))
-        check_same_tokenizer(tok_t, tok_s, config.teacher.model, f"student {config.student.model}")
-        record = {"method": "given", "source": config.student.model}
+        _, teacher_tok = data_tokenizers(config, ctx.run_dir)  # another tokenizer runs only as a cross choice
+        record = {"method": "given", "source": config.student.model, "own_tokenizer": teacher_tok is not None}
         atomic_write_json(ctx.run_dir / STUDENT_DIR / "student.json", record)
         return record
     if config.task == "sequence_classification":  # the classifier (fine-tuned) is what the student is cut from
@@ -108,17 +107,74 @@ def prune_student(config: RunConfig, ctx: StageContext, teacher, tokenizer) -> t
     return student, record
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether logits of models with these tokenizers can be compared id by id: the smaller vocabulary is contained
+    in the larger one with the same ids (one family's checkpoints may add tokens)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    small, large = (va, vb) if len(va) <= len(vb) else (vb, va)
+    return all(large.get(token) == i for token, i in small.items())
+
+
+def _tokenizer_gap(teacher_tok, other_tok, teacher_name: str, other_name: str) -> str:
+    tv, ov = teacher_tok.get_vocab(), other_tok.get_vocab()
+    moved = [t for t, i in ov.items() if tv.get(t, i) != i]
+    return (f"teacher {teacher_name!r} and {other_name!r} have different tokenizers ({len(tv)} vs {len(ov)} tokens, "
+            f"{len(set(tv) & set(ov))} shared, {len(moved)} of them with different ids, e.g. {moved[:3]})")
+
+
 def check_same_tokenizer(teacher_tok, other_tok, teacher_name: str, other_name: str) -> None:
-    """Logit losses and agreement metrics need one vocabulary: refuse two tokenizers that disagree on shared ids."""
-    tv, sv = teacher_tok.get_vocab(), other_tok.get_vocab()
-    disagree = [tok for tok, i in sv.items() if tv.get(tok, i) != i]
-    if disagree or abs(len(tv) - len(sv)) > 0 and not (set(sv) <= set(tv) or set(tv) <= set(sv)):
+    """Logit losses and agreement metrics need one vocabulary: refuse two tokenizers that are not one (see
+    `same_tokenizer`). For the student, `data_tokenizers` offers the ways round it instead."""
+    if not same_tokenizer(teacher_tok, other_tok):
+        raise ConfigError(f"{_tokenizer_gap(teacher_tok, other_tok, teacher_name, other_name)}: logits can only be "
+                          "compared over one vocabulary. Use a model with the teacher's tokenizer.")
+
+
+def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
+    """(the tokenizer the run's data is made with, the teacher's when the student has another one, else None).
+
+    A student given with another tokenizer than the teacher's is detected here, before any data is made, and runs
+    only as one of the two cross-tokenizer choices: ULD (`loss.divergence: uld`: the teacher reads the same texts in
+    its own tokens, `data.cross`) or response distillation (`data.teacher_responses` with `loss.alpha: 0`: the
+    student learns the teacher's generated text in its own tokens).
+
+    Raises:
+        ConfigError: another tokenizer and neither choice, or a choice with a part that needs one vocabulary.
+    """
+    from alambic.models import load_tokenizer
+
+    teacher_tok = load_tokenizer(config.teacher)
+    if config.student.from_teacher is not None:
+        return teacher_tok, None  # a pruned student keeps the teacher's tokenizer
+    student_tok = load_tokenizer(student_source(config, run_dir))
+    if same_tokenizer(teacher_tok, student_tok):
+        return teacher_tok, None
+    gap = _tokenizer_gap(teacher_tok, student_tok, config.teacher.model, f"student {config.student.model}")
+    if config.task != "causal_lm":
+        raise ConfigError(f"{gap}: a classification run tokenizes its examples once, with the teacher's tokenizer; "
+                          "use a student with the teacher's tokenizer")
+    loss, data = config.loss, config.data
+    uld = loss.divergence == "uld" and loss.alpha > 0
+    response = loss.alpha == 0 and data.teacher_responses is not None
+    if not (uld or response):
         raise ConfigError(
-            f"teacher {teacher_name!r} and {other_name!r} have different tokenizers "
-            f"({len(tv)} vs {len(sv)} tokens, {len(disagree)} shared tokens with different ids, e.g. "
-            f"{disagree[:3]}): logits can only be compared over one vocabulary. Use a model with the teacher's "
-            "tokenizer."
-        )
+            f"{gap}: token-level logit losses need one vocabulary. Choose one of:\n"
+            "  loss.divergence: uld   Universal Logit Distillation: the teacher reads the same texts in its own "
+            "tokens, and the sorted probability vectors are compared where the two tokenizations line up;\n"
+            "  data.teacher_responses: {...} with loss.alpha: 0   response distillation: the student learns the "
+            "teacher's generated answers (chat data) in its own tokens.")
+    needs_one_vocabulary = {
+        "loss.features": loss.features is not None, "loss.on_policy": loss.on_policy is not None,
+        "data.teacher_cache": data.teacher_cache is not None, "data.selection": data.selection is not None,
+        "additional_teachers": bool(config.additional_teachers),
+        "data.teacher_responses with loss.alpha > 0": uld and data.teacher_responses is not None,
+    }
+    refused = [name for name, on in needs_one_vocabulary.items() if on]
+    if refused:
+        raise ConfigError(f"{gap}: {', '.join(refused)} compare the models token by token, which needs one "
+                          f"vocabulary; remove {'it' if len(refused) == 1 else 'them'} for a student with its own "
+                          "tokenizer")
+    return student_tok, teacher_tok
 
 
 def load_additional_teachers(config: RunConfig) -> list[WeightedTeacher]:

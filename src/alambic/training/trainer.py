@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.config import LossConfig
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.divergences import LossParts, mix_soft_and_hard
 from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.training.cached import cached_teacher_loss
 from alambic.training.features import LOG_NAMES, FeatureDistiller
@@ -166,7 +167,8 @@ class DistillationTrainer(Trainer):
             hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
         t_hidden = t_feats = None
         t_hiddens: list[torch.Tensor] = []  # every teacher's (N, H_i), the primary first
-        if self.teacher is not None:
+        cross = "teacher_positions" in inputs  # a teacher with another tokenizer (data.cross): its own tokens
+        if self.teacher is not None and not cross:
             with torch.inference_mode():
                 with feats.capture(self._teacher_core, "teacher") if feats else nullcontext() as t_capture:
                     t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
@@ -186,6 +188,8 @@ class DistillationTrainer(Trainer):
             # Offline teacher: its top-k log-probs (+ tail) came with the batch, in counted-position order.
             parts = cached_teacher_loss(core, hidden, inputs, targets, cfg, num_items_in_batch,
                                         chunk_size=cfg.chunk_size)
+        elif cross:
+            parts = self._cross_tokenizer_loss(core, hidden, mask, targets, inputs, num_items_in_batch)
         elif cfg.implementation == "chunked":
             # Heads and divergence fused, token chunk by token chunk: no (N, V) tensor is ever held.
             # Several teachers: each projected by its own head per chunk, then mixed or summed (loss.teachers).
@@ -231,6 +235,41 @@ class DistillationTrainer(Trainer):
             self._parts[mode][LOG_NAMES[name]].append(value.item() * scale)
         self._parts[mode]["counted_tokens"].append(float(parts.num_tokens))
         return (loss, {"loss_parts": parts}) if return_outputs else loss
+
+    def _cross_tokenizer_loss(self, core: PreTrainedModel, hidden: torch.Tensor, mask: torch.Tensor,
+                              targets: torch.Tensor, inputs: dict[str, torch.Tensor],
+                              num_items_in_batch: torch.Tensor | int | None) -> LossParts:
+        """A teacher with another tokenizer (`data.cross`): hard CE on every counted student token, and the
+        tokenizer-free ULD (loss.divergence 'uld') at the counted positions lined up with a teacher position, where
+        the teacher read the same text in its own tokens. Both are divided by the count of counted student tokens,
+        so a position without a partner adds nothing to the soft term (`aligned_share` in data/split.json says how
+        many have one)."""
+        cfg = self.loss_config
+        head = OutputHead.of(core)
+        # The whole micro-batch's count: the soft term, over the lined-up rows only, must use the same divisor.
+        count = num_items_in_batch if num_items_in_batch is not None else targets.shape[0]
+        hard = soft = None
+        if cfg.alpha < 1:
+            hard = chunked_distillation_loss(hidden, head, None, None, targets, alpha=0.0, num_items_in_batch=count,
+                                             chunk_size=cfg.chunk_size)
+        if self.teacher is not None:
+            partner = inputs["teacher_positions"][:, 1:][mask]  # (N,): the teacher row of each counted row, or -1
+            aligned = partner >= 0
+            rows = mask.nonzero()[:, 0][aligned]  # (M,): their sequence in the batch
+            with torch.inference_mode():
+                states = final_hidden_states(self.teacher, self._teacher_core, inputs["teacher_input_ids"],
+                                             inputs["teacher_attention_mask"])
+                t_hidden = states[rows, partner[aligned]]  # (M, H_t)
+            soft = chunked_distillation_loss(
+                hidden[aligned], head, t_hidden.clone(), OutputHead.of(self._teacher_core), targets[aligned],
+                divergence="uld", temperature=cfg.temperature, alpha=1.0, num_items_in_batch=count,
+                chunk_size=cfg.chunk_size)
+        ref = hard if hard is not None else soft
+        zero = ref.total.detach().new_zeros(())
+        return LossParts(total=mix_soft_and_hard(None if soft is None else soft.total,
+                                                 None if hard is None else hard.total, cfg.alpha),
+                         soft=zero if soft is None else soft.soft, hard=zero if hard is None else hard.hard,
+                         num_tokens=mask.sum())
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The micro-batches of one optimizer step; on an on-policy step (loss.on_policy), the student's responses to
