@@ -21,12 +21,13 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
 
 
 def final_hidden_states(model: nn.Module, core: PreTrainedModel, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None) -> torch.Tensor:
+                        attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, H) hidden states the output head would see, keeping the autograd graph.
 
     Args:
         model: what to call (the core model or its distributed wrapper).
         core: the unwrapped model, to find the decoder and check the forward's signature.
+        position_ids: given for padding-free batches (several sequences in one row, no attention_mask).
     """
     captured: list[torch.Tensor] = []
 
@@ -36,6 +37,8 @@ def final_hidden_states(model: nn.Module, core: PreTrainedModel, input_ids: torc
     handle = core.get_decoder().register_forward_hook(grab)
     try:
         kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(core)) else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     finally:
         handle.remove()

@@ -263,3 +263,15 @@ def test_collator_pad_to_multiple_and_defaults():
 def test_collator_rejects_missing_pad_id():
     with pytest.raises(ValueError, match="eos_token_id"):
         DistillationCollator(pad_token_id=None)
+
+
+def test_collator_padding_free_lays_the_sequences_end_to_end():
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = DistillationCollator(pad_token_id=0, padding_free=True)(features)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: transformers reads positions
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # each sequence's first token is never predicted (from the previous sequence's last token)
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    with pytest.raises(ValueError, match="one row per sequence"):
+        DistillationCollator(pad_token_id=0, padding_free=True, prompt_lengths=True)

@@ -2,12 +2,13 @@ import copy
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from alambic.config import LossConfig, TrainingConfig
 from alambic.data import DistillationCollator
 from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.training.run import last_complete_checkpoint, train
+from alambic.training.trainer import DistillationTrainer
 from helpers import tiny_model, tiny_prepared, tiny_tokenizer
 
 
@@ -138,3 +139,47 @@ def test_the_teacher_leaves_training_with_its_own_forward(tmp_path):
         after = teacher(ids).logits
     assert after.dtype == torch.float32
     torch.testing.assert_close(after, before, rtol=0, atol=0)  # fp32 again, bit for bit
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_a_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, divergence):
+    """training.packing: padding_free changes the layout, not the objective: same loss, same gradients."""
+    data = tiny_prepared(tmp_path, chat=True, max_seq_len=60)
+    rows = [data.train[i] for i in range(4)]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # lengths differ: the padded batch has padding
+    cfg = LossConfig(divergence=divergence, alpha=0.7, temperature=2.0, chunk_size=16)
+    results = []
+    for padding_free in (False, True):
+        student, teacher = tiny_model("llama", seed=2, num_layers=2), tiny_model("llama", seed=1)
+        trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True,
+                                                                            report_to="none"),
+                                      teacher=teacher, loss_config=cfg)
+        batch = DistillationCollator(tiny_tokenizer().pad_token_id, padding_free=padding_free)(rows)
+        loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (padded, g_padded), (packed, g_packed) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", ["group_by_length", "padding_free"])
+def test_training_with_each_packing(tmp_path, packing):
+    data = tiny_prepared(tmp_path, chat=True, max_seq_len=60)
+    summary = train(tiny_model("llama", seed=2, num_layers=2), tiny_tokenizer(), data,
+                    teacher=tiny_model("llama", seed=1), loss=LossConfig(alpha=0.5),
+                    training=TrainingConfig(max_steps=2, per_device_train_batch_size=4, save_steps=2,
+                                            logging_steps=1, packing=packing),
+                    output_dir=tmp_path / "out")
+    assert summary["global_step"] == 2 and (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_padding_free_refuses_what_needs_one_row_per_sequence():
+    from alambic.config import ConfigError, validate_config
+
+    base = {"teacher": {"model": "t"}, "student": {"model": "s"}, "data": {"source": "chatterbot", "format": "chat"},
+            "training": {"packing": "padding_free"}}
+    with pytest.raises(ConfigError, match=r"padding_free .* loss.on_policy .* group_by_length"):
+        validate_config({**base, "loss": {"alpha": 0.5, "on_policy": {"fraction": 0.5}}})
+    assert validate_config({**base, "loss": {"features": {"hidden_states": {}}}}).training.packing == "padding_free"

@@ -165,6 +165,24 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _padding_free_fits(self) -> RunConfig:
+        """Every setting that needs one row per sequence, which training.packing: padding_free does not give."""
+        if self.training.packing != "padding_free":
+            return self
+        needs_rows = {
+            "task sequence_classification (one label per row)": self.task != "causal_lm",
+            "loss.features attention / attention_relations (maps over the whole row)": self.loss.features is not None
+            and (self.loss.features.attention is not None or self.loss.features.attention_relations is not None),
+            "loss.on_policy (each row's prompt)": self.loss.on_policy is not None,
+            "data.teacher_cache (rows of the cached sequences)": self.data.teacher_cache is not None,
+        }
+        refused = [name for name, on in needs_rows.items() if on]
+        if refused:
+            raise ValueError(f"training.packing: padding_free lays a batch's sequences in one row, which {', '.join(refused)} "
+                             "cannot use: choose training.packing: group_by_length (padded, of similar lengths) or pad")
+        return self
+
+    @model_validator(mode="after")
     def _several_teachers_fit(self) -> RunConfig:
         """Every setting that cannot go with additional_teachers, in one message."""
         if not self.additional_teachers:

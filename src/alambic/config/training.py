@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,6 +30,16 @@ class TrainingConfig(_Section):
     report_to: list[str] = Field(default_factory=list, description="Trainer loggers: tensorboard, wandb, ...")
     seed: int = Field(default=0, description="Training seed.")
     dataloader_num_workers: int = Field(default=0, ge=0, description="Data loader workers.")
+    packing: Literal["pad", "group_by_length", "padding_free"] = Field(
+        default="pad",
+        description="How a micro-batch's sequences of different lengths are batched. 'pad': right-padded to the "
+        "longest. 'group_by_length': padded, but batches drawn among sequences of similar length (transformers' "
+        "LengthGroupedSampler), so little padding is left. 'padding_free': laid end to end in one row with "
+        "position_ids restarting per sequence and no padding at all; attention stays within each sequence (flash "
+        "attention: variable-length kernels; sdpa / eager: a block-causal mask over the whole row, which costs "
+        "attention compute that grows with the row's length). Chat data gains, text data (already packed to "
+        "data.max_seq_len) does not.",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",

@@ -373,12 +373,18 @@ class DistillationCollator:
         teacher_pad_token_id: the teacher's pad id, for data made for a teacher with another tokenizer
             (`data.cross`): its columns are padded too, into teacher_input_ids / teacher_attention_mask (pad id, 0),
             teacher_labels (-100) and teacher_positions (-1). None: those columns are dropped if present.
+        padding_free: no padding at all (`training.packing: padding_free`): the sequences are laid end to end in one
+            row, (1, sum of lengths), with `position_ids` restarting at 0 for each and no attention_mask, from which
+            transformers builds a mask that keeps each sequence to itself (sdpa / eager: a block-causal mask; flash
+            attention: variable-length kernels). Each sequence's first label becomes -100 (it would be predicted from
+            the previous sequence's last token).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     prompt_lengths: bool = False
     teacher_pad_token_id: int | None = None
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
@@ -388,6 +394,9 @@ class DistillationCollator:
             )
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+        if self.padding_free and (self.prompt_lengths or self.teacher_pad_token_id is not None):
+            raise ValueError("padding_free lays a batch's sequences in one row: on-policy prompts (prompt_lengths) and a "
+                             "teacher with another tokenizer (teacher_pad_token_id) need one row per sequence")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -396,6 +405,12 @@ class DistillationCollator:
         masks = [_as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(i)
                  for f, i in zip(features, ids)]
         labels = [_as_list(f["labels"]) if "labels" in f else list(i) for f, i in zip(features, ids)]
+        if self.padding_free:
+            return {
+                "input_ids": torch.tensor([[t for i in ids for t in i]], dtype=torch.long),
+                "labels": torch.tensor([[t for lab in labels for t in (IGNORE_INDEX, *lab[1:])]], dtype=torch.long),
+                "position_ids": torch.tensor([[p for i in ids for p in range(len(i))]], dtype=torch.long),
+            }
         batch = {
             "input_ids": self._pad(ids, self.pad_token_id),
             "attention_mask": self._pad(masks, 0),

@@ -168,6 +168,7 @@ def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
         "data.teacher_cache": data.teacher_cache is not None, "data.selection": data.selection is not None,
         "additional_teachers": bool(config.additional_teachers),
         "data.teacher_responses with loss.alpha > 0": uld and data.teacher_responses is not None,
+        "training.packing: padding_free": uld and config.training.packing == "padding_free",
     }
     refused = [name for name, on in needs_one_vocabulary.items() if on]
     if refused:

@@ -37,7 +37,8 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     # A teacher with another tokenizer reads its own tokens of the same texts (data.cross): the batches carry them.
     cross = with_teacher and bool(data.split.get("teacher_tokenizer"))
     collator = DistillationCollator(pad_token_id=tokenizer.pad_token_id, prompt_lengths=loss.on_policy is not None,
-                                    teacher_pad_token_id=load_tokenizer(config.teacher).pad_token_id if cross else None)
+                                    teacher_pad_token_id=load_tokenizer(config.teacher).pad_token_id if cross else None,
+                                    padding_free=config.training.packing == "padding_free")
     teacher, additional = None, []
     if with_teacher and config.data.teacher_cache is not None:
         from alambic.data.cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache

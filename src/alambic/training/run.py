@@ -78,6 +78,8 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         report_to=cfg.report_to or "none",
         seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        # training.packing group_by_length: batches of similar lengths (padding_free is the collator's)
+        train_sampling_strategy="group_by_length" if cfg.packing == "group_by_length" else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=False,
@@ -147,7 +149,8 @@ def train(
             eval_dataset=data.validation if len(data.validation) else None,
             # loss.on_policy answers each sequence's prompt: the batches carry its length
             data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id,
-                                                           prompt_lengths=loss.on_policy is not None),
+                                                           prompt_lengths=loss.on_policy is not None,
+                                                           padding_free=training.packing == "padding_free"),
             processing_class=tokenizer,
             teacher=teacher,
             cached_teacher=cached_teacher,

@@ -123,13 +123,15 @@ class TeacherEnsemble:
         """Output-head rows of each additional teacher."""
         return [vocab_size_of(m.core) for m in self._members]
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None, mask: Tensor) -> list[Tensor]:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None, mask: Tensor,
+                      position_ids: Tensor | None = None) -> list[Tensor]:
         """Each additional teacher's final hidden states at the counted positions, teacher after teacher.
 
         Args:
             input_ids: (B, T) on the student's device.
             attention_mask: (B, T) or None.
             mask: (B, T-1) bool, True where position t's next token counts (`modeling.counted_positions`).
+            position_ids: (1, T) of a padding-free batch, or None.
 
         Returns:
             One (N, H_i) tensor per additional teacher, on the loss device, normal tensors (not inference
@@ -140,7 +142,8 @@ class TeacherEnsemble:
             with torch.inference_mode():
                 ids = input_ids.to(m.device)
                 attn = None if attention_mask is None else attention_mask.to(m.device)
-                hidden = final_hidden_states(m.model, m.core, ids, attn)  # (B, T, H_i)
+                pos = None if position_ids is None else position_ids.to(m.device)
+                hidden = final_hidden_states(m.model, m.core, ids, attn, pos)  # (B, T, H_i)
                 # (B, T, H_i) -> (N, H_i) before anything else: only these rows cross devices and outlive the step.
                 hidden = hidden[:, :-1][mask.to(m.device)].to(self.device)
             states.append(hidden.clone())  # a normal tensor: inference tensors cannot be saved for backward

@@ -157,6 +157,7 @@ class DistillationTrainer(Trainer):
                      num_items_in_batch: torch.Tensor | int | None = None):
         core = self.accelerator.unwrap_model(model)
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        position_ids = inputs.get("position_ids")  # padding-free batches (training.packing): one row, no mask
         mask, targets = counted_positions(inputs["labels"])  # (B, T-1), (N,)
         feats = self.features
         # Feature terms count the positions the logit loss counts, over (B, T); keys: every non-padding token.
@@ -164,21 +165,23 @@ class DistillationTrainer(Trainer):
         key_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
         with feats.capture(core, "student") if feats else nullcontext() as s_capture:
-            hidden = final_hidden_states(model, core, input_ids, attention_mask)[:, :-1][mask]  # (B, T, H) -> (N, H)
+            hidden = final_hidden_states(model, core, input_ids, attention_mask,
+                                         position_ids)[:, :-1][mask]  # (B, T, H) -> (N, H)
         t_hidden = t_feats = None
         t_hiddens: list[torch.Tensor] = []  # every teacher's (N, H_i), the primary first
         cross = "teacher_positions" in inputs  # a teacher with another tokenizer (data.cross): its own tokens
         if self.teacher is not None and not cross:
             with torch.inference_mode():
                 with feats.capture(self._teacher_core, "teacher") if feats else nullcontext() as t_capture:
-                    t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask)
+                    t_hidden = final_hidden_states(self.teacher, self._teacher_core, input_ids, attention_mask,
+                                                   position_ids)
                 t_hidden = t_hidden[:, :-1][mask]  # (N, H_t)
                 t_feats = t_capture.features(key_mask) if feats else None
             # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
             t_hidden = t_hidden.clone()
             t_feats = t_feats.clone() if t_feats is not None else None
             # The other teachers, one after another (their activations freed in between).
-            t_hiddens = [t_hidden, *self.ensemble.hidden_states(input_ids, attention_mask, mask)]
+            t_hiddens = [t_hidden, *self.ensemble.hidden_states(input_ids, attention_mask, mask, position_ids)]
 
         cfg = self.loss_config
         options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
