@@ -37,7 +37,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 RESULT_MARK = "@@BENCH_RESULT "
-ALL_METHODS = ("naive", "alambic", "trl", "liger", "sft_floor")
+ALL_METHODS = ("naive", "alambic", "trl", "liger", "sft_floor", "alambic_cache", "sft")
+# The methods a plain `--methods` default runs: the live-teacher comparison. alambic_cache (training from top-k rows
+# computed before the timed steps, as from `alambic cache`) compares with sft (the student's plain CE step, no teacher).
+DEFAULT_METHODS = ("naive", "alambic", "trl", "liger", "sft_floor")
+CACHE_K = 64
 SWEEP_VOCABS = (32000, 65536, 131072, 151936, 262144)
 # Dense bf16 tensor-core peak (no sparsity), by substring of the CUDA device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -291,6 +295,39 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
                 s_hidden.reshape(-1, s_hidden.shape[-1]), s_head.weight,
                 t_hidden.reshape(-1, t_hidden.shape[-1]), t_head.weight, targets, s_head.bias, t_head.bias,
             )
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    if method == "alambic_cache":
+        from alambic.config import LossConfig
+        from alambic.losses.topk import teacher_topk
+        from alambic.modeling import counted_positions, final_hidden_states, project
+        from alambic.training.cached import cached_teacher_loss
+
+        mask, targets = counted_positions(labels)
+        with torch.inference_mode():  # what `alambic cache` writes: top-k log-probs, ids and tail per counted token
+            t_hidden = final_hidden_states(teacher, teacher, input_ids, attention_mask)[:, :-1][mask]
+            rows = [teacher_topk(project(teacher, t_hidden[i:i + 1024]), CACHE_K, temp)
+                    for i in range(0, len(t_hidden), 1024)]
+        ids, logprobs, tail = (torch.cat([r[j] for r in rows]).clone() for j in range(3))
+        batch = {"teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}
+        cfg = LossConfig(divergence=spec.divergence, temperature=temp, alpha=spec.alpha, jsd_beta=spec.jsd_beta,
+                         skew=spec.skew)
+
+        def step():
+            hidden = final_hidden_states(student, student, input_ids, attention_mask)[:, :-1][mask]
+            parts = cached_teacher_loss(student, hidden, batch, targets, cfg, chunk_size=spec.chunk_size)
+            parts.total.backward()
+            return parts.total.detach()
+
+        return step
+
+    if method == "sft":
+
+        def step():
+            loss = student(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
             loss.backward()
             return loss.detach()
 
@@ -572,7 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full: the real model sizes (GPU); cpu: 4 layers, hidden 128-256, real vocabularies; "
                         "tiny: CI-sized, vocab 4096")
     p.add_argument("--pair", choices=(*PAIRS, "all"), default="all")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {', '.join(ALL_METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(ALL_METHODS)} (default {', '.join(DEFAULT_METHODS)})")
     p.add_argument("--batch", type=int, help="sequences per step (default: 8 full, 4 cpu (1 for --vocab-sweep), 2 tiny)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 1024 full, 512 cpu, 32 tiny)")
     p.add_argument("--vocab", type=int, help="override the pair's vocabulary size (tiny: 4096)")

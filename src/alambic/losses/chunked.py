@@ -26,7 +26,7 @@ Several teachers (`losses.mixture`): per chunk, each teacher's states are projec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +73,9 @@ class _Spec:
     grad_hidden: bool
     grad_weight: bool
     grad_bias: bool
+    # Another per-chunk objective instead of `_chunk_parts` (the offline cache's top-k loss): (student logits (c, V'),
+    # the chunk's rows) -> (total, soft, hard, per-teacher soft), each already over the whole call's denominator.
+    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
 
 def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: Tensor, denominator: Tensor,
@@ -147,9 +150,12 @@ class _ChunkedDistillation(torch.autograd.Function):
             h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
             with torch.enable_grad():
                 student_logits = head_logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
-                chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
-                    student_logits, teacher_logits, labels[rows], denominator, spec
-                )
+                if spec.chunk_loss is not None:
+                    chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = spec.chunk_loss(student_logits, rows)
+                else:
+                    chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
+                        student_logits, teacher_logits, labels[rows], denominator, spec
+                    )
             if wrt_names:
                 leaves = {"h": h_s, "w": w_s, "b": b_s}
                 grads = dict(zip(wrt_names, torch.autograd.grad(chunk_total, [leaves[k] for k in wrt_names])))
@@ -342,6 +348,48 @@ def chunked_distillation_loss(
     )
     return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum(),
                      soft_per_teacher=per_teacher if per_teacher.numel() else None)
+
+
+def chunked_head_loss(
+    student_hidden: Tensor,
+    student_head: OutputHead,
+    labels: Tensor,
+    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> LossParts:
+    """Any per-token objective of the student's logits, fused with its head the way `chunked_distillation_loss` is:
+    chunk by chunk, the gradients computed in the forward, no (N, V) tensor and no recomputation in the backward.
+
+    Args:
+        student_hidden: (N, H) the counted positions' final hidden states; labels: (N,), -100 not counted.
+        chunk_loss: (logits (c, V') of the chunk, its rows) -> (total, soft, hard) 0-dim tensors, each already
+            divided by the whole call's denominator (so the chunks add up); `total` carries the gradient.
+        vocab_size: score only the first `vocab_size` logits; None: the head's V.
+    """
+    n = check_counted_rows(student_hidden, labels, chunk_size)
+    vocab = student_head.vocab_size if vocab_size is None else vocab_size
+    if not 1 <= vocab <= student_head.vocab_size:
+        raise ValueError(f"vocab_size must be in [1, {student_head.vocab_size}] (the head's size), got {vocab_size}")
+
+    def parts(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        total, soft, hard = chunk_loss(logits, rows)
+        return total, soft, hard, total.new_zeros((0,))
+
+    grad_on = torch.is_grad_enabled()
+    spec = _Spec(
+        student_head=student_head, teacher_heads=(), teacher_weights=(), teachers="mixture", vocab=vocab,
+        teacher_vocab=vocab, divergence="forward_kl", temperature=1.0, alpha=0.0, jsd_beta=0.5, skew=0.1,
+        num_items_in_batch=None, chunk_size=chunk_size,
+        grad_hidden=grad_on and student_hidden.requires_grad,
+        grad_weight=grad_on and student_head.weight.requires_grad,
+        grad_bias=grad_on and student_head.bias is not None and student_head.bias.requires_grad,
+        chunk_loss=parts,
+    )
+    total, soft, hard, _ = _ChunkedDistillation.apply(student_hidden, student_head.weight, student_head.bias, (),
+                                                      labels, spec)
+    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum())
 
 
 class ChunkedDistillationLoss(nn.Module):

@@ -39,7 +39,7 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     for name, cfg in config.evaluation.baselines.items():
         # Baselines are compared with the models on the data's tokens: the student's tokenizer when it is its own.
         check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.student.model if cross else config.teacher.model,
-                             f"baseline {name} ({cfg.model})")
+                             f"baseline {name} ({cfg.model})", reference="student" if cross else "teacher")
         if labels is not None and not is_classifier(cfg):
             raise ConfigError(f"evaluation.baselines.{name}: {cfg.model!r} is not a sequence classifier; a "
                               "classification run compares classifiers trained on its labels")

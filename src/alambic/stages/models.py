@@ -115,19 +115,22 @@ def same_tokenizer(a, b) -> bool:
     return all(large.get(token) == i for token, i in small.items())
 
 
-def _tokenizer_gap(teacher_tok, other_tok, teacher_name: str, other_name: str) -> str:
-    tv, ov = teacher_tok.get_vocab(), other_tok.get_vocab()
-    moved = [t for t, i in ov.items() if tv.get(t, i) != i]
-    return (f"teacher {teacher_name!r} and {other_name!r} have different tokenizers ({len(tv)} vs {len(ov)} tokens, "
-            f"{len(set(tv) & set(ov))} shared, {len(moved)} of them with different ids, e.g. {moved[:3]})")
+def _tokenizer_gap(a_tok, b_tok, a_label: str, b_label: str) -> str:
+    va, vb = a_tok.get_vocab(), b_tok.get_vocab()
+    moved = [t for t, i in vb.items() if va.get(t, i) != i]
+    return (f"{a_label} and {b_label} have different tokenizers ({len(va)} vs {len(vb)} tokens, "
+            f"{len(set(va) & set(vb))} shared, {len(moved)} of them with different ids, e.g. {moved[:3]})")
 
 
-def check_same_tokenizer(teacher_tok, other_tok, teacher_name: str, other_name: str) -> None:
+def check_same_tokenizer(teacher_tok, other_tok, teacher_name: str, other_name: str, *,
+                         reference: str = "teacher") -> None:
     """Logit losses and agreement metrics need one vocabulary: refuse two tokenizers that are not one (see
-    `same_tokenizer`). For the student, `data_tokenizers` offers the ways round it instead."""
+    `same_tokenizer`). `reference`: the role of the first model in the message (the student, when the data is in
+    its tokens). For the student itself, `data_tokenizers` offers the ways round it instead."""
     if not same_tokenizer(teacher_tok, other_tok):
-        raise ConfigError(f"{_tokenizer_gap(teacher_tok, other_tok, teacher_name, other_name)}: logits can only be "
-                          "compared over one vocabulary. Use a model with the teacher's tokenizer.")
+        gap = _tokenizer_gap(teacher_tok, other_tok, f"{reference} {teacher_name!r}", repr(other_name))
+        raise ConfigError(f"{gap}: logits can only be compared over one vocabulary. Use a model with the "
+                          f"{reference}'s tokenizer.")
 
 
 def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
@@ -149,7 +152,8 @@ def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
     student_tok = load_tokenizer(student_source(config, run_dir))
     if same_tokenizer(teacher_tok, student_tok):
         return teacher_tok, None
-    gap = _tokenizer_gap(teacher_tok, student_tok, config.teacher.model, f"student {config.student.model}")
+    gap = _tokenizer_gap(teacher_tok, student_tok, f"teacher {config.teacher.model!r}",
+                         f"student {config.student.model!r}")
     if config.task != "causal_lm":
         raise ConfigError(f"{gap}: a classification run tokenizes its examples once, with the teacher's tokenizer; "
                           "use a student with the teacher's tokenizer")

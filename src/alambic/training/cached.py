@@ -2,8 +2,9 @@
 
 The teacher side is already small, (N, k) per batch; the student's logits are the (N, V) problem. Each
 chunk of `chunk_size` counted positions is projected through the student's head and scored by
-`topk_distillation_loss` inside `torch.utils.checkpoint`: the forward keeps only the chunk's inputs,
-and the backward recomputes that chunk's logits, so one (chunk, V) logits block is alive at a time.
+`topk_distillation_loss`, fused with the head as the live-teacher loss is (`losses.chunked.chunked_head_loss`):
+the chunk's gradients are taken in the forward, so one (chunk, V) logits block is alive at a time and the
+backward recomputes nothing.
 
 Every chunk is reduced with the whole call's denominator (`num_items_in_batch`, or the call's own
 count of counted tokens), so the chunks' parts add up to the unchunked loss.
@@ -15,13 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from alambic.losses.chunked import check_counted_rows
+from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
-from alambic.modeling import project
 
 __all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
 
@@ -90,24 +89,10 @@ def cached_teacher_loss(
     options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
                    jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=denominator)
 
-    def chunk_parts(h: Tensor, ids_c: Tensor | None, logprobs_c: Tensor | None, tail_c: Tensor | None,
-                    targets_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = project(core, h)[:, :vocab]  # (c, H) -> (c, V'): the one logits block alive
-        parts = _topk_loss(logits, ids_c, logprobs_c, tail_c, targets_c, **options)
+    def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        parts = _topk_loss(logits, *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows],
+                           **options)
         return parts.total, parts.soft, parts.hard
 
-    recompute = torch.is_grad_enabled()
-    total = soft = hard = None
-    # max(n, 1): an empty call still runs one (empty) chunk, so its 0 loss is connected to the graph.
-    for start in range(0, max(n, 1), chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
-        args = (hidden[rows], *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows])
-        if recompute:
-            # Keeps the chunk's inputs only; the backward recomputes its logits. No RNG in the head.
-            t, s, h = checkpoint(chunk_parts, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            t, s, h = chunk_parts(*args)
-        total = t if total is None else total + t
-        soft = s.detach() if soft is None else soft + s.detach()
-        hard = h.detach() if hard is None else hard + h.detach()
-    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(targets != IGNORE_INDEX).sum())
+    return chunked_head_loss(hidden, OutputHead.of(core), targets, chunk_loss, vocab_size=vocab,
+                             chunk_size=chunk_size)
