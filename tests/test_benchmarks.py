@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step.py"
-METHODS = ("naive", "alambic", "sft_floor")
+METHODS = ("naive", "alambic", "sft_floor", "alambic_cache", "sft")
 
 
 def test_step_benchmark_tiny(tmp_path):
