@@ -57,21 +57,22 @@ def evaluate_against_teacher(
     collator = DistillationCollator(pad_token_id, teacher_pad_token_id=teacher_pad_token_id)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     everyone = {"teacher": teacher, **models}
-    # One tokenization each group reads, compared with its first model; across tokenizers, nothing is compared.
-    groups = [({"teacher": teacher}, "teacher_"), (models, "")] if cross else [(everyone, "")]
+    # (models, the columns they read, the model they are compared with): one tokenizer, everyone against the teacher;
+    # across tokenizers, the teacher on its own tokens, the others on theirs, nothing compared token by token.
+    groups = ([({"teacher": teacher}, "teacher_", None), (models, "", None)] if cross
+              else [(everyone, "", "teacher")])
     # Per-sequence sums (float64, on CPU): the bootstrap resamples sequences, so it needs nothing else.
     per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
     for batch in track(loader, description=f"evaluating {len(everyone)} models on held-out data", console=console):
-        for group, prefix in groups:
-            if group:
-                reference = "teacher" if not cross else None
-                for name, sums in _score_batch(group, batch, prefix, reference).items():
-                    for key in SUMS:
-                        per_seq[name][key].append(sums[key])
-    own_tokens = {name: int(sum(float(t.sum()) for t in per_seq[name]["tokens"])) for name in everyone}
+        for group, prefix, reference in groups:
+            for name, sums in (_score_batch(group, batch, prefix, reference) if group else {}).items():
+                for key in SUMS:
+                    per_seq[name][key].append(sums[key])
+    own_tokens = {}
     if cross and models:  # the teacher's cross-entropy per student token of the same texts
+        own_tokens = {name: int(sum(float(t.sum()) for t in per_seq[name]["tokens"])) for name in everyone}
         per_seq["teacher"]["tokens"] = per_seq[next(iter(models))]["tokens"]
     results = {}
     for name, model in everyone.items():
@@ -94,7 +95,7 @@ def evaluate_against_teacher(
             "parameters": params["total"],
             "non_embedding_parameters": params["non_embedding"],
             "num_layers": getattr(model.config, "num_hidden_layers", None),
-            **({"own_tokens": own_tokens[name]} if cross else {}),
+            **({"own_tokens": own_tokens[name]} if own_tokens else {}),
         }
     return results
 
