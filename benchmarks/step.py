@@ -116,10 +116,11 @@ class Spec:
     alpha: float
     jsd_beta: float
     skew: float
-    chunk_size: int
+    chunk_size: int | str
     lr: float
     seed: int
     threads: int | None = None
+    auto_elements: int | None = None
 
 
 @dataclass
@@ -381,6 +382,10 @@ def run_method(spec: Spec) -> Result:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    if spec.auto_elements:
+        import alambic.losses.chunked
+
+        alambic.losses.chunked.AUTO_CHUNK_ELEMENTS = spec.auto_elements
     device, dtype = torch.device(spec.device), getattr(torch, spec.dtype)
     cuda = device.type == "cuda"
     t_cfg, s_cfg = _model_configs(spec)
@@ -578,7 +583,8 @@ def print_header(meta: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"# {meta['machine']} | {vs} | {meta['date']}")
     print(f"# command: python {meta['command']}")
     print(f"# scale {args.scale}, batch {args.batch} × seq {args.seq} = {args.batch * args.seq} tokens/step, "
-          f"{args.dtype}, {args.device}, alambic chunk {args.chunk_size}, divergence {args.divergence}, T {args.temperature}, alpha {args.alpha}, "
+          f"{args.dtype}, {args.device}, alambic chunk {args.chunk_size}"
+          f"{f' ({args.auto_elements} logits)' if args.auto_elements else ''}, divergence {args.divergence}, T {args.temperature}, alpha {args.alpha}, "
           f"{args.warmup} warm-up + {args.steps} timed steps (median), AdamW; "
           f"load average at start {meta['load_average_start'][0]:.2f}")
 
@@ -589,6 +595,7 @@ def _spec(args: argparse.Namespace, method: str, pair: str, vocab: int) -> Spec:
         device=args.device, steps=args.steps, warmup=args.warmup, divergence=args.divergence,
         temperature=args.temperature, alpha=args.alpha, jsd_beta=args.jsd_beta, skew=args.skew,
         chunk_size=args.chunk_size, lr=args.lr, seed=args.seed, threads=args.threads,
+        auto_elements=args.auto_elements,
     )
 
 
@@ -623,8 +630,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the soft loss (1: no hard CE term)")
     p.add_argument("--jsd-beta", type=float, default=0.5)
     p.add_argument("--skew", type=float, default=0.1)
-    p.add_argument("--chunk-size", type=int, help="alambic's token chunk (default: 1024 full, 256 cpu, 8 tiny: "
-                                                  "a batch is 8 chunks at every scale)")
+    p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v),
+                   help="alambic's token chunk, or 'auto' (rows sized to the vocabulary; default: 1024 full, 256 cpu, "
+                        "8 tiny: a batch is 8 chunks at every scale)")
+    p.add_argument("--auto-elements", type=int, help="logits per chunk under --chunk-size auto (default alambic's "
+                                                     "AUTO_CHUNK_ELEMENTS, 2^26); a smaller budget shows at CPU scale "
+                                                     "what 2^26 does at full scale")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads per method (default: torch's, one per core)")

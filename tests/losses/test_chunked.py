@@ -382,3 +382,19 @@ def test_uld_with_another_teacher_vocabulary_matches_reference(v_t):
     case = make_case(v_s=19, v_t=v_t, label_vocab=19)
     kwargs = dict(divergence="uld", alpha=0.6, temperature=2.0)
     assert_same(chunked(*case, chunk_size=8, **kwargs), reference(*case, **kwargs), what=f"uld V_t={v_t}")
+
+
+def test_auto_chunks_keep_each_logits_block_under_a_fixed_size_whatever_the_vocabulary(monkeypatch):
+    import alambic.losses.chunked as chunked_module
+
+    assert chunked_module.resolve_chunk_size("auto", 49_152) == 1365
+    assert chunked_module.resolve_chunk_size("auto", 151_936) == 441
+    assert chunked_module.resolve_chunk_size(100, 151_936) == 100
+    monkeypatch.setattr(chunked_module, "AUTO_CHUNK_ELEMENTS", 19 * 8)  # 8 rows of the 19-wide vocabulary
+    case = make_case(v_s=19)
+    kwargs = dict(divergence="jsd", alpha=0.5, temperature=2.0)
+    with LargestAllocation() as spy:
+        got = chunked(*case, chunk_size="auto", **kwargs)
+    assert_same(got, chunked(*case, chunk_size=8, **kwargs), what="auto = 8 rows")
+    n, h = case[0].shape
+    assert spy.largest <= max(n * h, 19 * h) * 8  # the (N, H) / (V, H) gradients, never more than 8 rows of logits

@@ -16,6 +16,8 @@ def test_loss_section_names_every_term_the_run_trained_with():
     assert "Teachers (sum: Σ wᵢ · divergence against each Pᵢ, weights normalised): `instruct` × 0.5, `expert` × 0.5" in text
     assert "On-policy: 50% of the steps train on the student's own responses (up to 64 tokens" in text
     assert "Implementation: chunked (chunks of 1024 tokens)" in text
+    auto = "\n".join(loss_section({**config, "loss": {**config["loss"], "chunk_size": "auto"}}))
+    assert "Implementation: chunked (chunks sized to the vocabulary, 'auto')" in auto
     classifier = "\n".join(loss_section({**config, "task": "sequence_classification", "additional_teachers": []}))
     assert "Implementation" not in classifier and "Teachers" not in classifier
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -143,7 +143,11 @@ class LossConfig(_Section):
         description="'chunked': output heads and loss fused over token chunks, never an (N, V) logits tensor "
         "(fast, memory flat in the vocabulary). 'full': logits of all counted tokens at once (the reference).",
     )
-    chunk_size: int = Field(default=1024, gt=0, description="Tokens per chunk of the chunked loss.")
+    chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto", description="Tokens per chunk of the chunked loss (the (chunk, V) logits block of each model is "
+        "what the loss holds at once). 'auto': as many as keep a block under 2^26 logits (1365 tokens at V = 49,152, "
+        "441 at 151,936), so the loss's memory does not grow with the vocabulary.",
+    )
     features: FeatureLossConfig | None = Field(
         default=None, description="Feature distillation terms (hidden states, attention maps, MiniLM relations) "
         "added to the logit objective; null: logits only.",

@@ -46,7 +46,19 @@ from alambic.losses.heads import OutputHead, _shape, head_logits, shared_vocab_s
 from alambic.losses.mixture import _check_combination, ensemble_divergence, normalize_weights
 
 # OutputHead lives in `losses.heads`; it stays importable from here, where callers have always taken it.
-__all__ = ["ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss"]
+__all__ = ["AUTO_CHUNK_ELEMENTS", "ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss",
+           "resolve_chunk_size"]
+
+# chunk_size "auto": as many rows as keep one chunk's logits under this many elements (256 MiB in float32), so the
+# loss's memory is the same whatever the vocabulary: 1365 rows at V = 49,152, 441 at 151,936, 256 at 262,144.
+AUTO_CHUNK_ELEMENTS = 1 << 26
+
+
+def resolve_chunk_size(chunk_size: int | str, vocab: int) -> int:
+    """Rows per chunk: `chunk_size` itself, or for "auto" `AUTO_CHUNK_ELEMENTS // vocab` (at least 1)."""
+    if chunk_size == "auto":
+        return max(1, AUTO_CHUNK_ELEMENTS // vocab)
+    return chunk_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +235,7 @@ def chunked_distillation_loss(
     jsd_beta: float = 0.5,
     skew: float = 0.1,
     num_items_in_batch: int | Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | str = 1024,
     vocab_size: int | None = None,
     teacher_weights: Sequence[float] | None = None,
     teachers: str = "mixture",
@@ -250,7 +262,7 @@ def chunked_distillation_loss(
         labels: (N,) target ids at those positions; -100 marks tokens that do not count.
         divergence, temperature, alpha, jsd_beta, skew, num_items_in_batch: as in `distillation_loss`.
         chunk_size: rows of logits computed at once; peak memory grows with it, speed too until the
-            matmuls fill the device.
+            matmuls fill the device. "auto": `AUTO_CHUNK_ELEMENTS // V` rows, memory flat in V.
         vocab_size: compare only the first `vocab_size` logits of both heads (one family's checkpoints
             with differently padded vocabularies). None: the heads must have the same V, except for
             divergence 'uld', which compares every head whole (a teacher with another tokenizer).
@@ -271,6 +283,10 @@ def chunked_distillation_loss(
     _check_unit_interval("alpha", alpha)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    heads = teacher_head if teacher_head is None or isinstance(teacher_head, OutputHead) else tuple(teacher_head)
+    widths = [student_head.vocab_size, *(h.vocab_size for h in ((heads,) if isinstance(heads, OutputHead)
+                                                                  else heads or ()))]
+    chunk_size = resolve_chunk_size(chunk_size, max(widths))
     n = check_counted_rows(student_hidden, labels, chunk_size)
     if student_head.hidden_size != student_hidden.shape[1]:
         raise ValueError(
@@ -357,7 +373,7 @@ def chunked_head_loss(
     chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
     *,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | str = 1024,
 ) -> LossParts:
     """Any per-token objective of the student's logits, fused with its head the way `chunked_distillation_loss` is:
     chunk by chunk, the gradients computed in the forward, no (N, V) tensor and no recomputation in the backward.
@@ -368,6 +384,7 @@ def chunked_head_loss(
             divided by the whole call's denominator (so the chunks add up); `total` carries the gradient.
         vocab_size: score only the first `vocab_size` logits; None: the head's V.
     """
+    chunk_size = resolve_chunk_size(chunk_size, student_head.vocab_size)
     n = check_counted_rows(student_hidden, labels, chunk_size)
     vocab = student_head.vocab_size if vocab_size is None else vocab_size
     if not 1 <= vocab <= student_head.vocab_size:

@@ -61,8 +61,10 @@ def loss_section(config: dict[str, Any]) -> list[str]:
                      f"(up to {on_policy.get('max_new_tokens')} tokens, sampling temperature "
                      f"{on_policy.get('sampling_temperature')}), scored by the teacher with the divergence above.")
     if config.get("task") != "sequence_classification":  # a classifier's loss is over C class logits: no chunks
+        chunk = loss.get("chunk_size")
+        chunks = "chunks sized to the vocabulary, 'auto'" if chunk == "auto" else f"chunks of {chunk} tokens"
         lines.append(f"\nImplementation: {loss.get('implementation', 'chunked')}"
-                     + (f" (chunks of {loss.get('chunk_size')} tokens)" if loss.get("implementation") == "chunked" else "")
+                     + (f" ({chunks})" if loss.get("implementation") == "chunked" else "")
                      + ("; teacher from the offline top-k cache (k = "
                         f"{config['data']['teacher_cache'].get('k')})" if (config.get("data") or {}).get("teacher_cache") else ""))
     return lines

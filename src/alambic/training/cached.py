@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss
+from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
 
@@ -36,7 +36,7 @@ def cached_teacher_loss(
     loss_config: Any,
     num_items_in_batch: int | Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | str = 1024,
 ) -> LossParts:
     """`topk_distillation_loss(project(core, hidden), teacher rows, targets, ...)`, chunk by chunk.
 
@@ -54,7 +54,7 @@ def cached_teacher_loss(
             this call's count.
         vocab_size: score only the first `vocab_size` student logits (the vocabulary shared with the
             teacher); None: all of them.
-        chunk_size: counted positions projected at once.
+        chunk_size: counted positions projected at once, or "auto" (`losses.chunked.resolve_chunk_size`).
 
     Returns:
         LossParts: `total` carries the gradient (to `hidden` and the head's parameters); `soft` and
@@ -65,8 +65,9 @@ def cached_teacher_loss(
     """
     cfg = loss_config
     _check_options(cfg.divergence, cfg.alpha, cfg.temperature)
-    n = check_counted_rows(hidden, targets, chunk_size, names=("hidden", "targets"))
     head_vocab = core.get_output_embeddings().weight.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, head_vocab)
+    n = check_counted_rows(hidden, targets, chunk_size, names=("hidden", "targets"))
     if vocab_size is not None and not 1 <= vocab_size <= head_vocab:
         raise ValueError(f"vocab_size must be in [1, {head_vocab}] (the student head's size), got {vocab_size}")
     vocab = head_vocab if vocab_size is None else vocab_size
