@@ -1,4 +1,4 @@
-"""What do `training.packing` and `teacher.dtype` buy on chat data? Distillation throughput of one model pair on real
+"""What do `training.packing`, `teacher.dtype` and `training.torch_compile` buy on chat data? Distillation throughput of one model pair on real
 variable-length conversations, one configuration at a time, each in its own process.
 
 The real SmolLM2-135M-Instruct teacher and its every-other-layer student (15 layers) distil on chatterbot-corpus
@@ -8,7 +8,7 @@ tokens per second (every token the models read, and the counted answer tokens), 
 batches, and the loss of the first step (pad and padding_free read the same batches and give the same loss;
 group_by_length draws other batches).
 
-    python benchmarks/packing.py                          # pad, group_by_length, padding_free, bf16 teacher
+    python benchmarks/packing.py       # pad, group_by_length, padding_free, bf16 teacher, compiled layers
     python benchmarks/packing.py --configs pad,padding_free --steps 10 --threads 2
 """
 
@@ -22,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = {  # name -> (training.packing, teacher dtype)
-    "pad": ("pad", "float32"),
-    "group_by_length": ("group_by_length", "float32"),
-    "padding_free": ("padding_free", "float32"),
-    "pad_bf16_teacher": ("pad", "bfloat16"),
+CONFIGS = {  # name -> (training.packing, teacher dtype, training.torch_compile)
+    "pad": ("pad", "float32", False),
+    "group_by_length": ("group_by_length", "float32", False),
+    "padding_free": ("padding_free", "float32", False),
+    "pad_bf16_teacher": ("pad", "bfloat16", False),
+    "pad_compiled": ("pad", "float32", True),
 }
 
 
@@ -42,7 +43,7 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
     from alambic.students.build import build_from_teacher
     from alambic.training.run import train
 
-    packing, teacher_dtype = CONFIGS[name]
+    packing, teacher_dtype, compiled = CONFIGS[name]
     teacher_cfg = ModelConfig(model="smollm2-135m-instruct", dtype=teacher_dtype, device="cpu")
     tokenizer = load_tokenizer(teacher_cfg)
     data = prepare_datasets(DataConfig(source="chatterbot", format="chat", max_seq_len=max_seq_len), tokenizer)
@@ -73,14 +74,16 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
         summary = train(student, tokenizer, data, teacher=teacher,
                         loss=LossConfig(divergence="forward_kl", alpha=1.0),
                         training=TrainingConfig(max_steps=warmup + steps, per_device_train_batch_size=batch_size,
-                                                bf16=True, logging_steps=1, save_steps=10_000, packing=packing),
+                                                bf16=True, logging_steps=1, save_steps=10_000, packing=packing,
+                                                torch_compile=compiled),
                         output_dir=Path(out), callbacks=[Clock()],
                         collator=Counting(tokenizer.pad_token_id, padding_free=packing == "padding_free"))
     timed = times[warmup:]
     history = [h for h in summary["log_history"] if "loss" in h]
     step_s = statistics.median(timed)
     tokens_per_step = seen["tokens"] / len(times)
-    return {"config": name, "packing": packing, "teacher_dtype": teacher_dtype, "steps": steps,
+    return {"config": name, "packing": packing, "teacher_dtype": teacher_dtype, "compiled": compiled, "steps": steps,
+            "first_steps_s": times[:warmup],
             "step_s": step_s, "step_min_max": [min(timed), max(timed)], "tokens_per_s": tokens_per_step / step_s,
             "padding_share": 1 - seen["tokens"] / seen["slots"], "first_loss": history[0]["loss"],
             "threads": torch.get_num_threads()}
@@ -90,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated among {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, recompilation)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -115,13 +118,16 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = results[0]
-    print("| config | packing | teacher dtype | step s (min–max) | tokens/s | × first | padding share | 1st-step loss |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| config | packing | teacher dtype | compiled | step s (min–max) | tokens/s | × first | padding share | "
+          "1st-step loss | warm-up steps s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in results:
         lo, hi = r["step_min_max"]
-        print(f"| {r['config']} | {r['packing']} | {r['teacher_dtype']} | {r['step_s']:.2f} ({lo:.2f}–{hi:.2f}) | "
-              f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
-              f"{r['padding_share']:.1%} | {r['first_loss']:.4f} |")
+        warm = ", ".join(f"{t:.1f}" for t in r["first_steps_s"])
+        print(f"| {r['config']} | {r['packing']} | {r['teacher_dtype']} | {'yes' if r['compiled'] else 'no'} | "
+              f"{r['step_s']:.2f} ({lo:.2f}–{hi:.2f}) | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× | {r['padding_share']:.1%} | {r['first_loss']:.4f} | "
+              f"{warm} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

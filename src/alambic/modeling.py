@@ -62,3 +62,21 @@ def counted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     shifted = labels[:, 1:]
     mask = shifted != -100
     return mask, shifted[mask]
+
+
+def compile_layers(model: nn.Module, compiled: bool = True) -> int:
+    """`torch.compile` each decoder layer of `model` in place (`nn.Module.compile`), or, with `compiled` False, give
+    each its eager forward back. Layer by layer rather than the whole model: the hooks alambic puts on the decoder
+    (`final_hidden_states`) stay outside the compiled regions, the parameter names do not change (checkpoints and
+    exports are the same), and the layers share one compiled graph. Returns the number of layers."""
+    from alambic.students.architecture import decoder_layers
+
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        if compiled:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
+    model._alambic_compiled_layers = compiled  # read by `training.run.restore_forward`
+    return len(layers)
+

@@ -183,3 +183,19 @@ def test_padding_free_refuses_what_needs_one_row_per_sequence():
     with pytest.raises(ConfigError, match=r"padding_free .* loss.on_policy .* group_by_length"):
         validate_config({**base, "loss": {"alpha": 0.5, "on_policy": {"fraction": 0.5}}})
     assert validate_config({**base, "loss": {"features": {"hidden_states": {}}}}).training.packing == "padding_free"
+
+
+def test_torch_compile_trains_the_same_and_gives_the_teacher_back_eager(tmp_path):
+    data = tiny_prepared(tmp_path)
+    losses, teachers = {}, {}
+    for compiled in (False, True):
+        teacher = tiny_model("llama", seed=1)
+        summary = train(tiny_model("llama", seed=2, num_layers=2), tiny_tokenizer(), data, teacher=teacher,
+                        loss=LossConfig(alpha=0.5),
+                        training=TrainingConfig(max_steps=2, per_device_train_batch_size=4, save_steps=2,
+                                                logging_steps=1, torch_compile=compiled),
+                        output_dir=tmp_path / str(compiled))
+        losses[compiled] = [h["loss"] for h in summary["log_history"] if "loss" in h]
+        teachers[compiled] = teacher
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert all(layer._compiled_call_impl is None for layer in teachers[True].model.layers)

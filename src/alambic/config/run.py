@@ -183,6 +183,18 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _compile_fits(self) -> RunConfig:
+        if not self.training.torch_compile:
+            return self
+        refused = [name for name, on in (("task sequence_classification", self.task != "causal_lm"),
+                                         ("loss.features", self.loss.features is not None),
+                                         ("loss.on_policy", self.loss.on_policy is not None)) if on]
+        if refused:
+            raise ValueError(f"training.torch_compile compiles the language models' decoder layers for the training "
+                             f"step, which {', '.join(refused)} cannot use yet: remove one of them")
+        return self
+
+    @model_validator(mode="after")
     def _several_teachers_fit(self) -> RunConfig:
         """Every setting that cannot go with additional_teachers, in one message."""
         if not self.additional_teachers:

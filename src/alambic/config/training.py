@@ -40,6 +40,13 @@ class TrainingConfig(_Section):
         "attention compute that grows with the row's length). Chat data gains, text data (already packed to "
         "data.max_seq_len) does not.",
     )
+    torch_compile: bool = Field(
+        default=False,
+        description="torch.compile every decoder layer of the student and the teachers in place (inductor; on CPU it "
+        "needs a C++ compiler). The first steps pay the compilation, and one recompilation once the sequence lengths "
+        "vary; the weights, checkpoints and export are unchanged. Language models, without loss.features (hooks on the "
+        "layers) or loss.on_policy (the student decodes between steps).",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",

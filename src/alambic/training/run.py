@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
+from alambic.modeling import compile_layers
 from alambic.training.teachers import WeightedTeacher
 from alambic.training.trainer import DistillationTrainer
 from alambic.utils import console
@@ -97,9 +98,11 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
 
 def restore_forward(model: torch.nn.Module | None) -> None:
     """Undo accelerate's mixed-precision wrapper on a model's forward (`prepare_model` replaces it in place by an
-    autocast one). The teacher object outlives the trainer (`load_model(cache=True)` shares it with the next
+    autocast one), and the compilation of its layers (`training.torch_compile`). The teacher object outlives the trainer (`load_model(cache=True)` shares it with the next
     stages): left wrapped, the evaluation would score the teacher and time its generation under bf16 autocast
     while the students run in their own dtype (measured: 4x slower decoding on CPU)."""
+    if getattr(model, "_alambic_compiled_layers", False):  # training.torch_compile: eager layers again
+        compile_layers(model, compiled=False)
     original = None if model is None else model.__dict__.pop("_original_forward", None)
     if original is None:
         return
@@ -141,6 +144,11 @@ def train(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, log history.
     """
+    if training.torch_compile:  # the teachers' layers go back to eager after training (restore_forward)
+        for model in (student, teacher, *(t.model for t in additional_teachers)):
+            if model is not None:
+                compile_layers(model)
+
     def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> DistillationTrainer:
         return DistillationTrainer(
             model=student,
