@@ -199,3 +199,13 @@ def test_torch_compile_trains_the_same_and_gives_the_teacher_back_eager(tmp_path
         teachers[compiled] = teacher
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     assert all(layer._compiled_call_impl is None for layer in teachers[True].model.layers)
+
+
+def test_the_chunked_loss_is_refused_where_the_heads_are_sharded(tmp_path):
+    trainer = DistillationTrainer(model=tiny_model("llama", num_layers=1), args=TrainingArguments(
+        str(tmp_path), use_cpu=True, report_to="none"), teacher=tiny_model("llama", seed=1), loss_config=LossConfig())
+    trainer.is_fsdp_enabled = True  # as the Trainer sets it under an FSDP launcher
+    with pytest.raises(ValueError, match="chunked reads the output heads' weights .* FSDP keeps them sharded"):
+        trainer._check_unsharded_heads()
+    trainer.loss_config = LossConfig(implementation="full")
+    trainer._check_unsharded_heads()  # the full path runs the heads as modules

@@ -74,6 +74,7 @@ class DistillationTrainer(Trainer):
                                          prepare=self._prepare_teacher) if self.teacher is not None else None)
         self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_log_time = time.perf_counter()
+        self._check_unsharded_heads()
         self.shared_vocab = self._shared_vocab()
         self.features = self._prepare_features(loss_config, kept_layers)
         self.on_policy = self._prepare_on_policy(loss_config)
@@ -98,6 +99,17 @@ class DistillationTrainer(Trainer):
             engine.eval()
             return engine
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _check_unsharded_heads(self) -> None:
+        """The chunked loss reads the output heads' weights between forwards, where DeepSpeed ZeRO-3 and FSDP keep
+        them sharded (an empty or flat shard, not the (V, H) matrix): refuse it there, before the first step."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if (zero3 or self.is_fsdp_enabled) and self.loss_config.implementation == "chunked":
+            raise ValueError(
+                f"loss.implementation: chunked reads the output heads' weights outside the models' forward, where "
+                f"{'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} keeps them sharded. Train under DDP or DeepSpeed ZeRO-1/2 "
+                "(the chunked loss's memory savings stay), or set loss.implementation: full, whose heads run as "
+                "modules (ZeRO-3 gathers them; under FSDP wrap the output head as its own unit)")
 
     def _shared_vocab(self) -> int | None:
         """Logit width both models share when their output heads differ, else None.
