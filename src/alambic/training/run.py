@@ -79,13 +79,13 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         report_to=cfg.report_to or "none",
         seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        # training.packing group_by_length: batches of similar lengths (padding_free is the collator's)
-        train_sampling_strategy="group_by_length" if cfg.packing == "group_by_length" else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=False,
         logging_first_step=True,
     )
+    if cfg.packing == "group_by_length":  # batches of similar lengths (padding_free is the collator's)
+        args["train_sampling_strategy"] = "group_by_length"
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         # Told it runs on CPU, the Trainer allows bf16 autocast there and sets up DDP (gloo) under torchrun.
         args["use_cpu"] = True
