@@ -398,3 +398,11 @@ def test_auto_chunks_keep_each_logits_block_under_a_fixed_size_whatever_the_voca
     assert_same(got, chunked(*case, chunk_size=8, **kwargs), what="auto = 8 rows")
     n, h = case[0].shape
     assert spy.largest <= max(n * h, 19 * h) * 8  # the (N, H) / (V, H) gradients, never more than 8 rows of logits
+
+
+def test_the_gradients_are_given_away_once():
+    case = make_case()
+    parts = chunked_distillation_loss(*case, divergence="forward_kl", alpha=0.5, chunk_size=8)
+    parts.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice through the chunked loss"):
+        parts.total.backward()

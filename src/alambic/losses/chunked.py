@@ -186,19 +186,24 @@ class _ChunkedDistillation(torch.autograd.Function):
             grad_weight = grad_weight.to(student_weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(student_bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Kept on ctx, not saved for backward: the backward scales them in place and gives them away, so the head's
+        # (V, H) gradient exists once, not twice (a product, or a copy for the parameter's .grad).
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(soft, hard, per_teacher)
         return total, soft, hard, per_teacher
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_soft: Tensor, _grad_hard: Tensor, _grad_per_teacher: Tensor):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("backward ran twice through the chunked loss: its gradients are computed once, in the "
+                               "forward; recompute the loss instead of retain_graph=True")
 
         def scaled(grad: Tensor | None) -> Tensor | None:
-            # 0-dim grad_total: the product keeps the gradient's dtype.
-            return None if grad is None else grad * grad_total.to(grad.device)
+            # in place (0-dim grad_total: the gradient keeps its dtype)
+            return None if grad is None else grad.mul_(grad_total.to(grad.device, grad.dtype))
 
-        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None
+        return (*(scaled(g) for g in grads), None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
