@@ -267,3 +267,28 @@ def test_cached_teacher_loss_never_builds_the_full_logits(student_model):
     # head's logits are never made again), nothing larger than the hidden states' gradient.
     assert not [op for op in backward.ops if "mm" in op], backward.ops
     assert backward.largest <= n * 16 * 8, backward.largest
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+def test_the_closed_form_logit_gradient_is_autograds(name, alpha, temperature):
+    from alambic.losses.topk import _topk_loss, topk_loss_and_logit_grad
+
+    g = torch.Generator().manual_seed(7)
+    n, v = 23, 40
+    logits = (torch.randn(n, v, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    logits_peaked = logits.detach().clone()
+    logits_peaked[0, 3] = 200.0  # a row whose tail underflows in float: the exact log-sum-exp fallback
+    for k, z in ((5, logits), (v, logits), (5, logits_peaked.requires_grad_())):  # k = V: an empty tail
+        ids, logprobs, tail = teacher_topk(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, k, temperature)
+        labels = torch.randint(0, v, (n,), generator=g)
+        labels[::5] = -100
+        options = dict(divergence=name, temperature=temperature, alpha=alpha, jsd_beta=0.3, skew=0.2,
+                       num_items_in_batch=31)
+        ref = _topk_loss(z, ids, logprobs, tail, labels, **options)
+        (ref_grad,) = torch.autograd.grad(ref.total, z)
+        parts, grad = topk_loss_and_logit_grad(z.detach(), ids, logprobs, tail, labels, **options)
+        for field in ("total", "soft", "hard"):
+            torch.testing.assert_close(getattr(parts, field), getattr(ref, field).detach(), **F64)
+        torch.testing.assert_close(grad, ref_grad, **F64)

@@ -86,8 +86,9 @@ class _Spec:
     grad_weight: bool
     grad_bias: bool
     # Another per-chunk objective instead of `_chunk_parts` (the offline cache's top-k loss): (student logits (c, V'),
-    # the chunk's rows) -> (total, soft, hard, per-teacher soft), each already over the whole call's denominator.
-    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+    # the chunk's rows) -> (total, soft, hard, per-teacher soft, d total / d logits or None), the values already over
+    # the whole call's denominator; with the logits' gradient given, autograd only takes it through the head.
+    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] | None = None
 
 
 def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: Tensor, denominator: Tensor,
@@ -162,15 +163,20 @@ class _ChunkedDistillation(torch.autograd.Function):
             h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
             with torch.enable_grad():
                 student_logits = head_logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
+                dlogits = None
                 if spec.chunk_loss is not None:
-                    chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = spec.chunk_loss(student_logits, rows)
+                    chunk_total, chunk_soft, chunk_hard, chunk_per_teacher, dlogits = spec.chunk_loss(
+                        student_logits, rows)
                 else:
                     chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
                         student_logits, teacher_logits, labels[rows], denominator, spec
                     )
             if wrt_names:
                 leaves = {"h": h_s, "w": w_s, "b": b_s}
-                grads = dict(zip(wrt_names, torch.autograd.grad(chunk_total, [leaves[k] for k in wrt_names])))
+                # d total / d (h, W, b): through the loss and the head, or through the head alone from the logits'
+                # gradient the chunk loss gave.
+                out, grad_out = (chunk_total, None) if dlogits is None else (student_logits, dlogits)
+                grads = dict(zip(wrt_names, torch.autograd.grad(out, [leaves[k] for k in wrt_names], grad_out)))
                 if spec.grad_hidden:
                     grad_hidden[rows] = grads["h"]  # (c, H_s)
                 if spec.grad_weight:
@@ -375,7 +381,7 @@ def chunked_head_loss(
     student_hidden: Tensor,
     student_head: OutputHead,
     labels: Tensor,
-    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor]],
+    chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor | None]],
     *,
     vocab_size: int | None = None,
     chunk_size: int | str = 1024,
@@ -385,8 +391,9 @@ def chunked_head_loss(
 
     Args:
         student_hidden: (N, H) the counted positions' final hidden states; labels: (N,), -100 not counted.
-        chunk_loss: (logits (c, V') of the chunk, its rows) -> (total, soft, hard) 0-dim tensors, each already
-            divided by the whole call's denominator (so the chunks add up); `total` carries the gradient.
+        chunk_loss: (logits (c, V') of the chunk, its rows) -> (total, soft, hard, dlogits): 0-dim tensors, each
+            already divided by the whole call's denominator (so the chunks add up), and either None (`total` carries
+            the gradient, autograd takes it back through the loss) or d total / d logits (c, V') in closed form.
         vocab_size: score only the first `vocab_size` logits; None: the head's V.
     """
     chunk_size = resolve_chunk_size(chunk_size, student_head.vocab_size)
@@ -395,9 +402,9 @@ def chunked_head_loss(
     if not 1 <= vocab <= student_head.vocab_size:
         raise ValueError(f"vocab_size must be in [1, {student_head.vocab_size}] (the head's size), got {vocab_size}")
 
-    def parts(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        total, soft, hard = chunk_loss(logits, rows)
-        return total, soft, hard, total.new_zeros((0,))
+    def parts(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        total, soft, hard, dlogits = chunk_loss(logits, rows)
+        return total, soft, hard, total.new_zeros((0,)), dlogits
 
     grad_on = torch.is_grad_enabled()
     spec = _Spec(

@@ -286,3 +286,84 @@ def _topk_loss(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logpr
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, num_items_in_batch)
 
     return LossParts(total=mix_soft_and_hard(soft, hard, alpha), soft=soft, hard=hard, num_tokens=mask.sum())
+
+
+# Below this, a tail probability summed in float32 may have lost its smallest terms to underflow: such rows get the
+# tail from a log-sum-exp instead (exact whatever its size).
+_TINY_TAIL = 1e-30
+
+
+@torch.no_grad()
+def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
+                             teacher_tail: Tensor | None, labels: Tensor, *, divergence: str, temperature: float,
+                             alpha: float, jsd_beta: float, skew: float, num_items_in_batch: int | Tensor | None,
+                             ) -> tuple[LossParts, Tensor]:
+    """`_topk_loss` and its gradient with respect to the (c, V) logits, in closed form.
+
+    Autograd through `student_bucket_logprobs` walks the (c, V) block about a dozen times (log-softmax, the tail's
+    scatter copy and log-sum-exp, and their backwards). Here the divergence's gradient g over the k + 1 buckets (a
+    small (c, k + 1) autograd) is spread over the vocabulary directly. With q = softmax(z / T), G = Σ_j g_j:
+
+        d/dz_v = (1/T) · (g_i − q_v · G)                    v the bucket of id i
+        d/dz_v = (1/T) · q_v · (g_tail / q_tail − G)         v in the tail
+        hard CE at T = 1:  (1 − alpha)/n · (softmax(z)_v − [v = label])
+
+    so the block is walked about four times: the exponentials, the tail's sum, and the gradient in place.
+
+    Returns:
+        (LossParts, dlogits (c, V) in the logits' compute dtype). The same values and gradients as autograd through
+        `_topk_loss` (tested to float64 precision).
+    """
+    dtype = _compute_dtype(student_logits, *([teacher_logprobs] if alpha > 0.0 else []))
+    z = student_logits.to(dtype)
+    mask = labels != IGNORE_INDEX  # (c,)
+    denominator = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    w_hard = torch.where(mask, (1.0 - alpha) / torch.as_tensor(denominator, dtype=dtype).clamp_min(1.0), zero)  # (c,)
+    soft = hard = zero
+    grad = None
+    if alpha > 0.0:
+        zt = z / temperature if temperature != 1.0 else z
+        top = zt.amax(dim=-1, keepdim=True)
+        q = torch.sub(zt, top).exp_()  # (c, V), normalised below: softmax(z / T)
+        total_mass = q.sum(-1, keepdim=True)
+        lse = top + total_mass.log()  # (c, 1) log-sum-exp of z / T
+        q.div_(total_mass)
+        ids = teacher_ids.long()
+        q_ids = q.gather(-1, ids)  # (c, k)
+        q.scatter_(-1, ids, 0.0)  # from here on q holds the tail's probabilities only
+        q_tail = q.sum(-1)  # (c,)
+        log_tail = q_tail.log()
+        tiny = q_tail < _TINY_TAIL
+        if tiny.any():
+            log_tail[tiny] = (zt[tiny].scatter(-1, ids[tiny], -math.inf).logsumexp(-1) - lse[tiny, 0])
+        floor = _floor(dtype)
+        buckets = torch.cat([zt.gather(-1, ids) - lse, log_tail[:, None]], dim=-1).clamp_min(floor)
+        log_p = teacher_bucket_logprobs(teacher_logprobs.to(dtype), teacher_tail)
+        with torch.enable_grad():
+            buckets.requires_grad_(True)
+            per_token = divergence_fn(divergence, buckets, log_p, temperature=1.0, jsd_beta=jsd_beta, skew=skew)
+            soft_t = temperature**2 * reduce_over_tokens(per_token, mask, denominator)
+            (g,) = torch.autograd.grad(alpha * soft_t, buckets)  # (c, k + 1)
+        soft = soft_t.detach()
+        g_ids, g_tail = g[:, :-1], g[:, -1]
+        big_g = g.sum(-1)  # (c,)
+        tail_factor = torch.where(q_tail > 0, g_tail / q_tail.clamp_min(torch.finfo(dtype).tiny), zero)
+        shared_hard = temperature == 1.0 and alpha < 1.0  # the hard term's softmax is this one
+        row = tail_factor - big_g + (w_hard if shared_hard else 0.0)  # (c,)
+        grad = q.mul_(row[:, None])  # tail entries; the ids' entries are 0 in q, filled next
+        ids_grad = g_ids - q_ids * big_g[:, None] + (q_ids * w_hard[:, None] if shared_hard else 0.0)
+        grad.scatter_add_(-1, ids, ids_grad)
+        if temperature != 1.0:
+            grad.div_(temperature)
+    if alpha < 1.0:
+        lse1 = lse[:, 0] if alpha > 0.0 and temperature == 1.0 else torch.logsumexp(z, dim=-1)  # (c,)
+        safe = torch.where(mask, labels, torch.zeros_like(labels))
+        per_token = torch.where(mask, lse1 - z.gather(-1, safe[:, None])[:, 0], zero)
+        hard = reduce_over_tokens(per_token, mask, denominator)
+        if grad is None or temperature != 1.0:  # the hard term's own softmax(z)
+            hard_grad = torch.sub(z, lse1[:, None]).exp_().mul_(w_hard[:, None])
+            grad = hard_grad if grad is None else grad.add_(hard_grad)
+        grad.scatter_add_(-1, safe[:, None], -w_hard[:, None])
+    parts = LossParts(total=mix_soft_and_hard(soft, hard, alpha), soft=soft, hard=hard, num_tokens=mask.sum())
+    return parts, grad

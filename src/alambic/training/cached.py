@@ -4,7 +4,8 @@ The teacher side is already small, (N, k) per batch; the student's logits are th
 chunk of `chunk_size` counted positions is projected through the student's head and scored by
 `topk_distillation_loss`, fused with the head as the live-teacher loss is (`losses.chunked.chunked_head_loss`):
 the chunk's gradients are taken in the forward, so one (chunk, V) logits block is alive at a time and the
-backward recomputes nothing.
+backward recomputes nothing; the logits' gradient is in closed form (`losses.topk.topk_loss_and_logit_grad`),
+which walks the block a third as often as autograd through the top-k buckets.
 
 Every chunk is reduced with the whole call's denominator (`num_items_in_batch`, or the call's own
 count of counted tokens), so the chunks' parts add up to the unchunked loss.
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel
 
 from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
-from alambic.losses.topk import _check_options, _check_teacher_rows, _topk_loss
+from alambic.losses.topk import _check_options, _check_teacher_rows, topk_loss_and_logit_grad
 
 __all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
 
@@ -90,10 +91,10 @@ def cached_teacher_loss(
     options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
                    jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=denominator)
 
-    def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-        parts = _topk_loss(logits, *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows],
-                           **options)
-        return parts.total, parts.soft, parts.hard
+    def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        parts, dlogits = topk_loss_and_logit_grad(
+            logits.detach(), *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows], **options)
+        return parts.total, parts.soft, parts.hard, dlogits
 
     return chunked_head_loss(hidden, OutputHead.of(core), targets, chunk_loss, vocab_size=vocab,
                              chunk_size=chunk_size)
