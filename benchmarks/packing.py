@@ -3,7 +3,7 @@ variable-length conversations, one configuration at a time, each in its own proc
 
 The real SmolLM2-135M-Instruct teacher and its every-other-layer student (15 layers) distil on chatterbot-corpus
 (prompts in SmolLM2's chat template, 1,800 conversations of 30 to 400 tokens, cut at 192): forward KL, alpha 1, bf16
-autocast, batch 8, `--steps` optimizer steps after `--warmup`. Per configuration: the median wall time per step, the
+autocast where the device has it natively (else fp32), batch 8, `--steps` optimizer steps after `--warmup`. Per configuration: the median wall time per step, the
 tokens per second (every token the models read, and the counted answer tokens), the share of padding in the
 batches, and the loss of the first step (pad and padding_free read the same batches and give the same loss;
 group_by_length draws other batches).
@@ -74,7 +74,7 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
         summary = train(student, tokenizer, data, teacher=teacher,
                         loss=LossConfig(divergence="forward_kl", alpha=1.0),
                         training=TrainingConfig(max_steps=warmup + steps, per_device_train_batch_size=batch_size,
-                                                bf16=True, logging_steps=1, save_steps=10_000, packing=packing,
+                                                bf16="auto", logging_steps=1, save_steps=10_000, packing=packing,
                                                 torch_compile=compiled),
                         output_dir=Path(out), callbacks=[Clock()],
                         collator=Counting(tokenizer.pad_token_id, padding_free=packing == "padding_free"))
@@ -86,7 +86,7 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
             "first_steps_s": times[:warmup],
             "step_s": step_s, "step_min_max": [min(timed), max(timed)], "tokens_per_s": tokens_per_step / step_s,
             "padding_share": 1 - seen["tokens"] / seen["slots"], "first_loss": history[0]["loss"],
-            "threads": torch.get_num_threads()}
+            "precision": summary["precision"], "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -118,6 +118,8 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = results[0]
+    print(f"training precision: {base['precision']} (bf16 autocast where the device has it natively), "
+          f"torch threads: {base['threads']}\n")
     print("| config | packing | teacher dtype | compiled | step s (min–max) | tokens/s | × first | padding share | "
           "1st-step loss | warm-up steps s |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|")

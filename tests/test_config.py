@@ -40,6 +40,16 @@ def test_unknown_divergence_lists_the_allowed_ones():
         validate_config(_with(loss={"divergence": "kl"}))
 
 
+def test_bf16_is_true_false_or_auto_and_never_with_fp16():
+    assert validate_config(_with(training={"bf16": "auto"})).training.bf16 == "auto"
+    with pytest.raises(ConfigError, match="training.bf16") as err:
+        validate_config(_with(training={"bf16": "maybe"}))
+    assert "'auto'" in str(err.value)
+    for bf16 in (True, "auto"):
+        with pytest.raises(ConfigError, match="training.bf16 and training.fp16 are exclusive"):
+            validate_config(_with(training={"bf16": bf16, "fp16": True}))
+
+
 def test_missing_files_fail_at_load_time(tmp_path):
     with pytest.raises(ConfigError, match=r"data.*not found: .*nope\.txt"):
         validate_config(_with(data={"source": "files", "paths": [str(tmp_path / "nope.txt")]}))

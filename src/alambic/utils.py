@@ -49,6 +49,24 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16.
+    Elsewhere bf16 autocast is emulated and slower than float32 (measured on an AMD EPYC with AVX2 only: a
+    576 x 1536 linear layer 5.4x slower under CPU bf16 autocast than in float32, one thread)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def use_bf16(setting: bool | str, device: str | torch.device) -> bool:
+    """A `bf16` setting (True, False or "auto": where `native_bf16(device)`) made a yes or no for `device`."""
+    return setting is True or (setting == "auto" and native_bf16(device))
+
+
 def resolve_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 

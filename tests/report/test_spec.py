@@ -32,3 +32,7 @@ def test_training_section_gives_tokens_hardware_and_on_policy_cost():
     assert "(batch 16)" in text and "bf16 training" in text
     assert "- distillation: 100 steps, 307,200 sequence tokens, in 250 s on cpu (2 threads), Fake CPU" in text
     assert "- on-policy: 48 of the steps (48%) sampled 20,000 student tokens in 90 s of the training time" in text
+    # training.bf16 'auto': the precision the run recorded, else what the config allows
+    config["training"]["bf16"] = "auto"
+    assert "fp32 training" in "\n".join(training_section(config, {**train, "precision": "fp32"}, {}, None))
+    assert "bf16 where native training" in "\n".join(training_section(config, {}, {}, None))

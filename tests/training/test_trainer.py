@@ -209,3 +209,20 @@ def test_the_chunked_loss_is_refused_where_the_heads_are_sharded(tmp_path):
         trainer._check_unsharded_heads()
     trainer.loss_config = LossConfig(implementation="full")
     trainer._check_unsharded_heads()  # the full path runs the heads as modules
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_trains_in_bf16_only_where_the_device_has_it(monkeypatch, capsys, tmp_path, native):
+    from alambic import utils
+    from alambic.training import run
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.native_bf16("cpu") is native and utils.native_bf16("meta") is False
+    assert run.training_arguments(TrainingConfig(bf16="auto"), tmp_path, has_eval=False).bf16 is native
+    assert run.training_arguments(TrainingConfig(bf16=False), tmp_path, has_eval=False).bf16 is False
+    capsys.readouterr()
+    assert run.training_arguments(TrainingConfig(bf16=True), tmp_path, has_eval=False).bf16 is True
+    warned = " ".join(capsys.readouterr().err.split())  # rich wraps its lines
+    assert ("no native bfloat16" in warned) is not native and ("training.bf16: auto" in warned) is not native

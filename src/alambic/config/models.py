@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from alambic.config._base import WEIGHTS_ID_HELP, DType, _Section
@@ -33,7 +35,8 @@ class FineTuneConfig(_Section):
     batch_size: int = Field(default=16, gt=0, description="Labelled examples per optimizer step.")
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
-    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    bf16: bool | Literal["auto"] = Field(
+        default=False, description="bfloat16 mixed precision; 'auto' as training.bf16 (where the device has it natively).")
     seed: int = Field(default=0, description="Seed of the head's initialisation and of the data order.")
 
 

@@ -21,7 +21,12 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    bf16: bool = Field(default=False, description="bfloat16 mixed precision.")
+    bf16: bool | Literal["auto"] = Field(
+        default=False,
+        description="bfloat16 mixed precision (autocast). 'auto': where the device computes bf16 natively (a CUDA GPU "
+        "with bf16, a CPU with AMX or AVX512-BF16), float32 elsewhere, where bf16 autocast is emulated and several "
+        "times slower than float32.",
+    )
     fp16: bool = Field(default=False, description="float16 mixed precision (CUDA only).")
     logging_steps: int = Field(default=5, gt=0, description="Log every N steps.")
     eval_steps: int | None = Field(default=None, gt=0, description="Evaluate on held-out data every N steps.")
@@ -54,6 +59,6 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _precision(self) -> TrainingConfig:
-        if self.bf16 and self.fp16:
+        if self.bf16 is not False and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are exclusive: choose one")
         return self

@@ -80,7 +80,7 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
              f"{training.get('gradient_accumulation_steps')} accumulation (batch {batch}), lr "
              f"{training.get('learning_rate')} ({training.get('lr_scheduler_type')}, warm-up "
              f"{training.get('warmup_ratio')}), weight decay {training.get('weight_decay')}, "
-             + ("bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32") + " training"]
+             + _precision(training, train) + " training"]
     if train:
         tokens = train.get("tokens_per_step", 0) * train["global_step"]
         lines.append(f"- distillation: {train['global_step']} steps, {tokens:,} sequence tokens, in "
@@ -94,6 +94,15 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
     if control:
         lines.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
     return lines
+
+
+def _precision(training: dict[str, Any], train: dict[str, Any] | None) -> str:
+    """The precision the distillation ran in (recorded since training.bf16 may be 'auto'), else the configured one."""
+    if train and train.get("precision"):
+        return train["precision"]
+    bf16 = training.get("bf16")
+    return ("bf16 where native" if bf16 == "auto" else "bf16" if bf16 else "fp16" if training.get("fp16")
+            else "fp32")
 
 
 def stages_section(manifest: dict[str, Any]) -> list[str]:

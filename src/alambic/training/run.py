@@ -18,7 +18,7 @@ from alambic.data import DistillationCollator, PreparedData
 from alambic.modeling import compile_layers
 from alambic.training.teachers import WeightedTeacher
 from alambic.training.trainer import DistillationTrainer
-from alambic.utils import console
+from alambic.utils import console, native_bf16, use_bf16
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -57,6 +57,12 @@ def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Pa
 
 def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool) -> TrainingArguments:
     """`TrainingArguments` from the run config; `cfg.trainer_args` override anything here."""
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    bf16 = use_bf16(cfg.bf16, device)
+    if cfg.bf16 is True and not native_bf16(device):
+        console.print(f"[yellow]training.bf16: true, but this {device} has no native bfloat16 (a CPU needs AMX or "
+                      "AVX512-BF16): autocast is emulated here, several times slower than float32. "
+                      "training.bf16: auto trains in bf16 only where it is native.[/]")
     args: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -68,7 +74,7 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.bf16,
+        bf16=bf16,
         fp16=cfg.fp16,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
@@ -245,6 +251,7 @@ def fit_and_export(
         "train_seconds": round(wall, 2),
         "train_loss": round(float(result.training_loss), 6),
         "device": str(trainer.args.device),
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "torch_threads": torch.get_num_threads(),
     }
 
