@@ -10,6 +10,7 @@ from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.models import count_parameters
 from alambic.students.importance import calibration_batches, measure_importance
 from alambic.students.prune import apply_plan, keep_layers, plan_for_shape, planned_parameters, save_student, search_shape
+from alambic.utils import native_bf16
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,8 @@ def data(tokenizer):
 @pytest.fixture(scope="module")
 def importance(teacher, tokenizer, data):
     batches = calibration_batches(data.train, num_sequences=8, batch_size=8, pad_token_id=tokenizer.pad_token_id)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # bf16 as the stage runs it: only where the CPU has it natively (emulated bf16 is several times slower than fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16("cpu")):
         return measure_importance(teacher, batches, skip_loss=True, width=True, progress=False)
 
 
