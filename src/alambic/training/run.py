@@ -57,9 +57,11 @@ def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Pa
 
 def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool) -> TrainingArguments:
     """`TrainingArguments` from the run config; `cfg.trainer_args` override anything here."""
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    # The device the Trainer will pick (trainer_args' use_cpu included), for training.bf16 'auto'.
+    device = ("cpu" if cfg.trainer_args.get("use_cpu") else "cuda" if torch.cuda.is_available()
+              else "mps" if torch.backends.mps.is_available() else "cpu")
     bf16 = use_bf16(cfg.bf16, device)
-    if cfg.bf16 is True and not native_bf16(device):
+    if cfg.bf16 is True and device != "mps" and not native_bf16(device):
         console.print(f"[yellow]training.bf16: true, but this {device} has no native bfloat16 (a CPU needs AMX or "
                       "AVX512-BF16): autocast is emulated here, several times slower than float32. "
                       "training.bf16: auto trains in bf16 only where it is native.[/]")
