@@ -57,6 +57,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
 def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ...] = ()) -> None:
     from alambic.pipeline import run_stages
     from alambic.stages import STAGES, stages_until
+    from alambic.stages.preflight import check_inputs
 
     if config.chain is not None:  # its top-level sections are a base for the steps, not a run of their own
         console.print("[red]error:[/] this config is a chain (`chain` is set): `alambic run` runs its steps in order. "
@@ -68,6 +69,7 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
         stages = [s for s in stages if s.name in only]
     INPUT_ERRORS = _input_errors()
     try:
+        check_inputs(config)  # what the models' own configs refuse, before any stage works
         run_stages(config, stages, resume=resume)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: run the same command again to resume ({config.run_dir})")
@@ -115,6 +117,10 @@ def _run_chain(config: RunConfig, resume: bool) -> None:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
+        from alambic.stages.preflight import check_inputs
+
+        for step in planned.steps:  # a model an earlier step writes is not there yet
+            check_inputs(step.config, pending=step.reads)
         run_chain(planned, resume=resume)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: run the same command again to resume ({planned.folder})")
@@ -255,7 +261,11 @@ def sweep(
 
     try:
         planned = plan_sweep(config, set_ or [])
-    except ConfigError as exc:
+        from alambic.stages.preflight import check_inputs
+
+        for point in planned.points:
+            check_inputs(point.config)
+    except _input_errors() as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:

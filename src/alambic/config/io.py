@@ -29,6 +29,64 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one silently, so a
+    setting written twice would be half ignored."""
+
+    def __init__(self, text: str, name: str):
+        super().__init__(text)
+        self.name = name  # the file, for the message
+        self.paths: dict[int, str] = {}  # id(mapping node) -> its dotted place in the document, 'loss.'
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                continue  # an unhashable key: the base class names it
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = self.paths.get(id(node), "")
+                raise ConfigError(f"{self.name}: key '{where}{key}' is given twice, on lines {seen[key]} and {line}: "
+                                  "YAML would keep only the last; remove one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def index_paths(self, node: yaml.Node | None, prefix: str = "") -> None:
+        """Record each mapping's dotted place in the document (`paths`), list items as [i]."""
+        if isinstance(node, yaml.MappingNode):
+            self.paths[id(node)] = prefix
+            for key_node, value_node in node.value:
+                self.index_paths(value_node, f"{prefix}{key_node.value}.")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.index_paths(item, f"{prefix.rstrip('.')}[{i}].")
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path`, keys given twice refused.
+
+    Raises:
+        ConfigError: not a text file, not valid YAML, or a key given twice in one mapping (naming both lines).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8): give a YAML run config, e.g. "
+                          "`alambic quickstart --print-config > my.yaml`") from None
+    loader = _UniqueKeyLoader(text, str(path))
+    try:
+        root = loader.get_single_node()
+        if root is None:  # an empty file
+            return None
+        loader.index_paths(root)
+        return loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
 def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
     """Build a RunConfig from a plain dict, raising one ConfigError listing every problem."""
     if not isinstance(data, dict):
@@ -48,10 +106,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (teacher, student, ...) at the top level, got a "
+                          f"{type(data).__name__}; see `alambic quickstart --print-config`")
     if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("paths"):
         data["data"]["paths"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in data["data"]["paths"]]
     if isinstance(data, dict) and isinstance(data.get("chain"), list):
@@ -90,7 +150,12 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"--set '{key}=\"...\"', or close its brackets") from None
 
 
 def save_config(config: RunConfig, path: Path) -> None:

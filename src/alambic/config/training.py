@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alambic.config._base import _Section
 
@@ -56,6 +56,30 @@ class TrainingConfig(_Section):
         default_factory=dict,
         description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",
     )
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_trainer_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Keys that `TrainingArguments` lacks are refused here, at load, not when the distill stage builds it after the
+        data and the student. Its dataclass fields are the truth (they change between transformers versions)."""
+        if not v:
+            return v  # transformers' import is left to the runs that need it
+        import dataclasses
+        import difflib
+
+        import transformers
+        from transformers import TrainingArguments
+
+        fields = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+        unknown = [k for k in v if k not in fields]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.6)
+                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+            raise ValueError(f"not a transformers.TrainingArguments field in transformers {transformers.__version__}: "
+                             f"{', '.join(hints)}; see the TrainingArguments documentation for its fields")
+        return v
 
     @model_validator(mode="after")
     def _precision(self) -> TrainingConfig:
