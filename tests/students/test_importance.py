@@ -311,3 +311,82 @@ def test_importance_round_trips_through_json():
     d = imp.to_dict()
     assert d["base_loss"] == 1.23457 and d["block_influence"] == [0.123457]
     assert d["head_activation"] == [[0.333333]] and d["skip_loss_increase"] is None
+
+
+# ------------------------------------------------------------------------------ skip loss by replay
+
+def _family(name):
+    """Tiny models of families whose layers get more than the hidden states: gemma3_text (per-layer sliding and
+    full masks, per-layer rotary tables, a sliding window shorter than the sequences) and gpt2."""
+    torch.manual_seed(0)
+    if name == "gemma3_text":
+        cfg = AutoConfig.for_model("gemma3_text", vocab_size=320, hidden_size=32, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                   sliding_window=4, max_position_embeddings=512, pad_token_id=3, bos_token_id=1,
+                                   eos_token_id=2)
+        cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    elif name == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", vocab_size=320, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+    else:
+        return tiny_model(name)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def _full_passes(monkeypatch):
+    """Force the path without replay: one full forward per skipped layer."""
+    import alambic.students.importance as importance
+
+    monkeypatch.setattr(importance, "_replayed_skip_losses", lambda *args, **kwargs: None)
+
+
+def _layer_calls(model):
+    """Count each decoder layer's calls (forward pre-hooks the caller removes)."""
+    calls = [0] * len(model.model.layers if hasattr(model, "model") else model.transformer.h)
+    layers = model.model.layers if hasattr(model, "model") else model.transformer.h
+
+    def counter(i):
+        def hook(_module, _args):
+            calls[i] += 1
+        return hook
+    return calls, [layer.register_forward_pre_hook(counter(i)) for i, layer in enumerate(layers)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_skip_loss_by_replay_equals_one_full_pass_per_layer(arch, batches, monkeypatch):
+    model = _family(arch)
+    replayed = _measure(model, batches, width=False)
+    _full_passes(monkeypatch)
+    full = _measure(model, batches, width=False)
+    assert replayed.skip_loss_increase == pytest.approx(full.skip_loss_increase, abs=1e-6)
+    assert replayed.base_loss == full.base_loss
+
+    def ranking(scores):
+        return sorted(range(len(scores)), key=scores.__getitem__)
+    assert ranking(replayed.skip_loss_increase) == ranking(full.skip_loss_increase)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_skip_loss_runs_only_the_layers_after_the_skipped_one(arch, batches):
+    model = _family(arch)
+    calls, handles = _layer_calls(model)
+    _measure(model, batches, width=False)
+    for h in handles:
+        h.remove()
+    # per batch, layer j runs once for the activations, once recorded, then once for each skipped layer before it
+    assert calls == [len(batches) * (2 + j) for j in range(4)]
+
+
+def test_replay_falls_back_when_something_runs_between_layers(batches, monkeypatch):
+    model = tiny_model("llama")
+    # a pre-hook rescaling layer 2's input: layer 1's output is not what layer 2 receives, so recorded inputs cannot
+    # stand for "the previous layer's output" and replay would apply the hook twice
+    model.model.layers[2].register_forward_pre_hook(lambda _m, args: (args[0] * 2, *args[1:]))
+    calls, handles = _layer_calls(model)
+    checked = _measure(model, batches, width=False)
+    for h in handles:
+        h.remove()
+    # per batch the activation pass and L full passes, plus the first batch's recording forward that found out
+    assert calls == [len(batches) * 5 + 1] * 4
+    _full_passes(monkeypatch)
+    full = _measure(model, batches, width=False)
+    assert checked.skip_loss_increase == full.skip_loss_increase

@@ -187,10 +187,9 @@ def measure_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
             base_sum, sums = _activation_pass(model, data, layer_list, heads, mlp_norms, layers=layers,
                                               advance=advance)
             base_loss = base_sum / num_tokens
-            increases = []
-            for i in skip_layers:
-                bar.update(task, description=f"importance: skip layer {i + 1}/{num_layers}")
-                increases.append(_skipped_loss_sum(model, data, layer_list[i], advance) / num_tokens - base_loss)
+            sums_skipped = _skip_loss_sums(model, data, layer_list, skip_layers, advance,
+                                           lambda text: bar.update(task, description=text))
+            increases = [total / num_tokens - base_loss for total in sums_skipped]
             grads = None
             if head_gradient:
                 bar.update(task, description="importance: head gradients")
@@ -233,6 +232,12 @@ def _counted_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Σ next-token CE over the counted positions of one batch: float32 scalar, with its graph if grad is on."""
     hidden = final_hidden_states(model, model, batch["input_ids"], batch.get("attention_mask"))  # (B, T, D)
+    return _head_loss_sum(model, hidden, batch, mask)
+
+
+def _head_loss_sum(model: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+                   mask: torch.Tensor) -> torch.Tensor:
+    """Σ next-token CE over the counted positions, from the final (normed) hidden states (B, T, D)."""
     # (B, T, D) -> (N, D): the output head only sees positions predicting a counted target
     logits = project(model, hidden[mask])  # (N, V)
     targets = batch["labels"][:, 1:][mask[:, :-1]]  # (N,), same row-major order as hidden[mask]
@@ -315,10 +320,121 @@ def _skip(_module, args, kwargs, output) -> Any:
     return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
 
 
+def _skip_loss_sums(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleList, skip_layers: list[int],
+                    advance: Callable[[], None], describe: Callable[[str], None]) -> list[float]:
+    """For each layer in `skip_layers`: Σ CE over counted targets with that layer replaced by the identity.
+
+    By replay (`_replayed_skip_losses`) where it applies, else one full forward per skipped layer.
+    """
+    if not skip_layers:
+        return []
+    replayed = _replayed_skip_losses(model, data, layer_list, skip_layers, advance, describe)
+    if replayed is not None:
+        return replayed
+    totals = []
+    for i in skip_layers:
+        describe(f"importance: skip layer {i + 1}/{len(layer_list)}")
+        totals.append(_skipped_loss_sum(model, data, layer_list[i], advance))
+    return totals
+
+
+@torch.no_grad()
+def _replayed_skip_losses(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleList, skip_layers: list[int],
+                          advance: Callable[[], None], describe: Callable[[str], None]) -> list[float] | None:
+    """Skip losses from one recorded forward per batch, or None where replay does not apply.
+
+    With layer i the identity, layer i + 1 receives layer i's input, and every layer's other arguments (position
+    embeddings, per-layer masks: sliding or full) do not depend on the hidden states. So one forward records each
+    layer's input and call arguments, and skipping layer i runs only layers i + 1 .. L - 1 from layer i's recorded
+    input, then the final norm and the head: L(L - 1)/2 layer calls per batch instead of L². The calls are the same
+    as a full pass's, with the same inputs, so the losses are too. Per batch the totals add in the same order as
+    the full passes' (batch by batch), so each layer's sum is the same float.
+
+    The rule: replay applies when `_replay_fits` (memory), and when the recorded forward shows the decoder calls each
+    layer once, hands each layer's output unchanged to the next, and returns the final norm of the last layer's
+    output (`_record_layer_calls`, checked on every batch). Otherwise None: the caller runs the full passes.
+    """
+    if not _replay_fits(model, data, len(layer_list)):
+        return None
+    try:
+        norm = final_norm(model)
+    except PruningError:
+        return None
+    totals = [0.0] * len(skip_layers)
+    for b, (batch, mask) in enumerate(data):
+        calls = _record_layer_calls(model, batch, layer_list, norm)
+        if calls is None:
+            return None
+        describe(f"importance: skip loss, batch {b + 1}/{len(data)}")
+        for k, i in enumerate(skip_layers):
+            hidden = _input(*calls[i], "hidden_states")  # (B, T, D): what layer i + 1 sees when layer i is skipped
+            for j in range(i + 1, len(layer_list)):
+                args, kwargs = calls[j]
+                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+                hidden = _output(layer_list[j](*args, **kwargs))
+            totals[k] += float(_head_loss_sum(model, norm(hidden), batch, mask))
+            advance()
+    return totals
+
+
+def _replay_fits(model: nn.Module, data: list[_Batch], num_layers: int) -> bool:
+    """Replay keeps one batch's L layer inputs (L, B, T, D): allowed where they take no more memory than the (N, V)
+    float32 logits the loss already builds for that batch, so the pass's peak memory at most doubles."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return False
+    vocab, width = weight.shape
+    itemsize = max(weight.element_size(), 4)  # the residual stream stays float32 under autocast
+    return all(num_layers * batch["input_ids"].numel() * width * itemsize <= int(mask.sum()) * vocab * 4
+               for batch, mask in data)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+        a is b or (a.shape == b.shape and torch.equal(a, b)))
+
+
+def _record_layer_calls(model: nn.Module, batch: dict[str, torch.Tensor], layer_list: nn.ModuleList,
+                        norm: nn.Module) -> list[tuple[tuple, dict]] | None:
+    """Each decoder layer's (args, kwargs) in one forward of `batch`, or None when the forward is not a plain chain
+    layer 0 -> ... -> layer L-1 -> final norm -> output (see `_replayed_skip_losses`)."""
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layer_list]
+    outputs: list[list[torch.Tensor]] = [[] for _ in layer_list]
+    normed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(i: int) -> Callable:
+        def hook(_module, args, kwargs) -> None:
+            calls[i].append((args, kwargs))
+        return hook
+
+    def keep(i: int) -> Callable:
+        def hook(_module, _args, _kwargs, output) -> None:
+            outputs[i].append(_output(output))
+        return hook
+
+    def on_norm(_module, args, kwargs, output) -> None:
+        normed.append((args[0] if args else next(iter(kwargs.values()), None), _output(output)))
+
+    with ExitStack() as hooks:
+        for i, layer in enumerate(layer_list):
+            _hook(hooks, layer, record(i), pre=True)
+            _hook(hooks, layer, keep(i))
+        _hook(hooks, norm, on_norm)
+        final = final_hidden_states(model, model, batch["input_ids"], batch.get("attention_mask"))
+    if any(len(c) != 1 for c in calls) or any(len(o) != 1 for o in outputs) or len(normed) != 1:
+        return None
+    chained = all(_same(outputs[i][0], _input(*calls[i + 1][0], "hidden_states")) for i in range(len(layer_list) - 1))
+    norm_in, norm_out = normed[0]
+    if not (chained and _same(outputs[-1][0], norm_in) and _same(norm_out, final)):
+        return None
+    return [c[0] for c in calls]
+
+
 @torch.no_grad()
 def _skipped_loss_sum(model: nn.Module, data: list[_Batch], layer: nn.Module,
                       advance: Callable[[], None]) -> float:
-    """Σ CE over counted targets with `layer` replaced by the identity."""
+    """Σ CE over counted targets with `layer` replaced by the identity: one full forward per batch."""
     total = 0.0
     with ExitStack() as hooks:
         _hook(hooks, layer, _skip)
