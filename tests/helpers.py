@@ -89,7 +89,8 @@ TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def tiny_config(arch: str = "llama", *, vocab_size: int = 320, hidden_size: int = 32, num_layers: int = 4,
-                heads: int = 4, kv_heads: int = 2, intermediate_size: int = 64, tie: bool = True):
+                heads: int = 4, kv_heads: int = 2, intermediate_size: int = 64, tie: bool = True, **extra):
+    """`extra`: further config fields of the family (head_dim, ...)."""
     return AutoConfig.for_model(
         arch,
         vocab_size=vocab_size,
@@ -103,6 +104,7 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 320, hidden_size: int 
         pad_token_id=3,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
 
 

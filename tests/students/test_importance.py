@@ -275,7 +275,7 @@ def test_a_model_without_llama_modules_gets_depth_but_not_width(batches):
     imp = _measure(model, batches, width=False)
     assert len(imp.block_influence) == 3 and len(imp.skip_loss_increase) == 3
     assert imp.head_activation is None and imp.head_gradient is None
-    with pytest.raises(ImportanceError, match=r"transformer\.h\.0 .*self_attn\.o_proj.*width=False"):
+    with pytest.raises(ImportanceError, match=r"model_type 'gpt2'.*self_attn\.o_proj.*transformer\.h .*width=False"):
         _measure(model, batches)
 
 

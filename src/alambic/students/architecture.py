@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -66,19 +67,63 @@ def decoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     return candidates[0]
 
 
+def family(model: PreTrainedModel) -> str:
+    """How messages name a model: its class and the `model_type` its config.json carries."""
+    return f"{type(model).__name__} (model_type '{getattr(model.config, 'model_type', '?')}')"
 
 
-def layer_submodules(model: PreTrainedModel, path: str, hint: str,
-                     error: type[PruningError] = PruningError) -> list[nn.Module]:
-    """`path` (e.g. `self_attn.o_proj`) of every decoder layer; `error` naming the layer and `hint` if absent."""
-    prefix, layers = decoder_layers(model)
-    found = []
-    for i, layer in enumerate(layers):
-        try:
-            found.append(layer.get_submodule(path))
-        except AttributeError:
-            raise error(f"{prefix}.{i} ({type(layer).__name__}) has no `{path}` module: {hint}") from None
-    return found
+# Where each role lives in a decoder block, as the families name it (Llama/Qwen/Mistral/Gemma/OLMo/Granite/
+# Cohere/Phi-3: o_proj and down_proj; Phi: dense and fc2; StarCoder2: c_proj).
+ATTENTION_OUTPUT = ("self_attn.o_proj", "self_attn.dense")
+"""The attention output projection: its input is the heads' outputs side by side, (..., H * head_dim)."""
+MLP_OUTPUT = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj")
+"""The FFN's output projection: its input is one entry per FFN neuron, (..., intermediate_size)."""
+
+
+def role_modules(model: PreTrainedModel, paths: tuple[str, ...]) -> tuple[str, list[nn.Module]] | None:
+    """The first of `paths` that every decoder layer has, and that module of each layer; None if none fits.
+
+    Only nn.Linear counts: gpt2's Conv1D stores its weight transposed, so its input is not what the name says.
+    """
+    _, layers = decoder_layers(model)
+    for path in paths:
+        found = [_linear(layer, path) for layer in layers]
+        if all(m is not None for m in found):
+            return path, found
+    return None
+
+
+def _linear(layer: nn.Module, path: str) -> nn.Linear | None:
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
+
+
+def is_residual_norm(name: str, module: nn.Module, hidden_size: int) -> bool:
+    """A norm over the hidden channels: a block's pre-norm of a sublayer's input or post-norm of its output.
+
+    Recognised by name (`*norm`, gpt2's `ln_1`) and by size: weights, when it has any (OLMo's norms have
+    none), of `hidden_size` entries. Per-head norms live inside the attention module, never on the block.
+    """
+    leaf = name.rpartition(".")[2]
+    if not (leaf.lower().endswith("norm") or leaf.startswith("ln_")):
+        return False
+    weight = getattr(module, "weight", None)
+    return not isinstance(weight, torch.Tensor) or tuple(weight.shape) == (hidden_size,)
+
+
+def residual_norms(model: PreTrainedModel) -> list[list[nn.Module]]:
+    """Per decoder layer, the norms it applies over the hidden channels, in the block's own order.
+
+    Pre-norm blocks (Llama: input_layernorm, post_attention_layernorm), post-norm blocks (OLMo 2:
+    post_attention_layernorm, post_feedforward_layernorm), both (Gemma 2/3: four), one shared norm for
+    parallel attention and MLP (Cohere, Phi): whatever the family's block holds as its direct children.
+    """
+    _, layers = decoder_layers(model)
+    hidden = model.config.hidden_size
+    return [[m for name, m in layer.named_children() if is_residual_norm(name, m, hidden)] for layer in layers]
 
 
 def final_norm(model: PreTrainedModel) -> nn.Module:

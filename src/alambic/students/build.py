@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from alambic.config import FromTeacherConfig
 from alambic.models import count_parameters
+from alambic.students.architecture import ATTENTION_OUTPUT, MLP_OUTPUT, role_modules
 from alambic.students.importance import Importance, measure_importance
 from alambic.students.prune import (
     PruningError,
@@ -122,9 +123,10 @@ def tensor_bytes(model: PreTrainedModel) -> int:
 
 
 def _width_prunable(model: PreTrainedModel) -> bool:
-    """Width statistics only for blocks the width rules understand (a gpt2 teacher still gets layer scores)."""
+    """Width statistics only for blocks the width rules understand and importance can read: a depth-only
+    request never depends on them (a gpt2 or Mixtral teacher still gets layer scores)."""
     try:
         check_width_prunable(model)
     except PruningError:
         return False
-    return True
+    return role_modules(model, ATTENTION_OUTPUT) is not None and role_modules(model, MLP_OUTPUT) is not None

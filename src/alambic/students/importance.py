@@ -8,11 +8,12 @@ sequence predicts nothing and never counts. N is their number.
 Depth (whole decoder layers l, with input x_l and output x_{l+1}):
   block_influence[l]    = 1/N Σ_t (1 - cos(x_l[t], x_{l+1}[t]))                (ShortGPT, Men et al. 2024)
   skip_loss_increase[l] = CE(model with layer l replaced by x -> x) - CE(model)  (Minitron, Muralidharan et al. 2024)
-Width (Minitron), from Llama-style blocks:
+Width (Minitron), from blocks with attention and FFN output projections (o_proj / down_proj, Phi's dense / fc2):
   head_activation[l, h]   = 1/N Σ_t ‖a_l[t, h, :]‖₂, a_l = the input of o_proj viewed as (..., H, head_dim)
   neuron_activation[l, i] = 1/N Σ_t |act(gate(x))[t, i] · up(x)[t, i]|  (the input of down_proj)
-  channel_activation[c]   = Σ_norms 1/N Σ_t |norm(x)[t, c]|, over every norm applied to the residual
-                            stream: each layer's input_layernorm and post_attention_layernorm, and the final norm
+  channel_activation[c]   = Σ_norms 1/N Σ_t |norm(x)[t, c]|, over every norm over the hidden channels: each
+                            layer's own, pre-norms (Llama: input_layernorm, post_attention_layernorm) and
+                            post-norms (OLMo 2; Gemma 2/3 have both) alike, and the final norm
 Michel et al. 2019 ("Are sixteen heads really better than one?"):
   head_gradient[l, h] = Σ_batches |∂L_batch / ∂m_{l,h}| at m = 1, where m_{l,h} multiplies head h's output
                         before o_proj and L_batch is the batch's mean next-token CE over counted targets.
@@ -35,12 +36,24 @@ from torch import nn
 from alambic.data import DistillationCollator
 from alambic.losses import token_cross_entropy
 from alambic.modeling import counted_positions, final_hidden_states, project
-from alambic.students.architecture import PruningError, decoder_layers, final_norm, layer_submodules, model_dims
+from alambic.students.architecture import (
+    ATTENTION_OUTPUT,
+    MLP_OUTPUT,
+    PruningError,
+    decoder_layers,
+    family,
+    final_norm,
+    model_dims,
+    residual_norms,
+    role_modules,
+)
 from alambic.utils import console
 
-_WIDTH_HINT = ("width and head-gradient statistics read Llama-style blocks (self_attn.o_proj, mlp.down_proj, "
-               "input_layernorm and post_attention_layernorm); pass width=False, head_gradient=False to measure only "
-               "layer importance")
+# Why width statistics are refused, and what still works: the layer scores, which need no module of the block.
+_WIDTH_HINT = ("head, neuron and channel importance read decoders with separate attention and FFN output "
+               "projections ({attention} / {mlp}); layer importance works for this model "
+               "(measure_importance(..., width=False, head_gradient=False)), and student.from_teacher prunes it "
+               "by depth (layers, num_layers)")
 
 
 class ImportanceError(PruningError):
@@ -144,8 +157,9 @@ def measure_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     one no-grad pass per layer for skip_loss; one gradient pass for head_gradient.
 
     Args:
-        model: a causal LM (Llama/Qwen2/Mistral family for width statistics; any model whose decoder
-            layers `decoder_layers` finds for depth statistics).
+        model: a causal LM: any model whose decoder layers `decoder_layers` finds for depth statistics;
+            width statistics need attention and FFN output projections (`architecture.ATTENTION_OUTPUT`,
+            `MLP_OUTPUT`), as Llama, Qwen, Mistral, Gemma, OLMo, Phi and most decoders have.
         batches: from `calibration_batches` ((B, T) input_ids, attention_mask, labels).
         layers: measure block influence (and skip loss if `skip_loss`).
         skip_loss: measure skip_loss_increase (L extra passes); only with `layers`.
@@ -491,7 +505,7 @@ class _Heads:
 @dataclass
 class _MlpNorms:
     down_proj: list[nn.Module]
-    norms: list[nn.Module]  # 2 per layer, then the final norm
+    norms: list[nn.Module]  # each layer's norms over the hidden channels, then the final norm
     intermediate_size: int
     hidden_size: int
 
@@ -499,28 +513,37 @@ class _MlpNorms:
 def _head_layout(model: nn.Module) -> _Heads:
     dims = model_dims(model)
     num_heads, head_dim = dims.num_heads, dims.head_dim
-    o_proj = layer_submodules(model, "self_attn.o_proj", _WIDTH_HINT, ImportanceError)
-    widths = {getattr(m, "in_features", None) for m in o_proj}
+    path, o_proj = _role(model, ATTENTION_OUTPUT, "attention output projection")
+    widths = {m.in_features for m in o_proj}
     if widths != {num_heads * head_dim}:
         raise ImportanceError(
-            f"o_proj input widths {sorted(widths, key=str)} != num_attention_heads {num_heads} x head_dim "
+            f"{family(model)}: {path} input widths {sorted(widths)} != num_attention_heads {num_heads} x head_dim "
             f"{head_dim}: cannot split the attention output into heads"
         )
     return _Heads(o_proj, num_heads, head_dim)
 
 
 def _mlp_and_norms(model: nn.Module) -> _MlpNorms:
-    down_proj = layer_submodules(model, "mlp.down_proj", _WIDTH_HINT, ImportanceError)
-    sizes = {getattr(m, "in_features", None) for m in down_proj}
-    if len(sizes) != 1 or None in sizes:
+    path, down_proj = _role(model, MLP_OUTPUT, "FFN output projection")
+    sizes = {m.in_features for m in down_proj}
+    if len(sizes) != 1:
         raise ImportanceError(
-            f"down_proj input widths {sorted(sizes, key=str)} differ between layers: neuron_activation "
+            f"{family(model)}: {path} input widths {sorted(sizes)} differ between layers: neuron_activation "
             "needs one intermediate size"
         )
-    pre_attn = layer_submodules(model, "input_layernorm", _WIDTH_HINT, ImportanceError)
-    pre_mlp = layer_submodules(model, "post_attention_layernorm", _WIDTH_HINT, ImportanceError)
-    norms = [n for pair in zip(pre_attn, pre_mlp) for n in pair] + [final_norm(model)]
+    # every norm over the hidden channels, pre- or post-norm, as the family's block has them; then the final one
+    norms = [n for layer_norms in residual_norms(model) for n in layer_norms] + [final_norm(model)]
     return _MlpNorms(down_proj, norms, sizes.pop(), model.config.hidden_size)
+
+
+def _role(model: nn.Module, paths: tuple[str, ...], role: str) -> tuple[str, list[nn.Linear]]:
+    found = role_modules(model, paths)
+    if found is None:
+        prefix, layers = decoder_layers(model)
+        raise ImportanceError(
+            f"{family(model)} has no {role} ({' or '.join(paths)}, an nn.Linear) in every layer of {prefix} "
+            f"({type(layers[0]).__name__}): " + _WIDTH_HINT.format(attention=ATTENTION_OUTPUT[0], mlp=MLP_OUTPUT[0]))
+    return found
 
 
 def _progress_bar(enabled: bool):

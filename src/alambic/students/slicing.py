@@ -1,12 +1,15 @@
 """Cut a model by a `KeepPlan`: which tensors lose which rows and columns, the student, and its size.
 
-One set of name rules (`_tensor_axes`) says, for every teacher tensor, which of its dimensions index
+One set of name rules (`_tensor_parts`) says, for every teacher tensor, which of its dimensions index
 which kind of unit (hidden channel, query head, KV head, FFN neuron). `apply_plan` slices the tensors
 along those dimensions; `planned_parameters` multiplies the kept sizes along the same dimensions. Both
 read the same rules, so the count cannot drift from the model.
 
-Width rules understand Llama/Qwen2/Mistral-style blocks only (q/k/v/o_proj attention, gate/up/down_proj
-MLP, norms over the residual stream). Depth (which layers) needs no rule and works for any decoder.
+Width rules understand blocks of separate nn.Linear projections as most decoders name them (Llama, Qwen,
+Mistral, Gemma, OLMo, Granite, Cohere: q/k/v/o_proj, gate/up/down_proj; Phi: dense, fc1/fc2; StarCoder2:
+c_fc/c_proj), Phi-3's fused q|k|v and gate|up rows, norms over the hidden channels (pre- or post-norm), and
+query/key norms over whole heads or over all of them (OLMo 2). Depth (which layers) needs no rule and works
+for any decoder.
 """
 
 from __future__ import annotations
@@ -20,25 +23,58 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from alambic.students.architecture import ModelDims, PruningError, Unit, decoder_layers, model_dims
+from alambic.students.architecture import (
+    ATTENTION_OUTPUT,
+    ModelDims,
+    PruningError,
+    Unit,
+    decoder_layers,
+    family,
+    model_dims,
+    role_modules,
+)
 
 # Per-layer lists some configs carry (Qwen2's sliding/full attention pattern, Gemma's...); kept in step
 # with the layers so the student's config stays valid.
 _PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
-# Per-head norms (Qwen3's q_norm/k_norm) act on head_dim, never on the residual stream.
-_PER_HEAD_NORMS = ("q_norm", "k_norm")
+# Query/key norms act inside attention, never on the residual stream: over head_dim, shared by every head
+# (Qwen3, Gemma 3: never sliced), or over all heads' entries at once (OLMo 2: sliced with the heads).
+_QK_NORMS: dict[str, Unit] = {"q_norm": "query_head", "k_norm": "kv_head",
+                              "q_layernorm": "query_head", "k_layernorm": "kv_head"}
 
-# (out, in) units of each projection's weight; its bias follows the first (output) axis.
+# (out, in) units of each projection's weight, by its `parent.name` in the block; its bias follows the first
+# (output) axis. Keyed with the parent so a name means one thing (gpt2's attn.c_proj is not an FFN matrix).
 _PROJECTION_AXES: dict[str, tuple[Unit, Unit]] = {
-    "q_proj": ("query_head", "channel"),
-    "k_proj": ("kv_head", "channel"),
-    "v_proj": ("kv_head", "channel"),
-    "o_proj": ("channel", "query_head"),
-    "gate_proj": ("neuron", "channel"),
-    "up_proj": ("neuron", "channel"),
-    "down_proj": ("channel", "neuron"),
+    "self_attn.q_proj": ("query_head", "channel"),
+    "self_attn.k_proj": ("kv_head", "channel"),
+    "self_attn.v_proj": ("kv_head", "channel"),
+    "self_attn.o_proj": ("channel", "query_head"),
+    "self_attn.dense": ("channel", "query_head"),  # Phi
+    "mlp.gate_proj": ("neuron", "channel"),
+    "mlp.up_proj": ("neuron", "channel"),
+    "mlp.down_proj": ("channel", "neuron"),
+    "mlp.fc1": ("neuron", "channel"),  # Phi
+    "mlp.fc2": ("channel", "neuron"),
+    "mlp.c_fc": ("neuron", "channel"),  # StarCoder2 (nn.Linear, unlike gpt2's Conv1D)
+    "mlp.c_proj": ("channel", "neuron"),
 }
-_PROJECTIONS = tuple(_PROJECTION_AXES)  # the only matrices a width-prunable decoder block may hold
+# Fused projections (Phi-3): the output rows are several units' rows stacked, in this order, each as many
+# rows as that unit's full size (q | k | v: H*d, KV*d, KV*d rows; gate | up: I, I rows). Input axis: channels.
+_FUSED_ROWS: dict[str, tuple[Unit, ...]] = {
+    "self_attn.qkv_proj": ("query_head", "kv_head", "kv_head"),
+    "mlp.gate_up_proj": ("neuron", "neuron"),
+}
+_PROJECTIONS = (*_PROJECTION_AXES, *_FUSED_ROWS)  # the only matrices a width-prunable decoder block may hold
+_WIDTH_FIELDS = ", ".join(f"student.from_teacher.{f}" for f in
+                          ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size"))
+
+
+def _role(name: str) -> str:
+    """`self_attn.q_proj.weight` or `model.layers.0.self_attn.q_proj` -> `self_attn.q_proj` (parent.module)."""
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    return ".".join(parts[-2:])
 
 
 @dataclass
@@ -72,20 +108,20 @@ class KeepPlan:
 
 
 def check_width_prunable(model: PreTrainedModel) -> None:
-    """Raise unless every matrix inside the decoder blocks is one the width rules understand."""
+    """Raise unless every matrix inside the decoder blocks is an nn.Linear the width rules understand."""
     prefix, layers = decoder_layers(model)
     bad = []
     for name, module in layers.named_modules():
-        weight = getattr(module, "weight", None)
-        is_matrix = isinstance(module, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.dim() >= 2)
-        if is_matrix and name.rpartition(".")[2] not in _PROJECTIONS:
+        weights = [p for p in module.parameters(recurse=False) if p.dim() >= 2]  # MoE experts hold 3-d ones
+        known = isinstance(module, nn.Linear) and _role(name) in _PROJECTIONS
+        if (weights or isinstance(module, nn.Linear)) and not known:
             bad.append(f"{prefix}.{name} ({type(module).__name__})")
     if bad:
         raise PruningError(
-            f"cannot width-prune {type(model).__name__}: module {bad[0]} is not one of {', '.join(_PROJECTIONS)}"
+            f"cannot width-prune {family(model)}: module {bad[0]} is not one the width rules slice"
             + (f" ({len(bad) - 1} more such modules)" if len(bad) > 1 else "")
-            + ". Only Llama/Qwen2/Mistral-style blocks can be width-pruned; "
-            "depth pruning (keep_layers, or a shape with only num_layers) works for this model"
+            + f" (nn.Linear {', '.join(_PROJECTIONS)}). {_WIDTH_FIELDS} need such blocks; depth pruning "
+            "(student.from_teacher.layers or num_layers; keep_layers in Python) works for this model"
         )
 
 
@@ -112,24 +148,41 @@ def _split_layer(name: str, prefix: str) -> tuple[int | None, str]:
     return int(index), rest
 
 
-def _tensor_axes(name: str, shape: tuple[int, ...], rules: _Rules) -> tuple[Unit | None, ...]:
-    """The width rules: which unit each dimension of teacher tensor `name` indexes (None: never sliced)."""
+_Part = tuple[tuple[int, ...], tuple[Unit | None, ...]]  # (shape, unit each dimension indexes; None: never sliced)
+
+
+def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Part]:
+    """The width rules: teacher tensor `name` as [(part shape, unit of each dimension or None: never sliced)].
+
+    One part for every tensor but a fused projection's, whose rows split into one part per stacked unit.
+    """
     dims = rules.dims
     module, _, param = name.rpartition(".")
     leaf = module.rpartition(".")[2]
+    role = _role(name)
+    in_layers = name.startswith(rules.prefix + ".") and param in ("weight", "bias")
+    full = dims.full_sizes()
     axes: tuple[Unit | None, ...] = (None,) * len(shape)
     if name in rules.embedding_weights:
         axes = (None, "channel")  # (vocab, hidden), input embedding and LM head alike
-    elif leaf in _PROJECTION_AXES and name.startswith(rules.prefix + ".") and param in ("weight", "bias"):
-        axes = _PROJECTION_AXES[leaf][: len(shape)]
-    elif leaf.endswith("norm") and leaf not in _PER_HEAD_NORMS and shape == (dims.hidden_size,):
+    elif in_layers and role in _FUSED_ROWS:
+        rows = [full[u] for u in _FUSED_ROWS[role]]
+        if sum(rows) != shape[0]:
+            raise PruningError(f"tensor {name} has {shape[0]} rows, but the config implies {' + '.join(map(str, rows))} "
+                               f"({' | '.join(_FUSED_ROWS[role])}); this fused layout is not understood by the width rules")
+        return [((n, *shape[1:]), (u, "channel")[: len(shape)]) for u, n in zip(_FUSED_ROWS[role], rows)]
+    elif in_layers and role in _PROJECTION_AXES:
+        axes = _PROJECTION_AXES[role][: len(shape)]
+    elif in_layers and leaf in _QK_NORMS:
+        unit = _QK_NORMS[leaf]  # over all heads' entries (OLMo 2) -> sliced with them; over head_dim -> whole
+        axes = (unit,) if len(shape) == 1 and shape[0] == full[unit] and shape[0] != dims.head_dim else axes
+    elif (leaf.lower().endswith("norm") or leaf.startswith("ln_")) and shape == (dims.hidden_size,):
         axes = ("channel",)
-    full = dims.full_sizes()
     for axis, (unit, size) in enumerate(zip(axes, shape)):
         if unit is not None and size != full[unit]:
             raise PruningError(f"tensor {name} has {size} entries along dimension {axis}, but the config implies "
                                f"{full[unit]} {unit} entries; this block layout is not understood by the width rules")
-    return axes
+    return [(shape, axes)]
 
 
 @dataclass
@@ -231,6 +284,13 @@ def student_config(model: PreTrainedModel, layers: list[int], sizes: dict[str, i
         config.head_dim = d.head_dim
         for field, value in sizes.items():
             setattr(config, field, value)
+        derived = config.hidden_size // config.num_attention_heads
+        if derived != d.head_dim and not _reads_config_head_dim(model):
+            raise PruningError(
+                f"{family(model)} sizes its attention by hidden_size / num_attention_heads, not by "
+                f"config.head_dim: student.from_teacher.hidden_size {config.hidden_size} / num_attention_heads "
+                f"{config.num_attention_heads} = {derived} would change the teacher's head_dim {d.head_dim}. Cut both "
+                f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {config.num_attention_heads * d.head_dim})")
     if hasattr(config, "validate"):
         from huggingface_hub.errors import StrictDataclassError
 
@@ -240,6 +300,31 @@ def student_config(model: PreTrainedModel, layers: list[int], sizes: dict[str, i
             raise PruningError(f"{type(config).__name__} refuses the student's sizes {sizes}: "
                                f"{str(e).splitlines()[-1].strip()} Choose sizes this architecture accepts") from e
     return config
+
+
+_READS_HEAD_DIM: dict[type, bool] = {}
+
+
+def _reads_config_head_dim(model: PreTrainedModel) -> bool:
+    """Whether `model`'s family sizes attention by config.head_dim (most) or by hidden // heads (StableLM;
+    Helium's o_proj is hidden x hidden, so it too needs heads x head_dim = hidden).
+
+    Asked of the modeling code itself, once per class: a one-layer copy on the meta device with another
+    head_dim, whose attention module's `head_dim` and output projection follow the config or not.
+    """
+    cls = type(model)
+    if cls not in _READS_HEAD_DIM:
+        probe = student_config(model, [0])
+        probe.head_dim = model_dims(model).head_dim * 2
+        with torch.device("meta"):
+            copy_ = cls(probe)
+        layer = decoder_layers(copy_)[1][0]
+        attention = next((m for name, m in layer.named_children() if "attn" in name or "attention" in name), None)
+        head_dim = getattr(attention, "head_dim", probe.head_dim)
+        output = role_modules(copy_, ATTENTION_OUTPUT)
+        width = output[1][0].in_features if output else probe.num_attention_heads * probe.head_dim
+        _READS_HEAD_DIM[cls] = head_dim == probe.head_dim and width == probe.num_attention_heads * probe.head_dim
+    return _READS_HEAD_DIM[cls]
 
 
 def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
@@ -271,10 +356,11 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
         j = None if layer is None else new_index[layer]
         new_key = key if layer is None else f"{rules.prefix}.{j}.{rest}"
         original = value = value.detach()
-        for dim, unit in enumerate(_tensor_axes(key, tuple(value.shape), rules) if plan.prunes_width else ()):
-            keep = None if unit is None else kept.indices(unit, j, rules.dims.head_dim)
-            if keep is not None:  # index_select copies, so the student never shares memory with the teacher
-                value = value.index_select(dim, torch.tensor(keep, device=value.device))
+        if plan.prunes_width:
+            parts = _tensor_parts(key, tuple(value.shape), rules)
+            pieces = value.split([shape[0] for shape, _ in parts]) if len(parts) > 1 else [value]
+            value = torch.cat([_slice(piece, axes, kept, j, rules.dims.head_dim)
+                               for piece, (_, axes) in zip(pieces, parts)])
         value = value.clone() if value is original else value
         if new_key not in expected:
             raise PruningError(f"tensor {key} of the teacher has no place in the student ({new_key})")
@@ -285,27 +371,63 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
     missing = sorted(set(expected) - set(state))
     if missing:
         raise PruningError(f"the student expects tensors the teacher does not provide: {missing[:5]}")
+    # Before the weights arrive: the buffers' init runs while every parameter is still on the meta device.
+    _materialize_buffers(student, model)
     student.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         student.tie_weights()
-    # Non-persistent buffers (rotary inverse frequencies) are not in the state dict: recompute them.
-    _materialize_buffers(student, model)
     return student.eval()
 
 
+def _slice(value: torch.Tensor, axes: tuple[Unit | None, ...], kept: _Kept, j: int | None,
+           head_dim: int) -> torch.Tensor:
+    """`value` with only the kept entries along each dimension that indexes a unit."""
+    for dim, unit in enumerate(axes):
+        keep = None if unit is None else kept.indices(unit, j, head_dim)
+        if keep is not None:  # index_select copies, so the student never shares memory with the teacher
+            value = value.index_select(dim, torch.tensor(keep, device=value.device))
+    return value
+
+
 def _materialize_buffers(student: PreTrainedModel, source: PreTrainedModel) -> None:
+    """Give the meta student's buffers values, as `from_pretrained` does: computed from the student's config.
+
+    Non-persistent buffers (rotary inverse frequencies, Gemma's embedding scale sqrt(hidden_size)) are not
+    in the state dict, so a reload recomputes them from the config; the student in memory must hold the same,
+    or a hidden-size cut would give other logits after `save_pretrained`. The class's own `_init_weights`
+    computes them (the meta parameters it also visits are untouched); a buffer it leaves unset is copied
+    from the teacher, whose layers' buffers are all alike.
+    """
     source_buffers = dict(source.named_buffers())
-    for name, buf in list(student.named_buffers()):
-        if buf.device.type != "meta":
-            continue
+    device = next(source.parameters()).device
+
+    def place(name: str, value: torch.Tensor) -> nn.Module:
         module_name, _, attr = name.rpartition(".")
-        module = student.get_submodule(module_name) if module_name else student
-        src_name = name
-        if src_name not in source_buffers:  # a layer buffer renumbered: any layer's copy is identical
-            src_name = next((k for k in source_buffers if k.endswith("." + attr)), None)
-        if src_name is None:
-            raise PruningError(f"cannot rebuild buffer {name} of the student")
-        module.register_buffer(attr, source_buffers[src_name].detach().clone(), persistent=False)
+        module = student.get_submodule(module_name)
+        module.register_buffer(attr, value, persistent=attr not in module._non_persistent_buffers_set)
+        return module
+
+    owners = []
+    for name, buf in list(student.named_buffers()):
+        if buf.device.type == "meta":  # NaN: "not computed yet"; integer buffers have no init to run
+            owners.append(place(name, torch.full(buf.shape, float("nan"), dtype=buf.dtype, device=device)
+                                if buf.is_floating_point() else _source_buffer(name, source_buffers)))
+    if hasattr(student, "_init_weights"):
+        for module in {id(m): m for m in owners}.values():
+            student._init_weights(module)
+    for name, buf in list(student.named_buffers()):
+        if buf.is_floating_point() and buf.isnan().any():  # left unset by the init: the teacher's value
+            place(name, _source_buffer(name, source_buffers))
+
+
+def _source_buffer(name: str, source_buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    src_name = name
+    if src_name not in source_buffers:  # a layer buffer renumbered: any layer's copy is identical
+        attr = name.rpartition(".")[2]
+        src_name = next((k for k in source_buffers if k.endswith("." + attr)), None)
+    if src_name is None:
+        raise PruningError(f"cannot rebuild buffer {name} of the student")
+    return source_buffers[src_name].detach().clone()
 
 
 # ---- counting: the same rules applied to shapes --------------------------------------------------------
@@ -330,8 +452,9 @@ def parameter_table(model: PreTrainedModel, *, width: bool) -> list[_Entry]:
     table = []
     for name, p in model.named_parameters():  # deduplicated: a tied LM head appears once
         shape = tuple(p.shape)
-        axes = _tensor_axes(name, shape, rules) if width else (None,) * len(shape)
-        table.append(_Entry(_split_layer(name, rules.prefix)[0], id(p) in embedding_ids, shape, axes))
+        parts = _tensor_parts(name, shape, rules) if width else [(shape, (None,) * len(shape))]
+        for part_shape, axes in parts:  # a fused projection counts as its stacked parts
+            table.append(_Entry(_split_layer(name, rules.prefix)[0], id(p) in embedding_ids, part_shape, axes))
     return table
 
 
