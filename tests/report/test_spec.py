@@ -36,3 +36,20 @@ def test_training_section_gives_tokens_hardware_and_on_policy_cost():
     config["training"]["bf16"] = "auto"
     assert "fp32 training" in "\n".join(training_section(config, {**train, "precision": "fp32"}, {}, None))
     assert "bf16 where native training" in "\n".join(training_section(config, {}, {}, None))
+
+
+def test_the_on_policy_samples_cut_at_the_cap_and_their_sampling_settings_are_reported():
+    config = {"data": {"source": "chatterbot", "format": "chat", "max_seq_len": 192},
+              "training": {"max_steps": 100, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1},
+              "loss": {"on_policy": {"fraction": 0.5, "max_new_tokens": 64, "sampling_temperature": None}}}
+    train = {"global_step": 100, "tokens_per_step": 1536, "train_seconds": 250.4, "device": "cpu", "torch_threads": 2,
+             "on_policy": {"steps": 48, "share": 0.48, "tokens": 20000, "seconds": 90.2, "samples": 384,
+                           "capped": 96, "capped_share": 0.25,
+                           "sampling": {"temperature": 0.7, "top_p": 0.95, "top_k": 0,
+                                        "source": {"temperature": "default", "top_p": "default", "top_k": "teacher"}}}}
+    text = "\n".join(training_section(config, train, {}, None))
+    assert "96 of the 384 responses (25%) ran to max_new_tokens (64) without ending" in text
+    assert "sampled at temperature 0.7, top-p 0.95, top-k 0 (from: alambic default, teacher)" in text
+    # the config's section says where unset sampling settings come from instead of printing None
+    [line] = [line for line in loss_section(config) if "On-policy" in line]
+    assert "(up to 64 tokens, the models' own sampling settings)" in line and "None" not in line

@@ -9,14 +9,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from transformers import GenerationConfig, TrainerCallback
 
 from alambic.config import ConfigError, LossConfig, OnPolicyConfig, TrainingConfig, validate_config
 from alambic.data import DistillationCollator
 from alambic.evaluation.generation import stop_token_ids
 from alambic.pipeline import run_stages
 from alambic.stages import stages_until
-from alambic.training.on_policy import batch_prompts, is_on_policy_step
+from alambic.training.on_policy import (
+    DEFAULT_SAMPLING,
+    OnPolicySampler,
+    batch_prompts,
+    is_on_policy_step,
+    sampling_settings,
+)
 from alambic.training.run import train, training_arguments
 from alambic.training.trainer import DistillationTrainer
 from helpers import save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer
@@ -181,6 +187,12 @@ def test_lambda_one_generates_every_step_and_logs_its_cost(tmp_path):
     cost = summary["on_policy"]
     assert cost["steps"] == 3 and cost["share"] == 1.0 and cost["seconds"] > 0
     assert cost["tokens"] == sum(_per_step(summary, "on_policy_tokens"))
+    # every response counted once, and the share of them that hit max_new_tokens in the logs and the summary
+    assert sum(_per_step(summary, "on_policy_samples")) == cost["samples"] == 12
+    capped = sum(_per_step(summary, "on_policy_capped"))
+    assert cost["capped"] == capped and cost["capped_share"] == round(capped / 12, 4)
+    assert all(0 <= s <= 1 for s in _per_step(summary, "on_policy_capped_share"))
+    assert cost["sampling"]["temperature"] == DEFAULT_SAMPLING["temperature"]
 
 
 class _Crash(TrainerCallback):
@@ -229,6 +241,7 @@ def test_a_run_through_the_stages_logs_the_on_policy_cost(tmp_path):
     assert steps and all(r["on_policy_share"] == 1.0 and r["on_policy_seconds"] > 0 for r in steps)
     summary = json.loads((cfg.run_dir / "train_summary.json").read_text())
     assert summary["on_policy"]["steps"] == 2 and summary["on_policy"]["tokens"] > 0
+    assert all("on_policy_capped_share" in r for r in steps) and summary["on_policy"]["samples"] > 0
     # the CE control trains on the corpus answers: no decoding, no teacher
     control = (cfg.run_dir / "control" / "metrics.jsonl").read_text()
     assert "on_policy" not in control and "loss_hard" in control
@@ -257,3 +270,66 @@ def test_the_trainer_refuses_on_policy_without_a_live_teacher(tmp_path):
         DistillationTrainer(model=tiny_model(num_layers=1), args=training_arguments(
             TrainingConfig(max_steps=1), tmp_path / "t", has_eval=False), train_dataset=data.train,
             processing_class=tiny_tokenizer(), teacher=None, cached_teacher=True, loss_config=_loss())
+
+
+# --------------------------------------------------------------------------------------------
+# sampling settings: the models' own unless the config sets them; the share of responses cut at the cap
+
+
+def _sampling(**kwargs) -> GenerationConfig:
+    return GenerationConfig(do_sample=True, **kwargs)
+
+
+def test_sampling_follows_the_first_model_whose_generation_config_samples():
+    cfg = OnPolicyConfig()
+    assert cfg.sampling_temperature is None and cfg.top_p is None and cfg.top_k is None
+    greedy = GenerationConfig(eos_token_id=2)  # no do_sample: nothing to take from it
+    got = sampling_settings(cfg, [("teacher", greedy), ("student", _sampling(temperature=0.6, top_p=0.9, top_k=20))])
+    assert (got.temperature, got.top_p, got.top_k) == (0.6, 0.9, 20)
+    assert got.source == {"temperature": "student", "top_p": "student", "top_k": "student"}
+    first = sampling_settings(cfg, [("teacher", _sampling(temperature=0.3)), ("student", _sampling(temperature=0.9))])
+    # transformers' own defaults fill what a sampling generation_config leaves unset (top_k 50), as generate() would
+    assert (first.temperature, first.top_p, first.top_k) == (0.3, 1.0, 50) and first.source["top_k"] == "teacher"
+
+
+def test_the_config_overrides_each_setting_and_the_default_ends_where_no_model_samples():
+    got = sampling_settings(OnPolicyConfig(sampling_temperature=1.0, top_k=0),
+                            [("teacher", _sampling(temperature=0.6, top_p=0.9, top_k=20))])
+    assert (got.temperature, got.top_p, got.top_k) == (1.0, 0.9, 0)
+    assert got.source == {"temperature": "config", "top_p": "teacher", "top_k": "config"}
+    fallback = sampling_settings(OnPolicyConfig(), [("teacher", GenerationConfig()), ("student", None)])
+    assert (fallback.temperature, fallback.top_p, fallback.top_k) == (
+        DEFAULT_SAMPLING["temperature"], DEFAULT_SAMPLING["top_p"], DEFAULT_SAMPLING["top_k"])
+    assert set(fallback.source.values()) == {"default"} and fallback.temperature < 1.0 and fallback.top_p < 1.0
+
+
+def test_the_models_eos_ids_also_stop_the_responses():
+    tok = tiny_tokenizer()
+    student = tiny_model("llama", seed=2, num_layers=2)
+    teacher = tiny_model("llama", seed=1)
+    teacher.generation_config.eos_token_id = [2, 7]  # e.g. Llama 3 / Gemma 3: an end-of-turn id beside eos
+    sampler = OnPolicySampler(OnPolicyConfig(), tok, models=[("teacher", teacher), ("student", student)])
+    assert set(sampler.stop_ids) == STOPS | {7}
+
+
+def test_the_trainer_samples_with_the_teachers_generation_settings(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    teacher = tiny_model("llama", seed=1)
+    teacher.generation_config = _sampling(temperature=0.5, top_p=0.8, top_k=7, eos_token_id=2)
+    trainer = _trainer(tmp_path, data, LossConfig(divergence="jsd", alpha=1.0, on_policy=OnPolicyConfig()), teacher)
+    settings = trainer.on_policy.settings
+    assert (settings.temperature, settings.top_p, settings.top_k) == (0.5, 0.8, 7)
+
+
+def test_responses_cut_at_max_new_tokens_are_counted(tmp_path):
+    data = tiny_prepared(tmp_path, chat=True)
+    trainer = _trainer(tmp_path, data, _loss())
+    sampler, batch = trainer.on_policy, _batch(data, n=4)
+    [new] = sampler.step_batches(trainer.model, [batch], step=0)
+    lengths = new["attention_mask"].sum(1) - new["prompt_length"]
+    last = new["input_ids"].gather(1, new["attention_mask"].sum(1, keepdim=True) - 1)[:, 0]
+    capped = sum(int(n) == 6 and int(t) not in sampler.stop_ids for n, t in zip(lengths, last))
+    assert 0 < capped  # a random tiny student rarely ends within 6 tokens
+    logs = sampler.stats.pop()
+    assert logs["on_policy_samples"] == 4 and logs["on_policy_capped"] == capped
+    assert logs["on_policy_capped_share"] == round(capped / 4, 4)

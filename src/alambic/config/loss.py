@@ -111,12 +111,20 @@ class OnPolicyConfig(_Section):
         default=64, gt=0, description="Cap on each student response, end-of-turn included. An on-policy sequence is its "
         "prompt plus the response: up to data.max_seq_len + max_new_tokens tokens (size the memory for that).",
     )
-    sampling_temperature: float = Field(
-        default=1.0, ge=0, description="Temperature of the student's sampling (not the KD temperature "
-        "loss.temperature); 0: greedy. GKD samples at 1.",
+    sampling_temperature: float | None = Field(
+        default=None, ge=0, description="Temperature of the student's sampling (not the KD temperature "
+        "loss.temperature); 0: greedy. null: the models' own generation settings (the teacher's generation_config, "
+        "else the student's, when it samples), else 0.7. GKD samples at 1, where a small student's answers rarely end "
+        "(they run to max_new_tokens and never show it an ending).",
     )
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token.")
-    top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens; 0 keeps every token.")
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token. null: as "
+        "sampling_temperature (the models' generation_config, else 0.95).",
+    )
+    top_k: int | None = Field(
+        default=None, ge=0, description="Sample among the k most likely tokens; 0 keeps every token. null: as "
+        "sampling_temperature (the models' generation_config, else 0).",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of the on-policy step draw and of the sampling.")
 
 

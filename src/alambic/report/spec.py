@@ -57,9 +57,12 @@ def loss_section(config: dict[str, Any]) -> list[str]:
                      + ", ".join(f"`{n}` × {w:g}" for n, w in zip(names, weights)))
     on_policy = loss.get("on_policy")
     if on_policy:
+        temperature = on_policy.get("sampling_temperature")
+        sampling = ("the models' own sampling settings" if temperature is None  # null: resolved at training
+                    else f"sampling temperature {temperature}")
         lines.append(f"\nOn-policy: {on_policy.get('fraction'):.0%} of the steps train on the student's own responses "
-                     f"(up to {on_policy.get('max_new_tokens')} tokens, sampling temperature "
-                     f"{on_policy.get('sampling_temperature')}), scored by the teacher with the divergence above.")
+                     f"(up to {on_policy.get('max_new_tokens')} tokens, {sampling}), scored by the teacher with the "
+                     "divergence above.")
     if config.get("task") != "sequence_classification":  # a classifier's loss is over C class logits: no chunks
         chunk = loss.get("chunk_size")
         chunks = "chunks sized to the vocabulary, 'auto'" if chunk == "auto" else f"chunks of {chunk} tokens"
@@ -91,6 +94,16 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
         lines.append(f"- on-policy: {on_policy['steps']} of the steps ({on_policy.get('share', 0):.0%}) sampled "
                      f"{on_policy.get('tokens', 0):,} student tokens in {on_policy.get('seconds', 0):.0f} s of the "
                      "training time")
+        if on_policy.get("samples"):  # answers that never end teach no ending: the share says how many
+            cap = ((config.get("loss") or {}).get("on_policy") or {}).get("max_new_tokens")
+            lines.append(f"  - {on_policy.get('capped', 0)} of the {on_policy['samples']} responses "
+                         f"({on_policy.get('capped_share') or 0:.0%}) ran to max_new_tokens"
+                         + (f" ({cap})" if cap else "") + " without ending")
+        sampling = on_policy.get("sampling")
+        if sampling:
+            sources = dict.fromkeys("alambic default" if v == "default" else v for v in sampling["source"].values())
+            lines.append(f"  - sampled at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, top-k "
+                         f"{sampling['top_k']} (from: {', '.join(sources)})")
     if control:
         lines.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
     return lines

@@ -266,6 +266,12 @@ def on_policy_summary(trainer: DistillationTrainer) -> dict[str, Any]:
     seconds = sum(r.get("on_policy_seconds", 0.0) for r in history)
     tokens = sum(r.get("on_policy_tokens", 0) for r in history)
     steps = trainer.on_policy.steps_on_policy(trainer.state.global_step)
+    # responses sampled, and those cut at max_new_tokens before a stop token (they never show the student an ending)
+    samples = sum(r.get("on_policy_samples", 0) for r in history)
+    capped = sum(r.get("on_policy_capped", 0) for r in history)
     return {"steps": steps, "share": round(steps / max(trainer.state.global_step, 1), 4),
             "seconds": round(seconds, 3), "tokens": int(tokens),
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "samples": int(samples), "capped": int(capped),
+            "capped_share": round(capped / samples, 4) if samples else None,
+            "sampling": trainer.on_policy.settings.to_dict()}

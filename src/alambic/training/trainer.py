@@ -152,7 +152,9 @@ class DistillationTrainer(Trainer):
             # different lengths would wait on each other forever.
             raise ValueError("loss.on_policy decodes with the unwrapped student, which DeepSpeed ZeRO-3 and FSDP shard "
                              "across processes: train under DDP, DeepSpeed ZeRO-1/2 or a single device")
-        return OnPolicySampler(cfg.on_policy, self.processing_class)
+        # sampling settings the config leaves unset: the teacher's generation_config first, then the student's
+        return OnPolicySampler(cfg.on_policy, self.processing_class, models=[
+            ("teacher", self._teacher_core), ("student", self.accelerator.unwrap_model(self.model))])
 
     def _projector_parameters(self, features: FeatureDistiller | None = None) -> list[nn.Parameter]:
         features = features or getattr(self, "features", None)
