@@ -14,7 +14,8 @@ from alambic.losses import attention_map_loss, attention_relation_loss, distilla
 from alambic.modeling import counted_positions
 from alambic.students.architecture import decoder_layers
 from alambic.training.features import FeatureDistiller, FeatureProjector, FeatureSetupError, LayerCapture
-from alambic.training.run import last_complete_checkpoint, train
+from alambic.training.checkpoints import last_complete_checkpoint
+from alambic.training.run import train
 from alambic.training.trainer import PROJECTOR_FILE, DistillationTrainer
 from helpers import TINY_ARCHS, tiny_model, tiny_prepared, tiny_tokenizer
 

@@ -7,7 +7,8 @@ from transformers import TrainerCallback, TrainingArguments
 from alambic.config import LossConfig, TrainingConfig
 from alambic.data import DistillationCollator
 from alambic.evaluation.quality import evaluate_against_teacher
-from alambic.training.run import last_complete_checkpoint, train
+from alambic.training.checkpoints import last_complete_checkpoint
+from alambic.training.run import train
 from alambic.training.trainer import DistillationTrainer
 from helpers import tiny_model, tiny_prepared, tiny_tokenizer
 

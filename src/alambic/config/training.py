@@ -52,6 +52,15 @@ class TrainingConfig(_Section):
         "vary; the weights, checkpoints and export are unchanged. Language models, without loss.features (hooks on the "
         "layers) or loss.on_policy (the student decodes between steps).",
     )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="What a step whose loss or gradient norm is NaN or inf does (a learning rate too high, an overflow "
+        "in half precision). 'stop': the training stops before taking it, naming the step and the likely cause, and "
+        "the stage fails. 'skip': that step's gradients are dropped (the optimizer leaves the weights as they are), "
+        "the skipped steps are counted and logged (`nonfinite_steps_skipped`), and the training still stops after 10 "
+        "in a row. Under fp16 the loss scaler skips overflowing gradients itself: there only the loss is judged. "
+        "Whichever is chosen, weights holding NaN or inf are never exported.",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",

@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 
 from alambic.config import FineTuneConfig, LossConfig, TrainingConfig
 from alambic.data import PreparedData
 from alambic.data.classification import ClassificationCollator
 from alambic.losses import distillation_loss
+from alambic.training.base import AlambicTrainer, finite_mean
 from alambic.training.run import fit_and_export
 
 
-class ClassifierDistillationTrainer(Trainer):
+class ClassifierDistillationTrainer(AlambicTrainer):
     """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard` on the class logits of two classifiers.
 
     Args:
@@ -116,9 +117,9 @@ class ClassifierDistillationTrainer(Trainer):
                     logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             for key, values in parts.items():
                 # example-weighted: the loss over all examples seen since the last log
-                weights = examples if len(examples) == len(values) else [1.0] * len(values)
-                value = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1.0)
-                logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
+                value = finite_mean(values, examples)
+                if value is not None:
+                    logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
             parts.clear()
         super().log(logs, *args, **kwargs)
 
@@ -134,11 +135,13 @@ def train_classifier(
     output_dir: Path,
     resume: bool = True,
     callbacks: list[TrainerCallback] | None = None,
+    settings: str = "training",
 ) -> dict[str, Any]:
     """Train the classifier `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
     The same layout as `alambic.training.run.train`: checkpoints in `output_dir/checkpoints` (with `resume`,
-    training continues from the newest complete one), metrics streamed to `output_dir/metrics.jsonl`.
+    training continues from the newest complete one), metrics streamed to `output_dir/metrics.jsonl`. `settings`: the
+    config section `training` comes from, named in errors.
 
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, examples and tokens per step, log history.
@@ -153,7 +156,7 @@ def train_classifier(
 
     trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
                                       tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
-                                      teachers=(teacher,))
+                                      teachers=(teacher,), settings=settings)
     examples = training.per_device_train_batch_size * training.gradient_accumulation_steps
     mean_length = sum(len(ids) for ids in data.train["input_ids"]) / max(len(data.train), 1)
     return {
@@ -179,4 +182,4 @@ def fine_tune_teacher(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     summary."""
     plain_ce = LossConfig(alpha=0.0)
     return train_classifier(backbone, tokenizer, data, teacher=None, loss=plain_ce, training=fine_tune_arguments(cfg),
-                            output_dir=output_dir, resume=resume)
+                            output_dir=output_dir, resume=resume, settings="teacher.fine_tune")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -11,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
 from alambic.modeling import compile_layers
+from alambic.training.base import AlambicTrainer
+from alambic.training.checkpoints import (CHECKPOINT_NAME, NonFiniteWeightsError, check_finite_weights,
+                                         last_complete_checkpoint)
 from alambic.training.teachers import WeightedTeacher
 from alambic.training.trainer import DistillationTrainer
 from alambic.utils import console, native_bf16, use_bf16
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class JsonlMetricsCallback(TrainerCallback):
@@ -35,24 +36,17 @@ class JsonlMetricsCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
 
 
-def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Path | None:
-    """Newest `checkpoint-N` whose trainer state was written (the Trainer writes it last).
-
-    A checkpoint cut off mid-write lacks it: it is skipped (and removed, by the main process), so a
-    resume never loads half a checkpoint.
-    """
-    if not folder.is_dir():
-        return None
-    found = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
-    )
-    for _, path in reversed(found):
-        if (path / "trainer_state.json").is_file():
-            return path
-        if remove_incomplete:
-            console.print(f"[yellow]removing incomplete checkpoint {path}[/]")
-            shutil.rmtree(path)
-    return None
+def drop_records_after(path: Path, step: int) -> None:
+    """Drop the records of `path` (metrics.jsonl) logged after `step`: a training resumed from the checkpoint of
+    `step` trains and logs the steps after it again, which a crash had already logged once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool) -> TrainingArguments:
@@ -91,6 +85,9 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
         prediction_loss_only=True,
         disable_tqdm=False,
         logging_first_step=True,
+        # Show a non-finite loss as it is: the filter logs it as the window's running mean, 0.0 at a window's start.
+        # (AlambicTrainer stops at such a step, or leaves it out of the logged loss under on_nonfinite: skip.)
+        logging_nan_inf_filter=False,
     )
     if cfg.packing == "group_by_length":  # batches of similar lengths (padding_free is the collator's)
         args["train_sampling_strategy"] = "group_by_length"
@@ -191,7 +188,7 @@ def train(
 
 
 def fit_and_export(
-    make_trainer: Callable[[TrainingArguments, list[TrainerCallback]], Trainer],
+    make_trainer: Callable[[TrainingArguments, list[TrainerCallback]], AlambicTrainer],
     *,
     training: TrainingConfig,
     has_eval: bool,
@@ -200,18 +197,28 @@ def fit_and_export(
     resume: bool,
     callbacks: list[TrainerCallback] | None = None,
     teachers: Sequence[torch.nn.Module | None] = (),
-) -> tuple[Trainer, dict[str, Any]]:
+    settings: str = "training",
+) -> tuple[AlambicTrainer, dict[str, Any]]:
     """What every alambic training shares, whatever its Trainer: checkpoints in `output_dir/checkpoints` (with
     `resume`, continue from the newest complete one; without, start clean), metrics streamed to
-    `output_dir/metrics.jsonl`, the teachers' own forward given back afterwards (`restore_forward`), and the
-    trained model exported to `output_dir/final` (HF format, tokenizer included) through a temporary folder.
+    `output_dir/metrics.jsonl`, non-finite steps stopped or skipped (`training.on_nonfinite`), the teachers' own
+    forward given back afterwards (`restore_forward`), and the trained model exported to `output_dir/final` (HF
+    format, tokenizer included, arguments as `training_args.json`; no pickle) through a temporary folder, never with
+    a non-finite weight.
 
     Args:
         make_trainer: builds the Trainer from the TrainingArguments and the callbacks to pass it.
+        settings: the config section `training` comes from, named in errors (`teacher.fine_tune` for a teacher's
+            fine-tuning).
 
     Returns:
         The trainer, and the summary every training reports: global_step, resumed_from, train_seconds,
-        train_loss, device, torch_threads.
+        train_loss (over the whole run, across resumes), nonfinite_steps_skipped, device, torch_threads.
+
+    Raises:
+        NonFiniteTrainingError: a step's loss or gradient norm was not finite (and `on_nonfinite` is 'stop', or too
+            many were in a row).
+        NonFiniteWeightsError: the trained weights hold NaN or inf; nothing is exported.
     """
     checkpoints = output_dir / "checkpoints"
     metrics_path = output_dir / "metrics.jsonl"
@@ -223,14 +230,23 @@ def fit_and_export(
             if not resume and checkpoints.exists():
                 shutil.rmtree(checkpoints)
         last = last_complete_checkpoint(checkpoints, remove_incomplete=is_main) if resume else None
+        resumed_from = int(CHECKPOINT_NAME.match(last.name).group(1)) if last else None
         if is_main and last is None and metrics_path.exists():
             metrics_path.unlink()
+        elif is_main and last is not None:
+            drop_records_after(metrics_path, resumed_from)
     trainer = make_trainer(args, [JsonlMetricsCallback(metrics_path), *(callbacks or [])])
+    trainer.configure_nonfinite(training.on_nonfinite, settings)
     if last is not None:
         console.print(f"resuming from {last}")
     t0 = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        if last is not None and resumed_from >= args.max_steps:
+            # Trained to the end, not exported (final/ deleted, or a crash between the two): the Trainer would take
+            # one more step before it looks at max_steps.
+            trainer.load_finished(last)
+        else:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
     finally:
         for model in teachers:  # a caller may use them afterwards
             restore_forward(model)
@@ -243,15 +259,27 @@ def fit_and_export(
     trainer.save_model(str(tmp))  # every rank: DeepSpeed / FSDP gather the weights here
     if is_main:
         tokenizer.save_pretrained(tmp)
+        # The Trainer pickles its arguments beside the model; an export must load without unpickling anything.
+        (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        (tmp / "training_args.json").write_text(trainer.args.to_json_string())
+    trainer.accelerator.wait_for_everyone()
+    try:
+        check_finite_weights(tmp)  # every rank, so that all of them raise alike
+    except NonFiniteWeightsError:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if is_main:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     trainer.accelerator.wait_for_everyone()
     return trainer, {
         "global_step": trainer.state.global_step,
-        "resumed_from": int(_CHECKPOINT.match(last.name).group(1)) if last else None,
+        "resumed_from": resumed_from,
         "train_seconds": round(wall, 2),
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(trainer.run_train_loss(), 6),
+        "nonfinite_steps_skipped": trainer.totals["skipped"],
         "device": str(trainer.args.device),
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "torch_threads": torch.get_num_threads(),

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.config import LossConfig
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.divergences import LossParts, mix_soft_and_hard
 from alambic.losses.mixture import multi_teacher_distillation_loss
+from alambic.training.base import AlambicTrainer, finite_mean
 from alambic.training.cached import cached_teacher_loss
 from alambic.training.features import LOG_NAMES, FeatureDistiller
 from alambic.training.on_policy import OnPolicySampler
@@ -35,7 +36,7 @@ from alambic.modeling import counted_positions, final_hidden_states, project
 PROJECTOR_FILE = "feature_projector.safetensors"
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AlambicTrainer):
     """Trainer for `total = alpha * T^2 * soft + (1 - alpha) * hard (+ sum_i w_i * feature_i)`.
 
     Args:
@@ -377,11 +378,9 @@ class DistillationTrainer(Trainer):
                 if torch.cuda.is_available():
                     logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             for key, values in parts.items():
-                if tokens and len(tokens) == len(values):
-                    # token-weighted mean: the loss over all tokens seen since the last log
-                    value = sum(v * t for v, t in zip(values, tokens)) / max(sum(tokens), 1.0)
-                else:
-                    value = sum(values) / len(values)
-                logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
+                # token-weighted mean: the loss over all tokens seen since the last log
+                value = finite_mean(values, tokens if tokens else None)
+                if value is not None:
+                    logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
             parts.clear()
         super().log(logs, *args, **kwargs)

@@ -1,0 +1,181 @@
+"""`AlambicTrainer`: what every alambic Trainer shares, whatever its loss.
+
+- A step whose loss or gradient norm is NaN or inf is never taken. The Trainer alone would take it (one NaN
+  gradient makes every weight NaN from then on) and log its loss as 0.0 (`logging_nan_inf_filter` adds the window's
+  running mean, which is 0 at a window's start). By default the training stops there, naming the step and the likely
+  cause; `training.on_nonfinite: skip` drops that step's gradients instead, counts and logs it, and stops after
+  `MAX_SKIPPED_IN_A_ROW` in a row.
+- The run's mean training loss (`train_loss`) covers every step of the run, across resumes: the Trainer's covers only
+  the steps of its own `train()` call. The running totals travel in each checkpoint (`TOTALS_FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+OnNonFinite = Literal["stop", "skip"]
+# Ten non-finite steps in a row are no passing spike (one odd batch): the weights or the settings are broken.
+MAX_SKIPPED_IN_A_ROW = 10
+# The run's loss totals, in each checkpoint folder beside the Trainer's files (written before trainer_state.json).
+TOTALS_FILE = "alambic_totals.json"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A training step's loss or gradient norm was NaN or inf, and the training stopped before taking it."""
+
+
+def _finite(value: float | torch.Tensor | None) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
+def finite_mean(values: list[float], weights: list[float] | None = None) -> float | None:
+    """The (weighted) mean of the finite `values`, or None if none is: a step left out under
+    `training.on_nonfinite: skip` must not turn a logged loss part into NaN."""
+    weights = weights if weights is not None and len(weights) == len(values) else [1.0] * len(values)
+    kept = [(v, w) for v, w in zip(values, weights) if math.isfinite(v)]
+    if not kept:
+        return None
+    return sum(v * w for v, w in kept) / max(sum(w for _, w in kept), 1e-12)
+
+
+class AlambicTrainer(Trainer):
+    """A `transformers.Trainer` that never takes a non-finite step and keeps the whole run's loss across resumes.
+
+    `configure_nonfinite` sets what a non-finite step does (`fit_and_export` calls it from the run's config);
+    until then a non-finite step stops the training.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.on_nonfinite: OnNonFinite = "stop"
+        self.settings = "training"  # the config section the advice of an error names
+        # The run's totals (every train() call, restored on resume): steps taken, their summed loss, steps skipped.
+        self.totals = {"steps": 0, "loss": 0.0, "skipped": 0}
+        self._window = {"steps": 0, "loss": 0.0, "skipped": 0}  # the same, since the last training log
+        self._skipped_in_a_row = 0
+        self._step_loss: torch.Tensor | None = None  # this optimizer step's micro-batch losses, summed on the device
+
+    def configure_nonfinite(self, on_nonfinite: OnNonFinite, settings: str = "training") -> None:
+        """`on_nonfinite`: 'stop' or 'skip'; `settings`: the config section whose learning rate and precision these
+        trainings use, named in the error."""
+        if on_nonfinite == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(f"{settings}.on_nonfinite: skip drops a step's gradients before the optimizer steps, which "
+                             "DeepSpeed does inside its engine: use 'stop' under DeepSpeed")
+        self.on_nonfinite, self.settings = on_nonfinite, settings
+
+    # -- one step: its micro-batch losses, then the decision before the optimizer step ---------------------------
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Summed on the device (no sync per micro-batch): the step is judged once, before its optimizer step.
+        self._step_loss = loss.detach().clone() if self._step_loss is None else self._step_loss + loss.detach()
+        # The Trainer's own window sum must stay finite (a NaN there never resets: NaN - NaN); a skipped step's loss
+        # is taken out of the logged figures below, from our own totals.
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # The Trainer calls this after clipping and right before `optimizer.step()`: the last point to refuse a step.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss = float(self._step_loss) if self._step_loss is not None else 0.0
+        self._step_loss = None
+        # Under fp16 the loss scaler skips overflowing steps itself and lowers its scale: only the loss is judged there.
+        norm_counts = self.accelerator.scaler is None
+        bad = not _finite(loss) or (norm_counts and not _finite(grad_norm))
+        if self.accelerator.num_processes > 1:  # one decision for every rank (a rank's own loss may differ)
+            flag = torch.tensor(float(bad), device=self.args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            self._skipped_in_a_row = 0
+            for totals in (self.totals, self._window):
+                totals["steps"] += 1
+                totals["loss"] += loss
+            return grad_norm
+        if self.on_nonfinite == "stop":
+            raise NonFiniteTrainingError(self._nonfinite_message(loss, grad_norm))
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteTrainingError(
+                f"{self._skipped_in_a_row} non-finite steps in a row, the last at "
+                + self._nonfinite_message(loss, grad_norm, skipping=True))
+        # The optimizer leaves a parameter without gradient as it is (AdamW: weights and moments unchanged).
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.totals["skipped"] += 1
+        self._window["skipped"] += 1
+        return grad_norm
+
+    def _nonfinite_message(self, loss: float, grad_norm: Any, skipping: bool = False) -> str:
+        step, args, s = self.state.global_step + 1, self.args, self.settings
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        cause = (f"a learning rate too high for this model ({s}.learning_rate = {args.learning_rate:g})"
+                 + (f", or an overflow in {precision} mixed precision (train in float32: {s}.{precision}: false)"
+                    if precision else ""))
+        what = "loss" if not _finite(loss) else "gradient norm"
+        grad = float(grad_norm) if grad_norm is not None else None
+        text = (f"step {step} of {self.state.max_steps}: the {what} is not finite (loss {loss:g}"
+                + (f", gradient norm {grad:g}" if grad is not None else "") + f"). Likely cause: {cause}. ")
+        if skipping:
+            return text + ("Skipping cannot recover from this: fix the cause and train again (`--restart`, or change "
+                           "the settings: a changed training starts afresh).")
+        skip = (f", or set {s}.on_nonfinite: skip to leave such steps out (it still stops after "
+                f"{MAX_SKIPPED_IN_A_ROW} in a row)") if s == "training" else ""  # (a teacher's fine-tuning has no skip)
+        return ("training stopped before taking " + text + "The weights are those of the step before (nothing "
+                f"non-finite is checkpointed or exported). Lower {s}.learning_rate{skip}.")
+
+    # -- logs: a skipped step adds no loss; train_loss covers the whole run -------------------------------------
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and "learning_rate" in logs:  # a training log (not the evaluation's, nor the final one)
+            window = self._window
+            if window["skipped"]:
+                # The Trainer's figure divides by every step of the window, skipped ones (0) included.
+                if window["steps"]:
+                    logs["loss"] = window["loss"] / window["steps"]
+                else:
+                    del logs["loss"]  # no step taken since the last log: no loss to show (never a false 0.0)
+            if self.totals["skipped"]:
+                logs["nonfinite_steps_skipped"] = self.totals["skipped"]
+            self._window = {"steps": 0, "loss": 0.0, "skipped": 0}
+        if "train_loss" in logs:  # the Trainer's final record: its mean covers this train() call only
+            logs["train_loss"] = self.run_train_loss()
+            if self.totals["skipped"]:
+                logs["nonfinite_steps_skipped"] = self.totals["skipped"]
+        super().log(logs, *args, **kwargs)
+
+    def run_train_loss(self) -> float:
+        """The mean training loss over every step of the run taken so far, across resumes (NaN if none)."""
+        return self.totals["loss"] / self.totals["steps"] if self.totals["steps"] else float("nan")
+
+    def load_finished(self, checkpoint: Path) -> None:
+        """Take the weights, state and totals of the checkpoint of a finished training (its step = max_steps),
+        without training: what `train(resume_from_checkpoint=...)` restores, less the step it would take before it
+        looks at `max_steps`."""
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+
+    # -- the totals travel with each checkpoint -------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.args.should_save:
+            # Written before the Trainer's own files: trainer_state.json, written last, marks a complete checkpoint.
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TOTALS_FILE).write_text(json.dumps(self.totals))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / TOTALS_FILE
+        # A checkpoint written before these totals existed: the resumed segment's own (what the Trainer reported).
+        self.totals = json.loads(path.read_text()) if path.is_file() else {"steps": 0, "loss": 0.0, "skipped": 0}
