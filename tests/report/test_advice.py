@@ -62,3 +62,18 @@ def test_positional_layer_choice_far_from_the_teacher_suggests_importance():
     tips = advice(_evaluation(**models), CONFIG, pruning={"layer_ranking": "explicit"})
     assert any("layers: importance" in t for t in tips)
     assert advice(_evaluation(**models), CONFIG, pruning={"layer_ranking": "skip_loss"}) == []
+
+
+def test_a_collapsed_student_is_said_and_not_advised_more_steps():
+    """lr 1e3 left a student near-uniform over its vocabulary: perplexity about the vocabulary size."""
+    falling = [{"step": s, "loss": 11.0 - s / 1000} for s in range(10, 151, 10)]
+    collapsed = {**GOOD, "student_before": _m(300, 2.0, 50),
+                 "student_distilled": {**_m(47_000, 6.0, 50, latency=0.01), "architecture": {"vocab_size": 49_152}}}
+    tips = advice(_evaluation(**collapsed), CONFIG, metrics=falling)
+    assert "collapsed" in tips[0] and "49,152" in tips[0] and "learning_rate" in tips[0]
+    assert not any("more training steps" in t or "still falling" in t for t in tips)
+    # far worse than before distillation, without the vocabulary size at hand
+    worse = {**GOOD, "student_before": _m(300, 2.0, 50), "student_distilled": _m(9_000, 6.0, 50, latency=0.01)}
+    assert "collapsed" in advice(_evaluation(**worse), CONFIG)[0]
+    broken = {**GOOD, "student_distilled": _m(float("nan"), float("nan"), 50, latency=0.01)}
+    assert "not finite" in advice(_evaluation(**broken), CONFIG)[0]

@@ -5,8 +5,14 @@ The thresholds are rules of thumb of the field, stated in each message so a user
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+# A near-uniform student: perplexity above this share of its vocabulary size (a uniform guess over V tokens scores
+# exactly V; a language model that learned anything scores far below it).
+COLLAPSE_SHARE = 0.5
+# Or distillation left the student this many times worse (perplexity) than it started: the training diverged.
+COLLAPSE_WORSENING = 10.0
 KEPT_ENOUGH = 0.85  # perplexity kept below this: the student lost much of the teacher
 MIN_SPEEDUP = 1.5  # a student this much smaller should be at least this much faster
 STILL_FALLING = 0.03  # relative drop of the training loss over the last fifth of the steps
@@ -28,6 +34,32 @@ def _loss_still_falling(records: list[dict[str, Any]]) -> float | None:
     return (before - after) / before if before > 0 else None
 
 
+def _collapse(student: dict[str, Any], before: dict[str, Any] | None, training: dict[str, Any]) -> str | None:
+    """Advice for a student the training broke (non-finite, near-uniform, or far worse than before), else None.
+    Such a student makes every other rule's advice moot (more steps would only train the broken model longer)."""
+    ppl = student.get("perplexity")
+    if not isinstance(ppl, (int, float)):
+        return None
+    settings = (f"lower `training.learning_rate` (now {training.get('learning_rate')}) tenfold or more, keep a warm-up "
+                f"(`training.warmup_ratio`, now {training.get('warmup_ratio')}) and gradient clipping "
+                f"(`training.max_grad_norm`, now {training.get('max_grad_norm')}), and look in metrics.jsonl for the "
+                "step where the loss rose")
+    if not math.isfinite(ppl):
+        return (f"The distilled student's perplexity is not finite ({ppl}): its outputs overflow. More steps will not "
+                f"help: {settings}; train in float32 (`training.bf16: false`) if it ran in half precision.")
+    vocab = (student.get("architecture") or {}).get("vocab_size")
+    before_ppl = (before or {}).get("perplexity")
+    if vocab and ppl >= COLLAPSE_SHARE * vocab:
+        why = (f"perplexity {ppl:,.0f} against a vocabulary of {vocab:,} tokens: it predicts about as well as a "
+               "uniform guess over the vocabulary")
+    elif isinstance(before_ppl, (int, float)) and before_ppl > 0 and ppl >= COLLAPSE_WORSENING * before_ppl:
+        why = (f"perplexity {ppl:,.0f}, {ppl / before_ppl:,.0f}× its {before_ppl:,.0f} before distillation "
+               f"(more than {COLLAPSE_WORSENING:.0f}× worse)")
+    else:
+        return None
+    return f"The distilled student collapsed ({why}): the training diverged, and more steps will not help. {settings}."
+
+
 def advice(evaluation: dict[str, Any], config: dict[str, Any], *, pruning: dict[str, Any] | None = None,
            metrics: list[dict[str, Any]] | None = None) -> list[str]:
     """Markdown bullet texts (without the bullet), most important first; [] when nothing calls for action."""
@@ -36,6 +68,8 @@ def advice(evaluation: dict[str, Any], config: dict[str, Any], *, pruning: dict[
     student = models.get("student_distilled")
     if not student:
         return []
+    if collapsed := _collapse(student, models.get("student_before"), config.get("training", {})):
+        return [collapsed]
     tips = []
     kept = (ret.get("student_distilled") or {}).get("perplexity")
     loss = config.get("loss", {})
