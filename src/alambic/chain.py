@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from alambic.config import (
     ChainStep,
@@ -28,6 +29,7 @@ from alambic.config import (
     validate_config,
 )
 from alambic.pipeline import Manifest, Stage, run_stages
+from alambic.runlock import hold_folder, wipe_held_folder
 from alambic.stages import DATA_DIR, FINAL_DIR, STUDENT_DIR, teacher_source
 from alambic.utils import atomic_write_json, console, sha256_of
 
@@ -189,21 +191,28 @@ def run_chain(chain: Chain, *, resume: bool = True, stages: list[Stage] | None =
     Returns:
         The chain record, as written to chain.json: per step its run folder, teacher and student sources,
         status, error and distillation seconds.
+
+    Raises:
+        RunFolderBusy: another process holds the chain folder (each step's folder is held by `run_stages`).
     """
+    with hold_folder(chain.folder):
+        return _run_held(chain, resume=resume, stages=stages)
+
+
+def _run_held(chain: Chain, *, resume: bool, stages: list[Stage] | None) -> dict[str, Any]:
     from alambic.models import forget_loaded
     from alambic.report.chain import write_chain_report
     from alambic.stages import STAGES
 
     stages = STAGES if stages is None else stages
-    if not resume and chain.folder.exists():
-        shutil.rmtree(chain.folder)
-    chain.folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        wipe_held_folder(chain.folder)
     record = {"name": chain.base.name, "started": time.time(), "steps": [_step_record(chain, s) for s in chain.steps]}
     path = chain.folder / CHAIN_FILE
     n = len(chain.steps)
     for i, (step, entry) in enumerate(zip(chain.steps, record["steps"])):
-        console.rule(f"[bold]chain step {i + 1}/{n}: {step.name}[/] (teacher: {step.teacher_label}; student: "
-                     f"{step.student_label})")
+        console.rule(f"[bold]chain step {i + 1}/{n}: {step.name}[/] (teacher: {escape(step.teacher_label)}; "
+                     f"student: {escape(step.student_label)})")
         entry.update(status="running", error=None)
         atomic_write_json(path, record)
         try:
@@ -239,7 +248,7 @@ def _report_quietly(folder: Path) -> None:
     try:
         write_chain_report(folder)
     except Exception as exc:  # noqa: BLE001 - reported, then the original error goes on
-        console.print(f"[yellow]chain report not written[/]: {type(exc).__name__}: {exc}")
+        console.print(f"[yellow]chain report not written[/]: {escape(f'{type(exc).__name__}: {exc}')}")
 
 
 def compare_steps(chain: Chain) -> dict[str, Any]:

@@ -1,21 +1,26 @@
 """`alambic` command line: a thin dispatcher over the stages in `alambic.stages`.
 
-Exit codes: 0 success, 1 a stage failed, 2 bad input (config, files, options), 130 interrupted.
+Exit codes: 0 success, 1 a stage failed, 2 bad input (config, files, options), 3 the run folder is in use by
+another process (nothing was done: try again once it ends), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
+from rich.markup import escape
 
 from alambic.config import ConfigError, RunConfig, apply_override, load_config, validate_config
-from alambic.utils import console
+from alambic.runlock import RunFolderBusy, hold_folder
+from alambic.utils import console, disk_full_message
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +30,7 @@ app = typer.Typer(
 )
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_BUSY = 3  # its own code: a script may wait and try again, where bad input needs a fix
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
 SetOpt = Annotated[
@@ -54,6 +60,44 @@ def _input_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, ModelLoadError, DataSourceError, PruningError, CacheMismatchError, FileNotFoundError)
 
 
+def _busy(exc: RunFolderBusy) -> typer.Exit:
+    console.print(f"[red]error:[/] {escape(str(exc))}")
+    return typer.Exit(EXIT_BUSY)
+
+
+@contextmanager
+def _holding(folder: Path) -> Iterator[None]:
+    """Hold `folder` for a command that writes it outside `run_stages` (which holds it too: re-entrant)."""
+    try:
+        with hold_folder(folder):
+            yield
+    except RunFolderBusy as exc:
+        raise _busy(exc) from None
+
+
+def _failing_stage(run_dir: Path) -> str | None:
+    from alambic.pipeline import Manifest
+
+    stages = Manifest(run_dir / "manifest.json").stages
+    failing = [(entry.get("started") or 0, name) for name, entry in stages.items()
+               if entry.get("status") in ("failed", "running")]
+    return max(failing)[1] if failing else None
+
+
+def _failed(folder: Path, advice: str, *, run_dir: Path | None = None) -> typer.Exit:
+    """A failure in `folder`: one line when a full disk caused it, else the traceback; then `advice`."""
+    exc = sys.exc_info()[1]
+    line = disk_full_message(exc, folder) if exc is not None else None
+    if line is None:
+        console.print_exception(max_frames=8)
+        console.print(f"[red]failed[/]; {escape(advice)}")
+    else:
+        stage = _failing_stage(run_dir) if run_dir is not None else None
+        console.print(f"[red]failed[/]: {escape(f'stage {stage}: ' if stage else '')}{escape(line)}. Free some space "
+                      "(or give output_dir another disk) and run the same command again: it resumes where it stopped")
+    return typer.Exit(EXIT_FAILED)
+
+
 def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ...] = ()) -> None:
     from alambic.pipeline import run_stages
     from alambic.stages import STAGES, stages_until
@@ -62,7 +106,7 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
     if config.chain is not None:  # its top-level sections are a base for the steps, not a run of their own
         console.print("[red]error:[/] this config is a chain (`chain` is set): `alambic run` runs its steps in order. "
                       "The other commands work on one run: give them a step's config, "
-                      f"{config.output_dir}/{config.name}-chain/<step>/config.yaml, or remove `chain`")
+                      f"{escape(str(config.output_dir))}/{config.name}-chain/<step>/config.yaml, or remove `chain`")
         raise typer.Exit(EXIT_BAD_INPUT)
     stages = stages_until(until) if until else STAGES
     if only:  # a command that needs some stages, not all those before it (generate needs no student)
@@ -72,24 +116,24 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
         check_inputs(config)  # what the models' own configs refuse, before any stage works
         run_stages(config, stages, resume=resume)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({config.run_dir})")
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(config.run_dir))})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RunFolderBusy as exc:
+        raise _busy(exc) from None
     except INPUT_ERRORS as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception:
-        console.print_exception(max_frames=8)
-        console.print(f"[red]failed[/]; the manifest records where: {config.run_dir / 'manifest.json'}. "
-                      "Fix the cause and run the same command again to resume.")
-        raise typer.Exit(EXIT_FAILED) from None
-    console.print(f"[green]finished[/]: {config.run_dir}")
+        raise _failed(config.run_dir, f"the manifest records where: {config.run_dir / 'manifest.json'}. "
+                      "Fix the cause and run the same command again to resume.", run_dir=config.run_dir) from None
+    console.print(f"[green]finished[/]: {escape(str(config.run_dir))}")
 
 
 def _load(path: Path, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(path, overrides)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -114,7 +158,7 @@ def _run_chain(config: RunConfig, resume: bool) -> None:
     try:
         planned = plan_chain(config)
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         from alambic.stages.preflight import check_inputs
@@ -123,17 +167,17 @@ def _run_chain(config: RunConfig, resume: bool) -> None:
             check_inputs(step.config, pending=step.reads)
         run_chain(planned, resume=resume)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({planned.folder})")
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(planned.folder))})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RunFolderBusy as exc:
+        raise _busy(exc) from None
     except _input_errors() as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception:
-        console.print_exception(max_frames=8)
-        console.print(f"[red]failed[/]; {planned.folder / 'chain.json'} records which step, its manifest where. "
-                      "Fix the cause and run the same command again: finished steps are skipped.")
-        raise typer.Exit(EXIT_FAILED) from None
-    console.print(f"[green]finished[/]: {planned.folder}")
+        raise _failed(planned.folder, f"{planned.folder / 'chain.json'} records which step, its manifest where. "
+                      "Fix the cause and run the same command again: finished steps are skipped.") from None
+    console.print(f"[green]finished[/]: {escape(str(planned.folder))}")
 
 
 @app.command()
@@ -142,7 +186,7 @@ def prune(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> N
     cfg = _load(config, set_)
     if cfg.student.from_teacher is None:
         console.print("[red]error:[/] student.from_teacher is not set: the config brings its own student "
-                      f"({cfg.student.model!r}); add a student.from_teacher section to prune the teacher")
+                      f"({escape(repr(cfg.student.model))}); add a student.from_teacher section to prune the teacher")
         raise typer.Exit(EXIT_BAD_INPUT)
     _run(cfg, "student", resume)
 
@@ -199,7 +243,7 @@ def quickstart(
             apply_override(data, item)
         config = validate_config(data, origin="quickstart config")
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     _run(config, None, resume)
 
@@ -219,7 +263,8 @@ def evaluate(
 
     if target.is_dir():
         if not (target / "config.yaml").is_file():
-            console.print(f"[red]error:[/] {target} is not a run folder (no config.yaml): give a run folder or a config")
+            console.print(f"[red]error:[/] {escape(str(target))} is not a run folder (no config.yaml): give a run "
+                          "folder or a config")
             raise typer.Exit(EXIT_BAD_INPUT)
         # the folder may have moved since it was run: it is where it is now
         cfg = _load(target / "config.yaml", [*(set_ or []), f"output_dir={json.dumps(str(target.parent))}",
@@ -227,11 +272,12 @@ def evaluate(
     else:
         cfg = _load(target, set_)
     names = [s.name for s in STAGES]
-    manifest = Manifest(cfg.run_dir / "manifest.json")
-    for name in names[names.index("evaluate"):]:
-        if name in manifest.stages:
-            manifest.update(name, status="outdated")
-    _run(cfg, None, resume=True)
+    with _holding(cfg.run_dir):  # from before the manifest is touched
+        manifest = Manifest.for_run(cfg.run_dir / "manifest.json")
+        for name in names[names.index("evaluate"):]:
+            if name in manifest.stages:
+                manifest.update(name, status="outdated")
+        _run(cfg, None, resume=True)
 
 
 @app.command()
@@ -266,16 +312,18 @@ def sweep(
         for point in planned.points:
             check_inputs(point.config)
     except _input_errors() as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         record = run_sweep(planned, resume=resume)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({planned.folder})")
+        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(planned.folder))})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RunFolderBusy as exc:
+        raise _busy(exc) from None
     if any(p["status"] != "done" for p in record["points"]):
         raise typer.Exit(EXIT_FAILED)
-    console.print(f"[green]finished[/]: {planned.folder}")
+    console.print(f"[green]finished[/]: {escape(str(planned.folder))}")
 
 
 @app.command()
@@ -286,12 +334,15 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder or a chain
     if (run_dir / "chain.json").is_file():
         from alambic.report.chain import write_chain_report
 
-        write_chain_report(run_dir)
+        with _holding(run_dir):
+            write_chain_report(run_dir)
         return
     if not (run_dir / "eval.json").is_file():
-        console.print(f"[red]error:[/] {run_dir / 'eval.json'} not found: evaluate the run first (`alambic run CONFIG`)")
+        console.print(f"[red]error:[/] {escape(str(run_dir / 'eval.json'))} not found: evaluate the run first "
+                      "(`alambic run CONFIG`)")
         raise typer.Exit(EXIT_BAD_INPUT)
-    write_report(run_dir)
+    with _holding(run_dir):
+        write_report(run_dir)
 
 
 def main() -> None:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from alambic.config import RunConfig, save_config
+from alambic.runlock import hold_folder, wipe_held_folder
 from alambic.utils import atomic_write_json, console, sha256_of
 
 
@@ -40,20 +43,81 @@ class StageContext:
 
 
 class Manifest:
-    """`manifest.json`: stage -> {inputs_hash, status, outputs, started, finished, seconds, summary}."""
+    """`manifest.json`: stage -> {inputs_hash, status, outputs, started, finished, seconds, summary}.
+
+    Written twice, whole and atomically each time: `manifest.json` and its copy `manifest.json.bak`. No crash can cut
+    either (a reader sees the old file or the new one), so a damaged manifest was damaged from outside: a disk error,
+    a truncated copy of the folder, a hand edit. Reading one that is not valid JSON, or not a manifest, falls back to
+    the copy; reading never changes the folder (a sweep reads its siblings' manifests). A run repairs its own
+    manifest with `Manifest.for_run`.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.backup = path.with_name(path.name + ".bak")
         self.stages: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            self.stages = json.loads(path.read_text()).get("stages", {})
+        self.damage: str | None = None  # what is wrong with the file, when it is damaged
+        self.copy_intact = False
+        # A missing manifest.json is no record at all, whatever the copy says: someone removed it on purpose.
+        found = _read_stages(path)
+        if isinstance(found, str):
+            self.damage, copy = found, _read_stages(self.backup)
+            self.copy_intact = isinstance(copy, dict)
+            self.stages = copy if isinstance(copy, dict) else {}
+        elif found is not None:
+            self.stages = found
+
+    @classmethod
+    def for_run(cls, path: Path) -> Manifest:
+        """The manifest of the run about to write `path`'s folder (held by this process), repaired if damaged.
+
+        Why this recovery: the records of a stage (its inputs hash and status) are what prove its outputs were made
+        by the current config and finished; the outputs alone cannot (a folder half written, or left by an earlier
+        config, looks the same). So the damaged file is set aside as `manifest.json.corrupt`, named in a warning,
+        and the run goes on from the intact copy, losing nothing; without an intact copy (a folder written before
+        the copy existed, or both damaged) every stage runs again from scratch rather than trusting what it cannot
+        verify: the same as `--restart`, but the damaged file is kept.
+        """
+        manifest = cls(path)
+        if manifest.damage is None:
+            return manifest
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        what = f"{path} is damaged ({manifest.damage}), set aside as {aside.name}"
+        if manifest.copy_intact:
+            console.print(f"[yellow]warning:[/] {escape(what)}; its copy {escape(manifest.backup.name)} is intact and "
+                          f"is used: no stage is redone")
+        else:
+            console.print(f"[yellow]warning:[/] {escape(what)}, and it has no intact copy: what each stage finished "
+                          "cannot be verified, so every stage runs again from scratch (as with `--restart`, which "
+                          "also empties the folder)")
+        manifest.save()
+        return manifest
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"stages": self.stages})
+        data = {"stages": self.stages}
+        atomic_write_json(self.path, data)
+        atomic_write_json(self.backup, data)
 
     def update(self, name: str, **fields: Any) -> None:
         self.stages.setdefault(name, {}).update(fields)
         self.save()
+
+
+def _read_stages(path: Path) -> dict[str, dict[str, Any]] | str | None:
+    """The stages a manifest file records; None when there is no file; what is wrong with it (text) when damaged."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except UnicodeDecodeError:
+        return "not text"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        return "valid JSON, but not a manifest: no mapping of stages under 'stages'"
+    return stages
 
 
 def _stage_hashes(config: RunConfig, stages: list[Stage]) -> dict[str, str]:
@@ -136,15 +200,23 @@ def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
         resume: False wipes the run folder first (`--restart`).
         reuse_from: other run folders whose finished stages may be reused.
 
+    The run folder is held (`runlock.hold_folder`) from before anything is written until the last stage ends:
+    another process running the same folder is refused at once.
+
     Raises:
+        RunFolderBusy: another process holds the run folder; nothing was written.
         Whatever a stage raises; the manifest then records the stage as failed.
     """
+    with hold_folder(config.run_dir):
+        return _run_held(config, stages, resume=resume, reuse_from=reuse_from)
+
+
+def _run_held(config: RunConfig, stages: list[Stage], *, resume: bool, reuse_from: Sequence[Path]) -> Manifest:
     run_dir = config.run_dir
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        wipe_held_folder(run_dir)  # everything but the lock we hold
     save_config(config, run_dir / "config.yaml")
-    manifest = Manifest(run_dir / "manifest.json")
+    manifest = Manifest.for_run(run_dir / "manifest.json")
     active = [s for s in stages if s.enabled(config)]
     hashes = _stage_hashes(config, active)
     for i, stage in enumerate(active, 1):
@@ -162,7 +234,7 @@ def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
             manifest.stages[stage.name] = {**found[1], "reused_from": str(found[0]), "started": started,
                                            "finished": time.time(), "seconds": round(time.time() - started, 2)}
             manifest.save()
-            console.print(f"{header} [green]reused from {found[0]}[/] (same inputs), skipped")
+            console.print(f"{header} [green]reused from {escape(str(found[0]))}[/] (same inputs), skipped")
             continue
         resuming = same_inputs and entry.get("status") in ("running", "failed")
         console.rule(header + (" [yellow](resuming)[/]" if resuming else ""))

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import yaml
 from rich.markup import escape
 
 from alambic.config import ConfigError, RunConfig, load_config, validate_config
-from alambic.pipeline import Stage, run_stages
-from alambic.utils import atomic_write_json, console
+from alambic.pipeline import Manifest, Stage, run_stages
+from alambic.runlock import RunFolderBusy, hold_folder, wipe_held_folder
+from alambic.utils import atomic_write_json, console, disk_full_message
 
 SWEEP_FILE = "sweep.json"
 _NAME_MAX = 100  # characters of a point name before it is shortened (file names stop at 255 bytes)
@@ -211,7 +211,7 @@ def plan_sweep(config_path: str | Path, items: list[str]) -> Sweep:
 def _point_record(point: SweepPoint, folder: Path) -> dict[str, Any]:
     """The point's entry in sweep.json, from what its run folder holds now."""
     run_dir = point.config.run_dir
-    manifest = _read_json(run_dir / "manifest.json").get("stages", {})
+    manifest = Manifest(run_dir / "manifest.json").stages
     student = _read_json(run_dir / "eval.json").get("models", {}).get("student_distilled")
     # the figures and their intervals; eval.json keeps the rest (architecture, cost, responses)
     metrics = None if student is None else {k: v for k, v in student.items()
@@ -249,14 +249,21 @@ def run_sweep(sweep: Sweep, *, resume: bool = True, stages: list[Stage] | None =
         The sweep record, as written to `sweep.json`: grid, fixed overrides, and per point its overrides,
         run folder (relative to the sweep folder), status, error, student_distilled metrics, distillation
         seconds and the stages it reused.
+
+    Raises:
+        RunFolderBusy: another process holds the sweep folder (each point's folder is held by `run_stages`).
     """
+    with hold_folder(sweep.folder):
+        return _run_held(sweep, resume=resume, stages=stages)
+
+
+def _run_held(sweep: Sweep, *, resume: bool, stages: list[Stage] | None) -> dict[str, Any]:
     from alambic.report.sweep import write_sweep_report
     from alambic.stages import STAGES
 
     stages = STAGES if stages is None else stages
-    if not resume and sweep.folder.exists():
-        shutil.rmtree(sweep.folder)
-    sweep.folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        wipe_held_folder(sweep.folder)
     record = {"config": str(sweep.config_path), "grid": sweep.grid, "fixed": sweep.fixed, "started": time.time(),
               "points": [_point_record(p, sweep.folder) for p in sweep.points]}
     path = sweep.folder / SWEEP_FILE
@@ -276,9 +283,15 @@ def run_sweep(sweep: Sweep, *, resume: bool = True, stages: list[Stage] | None =
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             entry.update(_point_record(point, sweep.folder), status="failed", error=error)
-            console.print_exception(max_frames=8)
+            # A full disk or a folder in use is said in one line; anything else with its traceback.
+            said = disk_full_message(exc, point.config.run_dir) or (str(exc) if isinstance(exc, RunFolderBusy) else None)
+            if said is None:
+                console.print_exception(max_frames=8)
+            else:
+                error = said
             console.print(f"[red]point {i}/{n} {point.name} failed[/]: {escape(error.splitlines()[0])}; its "
-                          f"manifest says where ({point.config.run_dir / 'manifest.json'}); going on with the next")
+                          f"manifest says where ({escape(str(point.config.run_dir / 'manifest.json'))}); "
+                          "going on with the next")
         else:
             entry.update(_point_record(point, sweep.folder), status="done")
         atomic_write_json(path, record)

@@ -1,10 +1,12 @@
-"""Small shared helpers: atomic writes, hashing, devices, the console."""
+"""Small shared helpers: atomic writes, hashing, devices, the console, what a full disk looks like."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,75 @@ def tune_allocator() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+# A full disk, as each writer reports it: Python's OSError has the errno (and sometimes the file); safetensors says
+# "I/O error: No space left on device (os error 28)" in its own exception type; torch.save says neither (measured
+# on a full tmpfs: "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", raised while handling
+# "basic_ios::clear: iostream error"), so for it the free space left decides.
+_NO_SPACE_ERRNO = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+_OPAQUE_WRITE_TEXT = ("inline_container.cc", "PytorchStreamWriter", "iostream error")
+NEARLY_FULL = 64 * 2**20  # bytes free below which an opaque write error is taken for a full disk
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):  # the folder may not exist (yet, or any more)
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _checkpoint_estimate(folder: Path) -> str | None:
+    """'a checkpoint takes about X (<its path>)' from the newest complete Trainer checkpoint under `folder`: the next
+    one needs about as much. None when there is none."""
+    complete = [p.parent for p in folder.glob("**/checkpoint-*/trainer_state.json")]
+    if not complete:
+        return None
+    newest = max(complete, key=lambda p: p.stat().st_mtime)
+    return f"a checkpoint takes about {human_bytes(_folder_bytes(newest))} ({newest.name})"
+
+
+def disk_full_message(exc: BaseException, folder: str | Path) -> str | None:
+    """One line for a failure caused by a full disk (or quota) while writing into `folder`, else None.
+
+    Looks through the exception and its causes: an OSError with ENOSPC / EDQUOT, or a message that says so
+    (safetensors), or torch.save's opaque stream error while `folder`'s disk has under 64 MB left. The line names
+    the file where the error does (else the folder), the space free now, and what a checkpoint takes where the
+    folder holds one (what the next will need).
+    """
+    folder = Path(folder)
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    oserror = next((e for e in chain if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNO), None)
+    free = _free_bytes(folder)
+    said = oserror is not None or any(text in str(e) for e in chain for text in _NO_SPACE_TEXT)
+    opaque = any(text in str(e) for e in chain for text in _OPAQUE_WRITE_TEXT)
+    if not said and not (opaque and free is not None and free < NEARLY_FULL):
+        return None
+    where = f"writing {oserror.filename}" if oserror is not None and oserror.filename else f"writing into {folder}"
+    parts = [f"no space left on device {where}",
+             f"{human_bytes(free)} free on that disk" if free is not None else "free space unknown"]
+    estimate = _checkpoint_estimate(folder) if folder.is_dir() else None
+    if estimate:
+        parts.append(estimate)
+    return "; ".join(parts)

@@ -122,5 +122,5 @@ def write_chain_report(folder: str | Path) -> Path:
                         with_interval(row["own"], "kl_to_teacher", kl),
                         with_interval(row["original"], "perplexity", perplexity), row.get("status", ""))
     console.print(summary)
-    console.print(f"chain report: {path} and chain.html")
+    console.print(f"chain report: {path} and chain.html", markup=False)
     return path

@@ -172,5 +172,5 @@ def write_report(run_dir: str | Path) -> Path:
     for r in rows:
         summary.add_row(*r)
     console.print(summary)
-    console.print(f"report: {path} and {html_path.name}")
+    console.print(f"report: {path} and {html_path.name}", markup=False)
     return path

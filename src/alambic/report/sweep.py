@@ -207,5 +207,5 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                           for key, fmt in (("perplexity", perplexity), ("top1_agreement", percent))),
                         p.get("status", ""))
     console.print(summary)
-    console.print(f"sweep report: {path} and sweep.html")
+    console.print(f"sweep report: {path} and sweep.html", markup=False)
     return path

@@ -71,7 +71,7 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(folder / "pruning.json", record)  # the whole pruning report
     s, t = record["student_parameters"]["total"], record["teacher_parameters"]["total"]
     console.print(f"student: {record['student_shape']} from {record['teacher_shape']}, {s / 1e6:.1f}M of "
-                  f"{t / 1e6:.1f}M parameters ({folder / 'pruning.json'})")
+                  f"{t / 1e6:.1f}M parameters ({folder / 'pruning.json'})", markup=False)
     return summary
 
 
