@@ -27,11 +27,13 @@ WIDTH_FAMILIES = {
     "llama": {}, "qwen2": {}, "qwen3": SMALL_HEADS, "mistral": {}, "gemma": SMALL_HEADS, "gemma2": SMALL_HEADS,
     "gemma3_text": SMALL_HEADS, "phi3": {}, "olmo": {}, "olmo2": {}, "olmo3": {}, "granite": {}, "cohere": {},
     "cohere2": {}, "stablelm": {}, "helium": SMALL_HEADS, "exaone4": {}, "seed_oss": SMALL_HEADS, "nemotron": {},
-    "arcee": {}, "starcoder2": {}, "phi": {},
+    "arcee": {}, "starcoder2": {}, "phi": {}, "smollm3": {}, "glm": SMALL_HEADS, "glm4": SMALL_HEADS,
+    "ernie4_5": {},
+    "hunyuan_v1_dense": SMALL_HEADS, "apertus": {},
 }
 # Depth only: fused q|k|v of a layout the width rules do not read, Conv1D (transposed) weights, experts.
 DEPTH_ONLY_FAMILIES = {"gpt2": {}, "gpt_neox": {}, "falcon": {}, "bloom": {}, "gptj": {}, "codegen": {},
-                       "mixtral": {}}
+                       "mixtral": {}, "qwen3_moe": {}, "olmoe": {}}
 # The norms each layer applies over the hidden channels, as the family names them (pre- and post-norms).
 RESIDUAL_NORMS = {
     "llama": ["input_layernorm", "post_attention_layernorm"],
@@ -135,10 +137,10 @@ def test_keeping_every_unit_of_a_width_family_is_the_teacher(family, batches):
     torch.testing.assert_close(_logits(student), _logits(teacher), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["phi3", "llama"])
+@pytest.mark.parametrize("family", ["phi3", "glm", "llama"])
 def test_pruning_heads_and_neurons_equals_zeroing_them_in_the_teacher(family):
     """For fused q|k|v and gate|up (Phi-3) as for separate projections: the kept rows are the right ones."""
-    from alambic.students.prune import apply_plan
+    from alambic.students.prune import apply_plan, model_dims
 
     teacher = _teacher(family)
     plan = KeepPlan(layers=[0, 1, 2, 3], heads=[[2, 3]] * 4, kv_heads=[[1]] * 4, neurons=[list(range(8, 48))] * 4)
@@ -146,7 +148,7 @@ def test_pruning_heads_and_neurons_equals_zeroing_them_in_the_teacher(family):
     masked = _teacher(family)
     for layer in masked.model.layers:
         o_proj = layer.self_attn.o_proj.weight
-        o_proj.data[:, :16] = 0  # query heads 0 and 1 (head_dim 8) contribute nothing
+        o_proj.data[:, : 2 * model_dims(masked).head_dim] = 0  # query heads 0 and 1 contribute nothing
         down = layer.mlp.down_proj.weight
         down.data[:, :8] = 0
         down.data[:, 48:] = 0

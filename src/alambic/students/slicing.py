@@ -358,9 +358,12 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
         original = value = value.detach()
         if plan.prunes_width:
             parts = _tensor_parts(key, tuple(value.shape), rules)
-            pieces = value.split([shape[0] for shape, _ in parts]) if len(parts) > 1 else [value]
-            value = torch.cat([_slice(piece, axes, kept, j, rules.dims.head_dim)
-                               for piece, (_, axes) in zip(pieces, parts)])
+            if len(parts) == 1:  # also 0-d tensors (Apertus' activation scalars), which have no rows to split
+                value = _slice(value, parts[0][1], kept, j, rules.dims.head_dim)
+            else:  # fused rows: each stacked part sliced by its own unit, then stacked again
+                pieces = value.split([shape[0] for shape, _ in parts])
+                value = torch.cat([_slice(piece, axes, kept, j, rules.dims.head_dim)
+                                   for piece, (_, axes) in zip(pieces, parts)])
         value = value.clone() if value is original else value
         if new_key not in expected:
             raise PruningError(f"tensor {key} of the teacher has no place in the student ({new_key})")
