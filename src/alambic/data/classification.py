@@ -18,7 +18,7 @@ import torch
 
 from alambic.config import DataConfig
 from alambic.data.sources import DataSourceError
-from alambic.data.tokenize import PreparedData
+from alambic.data.tokenize import PreparedData, leading_bos
 from alambic.utils import sha256_of
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,16 @@ def label_names(docs: list[dict[str, Any]]) -> list[str]:
 
 def tokenize_labelled(docs: list[dict[str, Any]], tokenizer, max_seq_len: int,
                       label_ids: dict[str, int]) -> list[dict[str, Any]]:
-    """One example per document: {"input_ids", "attention_mask"} of its first `max_seq_len` tokens, "labels": id."""
+    """One example per document: {"input_ids", "attention_mask"} of its first `max_seq_len` tokens, "labels": id.
+
+    Where the tokenizer starts its encodings with BOS (`data.tokenize.leading_bos`), the example is BOS + the first
+    `max_seq_len - 1` tokens of the text.
+    """
     texts = [d["text"] for d in docs]
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_seq_len)["input_ids"] \
-        if texts else []
-    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label_ids[d["label"]]}
+    lead = leading_bos(tokenizer)
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True,
+                        max_length=max_seq_len - len(lead))["input_ids"] if texts else []
+    return [{"input_ids": lead + ids, "attention_mask": [1] * (len(lead) + len(ids)), "labels": label_ids[d["label"]]}
             for d, ids in zip(docs, encoded) if ids]
 
 

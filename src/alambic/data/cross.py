@@ -23,7 +23,7 @@ import logging
 from collections.abc import Hashable
 from typing import Any
 
-from alambic.data.tokenize import IGNORE_INDEX, assistant_spans, labels_from_offsets
+from alambic.data.tokenize import IGNORE_INDEX, assistant_spans, labels_from_offsets, leading_bos
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,15 @@ def _span_keys(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return keys
 
 
+def _chat_side(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list]:
+    """One side's ids, labels and keys, behind a BOS where its tokenizer's convention asks for one (`leading_bos`):
+    keyed None, it lines up with nothing (the two renderings differ outside the assistant turns)."""
+    ids, offsets = _encode(tokenizer, text)
+    lead = leading_bos(tokenizer, ids)
+    return (lead + ids, [IGNORE_INDEX] * len(lead) + labels_from_offsets(ids, offsets, spans),
+            [None] * len(lead) + _span_keys(offsets, spans))
+
+
 def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
                        max_seq_len: int) -> list[dict[str, list[int]]]:
     """`tokenize_chat` for the student, plus the teacher's rendering of each conversation and the lined-up
@@ -93,16 +102,15 @@ def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
         except ValueError:
             skipped += 1
             continue
-        ids, offsets = _encode(tokenizer, text)
-        t_ids, t_offsets = _encode(teacher_tokenizer, t_text)
-        labels = labels_from_offsets(ids, offsets, spans)[:max_seq_len]
+        ids, labels, keys = _chat_side(tokenizer, text, spans)
+        t_ids, t_labels, t_keys = _chat_side(teacher_tokenizer, t_text, t_spans)
+        labels = labels[:max_seq_len]
         if all(label == IGNORE_INDEX for label in labels):
             continue
-        keys = _span_keys(offsets, spans)[:max_seq_len]
         sample = {
             "input_ids": ids[:max_seq_len], "attention_mask": [1] * len(labels), "labels": labels,
-            "teacher_input_ids": t_ids, "teacher_labels": labels_from_offsets(t_ids, t_offsets, t_spans),
-            "teacher_positions": line_up(keys, _span_keys(t_offsets, t_spans)),
+            "teacher_input_ids": t_ids, "teacher_labels": t_labels,
+            "teacher_positions": line_up(keys[:max_seq_len], t_keys),
         }
         samples.append(_cut_teacher(sample, max_seq_len))
     if skipped:
@@ -116,28 +124,37 @@ def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
 def tokenize_text_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
                        max_seq_len: int) -> list[dict[str, list[int]]]:
     """Each document (+ eos) cut into `max_seq_len` student tokens; the teacher reads the same characters of each
-    piece (+ its own eos where the piece ends the document). Every token counts, as in `tokenize_text`."""
+    piece (+ its own eos where the piece ends the document). Every token counts, as in `tokenize_text`, but the BOS
+    each side puts in front of every piece where its tokenizer's convention asks for one (`leading_bos`)."""
     eos, t_eos = tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
     if eos is None or t_eos is None:
         raise ValueError("a tokenizer has no eos token: documents could not be separated; set tokenizer.eos_token")
+    lead, t_lead = leading_bos(tokenizer), leading_bos(teacher_tokenizer)
+    body = max_seq_len - len(lead)
+    if body < 1:
+        raise ValueError(f"data.max_seq_len = {max_seq_len} leaves no room for text after the BOS token: raise it")
     samples = []
     for doc in docs:
         text = doc["text"]
         ids, offsets = _encode(tokenizer, text)
         ids, keys = [*ids, eos], [end for _, end in offsets] + [_EOS]
-        for a in range(0, len(ids), max_seq_len):
-            b = min(a + max_seq_len, len(ids))
+        for a in range(0, len(ids), body):
+            b = min(a + body, len(ids))
             first = offsets[a][0] if a < len(offsets) else len(text)
             last = offsets[b - 1][1] if b - 1 < len(offsets) else len(text)
             t_ids, t_offsets = _encode(teacher_tokenizer, text[first:last])
             t_keys: list[Hashable | None] = [first + end for _, end in t_offsets]
             if b == len(ids):  # this piece ends the document
                 t_ids, t_keys = [*t_ids, t_eos], [*t_keys, _EOS]
+            # A BOS has read nothing of the piece: the two BOS line up where both sides have one (a key no text token
+            # has); a single one lines up with nothing.
             piece = ids[a:b]
             samples.append({
-                "input_ids": piece, "attention_mask": [1] * len(piece), "labels": list(piece),
-                "teacher_input_ids": t_ids, "teacher_labels": list(t_ids),
-                "teacher_positions": line_up(keys[a:b], t_keys),
+                "input_ids": lead + piece, "attention_mask": [1] * (len(lead) + len(piece)),
+                "labels": [IGNORE_INDEX] * len(lead) + piece,
+                "teacher_input_ids": t_lead + t_ids, "teacher_labels": [IGNORE_INDEX] * len(t_lead) + t_ids,
+                "teacher_positions": line_up([("bos", first)] * len(lead) + keys[a:b],
+                                             [("bos", first)] * len(t_lead) + t_keys),
             })
     return samples
 

@@ -34,11 +34,10 @@ from alambic.data.prompts import build_prompts
 from alambic.data.sources import DataSourceError, load_documents
 from alambic.data.tokenize import (
     IGNORE_INDEX,
-    _labels_from_offsets,
-    _labels_from_segments,
     _sample,
     _to_dataset,
     assistant_spans,
+    chat_ids_and_labels,
     split_documents,
 )
 from alambic.utils import atomic_write_json, atomic_write_text, console, sha256_of
@@ -182,7 +181,7 @@ def generate_teacher_responses(
         (records in prompt order, then sample; counts: "prompts", "responses", "generated" now, "resumed",
         "discarded", "flagged" per flag, "degenerate", tokens, "seconds", "tokens_per_second").
     """
-    from alambic.evaluation.generation import _encode_prompts, _progress, generate_responses
+    from alambic.evaluation.generation import _progress, encode_prompts, generate_responses
 
     path = Path(path)
     ids = [p["id"] for p in prompts]
@@ -190,7 +189,7 @@ def generate_teacher_responses(
         duplicated = sorted(k for k, c in Counter(ids).items() if c > 1)[:3]
         raise ValueError(f"prompt ids must be distinct (they key the records on resume); repeated: {duplicated}")
     sampling = {k: getattr(settings, k) for k in SAMPLING_FIELDS}
-    lengths = [len(encoded) for encoded in _encode_prompts(tokenizer, [p["messages"] for p in prompts])]
+    lengths = [len(encoded) for encoded in encode_prompts(tokenizer, [p["messages"] for p in prompts])]
     items = sorted(((i, s) for i in range(len(prompts)) for s in range(settings.num_samples)),
                    key=lambda item: (-lengths[item[0]], item))
     batches = [items[b:b + settings.batch_size] for b in range(0, len(items), settings.batch_size)]
@@ -307,8 +306,6 @@ def tokenize_responses(docs: list[dict[str, Any]], tokenizer, max_seq_len: int) 
     label -100. Counted: the response's content and its end-of-turn token. Truncated to `max_seq_len`; a
     conversation whose response starts past it is dropped.
     """
-    with_offsets = bool(getattr(tokenizer, "is_fast", False))
-    labeller = _labels_from_offsets if with_offsets else _labels_from_segments
     samples, dropped = [], 0
     for doc in docs:
         try:
@@ -317,7 +314,7 @@ def tokenize_responses(docs: list[dict[str, Any]], tokenizer, max_seq_len: int) 
             dropped += 1
             logger.debug("skipping %s: %s", doc.get("id"), exc)
             continue
-        ids, labels = labeller(tokenizer, text, spans[-1:])
+        ids, labels = chat_ids_and_labels(tokenizer, text, spans[-1:])  # BOS as tokenize_chat puts it
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1

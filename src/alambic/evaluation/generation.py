@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from alambic.data.tokenize import _end_of_turn_tokens
+from alambic.data.tokenize import _end_of_turn_tokens, leading_bos
 from alambic.evaluation.bootstrap import bootstrap_mean_intervals
 from alambic.utils import console
 
@@ -108,7 +108,7 @@ def generate_responses(
         )
     if not conversations:
         return []
-    prompts = _encode_prompts(tokenizer, conversations)
+    prompts = encode_prompts(tokenizer, conversations)
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]  # masked: any valid id
     device = next(model.parameters()).device
@@ -223,7 +223,13 @@ def _check_generation_args(max_new_tokens: int, batch_size: int, temperature: fl
         raise ValueError("generate_responses: " + "; ".join(problems))
 
 
-def _encode_prompts(tokenizer, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+def encode_prompts(tokenizer, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Each conversation rendered with the generation prompt, as token ids; BOS in front where the tokenizer's
+    convention asks for one and the rendering has none (`data.tokenize.leading_bos`), as in training.
+
+    Raises:
+        ValueError: the chat template cannot render a conversation.
+    """
     texts = []
     for index, conversation in enumerate(conversations):
         try:
@@ -233,8 +239,10 @@ def _encode_prompts(tokenizer, conversations: list[list[dict[str, str]]]) -> lis
                 f"conversation {index} could not be rendered by the chat template ({type(exc).__name__}: {exc}); "
                 "it must be a list of {'role', 'content'} messages in an order the template accepts"
             ) from exc
-    # The rendering carries its own special tokens (bos, role markers): add none, as in training (data.tokenize).
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # The rendering carries its own role markers (and bos in some templates): add nothing else but the BOS the
+    # tokenizer's convention asks for, as in training (data.tokenize.chat_ids_and_labels).
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [leading_bos(tokenizer, ids) + ids for ids in encoded]
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
