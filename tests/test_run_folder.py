@@ -342,3 +342,32 @@ def test_messages_and_paths_keep_their_square_brackets(tmp_path, monkeypatch):
     result = runner.invoke(app, ["run", _config_file(tmp_path, odd)])
     assert result.exit_code == 0
     assert f"finished: {odd / 'tiny'}" in " ".join(result.output.split())
+
+
+def test_restarting_a_sweep_leaves_a_point_another_process_holds(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages(calls))
+    config = _config_file(tmp_path)
+    assert runner.invoke(app, ["sweep", config, "--set", "loss.temperature=1,2"]).exit_code == 0
+    point = tmp_path / "runs" / "tiny-sweep" / "temperature-2"
+    holder = _start(HOLDER, str(point))
+    try:
+        result = runner.invoke(app, ["sweep", config, "--set", "loss.temperature=1,2", "--restart"])
+        assert result.exit_code == EXIT_BUSY, result.output
+        assert f"process {holder.pid}" in " ".join(result.output.split())
+        assert (point / "second.txt").exists() and (point.parent / "sweep.json").exists()  # nothing wiped
+    finally:
+        _kill(holder)
+
+
+def test_a_file_system_without_locks_runs_unprotected_with_a_warning(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    calls = []
+    monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages(calls))
+    result = runner.invoke(app, ["run", _config_file(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "cannot be locked" in " ".join(result.output.split()) and len(calls) == 2

@@ -10,11 +10,13 @@ itself stays (it is never deleted: a process that opened the old file could lock
 one), and `--restart` wipes everything else in the folder.
 
 Re-entrant within one process: `alambic evaluate` holds the run folder and then runs the stages, which take it
-again. Where `fcntl` does not exist (Windows) folders are not locked.
+again. Where `fcntl` does not exist (Windows), or the file system refuses locks (some network mounts), folders are
+not locked: a warning says so, and the run goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,9 +24,11 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 try:
     import fcntl
@@ -32,6 +36,8 @@ except ImportError:  # Windows: no flock; runs are not protected from each other
     fcntl = None
 
 LOCK_FILE = "alambic.lock"
+# flock's answers on a file system that does not lock (NFS without a lock manager, some FUSE mounts)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 _held: dict[Path, int] = {}  # resolved folder -> how many nested holds this process has on it
 
@@ -44,14 +50,15 @@ class RunFolderBusy(RuntimeError):
         self.folder, self.holder = folder, holder
         pid = holder.get("pid")
         who = f"process {pid}" if pid else "another process"
-        if holder.get("host") and holder["host"] != socket.gethostname():
+        elsewhere = bool(holder.get("host")) and holder["host"] != socket.gethostname()
+        if elsewhere:
             who += f" on host {holder['host']}"
         details = []
         if holder.get("started"):
             details.append(f"started {holder['started']}")
         if holder.get("command"):
             details.append(f"`{holder['command']}`")
-        stop = f" or stop it (`kill {pid}`)" if pid else ""
+        stop = f" or stop it (`kill {pid}`{' there' if elsewhere else ''})" if pid else ""
         super().__init__(
             f"{folder} is in use by {who}" + (f" ({', '.join(details)})" if details else "")
             + f": a run folder takes one command at a time. Wait for it to finish{stop}; its lock "
@@ -83,45 +90,69 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
-    if key in _held or fcntl is None:
-        _held[key] = _held.get(key, 0) + 1
-        try:
-            yield folder
-        finally:
-            _held[key] -= 1
-            if not _held[key]:
-                del _held[key]
-        return
+    fd = -1
+    if key not in _held and fcntl is not None:
+        fd = _lock(folder, key)
+    _held[key] = _held.get(key, 0) + 1
+    try:
+        yield folder
+    finally:
+        _held[key] -= 1
+        if not _held[key]:
+            del _held[key]
+        if fd >= 0:
+            os.ftruncate(fd, 0)  # released: the next refusal must not name this process
+            os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _lock(folder: Path, key: Path) -> int:
+    """The locked descriptor of `folder`'s lock file, its holder record written; -1 where locks do not work."""
     fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderBusy(folder, _holder(fd)) from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd) if isinstance(exc, BlockingIOError) else None
+        os.close(fd)
+        if holder is not None:
+            raise RunFolderBusy(folder, holder) from None
+        if exc.errno not in _NO_LOCKS:
+            raise
+        # imported here: the lock itself needs no torch, which alambic.utils imports
+        from alambic.utils import console
+
+        console.print(f"[yellow]warning:[/] {escape(str(folder))} cannot be locked ({escape(exc.strerror or '')}): "
+                      "nothing stops another command from writing it at the same time")
+        return -1
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
-        _held[key] = 1
-        try:
-            yield folder
-        finally:
-            del _held[key]
-            os.ftruncate(fd, 0)  # released: the next refusal must not name this process
-    finally:
-        os.close(fd)  # closing the last descriptor releases the lock
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def wipe_held_folder(folder: str | Path) -> None:
-    """Remove everything in `folder` but its lock file (`--restart`), which this process must hold."""
+    """Remove everything in `folder` but its lock file (`--restart`), which this process must hold.
+
+    The run folders inside it (a sweep's points, a chain's steps) are held while they are removed.
+
+    Raises:
+        RunFolderBusy: another process holds one of them; nothing was removed.
+    """
     folder = Path(folder)
     if folder.resolve() not in _held:
         raise RuntimeError(f"wipe_held_folder({folder}): hold the folder first (hold_folder)")
-    for entry in folder.iterdir():
-        if entry.name == LOCK_FILE:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    entries = [e for e in folder.iterdir() if e.name != LOCK_FILE]
+    inner = [e for e in entries if e.is_dir() and not e.is_symlink() and (e / LOCK_FILE).is_file()]
+    with ExitStack() as held:
+        for entry in inner:
+            held.enter_context(hold_folder(entry))
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
