@@ -371,3 +371,13 @@ def test_a_file_system_without_locks_runs_unprotected_with_a_warning(tmp_path, m
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "cannot be locked" in " ".join(result.output.split()) and len(calls) == 2
+
+
+def test_a_checkpoint_path_with_brackets_is_said_whole(tmp_path, capsys):
+    from alambic.training.checkpoints import last_complete_checkpoint
+
+    folder = tmp_path / "runs[v2]" / "checkpoints"
+    (folder / "checkpoint-2").mkdir(parents=True)  # no trainer_state.json: cut off before the end
+    assert last_complete_checkpoint(folder) is None
+    out = " ".join(capsys.readouterr().err.split())
+    assert f"removing incomplete checkpoint {folder / 'checkpoint-2'}" in out

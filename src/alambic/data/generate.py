@@ -206,8 +206,8 @@ def generate_teacher_responses(
         else:
             discarded += 1
     if discarded:
-        console.print(f"[yellow]{discarded} response(s) in {path} were made with other settings, another teacher or "
-                      "other prompts: discarded[/]")
+        console.print(f"{discarded} response(s) in {path} were made with other settings, another teacher or "
+                      "other prompts: discarded", style="yellow", markup=False)
     resumed = len(done)
     _drop_torn_tail(path)
     path.parent.mkdir(parents=True, exist_ok=True)

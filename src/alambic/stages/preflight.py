@@ -127,8 +127,8 @@ def _check_importance_memory(config: RunConfig, vocab_size: int) -> None:
                "is available: lower evaluation.batch_size or data.max_seq_len")
     if config.data.format == "text":
         raise ConfigError(message)
-    console.print(f"[yellow]warning: {message} (chat sequences are padded only to their batch's longest, so it may "
-                  "fit)[/]")
+    console.print(f"warning: {message} (chat sequences are padded only to their batch's longest, so it may fit)",
+                  style="yellow", markup=False)  # the message holds user values: printed as written
 
 
 def _size(num_bytes: float) -> str:

@@ -104,15 +104,15 @@ def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Pa
         if not remove_incomplete:
             continue
         if not (path / "trainer_state.json").is_file():
-            console.print(f"[yellow]removing incomplete checkpoint {path}[/] ({problem})")
+            console.print(f"removing incomplete checkpoint {path} ({problem})", style="yellow", markup=False)
             shutil.rmtree(path)
             continue
         aside = path.with_name(DAMAGED_PREFIX + path.name)
         if aside.exists():
             shutil.rmtree(aside)
         path.rename(aside)
-        console.print(f"[yellow]checkpoint {path} is damaged: {problem}. Set aside as {aside} (delete it once "
-                      "looked at); resuming from the previous complete checkpoint, if any.[/]")
+        console.print(f"checkpoint {path} is damaged: {problem}. Set aside as {aside} (delete it once looked at); "
+                      "resuming from the previous complete checkpoint, if any.", style="yellow", markup=False)
     return None
 
 
