@@ -29,7 +29,7 @@ WIDTH_FAMILIES = {
     "cohere2": {}, "stablelm": {}, "helium": SMALL_HEADS, "exaone4": {}, "seed_oss": SMALL_HEADS, "nemotron": {},
     "arcee": {}, "starcoder2": {}, "phi": {}, "smollm3": {}, "glm": SMALL_HEADS, "glm4": SMALL_HEADS,
     "ernie4_5": {},
-    "hunyuan_v1_dense": SMALL_HEADS, "apertus": {},
+    "hunyuan_v1_dense": SMALL_HEADS, "apertus": {}, "bitnet": {},
 }
 # Depth only: fused q|k|v of a layout the width rules do not read, Conv1D (transposed) weights, experts.
 DEPTH_ONLY_FAMILIES = {"gpt2": {}, "gpt_neox": {}, "falcon": {}, "bloom": {}, "gptj": {}, "codegen": {},
@@ -153,6 +153,34 @@ def test_pruning_heads_and_neurons_equals_zeroing_them_in_the_teacher(family):
         down.data[:, :8] = 0
         down.data[:, 48:] = 0
     torch.testing.assert_close(_logits(student), _logits(masked), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,norms", [
+    ("olmo2", {"self_attn.q_norm": "query_head", "self_attn.k_norm": "kv_head", "input_layernorm": None}),
+    ("bitnet", {"self_attn.attn_sub_norm": "query_head", "mlp.ffn_sub_norm": "neuron", "input_layernorm": "channel"}),
+    ("qwen3", {"self_attn.q_norm": None, "self_attn.k_norm": None, "post_attention_layernorm": "channel"}),
+])
+def test_norms_inside_attention_and_mlp_are_cut_with_the_units_they_span(family, norms):
+    """A norm over all heads' outputs (OLMo 2's q/k norms, BitNet's attn_sub_norm, 32 entries like the hidden
+    size here) keeps the kept heads' entries, not the kept channels; one over head_dim (Qwen3) stays whole."""
+    from alambic.students.prune import apply_plan, model_dims
+
+    teacher = _teacher(family)
+    d = model_dims(teacher)
+    heads, groups, neurons, channels = [1, 3], [0, 1], list(range(8, 48)), list(range(1, 17))
+    plan = KeepPlan(layers=[0, 2], heads=[heads] * 2, kv_heads=[groups] * 2, neurons=[neurons] * 2,
+                    channels=channels)
+    student = apply_plan(teacher, plan)
+    rows = {"query_head": [h * d.head_dim + i for h in heads for i in range(d.head_dim)],
+            "kv_head": [g * d.head_dim + i for g in groups for i in range(d.head_dim)],
+            "neuron": neurons, "channel": channels}
+    for path, unit in norms.items():
+        if unit is None and family == "olmo2":  # OLMo 2 has post-norms only
+            assert not hasattr(teacher.model.layers[2], path)
+            continue
+        kept = teacher.model.layers[2].get_submodule(path).weight
+        kept = kept if unit is None else kept[rows[unit]]
+        torch.testing.assert_close(student.model.layers[1].get_submodule(path).weight, kept, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", RESIDUAL_NORMS)

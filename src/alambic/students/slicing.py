@@ -24,23 +24,22 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from alambic.students.architecture import (
-    ATTENTION_OUTPUT,
     ModelDims,
     PruningError,
     Unit,
     decoder_layers,
     family,
     model_dims,
-    role_modules,
 )
 
 # Per-layer lists some configs carry (Qwen2's sliding/full attention pattern, Gemma's...); kept in step
 # with the layers so the student's config stays valid.
 _PER_LAYER_CONFIG_LISTS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
-# Query/key norms act inside attention, never on the residual stream: over head_dim, shared by every head
-# (Qwen3, Gemma 3: never sliced), or over all heads' entries at once (OLMo 2: sliced with the heads).
-_QK_NORMS: dict[str, Unit] = {"q_norm": "query_head", "k_norm": "kv_head",
-                              "q_layernorm": "query_head", "k_layernorm": "kv_head"}
+# Norms by where they sit in a block. On the block itself (and outside the layers): over the hidden channels.
+# Inside attention: over head_dim, shared by every head (Qwen3, Gemma 3: never sliced), or over all heads'
+# entries at once (OLMo 2's q_norm/k_norm, BitNet's attn_sub_norm: sliced with the heads; `k*` ones with the
+# KV heads). Inside the MLP: over the FFN neurons (BitNet's ffn_sub_norm).
+_ATTENTION_PARENTS = ("self_attn", "attention", "self_attention", "attn")
 
 # (out, in) units of each projection's weight, by its `parent.name` in the block; its bias follows the first
 # (output) axis. Keyed with the parent so a name means one thing (gpt2's attn.c_proj is not an FFN matrix).
@@ -173,16 +172,27 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
         return [((n, *shape[1:]), (u, "channel")[: len(shape)]) for u, n in zip(_FUSED_ROWS[role], rows)]
     elif in_layers and role in _PROJECTION_AXES:
         axes = _PROJECTION_AXES[role][: len(shape)]
-    elif in_layers and leaf in _QK_NORMS:
-        unit = _QK_NORMS[leaf]  # over all heads' entries (OLMo 2) -> sliced with them; over head_dim -> whole
-        axes = (unit,) if len(shape) == 1 and shape[0] == full[unit] and shape[0] != dims.head_dim else axes
-    elif (leaf.lower().endswith("norm") or leaf.startswith("ln_")) and shape == (dims.hidden_size,):
-        axes = ("channel",)
+    elif (leaf.lower().endswith("norm") or leaf.startswith("ln_")) and len(shape) == 1:
+        axes = (_norm_unit(name, shape[0], rules),)
     for axis, (unit, size) in enumerate(zip(axes, shape)):
         if unit is not None and size != full[unit]:
             raise PruningError(f"tensor {name} has {size} entries along dimension {axis}, but the config implies "
                                f"{full[unit]} {unit} entries; this block layout is not understood by the width rules")
     return [(shape, axes)]
+
+
+def _norm_unit(name: str, size: int, rules: _Rules) -> Unit | None:
+    """The unit a norm's weight or bias of `size` entries indexes, from where the norm sits (see _ATTENTION_PARENTS)."""
+    dims, full = rules.dims, rules.dims.full_sizes()
+    layer, rest = _split_layer(name, rules.prefix)
+    path = rest.split(".")[:-2]  # the modules between the block and the norm; [] for a norm on the block itself
+    if layer is None or not path:
+        return "channel" if size == dims.hidden_size else None
+    leaf = rest.split(".")[-2]
+    if path[-1] in _ATTENTION_PARENTS:
+        unit: Unit = "kv_head" if leaf.startswith("k") else "query_head"
+        return unit if size == full[unit] and size != dims.head_dim else None
+    return "neuron" if path[-1] == "mlp" and size == dims.intermediate_size else None
 
 
 @dataclass
@@ -287,8 +297,8 @@ def student_config(model: PreTrainedModel, layers: list[int], sizes: dict[str, i
         derived = config.hidden_size // config.num_attention_heads
         if derived != d.head_dim and not _reads_config_head_dim(model):
             raise PruningError(
-                f"{family(model)} sizes its attention by hidden_size / num_attention_heads, not by "
-                f"config.head_dim: student.from_teacher.hidden_size {config.hidden_size} / num_attention_heads "
+                f"{family(model)} ties its attention to hidden_size (num_attention_heads x head_dim = hidden_size; "
+                f"config.head_dim alone is not followed): student.from_teacher.hidden_size {config.hidden_size} / num_attention_heads "
                 f"{config.num_attention_heads} = {derived} would change the teacher's head_dim {d.head_dim}. Cut both "
                 f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {config.num_attention_heads * d.head_dim})")
     if hasattr(config, "validate"):
@@ -306,24 +316,30 @@ _READS_HEAD_DIM: dict[type, bool] = {}
 
 
 def _reads_config_head_dim(model: PreTrainedModel) -> bool:
-    """Whether `model`'s family sizes attention by config.head_dim (most) or by hidden // heads (StableLM;
-    Helium's o_proj is hidden x hidden, so it too needs heads x head_dim = hidden).
+    """Whether `model`'s family sizes attention by config.head_dim (most) or ties it to hidden_size, so that
+    num_attention_heads x head_dim must stay hidden_size (StableLM's head_dim, Helium's o_proj, BitNet's
+    attn_sub_norm).
 
-    Asked of the modeling code itself, once per class: a one-layer copy on the meta device with another
-    head_dim, whose attention module's `head_dim` and output projection follow the config or not.
+    Asked of the modeling code itself, once per class: a one-layer copy on the meta device with twice the
+    hidden size and the same heads and head_dim, whose tensors must have the shapes the width rules predict.
     """
     cls = type(model)
     if cls not in _READS_HEAD_DIM:
+        d, rules = model_dims(model), _rules(model)
         probe = student_config(model, [0])
-        probe.head_dim = model_dims(model).head_dim * 2
+        probe.head_dim, probe.hidden_size = d.head_dim, 2 * d.hidden_size
         with torch.device("meta"):
-            copy_ = cls(probe)
-        layer = decoder_layers(copy_)[1][0]
-        attention = next((m for name, m in layer.named_children() if "attn" in name or "attention" in name), None)
-        head_dim = getattr(attention, "head_dim", probe.head_dim)
-        output = role_modules(copy_, ATTENTION_OUTPUT)
-        width = output[1][0].in_features if output else probe.num_attention_heads * probe.head_dim
-        _READS_HEAD_DIM[cls] = head_dim == probe.head_dim and width == probe.num_attention_heads * probe.head_dim
+            built = {name: tuple(p.shape) for name, p in cls(probe).named_parameters()}
+        sizes = {**d.full_sizes(), "channel": probe.hidden_size}
+        follows = True
+        for name, p in model.named_parameters():
+            if _split_layer(name, rules.prefix)[0] not in (0, None):
+                continue
+            parts = [tuple(n if u is None else sizes[u] for u, n in zip(axes, shape))
+                     for shape, axes in _tensor_parts(name, tuple(p.shape), rules)]
+            expected = (sum(part[0] for part in parts), *parts[0][1:]) if len(parts) > 1 else parts[0]
+            follows &= built.get(name) == expected
+        _READS_HEAD_DIM[cls] = follows
     return _READS_HEAD_DIM[cls]
 
 
