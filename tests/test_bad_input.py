@@ -170,6 +170,29 @@ def test_a_sequence_longer_than_the_teachers_positions_exits_2_naming_both(tmp_p
     _refused_before_work(tmp_path, ["run", str(path)], "data.max_seq_len 10000000", "max_position_embeddings 512")
 
 
+def test_a_chain_is_checked_step_by_step_before_any_runs(tmp_path, monkeypatch):
+    from test_chain import chain_config
+
+    import alambic.chain as chain_mod
+
+    ran = []
+    monkeypatch.setattr(chain_mod, "run_chain", lambda chain, resume: ran.append(chain) or {})
+    # step b learns from a's final student, which does not exist yet: not read, not refused
+    steps = [{"name": "a"}, {"name": "b", "teacher": "previous", "student": "first"}]
+    path = _write(tmp_path / "chain.yaml", yaml.safe_load(chain_config(tmp_path, steps).to_yaml()))
+    assert runner.invoke(app, ["run", str(path)]).exit_code == 0 and len(ran) == 1
+    out = _refused_before_work(tmp_path, ["run", str(path), "--set", "data.max_seq_len=1000"],
+                               "chain step 1/2 a", "data.max_seq_len 1000", "max_position_embeddings 512")
+    assert "chain step 2/2" not in out and len(ran) == 1  # b's teacher is pending: only a's is read
+
+
+def test_a_sweep_is_checked_point_by_point_before_any_runs(tmp_path):
+    path = _tiny_run(tmp_path)
+    _refused_before_work(tmp_path, ["sweep", str(path), "--set", "data.max_seq_len=16,1000"], "sweep point 2/2",
+                         "data.max_seq_len 1000", "max_position_embeddings 512")
+    assert not (tmp_path / "runs" / "run-sweep").exists()
+
+
 def test_a_sequence_longer_than_a_given_students_positions_is_refused(tmp_path):
     from helpers import tiny_config, tiny_tokenizer
     from transformers import AutoModelForCausalLM

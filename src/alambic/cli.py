@@ -163,8 +163,8 @@ def _run_chain(config: RunConfig, resume: bool) -> None:
     try:
         from alambic.stages.preflight import check_inputs
 
-        for step in planned.steps:  # a model an earlier step writes is not there yet
-            check_inputs(step.config, pending=step.reads)
+        for i, step in enumerate(planned.steps, 1):  # a model an earlier step writes is not there yet
+            check_inputs(step.config, pending=step.reads, origin=f"chain step {i}/{len(planned.steps)} {step.name}")
         run_chain(planned, resume=resume)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(planned.folder))})")
@@ -309,8 +309,8 @@ def sweep(
         planned = plan_sweep(config, set_ or [])
         from alambic.stages.preflight import check_inputs
 
-        for point in planned.points:
-            check_inputs(point.config)
+        for i, point in enumerate(planned.points, 1):
+            check_inputs(point.config, origin=f"sweep point {i}/{len(planned.points)} {point.name}")
     except _input_errors() as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None

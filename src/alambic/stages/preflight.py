@@ -22,11 +22,12 @@ MAX_SEQ_LEN_WITHOUT_LIMIT = 131_072
 IMPORTANCE_LOGITS_COPIES = 2
 
 
-def check_inputs(config: RunConfig, *, pending: Collection[str] = ()) -> None:
+def check_inputs(config: RunConfig, *, pending: Collection[str] = (), origin: str | None = None) -> None:
     """Refuse, before any stage runs, a config its teacher or given student cannot run; warn where it may not fit.
 
     Args:
         pending: roles ("teacher", "student") whose model an earlier chain step writes: not there yet, not checked.
+        origin: which config it is, for the message ('chain step 2/3 finetune', 'sweep point ...').
 
     Raises:
         ConfigError: every problem found, one per line, each naming the field, the value and the model's limit.
@@ -45,7 +46,7 @@ def check_inputs(config: RunConfig, *, pending: Collection[str] = ()) -> None:
     if config.student.from_teacher is not None and teacher is not None:
         problems += _shape_problems(config.student.from_teacher, teacher)
     if problems:
-        raise ConfigError("the config asks for more than its models give:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"{origin or 'the config'} asks for more than its models give:\n  - " + "\n  - ".join(problems))
     if teacher is not None and teacher.vocab_size:
         _check_importance_memory(config, teacher.vocab_size)
 
