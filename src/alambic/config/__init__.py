@@ -12,7 +12,7 @@ One module per part of the run, each importing only the sections it nests:
     data         DataConfig, TeacherCacheConfig, TeacherResponsesConfig, SelectionConfig
     loss         LossConfig, FeatureLossConfig (and its three terms), OnPolicyConfig
     training     TrainingConfig
-    evaluation   EvaluationConfig, CostConfig, GenerationEvalConfig
+    evaluation   EvaluationConfig, CostConfig, GenerationEvalConfig, HeldOutSetConfig, LmEvalConfig
     run          RunConfig (every section, and the checks that span sections), ChainStep
     io           validate_config, load_config, apply_override, save_config
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from alambic.config._base import WEIGHTS_ID_HELP, ConfigError, Divergence, DType, Task
 from alambic.config.data import DataConfig, SelectionConfig, TeacherCacheConfig, TeacherResponsesConfig
-from alambic.config.evaluation import CostConfig, EvaluationConfig, GenerationEvalConfig
+from alambic.config.evaluation import (CostConfig, EvaluationConfig, GenerationEvalConfig, HeldOutSetConfig,
+                                       LmEvalConfig)
 from alambic.config.io import apply_override, load_config, save_config, validate_config
 from alambic.config.loss import (
     AttentionMapLossConfig,
@@ -54,7 +55,9 @@ __all__ = [
     "FineTuneConfig",
     "FromTeacherConfig",
     "GenerationEvalConfig",
+    "HeldOutSetConfig",
     "HiddenStateLossConfig",
+    "LmEvalConfig",
     "LossConfig",
     "ModelConfig",
     "OnPolicyConfig",

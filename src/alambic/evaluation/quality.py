@@ -33,6 +33,7 @@ def evaluate_against_teacher(
     pad_token_id: int,
     batch_size: int = 8,
     teacher_pad_token_id: int | None = None,
+    description: str = "held-out data",
 ) -> dict[str, dict[str, Any]]:
     """Score the teacher and each model on the same held-out batches.
 
@@ -47,6 +48,8 @@ def evaluate_against_teacher(
     reads the same texts in its own tokens, and its summed cross-entropy over them is divided by the students' count
     of tokens of the same texts: a perplexity per student token, comparable with theirs (the teacher's own count is
     `own_tokens`). Agreement and KL, defined only over one vocabulary, are None.
+
+    `dataset`: a `datasets.Dataset` or a list of tokenized samples; `description` names it in the progress bar.
 
     Returns:
         {name: {"perplexity", "cross_entropy", "top1_agreement", "top5_agreement", "kl_to_teacher",
@@ -65,7 +68,7 @@ def evaluate_against_teacher(
     per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
-    for batch in track(loader, description=f"evaluating {len(everyone)} models on held-out data", console=console):
+    for batch in track(loader, description=f"evaluating {len(everyone)} models on {description}", console=console):
         for group, prefix, reference in groups:
             for name, sums in (_score_batch(group, batch, prefix, reference) if group else {}).items():
                 for key in SUMS:

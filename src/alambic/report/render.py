@@ -12,7 +12,9 @@ from rich.table import Table
 from alambic.report.advice import advice
 from alambic.report.classification import classification_rows, classification_section, is_classification
 from alambic.report.cost import cost_section, generation_section, retention_section
+from alambic.report.datasets import datasets_section
 from alambic.report.html import write_html_report
+from alambic.report.lm_eval import lm_eval_section
 from alambic.report.markdown import kl, model_label, percent, perplexity, table, with_interval
 from alambic.report.plots import plot_training_curves, read_metrics
 from alambic.report.pruning import pruning_section
@@ -140,7 +142,8 @@ def write_report(run_dir: str | Path) -> Path:
                       "its generated responses") + "; responses to held-out prompts (chat data) compare them tokenizer-free."]
     if tips:
         parts += ["", "## Advice", "", *(f"- {tip}" for tip in tips)]
-    lm_sections = [] if classifier else [generation_section(evaluation), cost_section(evaluation),
+    lm_sections = [] if classifier else [generation_section(evaluation), datasets_section(evaluation, run_dir),
+                                         lm_eval_section(evaluation), cost_section(evaluation),
                                          retention_section(evaluation, run_dir)]
     for section in (*lm_sections, architecture_section(evaluation), loss_section(config)):
         if section:

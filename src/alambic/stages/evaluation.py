@@ -1,8 +1,9 @@
-"""Stages 'evaluate' and 'report': every model of the run scored on the held-out split (eval.json), then the
-report written from the run folder."""
+"""Stages 'evaluate' and 'report': every model of the run scored on the held-out split, the extra held-out sets and
+the benchmarks (eval.json), then the report written from the run folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alambic.config import ConfigError, RunConfig
@@ -10,6 +11,44 @@ from alambic.pipeline import StageContext
 from alambic.stages.models import check_same_tokenizer
 from alambic.stages.paths import CONTROL_DIR, DATA_DIR, FINAL_DIR, run_labels, student_source, teacher_source
 from alambic.utils import atomic_write_json
+
+LM_EVAL_TASKS_DIR = "lm_eval_tasks"  # alambic's local lm-eval tasks, written from the run's held-out documents
+
+
+def beyond_the_split(config: RunConfig, run_dir: Path, split: dict[str, Any], tokenizer,
+                     teacher_tokenizer=None) -> tuple[list, list[Path], dict[str, Any]]:
+    """The extra held-out sets (`evaluation.datasets`), tokenized, and alambic's local lm-eval tasks, written into
+    `run_dir/lm_eval_tasks`: both checked against the run's training documents (same text). Done before the students
+    load, so an overlap or a missing extra stops the stage at once.
+
+    Returns:
+        (extra sets, lm-eval include paths, {local task: record of its documents}).
+    """
+    from alambic.config.evaluation import LOCAL_LM_EVAL_TASKS
+
+    ev = config.evaluation
+    if config.task == "sequence_classification" and (ev.datasets or ev.lm_eval):
+        raise ConfigError("evaluation.datasets and evaluation.lm_eval score language models; a sequence_classification "
+                          "run compares classifiers on its labels: remove them")
+    if ev.lm_eval is not None:
+        from alambic.evaluation.lm_eval import require_lm_eval
+
+        require_lm_eval()
+    local = [t for t in ev.lm_eval.tasks if t in LOCAL_LM_EVAL_TASKS] if ev.lm_eval else []
+    if not ev.datasets and not local:
+        return [], [], {}
+    from alambic.evaluation.datasets import document_key, prepare_held_out_set, training_documents
+    from alambic.evaluation.local_tasks import write_local_tasks
+
+    training_keys = {document_key(d) for d in training_documents(config.data, split)}
+    sets = [prepare_held_out_set(name, cfg, tokenizer, training_keys=training_keys,
+                                 max_seq_len=config.data.max_seq_len, teacher_tokenizer=teacher_tokenizer)
+            for name, cfg in ev.datasets.items()]
+    if not local:
+        return sets, [], {}
+    folder = run_dir / LM_EVAL_TASKS_DIR
+    records = write_local_tasks(local, folder, data=config.data, split=split, training_keys=training_keys)
+    return sets, [folder], records
 
 
 def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -29,6 +68,8 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     cross = bool(data.split.get("teacher_tokenizer"))  # the student has its own tokenizer (data.cross)
     if cross:
         tokenizer = load_tokenizer(source)
+    extra_sets, lm_eval_include, local_tasks = beyond_the_split(config, ctx.run_dir, data.split, tokenizer,
+                                                                teacher_tokenizer if cross else None)
     folders = {"student_before": None, "student_distilled": ctx.run_dir / FINAL_DIR}
     if config.evaluation.ce_control:
         folders["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
@@ -53,7 +94,10 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         keep = ("accuracy", "macro_f1", "teacher_agreement", "kl_to_teacher", "num_examples", "parameters")
     else:
         results = evaluate_models(teacher, models, data, tokenizer, config.evaluation, sources=sources,
-                                  teacher_tokenizer=teacher_tokenizer if cross else None)
+                                  teacher_tokenizer=teacher_tokenizer if cross else None, extra_sets=extra_sets,
+                                  lm_eval_include=lm_eval_include)
+        if local_tasks:
+            results["lm_eval"]["local_tasks"] = local_tasks
         keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
     atomic_write_json(ctx.run_dir / "eval.json", results)
     return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}
