@@ -234,3 +234,37 @@ def test_a_family_that_derives_head_dim_refuses_a_cut_that_would_change_it():
     with pytest.raises(PruningError, match=r"model_type 'stablelm'.*student\.from_teacher\.hidden_size 24 / "
                                            r"num_attention_heads 2 = 12.*head_dim 8.*e\.g\. 16"):
         build_from_teacher(teacher, FromTeacherConfig(hidden_size=24, num_attention_heads=2), None)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gpt2"])
+def test_alambic_prune_by_importance_works_on_a_post_norm_and_a_conv1d_teacher(family, tmp_path):
+    """The issue's own case, through the CLI: `layers: importance` on a saved OLMo 2 (and gpt2) teacher."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from alambic.cli import app
+    from helpers import tiny_tokenizer, write_text_corpus
+
+    teacher = tmp_path / "teacher"
+    _teacher(family).save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "fam", "output_dir": str(tmp_path / "runs"), "teacher": {"model": str(teacher), "device": "cpu"},
+        "student": {"from_teacher": {"layers": "importance", "num_layers": 2, "calibration_sequences": 2}},
+        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16},
+    }))
+    result = CliRunner().invoke(app, ["prune", str(config)])
+    assert result.exit_code == 0, result.output
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "fam" / "student")
+    assert student.config.num_hidden_layers == 2 and student.config.model_type == family
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi", "olmo2", "gemma3_text", "starcoder2"])
+def test_head_gradient_importance_reads_each_familys_attention_output(family, batches):
+    teacher = _teacher(family)
+    cfg = FromTeacherConfig(num_attention_heads=2, num_key_value_heads=1, head_importance="gradient")
+    student, record = build_from_teacher(teacher, cfg, batches)
+    grads = torch.tensor(record["importance"]["head_gradient"])
+    assert grads.shape == (4, 4) and torch.isfinite(grads).all() and (grads > 0).any()
+    assert student.config.num_attention_heads == 2
