@@ -237,11 +237,12 @@ def fit_and_export(
             drop_records_after(metrics_path, resumed_from)
     trainer = make_trainer(args, [JsonlMetricsCallback(metrics_path), *(callbacks or [])])
     trainer.configure_nonfinite(training.on_nonfinite, settings)
+    finished = last is not None and resumed_from >= args.max_steps
     if last is not None:
-        console.print(f"resuming from {last}")
+        console.print(f"{last} ends the training: exporting it" if finished else f"resuming from {last}")
     t0 = time.perf_counter()
     try:
-        if last is not None and resumed_from >= args.max_steps:
+        if finished:
             # Trained to the end, not exported (final/ deleted, or a crash between the two): the Trainer would take
             # one more step before it looks at max_steps.
             trainer.load_finished(last)
