@@ -33,7 +33,9 @@ WIDTH_FAMILIES = {
 }
 # Depth only: fused q|k|v of a layout the width rules do not read, Conv1D (transposed) weights, experts.
 DEPTH_ONLY_FAMILIES = {"gpt2": {}, "gpt_neox": {}, "falcon": {}, "bloom": {}, "gptj": {}, "codegen": {},
-                       "mixtral": {}, "qwen3_moe": {}, "olmoe": {}}
+                       "mixtral": {},
+                       "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+                       "olmoe": {"num_experts": 4, "num_experts_per_tok": 2}}
 # The norms each layer applies over the hidden channels, as the family names them (pre- and post-norms).
 RESIDUAL_NORMS = {
     "llama": ["input_layernorm", "post_attention_layernorm"],
@@ -115,7 +117,7 @@ def test_depth_pruning_works_and_reloads_for_every_family(family, request_name, 
 def test_width_pruning_works_and_reloads_for_every_width_family(family, batches, tmp_path):
     teacher = _teacher(family)
     cfg = FromTeacherConfig(layers=[0, 2], num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
-                            hidden_size=16)  # 16 channels / 2 heads = the teacher's head_dim, which some families derive
+                            hidden_size=16)  # 16 / 2 heads = the teacher's head_dim, which some families derive
     student, record = build_from_teacher(teacher, cfg, batches)
     c = student.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
@@ -197,7 +199,8 @@ def test_channel_importance_reads_the_norms_each_family_has(family, batches):
             outputs.clear()
             teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             mask = torch.zeros_like(b["attention_mask"], dtype=torch.bool)
-            mask[:, :-1] = (b["labels"][:, 1:] != -100) & b["attention_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()
+            real = b["attention_mask"].bool()
+            mask[:, :-1] = (b["labels"][:, 1:] != -100) & real[:, 1:] & real[:, :-1]
             assert len(outputs) == len(norms) + 1
             expected += sum(o[mask].double().abs().sum(0) for o in outputs)
             n += int(mask.sum())
@@ -240,10 +243,10 @@ def test_a_family_that_derives_head_dim_refuses_a_cut_that_would_change_it():
 def test_alambic_prune_by_importance_works_on_a_post_norm_and_a_conv1d_teacher(family, tmp_path):
     """The issue's own case, through the CLI: `layers: importance` on a saved OLMo 2 (and gpt2) teacher."""
     import yaml
+    from helpers import tiny_tokenizer, write_text_corpus
     from typer.testing import CliRunner
 
     from alambic.cli import app
-    from helpers import tiny_tokenizer, write_text_corpus
 
     teacher = tmp_path / "teacher"
     _teacher(family).save_pretrained(teacher)

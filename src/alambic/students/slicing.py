@@ -167,8 +167,9 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
     elif in_layers and role in _FUSED_ROWS:
         rows = [full[u] for u in _FUSED_ROWS[role]]
         if sum(rows) != shape[0]:
-            raise PruningError(f"tensor {name} has {shape[0]} rows, but the config implies {' + '.join(map(str, rows))} "
-                               f"({' | '.join(_FUSED_ROWS[role])}); this fused layout is not understood by the width rules")
+            raise PruningError(f"tensor {name} has {shape[0]} rows, but the config implies "
+                               f"{' + '.join(map(str, rows))} ({' | '.join(_FUSED_ROWS[role])}); this fused "
+                               "layout is not understood by the width rules")
         return [((n, *shape[1:]), (u, "channel")[: len(shape)]) for u, n in zip(_FUSED_ROWS[role], rows)]
     elif in_layers and role in _PROJECTION_AXES:
         axes = _PROJECTION_AXES[role][: len(shape)]
@@ -296,11 +297,12 @@ def student_config(model: PreTrainedModel, layers: list[int], sizes: dict[str, i
             setattr(config, field, value)
         derived = config.hidden_size // config.num_attention_heads
         if derived != d.head_dim and not _reads_config_head_dim(model):
+            heads = config.num_attention_heads
             raise PruningError(
                 f"{family(model)} ties its attention to hidden_size (num_attention_heads x head_dim = hidden_size; "
-                f"config.head_dim alone is not followed): student.from_teacher.hidden_size {config.hidden_size} / num_attention_heads "
-                f"{config.num_attention_heads} = {derived} would change the teacher's head_dim {d.head_dim}. Cut both "
-                f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {config.num_attention_heads * d.head_dim})")
+                f"config.head_dim alone is not followed): student.from_teacher.hidden_size {config.hidden_size} / "
+                f"num_attention_heads {heads} = {derived} would change the teacher's head_dim {d.head_dim}. Cut both "
+                f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {heads * d.head_dim})")
     if hasattr(config, "validate"):
         from huggingface_hub.errors import StrictDataclassError
 
