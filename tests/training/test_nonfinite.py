@@ -121,6 +121,18 @@ def test_skip_leaves_the_bad_steps_out_counts_them_and_logs_no_false_loss(tmp_pa
     assert summaries[1]["train_loss"] == pytest.approx(sum(taken) / 5, rel=1e-4)
 
 
+def test_skip_drops_a_whole_accumulated_step(tmp_path):
+    """Under gradient accumulation the step is judged once, over all its micro-batches."""
+    data = tiny_prepared(tmp_path)
+    student, weights = tiny_model("llama", seed=2, num_layers=2), _Weights()
+    summary = train(student, tiny_tokenizer(), data, teacher=None, loss=LossConfig(alpha=0.0),
+                    training=_training(max_steps=3, gradient_accumulation_steps=2, on_nonfinite="skip"),
+                    output_dir=tmp_path / "run", callbacks=[_Poison(student, steps=[2]), weights])
+    for key, value in weights.after[1].items():
+        torch.testing.assert_close(weights.after[2][key], value, rtol=0, atol=0, msg=key)
+    assert summary["nonfinite_steps_skipped"] == 1 and math.isfinite(summary["train_loss"])
+
+
 def test_skip_still_stops_after_too_many_bad_steps_in_a_row(tmp_path):
     data = tiny_prepared(tmp_path)
     student = tiny_model("llama", seed=2, num_layers=2)
