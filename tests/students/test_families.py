@@ -271,3 +271,14 @@ def test_head_gradient_importance_reads_each_familys_attention_output(family, ba
     grads = torch.tensor(record["importance"]["head_gradient"])
     assert grads.shape == (4, 4) and torch.isfinite(grads).all() and (grads > 0).any()
     assert student.config.num_attention_heads == 2
+
+
+def test_a_norm_no_rule_slices_is_refused_naming_the_family_and_the_fields(monkeypatch):
+    """A width cut that would leave a tensor the wrong size says which family, and how to prune it instead."""
+    from alambic.students.prune import apply_plan
+
+    teacher = _teacher("bitnet")
+    monkeypatch.setattr("alambic.students.slicing._ATTENTION_PARENTS", ())  # attn_sub_norm where no rule looks
+    with pytest.raises(PruningError, match=r"model_type 'bitnet'.*attn_sub_norm.*student\.from_teacher\.hidden_size "
+                                           r"unset.*depth pruning"):
+        apply_plan(teacher, KeepPlan(layers=[0, 1], heads=[[0, 1]] * 2, channels=list(range(16))))

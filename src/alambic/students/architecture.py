@@ -61,7 +61,7 @@ def decoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if len(candidates) != 1:
         raise PruningError(
-            f"cannot find the decoder layers of {type(model).__name__}: expected one nn.ModuleList of "
+            f"cannot find the decoder layers of {family(model)}: expected one nn.ModuleList of "
             f"{n} blocks, found {[c[0] for c in candidates] or 'none'}"
         )
     return candidates[0]

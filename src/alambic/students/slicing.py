@@ -66,6 +66,8 @@ _FUSED_ROWS: dict[str, tuple[Unit, ...]] = {
 _PROJECTIONS = (*_PROJECTION_AXES, *_FUSED_ROWS)  # the only matrices a width-prunable decoder block may hold
 _WIDTH_FIELDS = ", ".join(f"student.from_teacher.{f}" for f in
                           ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size"))
+_DEPTH_ONLY = (f"Leave {_WIDTH_FIELDS} unset (or target_axis: depth): depth pruning (student.from_teacher.layers or "
+               "num_layers) works for any decoder")
 
 
 def _role(name: str) -> str:
@@ -129,6 +131,7 @@ class _Rules:
     prefix: str
     dims: ModelDims
     embedding_weights: frozenset[str]  # the input and output embeddings' `weight` names
+    family: str  # how messages name the model
 
 
 def _rules(model: PreTrainedModel) -> _Rules:
@@ -136,7 +139,7 @@ def _rules(model: PreTrainedModel) -> _Rules:
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     names = frozenset(f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False)
                       if any(m is e for e in embeddings))
-    return _Rules(prefix, model_dims(model), names)
+    return _Rules(prefix, model_dims(model), names, family(model))
 
 
 def _split_layer(name: str, prefix: str) -> tuple[int | None, str]:
@@ -167,9 +170,9 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
     elif in_layers and role in _FUSED_ROWS:
         rows = [full[u] for u in _FUSED_ROWS[role]]
         if sum(rows) != shape[0]:
-            raise PruningError(f"tensor {name} has {shape[0]} rows, but the config implies "
+            raise PruningError(f"{rules.family}: tensor {name} has {shape[0]} rows, but the config implies "
                                f"{' + '.join(map(str, rows))} ({' | '.join(_FUSED_ROWS[role])}); this fused "
-                               "layout is not understood by the width rules")
+                               f"layout is not understood by the width rules. {_DEPTH_ONLY}")
         return [((n, *shape[1:]), (u, "channel")[: len(shape)]) for u, n in zip(_FUSED_ROWS[role], rows)]
     elif in_layers and role in _PROJECTION_AXES:
         axes = _PROJECTION_AXES[role][: len(shape)]
@@ -177,8 +180,9 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
         axes = (_norm_unit(name, shape[0], rules),)
     for axis, (unit, size) in enumerate(zip(axes, shape)):
         if unit is not None and size != full[unit]:
-            raise PruningError(f"tensor {name} has {size} entries along dimension {axis}, but the config implies "
-                               f"{full[unit]} {unit} entries; this block layout is not understood by the width rules")
+            raise PruningError(f"{rules.family}: tensor {name} has {size} entries along dimension {axis}, but the "
+                               f"config implies {full[unit]} {unit} entries; this block layout is not understood by "
+                               f"the width rules. {_DEPTH_ONLY}")
     return [(shape, axes)]
 
 
@@ -386,8 +390,9 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
         if new_key not in expected:
             raise PruningError(f"tensor {key} of the teacher has no place in the student ({new_key})")
         if tuple(value.shape) != expected[new_key]:
-            raise PruningError(f"tensor {key} would have shape {tuple(value.shape)} but the student expects "
-                               f"{expected[new_key]}: no width rule slices it, so this model cannot be cut this way")
+            raise PruningError(f"{rules.family}: tensor {key} would have shape {tuple(value.shape)} but the student "
+                               f"expects {expected[new_key]}: no width rule slices it, so this model cannot be cut "
+                               f"this way. {_DEPTH_ONLY}")
         state[new_key] = value
     missing = sorted(set(expected) - set(state))
     if missing:
