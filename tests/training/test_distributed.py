@@ -27,3 +27,6 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     ddp = _step(tmp_path / "ddp", TORCHRUN, per_device=2)
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the reported loss too: the mean over both ranks' tokens, not rank 0's alone
+    losses = [float((tmp_path / run / "train_loss.txt").read_text()) for run in ("single", "ddp")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

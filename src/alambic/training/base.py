@@ -90,10 +90,12 @@ class AlambicTrainer(Trainer):
         # Under fp16 the loss scaler skips overflowing steps itself and lowers its scale: only the loss is judged there.
         norm_counts = self.accelerator.scaler is None
         bad = not _finite(loss) or (norm_counts and not _finite(grad_norm))
-        if self.accelerator.num_processes > 1:  # one decision for every rank (a rank's own loss may differ)
-            flag = torch.tensor(float(bad), device=self.args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item())
+        if self.accelerator.num_processes > 1:
+            # One decision for every rank (a rank's own loss may differ), and the step's loss as the Trainer logs it:
+            # the mean over ranks.
+            both = torch.tensor([loss, float(bad)], device=self.args.device, dtype=torch.float64)
+            torch.distributed.all_reduce(both)
+            loss, bad = both[0].item() / self.accelerator.num_processes, both[1].item() > 0
         if not bad:
             self._skipped_in_a_row = 0
             for totals in (self.totals, self._window):
