@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from alambic.models import count_parameters
 
@@ -68,7 +68,9 @@ def measure_cost(
     B = `batch_size`):
       - prefill_seconds: batch 1 (row 0 of `prompt_ids`), generate 1 token: the time to the first token;
       - generate_seconds_batch1: batch 1, generate N tokens, t1;
-      - latency_per_token_seconds: per repeat (t1 - median prefill) / (N - 1), one decode step;
+      - latency_per_token_seconds: per repeat, the time from the first generated token to the last inside that
+        same batch-1 run, / (N - 1): one decode step, timed by a clock read at every step (never a difference
+        of two separately timed runs, which noise can make negative);
       - tokens_per_second_batch1: per repeat N / t1;
       - generate_seconds_batch: batch B (the first B rows, tiled when there are fewer), N tokens, tB;
       - throughput_tokens_per_second: per repeat B * N / tB.
@@ -103,25 +105,32 @@ def measure_cost(
     eos = _eos_token_id(model)
     pad = pad_token_id if pad_token_id is not None else _default_pad_id(model, eos)
 
-    def run(ids: torch.Tensor, tokens: int) -> Callable[[], None]:
-        return lambda: _generate(model, ids, tokens, pad_token_id=pad, eos_token_id=eos)
+    def run(ids: torch.Tensor, tokens: int, clock: _StepClock | None = None) -> Callable[[], None]:
+        return lambda: _generate(model, ids, tokens, pad_token_id=pad, eos_token_id=eos, clock=clock)
+
+    decode_steps: list[float] = []  # per timed batch-1 run: seconds per decode step, from its own step clock
+
+    def timed_decode() -> None:
+        clock = _StepClock(device)
+        run(one, n, clock)()
+        decode_steps.append(clock.seconds_per_step())
 
     was_training = model.training
     model.eval()  # inference as it is served: no dropout
     try:
         prefill = _repeat(run(one, 1), device, warmup=warmup, repeats=repeats)
-        gen1 = _repeat(run(one, n), device, warmup=warmup, repeats=repeats)
+        gen1 = _repeat(timed_decode, device, warmup=warmup, repeats=repeats)
+        del decode_steps[:warmup]  # the warm-up runs' clocks
         gen_b = _repeat(run(batch, n), device, warmup=warmup, repeats=repeats)
         working, memory_method = _working_memory(run(batch, n), device)
     finally:
         model.train(was_training)
 
-    prefill_median = statistics.median(prefill)
     weights = weight_bytes(model)
     params = count_parameters(model)
     return {
         "prefill_seconds": summarize(prefill),
-        "latency_per_token_seconds": summarize([(t - prefill_median) / (n - 1) for t in gen1]),
+        "latency_per_token_seconds": summarize(decode_steps),
         "tokens_per_second_batch1": summarize([n / t for t in gen1]),
         "throughput_tokens_per_second": summarize([batch_size * n / t for t in gen_b]),
         "generate_seconds_batch1": summarize(gen1),
@@ -187,8 +196,27 @@ def disk_size(model_path: str | Path, gguf_file: str | None = None) -> dict[str,
 # ---------------------------------------------------------------------------------------------------- runs
 
 
+class _StepClock(LogitsProcessor):
+    """Reads the clock once per generated token (generate calls its logits processors once per step, right
+    after that step's forward), so a run's decode steps are timed inside the run itself."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        _sync(self.device)  # CUDA: the step's kernels done before the time is read
+        self.times.append(time.perf_counter())
+        return scores
+
+    def seconds_per_step(self) -> float:
+        # N tokens: N clock reads, the first after the prefill; between first and last lie N - 1 decode steps.
+        if len(self.times) < 2:
+            raise RuntimeError(f"the step clock was read {len(self.times)} time(s); need 2 (new_tokens >= 2)")
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+
 def _generate(model: PreTrainedModel, ids: torch.Tensor, tokens: int, *, pad_token_id: int,
-              eos_token_id: int | list[int] | None) -> None:
+              eos_token_id: int | list[int] | None, clock: _StepClock | None = None) -> None:
     # Everything as keywords, nothing from a GenerationConfig object: a passed config inherits the model's
     # sampling defaults (temperature, top_p) and transformers then warns on every call that they are unused.
     out = model.generate(
@@ -200,6 +228,7 @@ def _generate(model: PreTrainedModel, ids: torch.Tensor, tokens: int, *, pad_tok
         use_cache=True,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
+        **({"logits_processor": LogitsProcessorList([clock])} if clock is not None else {}),
     )
     if out.shape != (ids.shape[0], ids.shape[1] + tokens):
         # A cost figure for a different amount of work would be silently wrong: refuse it.
