@@ -77,3 +77,10 @@ def test_a_collapsed_student_is_said_and_not_advised_more_steps():
     assert "collapsed" in advice(_evaluation(**worse), CONFIG)[0]
     broken = {**GOOD, "student_distilled": _m(float("nan"), float("nan"), 50, latency=0.01)}
     assert "not finite" in advice(_evaluation(**broken), CONFIG)[0]
+
+
+def test_steps_skipped_as_non_finite_are_said():
+    metrics = [{"step": 1, "loss": 1.0}, {"step": 2, "nonfinite_steps_skipped": 1},
+               {"step": 3, "loss": 1.0, "nonfinite_steps_skipped": 3}]
+    tips = advice(_evaluation(**GOOD), CONFIG, metrics=metrics)
+    assert len(tips) == 1 and tips[0].startswith("3 of 150 training steps were left out") and "learning_rate" in tips[0]

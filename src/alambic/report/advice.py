@@ -105,6 +105,13 @@ def advice(evaluation: dict[str, Any], config: dict[str, Any], *, pruning: dict[
             "Quantize the student (8- or 4-bit weights) to cut memory traffic"
             + (", and prefer removing layers to narrowing them: latency follows depth" if width else "")
             + "; measure at the batch you will serve (throughput column).")
+    skipped = max((r.get("nonfinite_steps_skipped", 0) for r in metrics or []), default=0)
+    if skipped:
+        training = config.get("training", {})
+        tips.append(f"{skipped} of {training.get('max_steps')} training steps were left out for a non-finite loss or "
+                    "gradient norm (`training.on_nonfinite: skip`). A rare one is a passing spike; more point at a "
+                    f"learning rate too high (`training.learning_rate`, now {training.get('learning_rate')}) or an "
+                    "overflow in half precision (`training.bf16` / `training.fp16`).")
     drop = _loss_still_falling(metrics or [])
     if drop is not None and drop > STILL_FALLING:
         tips.append(f"The training loss was still falling at the end ({drop:.0%} lower over the last fifth of the "
