@@ -404,3 +404,19 @@ def test_the_ranks_of_one_launch_share_the_folder_their_rank_0_holds(tmp_path):
                           check=False, env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in (tmp_path / "runs" / "tiny").glob("rank*.txt")} == {"rank0.txt", "rank1.txt"}
+
+
+def test_the_quick_check_before_the_imports_refuses_a_held_folder_and_creates_nothing(tmp_path):
+    from alambic.runlock import check_not_held
+
+    check_not_held(tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    holder = _start(HOLDER, str(tmp_path / "held"))
+    try:
+        with pytest.raises(RunFolderBusy, match=f"process {holder.pid}"):
+            check_not_held(tmp_path / "held")
+    finally:
+        _kill(holder)
+    check_not_held(tmp_path / "held")  # its holder gone: free
+    with hold_folder(tmp_path / "held"):
+        check_not_held(tmp_path / "held")  # this process's own hold is no refusal

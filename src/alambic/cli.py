@@ -19,7 +19,7 @@ import yaml
 from rich.markup import escape
 
 from alambic.config import ConfigError, RunConfig, apply_override, load_config, validate_config
-from alambic.runlock import RunFolderBusy, hold_folder
+from alambic.runlock import RunFolderBusy, check_not_held, hold_folder
 from alambic.utils import console, disk_full_message
 
 app = typer.Typer(
@@ -99,6 +99,10 @@ def _failed(folder: Path, advice: str, *, run_dir: Path | None = None) -> typer.
 
 
 def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ...] = ()) -> None:
+    try:
+        check_not_held(config.run_dir)  # before the stages' imports: a refusal skips their seconds
+    except RunFolderBusy as exc:
+        raise _busy(exc) from None
     from alambic.pipeline import run_stages
     from alambic.stages import STAGES, stages_until
     from alambic.stages.preflight import check_inputs

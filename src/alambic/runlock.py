@@ -147,6 +147,32 @@ def _lock(folder: Path, key: Path) -> int:
     return fd
 
 
+def check_not_held(folder: str | Path) -> None:
+    """Refuse at once, before any slow import or check, when another process holds `folder`; creates nothing.
+
+    The command still holds the folder properly afterwards (`hold_folder`): this only saves a refused command the
+    seconds it would spend getting there.
+
+    Raises:
+        RunFolderBusy: another process holds it.
+    """
+    path = Path(folder) / LOCK_FILE
+    if fcntl is None or _launch_rank() != 0 or Path(folder).resolve() in _held or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return  # gone or unreadable: hold_folder will say
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunFolderBusy(Path(folder), _holder(fd)) from None
+    except OSError:
+        pass  # no locks on this file system: hold_folder warns
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+
+
 def wipe_held_folder(folder: str | Path) -> None:
     """Remove everything in `folder` but its lock file (`--restart`), which this process must hold.
 
