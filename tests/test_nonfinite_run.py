@@ -27,6 +27,7 @@ def test_a_diverging_run_exits_1_and_exports_nothing(tmp_path):
     assert result.exit_code == 1, result.output
     said = " ".join(result.output.split())
     assert "training.learning_rate = 1e+30" in said and "is not finite" in said
+    assert "Traceback" not in result.output and "stage distill" in said  # one named line, no frames
     run = tmp_path / "runs" / "nan"
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     assert manifest["distill"]["status"] == "failed" and "NonFiniteTrainingError" in manifest["distill"]["error"]

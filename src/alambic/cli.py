@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from alambic.config import ConfigError, RunConfig, apply_override, load_config, validate_config
 from alambic.runlock import RunFolderBusy, check_not_held, hold_folder
-from alambic.utils import console, disk_full_message
+from alambic.utils import DiagnosedFailure, console, disk_full_message
 
 app = typer.Typer(
     add_completion=False,
@@ -85,10 +85,14 @@ def _failing_stage(run_dir: Path) -> str | None:
 
 
 def _failed(folder: Path, advice: str, *, run_dir: Path | None = None) -> typer.Exit:
-    """A failure in `folder`: one line when a full disk caused it, else the traceback; then `advice`."""
+    """A failure in `folder`: one line when a full disk caused it or its message says cause and fix
+    (`DiagnosedFailure`), else the traceback; then `advice`."""
     exc = sys.exc_info()[1]
     line = disk_full_message(exc, folder) if exc is not None else None
-    if line is None:
+    if isinstance(exc, DiagnosedFailure):
+        stage = _failing_stage(run_dir) if run_dir is not None else None
+        console.print(f"[red]failed[/]: {escape(f'stage {stage}: ' if stage else '')}{escape(str(exc))}")
+    elif line is None:
         console.print_exception(max_frames=8)
         console.print(f"[red]failed[/]; {escape(advice)}")
     else:

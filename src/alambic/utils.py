@@ -17,6 +17,11 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False)
 
 
+class DiagnosedFailure(RuntimeError):
+    """A stage failure whose message already names the cause and the fix (a diverging training, weights that
+    must not be exported): the CLI prints that message in one line, without a traceback."""
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that a reader sees the old file or the new one, never half of it."""
     path = Path(path)

@@ -22,6 +22,8 @@ from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from alambic.utils import DiagnosedFailure
+
 OnNonFinite = Literal["stop", "skip"]
 # Ten non-finite steps in a row are no passing spike (one odd batch): the weights or the settings are broken.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -29,7 +31,7 @@ MAX_SKIPPED_IN_A_ROW = 10
 TOTALS_FILE = "alambic_totals.json"
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(DiagnosedFailure):
     """A training step's loss or gradient norm was NaN or inf, and the training stopped before taking it."""
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from alambic.utils import console
+from alambic.utils import DiagnosedFailure, console
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # A damaged checkpoint is renamed so, beside the others: out of the Trainer's rotation (it globs `checkpoint-*`) and
@@ -29,7 +29,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_PREFIX = "damaged-"
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(DiagnosedFailure):
     """Weights about to be exported hold NaN or inf values."""
 
 
