@@ -69,7 +69,7 @@ def compile_layers(model: nn.Module, compiled: bool = True) -> int:
     each its eager forward back. Layer by layer rather than the whole model: the hooks alambic puts on the decoder
     (`final_hidden_states`) stay outside the compiled regions, the parameter names do not change (checkpoints and
     exports are the same), and the layers share one compiled graph. Returns the number of layers."""
-    from alambic.students.architecture import decoder_layers
+    from alambic.architecture import decoder_layers
 
     _, layers = decoder_layers(model)
     for layer in layers:

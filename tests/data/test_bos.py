@@ -1,4 +1,4 @@
-"""Every prepared sequence follows its tokenizer's BOS convention (`data.tokenize.leading_bos`).
+"""Every prepared sequence follows its tokenizer's BOS convention (`tokens.leading_bos`).
 
 A tokenizer that starts its encodings with BOS (Gemma, Llama 3, Mistral) gets exactly one BOS in front of every
 sequence, never counted in the labels: text chunks, chat (once, whether or not the template renders it), generation
@@ -29,7 +29,7 @@ def _starts_with_one_bos(ids, labels=None) -> bool:
 
 
 def test_leading_bos_follows_the_tokenizers_own_encoding():
-    from alambic.data.tokenize import leading_bos
+    from alambic.tokens import leading_bos
 
     assert leading_bos(bos_tokenizer()) == [BOS]
     assert leading_bos(bos_tokenizer(), [BOS, 5]) == []  # already there: never two
@@ -70,7 +70,7 @@ def test_chat_sequences_get_exactly_one_uncounted_bos(renders):
 
 @pytest.mark.parametrize("renders", [False, True], ids=["template-without-bos", "template-renders-bos"])
 def test_generation_prompts_start_with_exactly_one_bos(renders):
-    from alambic.evaluation.generation import encode_prompts
+    from alambic.decoding import encode_prompts
 
     [prompt] = encode_prompts(bos_tokenizer(template_renders_bos=renders), [CHAT[:1]])
     assert _starts_with_one_bos(prompt)
@@ -78,7 +78,7 @@ def test_generation_prompts_start_with_exactly_one_bos(renders):
 
 
 def test_generated_responses_are_answers_to_a_bos_prompt():
-    from alambic.evaluation.generation import generate_responses
+    from alambic.decoding import generate_responses
 
     # the tiny model answers what it is given; its prompt tokens are recorded: BOS + the rendered prompt
     [result] = generate_responses(tiny_model(), bos_tokenizer(), [CHAT[:1]], max_new_tokens=2, with_tokens=True,

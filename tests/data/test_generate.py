@@ -24,7 +24,7 @@ from alambic.data.generate import (
 )
 from alambic.data.sources import DataSourceError
 from alambic.data.tokenize import IGNORE_INDEX, split_documents, tokenize_chat
-from alambic.evaluation.generation import generate_responses, stop_token_ids
+from alambic.decoding import generate_responses, stop_token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,8 +218,10 @@ def test_teacher_responses_leave_the_data_stage_hash_alone(tmp_path):
             "data": {"source": "files", "format": "chat", "paths": [str(_chat_file(tmp_path))]}}
     plain = validate_config(base)
     generating = validate_config({**base, "data": {**base["data"], "teacher_responses": {"temperature": 0.3}}})
-    assert plain.section_hash("teacher", "data") == generating.section_hash("teacher", "data")
-    assert plain.section_hash("data.teacher_responses") != generating.section_hash("data.teacher_responses")
+    from alambic.stages import DATA_FIELDS
+
+    assert plain.inputs_hash("teacher", *DATA_FIELDS) == generating.inputs_hash("teacher", *DATA_FIELDS)
+    assert plain.inputs_hash("data.teacher_responses") != generating.inputs_hash("data.teacher_responses")
 
 
 def test_alambic_generate_answers_the_training_prompts_without_building_the_student(tmp_path):

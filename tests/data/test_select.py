@@ -12,12 +12,12 @@ from helpers import tiny_model, tiny_prepared
 from alambic.config import ConfigError, SelectionConfig, validate_config
 from alambic.data.select import (
     apply_selection,
-    plot_entropy_histogram,
     select_band,
     selection_record,
     sequence_entropies,
     token_entropy,
 )
+from alambic.report.selection import plot_entropy_histogram
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

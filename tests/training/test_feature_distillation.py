@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
+from alambic.architecture import decoder_layers
 from alambic.config import ConfigError, FeatureLossConfig, LossConfig, TrainingConfig, validate_config
 from alambic.data import DistillationCollator
 from alambic.losses import attention_map_loss, attention_relation_loss, distillation_loss, hidden_state_loss
 from alambic.modeling import counted_positions
-from alambic.students.architecture import decoder_layers
 from alambic.training.features import FeatureDistiller, FeatureProjector, FeatureSetupError, LayerCapture
 from alambic.training.checkpoints import last_complete_checkpoint
 from alambic.training.run import train

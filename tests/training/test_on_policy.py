@@ -13,7 +13,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from alambic.config import ConfigError, LossConfig, OnPolicyConfig, TrainingConfig, validate_config
 from alambic.data import DistillationCollator
-from alambic.evaluation.generation import stop_token_ids
+from alambic.decoding import stop_token_ids
 from alambic.pipeline import run_stages
 from alambic.stages import stages_until
 from alambic.training.on_policy import (

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from alambic.config import DataConfig
+from alambic.data.prepared import PreparedData
 from alambic.data.sources import DataSourceError
-from alambic.data.tokenize import PreparedData, leading_bos
+from alambic.tokens import leading_bos
 from alambic.utils import sha256_of
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def tokenize_labelled(docs: list[dict[str, Any]], tokenizer, max_seq_len: int,
                       label_ids: dict[str, int]) -> list[dict[str, Any]]:
     """One example per document: {"input_ids", "attention_mask"} of its first `max_seq_len` tokens, "labels": id.
 
-    Where the tokenizer starts its encodings with BOS (`data.tokenize.leading_bos`), the example is BOS + the first
+    Where the tokenizer starts its encodings with BOS (`tokens.leading_bos`), the example is BOS + the first
     `max_seq_len - 1` tokens of the text.
     """
     texts = [d["text"] for d in docs]

@@ -23,7 +23,8 @@ import logging
 from collections.abc import Hashable
 from typing import Any
 
-from alambic.data.tokenize import IGNORE_INDEX, assistant_spans, labels_from_offsets, leading_bos
+from alambic.data.tokenize import IGNORE_INDEX, assistant_spans, labels_from_offsets
+from alambic.tokens import leading_bos
 
 logger = logging.getLogger(__name__)
 

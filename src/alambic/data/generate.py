@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from alambic.config import DataConfig, TeacherResponsesConfig
+from alambic.data.prepare import _to_dataset
 from alambic.data.prompts import build_prompts
 from alambic.data.sources import DataSourceError, load_documents
 from alambic.data.tokenize import (
     IGNORE_INDEX,
     _sample,
-    _to_dataset,
     assistant_spans,
     chat_ids_and_labels,
     split_documents,
@@ -181,7 +181,7 @@ def generate_teacher_responses(
         (records in prompt order, then sample; counts: "prompts", "responses", "generated" now, "resumed",
         "discarded", "flagged" per flag, "degenerate", tokens, "seconds", "tokens_per_second").
     """
-    from alambic.evaluation.generation import _progress, encode_prompts, generate_responses
+    from alambic.decoding import encode_prompts, generate_responses, progress_bar
 
     path = Path(path)
     ids = [p["id"] for p in prompts]
@@ -213,7 +213,7 @@ def generate_teacher_responses(
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [b for b, batch in enumerate(batches) if any((ids[i], s) not in done for i, s in batch)]
     started, new_tokens, written = time.perf_counter(), 0, 0
-    with _progress(disable=not todo) as bar, path.open("a", encoding="utf-8") as out:
+    with progress_bar(disable=not todo) as bar, path.open("a", encoding="utf-8") as out:
         task = bar.add_task("teacher answering", total=len(items), completed=len(items) - sum(
             len(batches[b]) for b in todo), rate="-")
         for b in todo:

@@ -1,4 +1,7 @@
-"""Documents -> training sequences: the held-out split, chunking, chat masking, saving, and the collator.
+"""Documents -> training sequences: the held-out split, chunking, chat masking, and the collator.
+
+The whole preparation of a run's data (load, split, tokenize by format, record) is `data.prepare`; the prepared
+sets and their folder are `data.prepared`.
 
 Conventions (those of Hugging Face causal LMs):
 - `labels` are NOT shifted: `labels[t]` is the token at position t, and the model/trainer compares the
@@ -8,28 +11,20 @@ Conventions (those of Hugging Face causal LMs):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
-import shutil
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from alambic.config import DataConfig
-from alambic.data.prompts import PROMPTS_FILE, build_prompts, read_prompts, write_prompts
-from alambic.data.sources import DataSourceError, load_documents
-from alambic.utils import sha256_of
+from alambic.data.sources import DataSourceError
+from alambic.tokens import end_of_turn_tokens, leading_bos
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# Special tokens that close a turn, which the model must learn to emit (ChatML <|im_end|>, Llama 3
-# <|eot_id|>, Gemma <end_of_turn>, </s>...). Start-of-turn tokens do not match.
-_END_OF_TURN = re.compile(r"end|eot|eos|</s>", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- split
@@ -55,29 +50,6 @@ def split_documents(docs: list[dict[str, Any]], cfg: DataConfig) -> tuple[list[d
         )
     held_out = min(n - 1, max(1, round(cfg.validation_fraction * n)))
     return order[held_out:], order[:held_out]
-
-
-# ---------------------------------------------------------------- BOS convention
-
-
-def leading_bos(tokenizer, ids: list[int] | tuple[int, ...] = ()) -> list[int]:
-    """The tokens to put in front of `ids` so the sequence starts as the tokenizer's own encoding does.
-
-    `[bos_token_id]` where the tokenizer starts every encoded text with BOS (Gemma, Llama 3, Mistral: their models
-    are badly off without it, a Gemma 3 perplexity of 658 instead of 30 on news text) and `ids` do not start with
-    it already (a chat template that renders BOS itself); `[]` otherwise (SmolLM2, GPT-2: no BOS). Every place that
-    makes a sequence from pieces encoded with `add_special_tokens=False` calls this, so each model sees sequences
-    that start as in its own training; the BOS is never counted in the labels.
-
-    Decided from what the tokenizer does, not from a flag: encoding "x" with and without its special tokens.
-    """
-    bos = tokenizer.bos_token_id
-    if bos is None or (len(ids) > 0 and ids[0] == bos):
-        return []
-    with_special = tokenizer("x")["input_ids"]
-    without = tokenizer("x", add_special_tokens=False)["input_ids"]
-    adds = len(with_special) > len(without) and with_special[0] == bos and without[:1] != [bos]
-    return [bos] if adds else []
 
 
 # ---------------------------------------------------------------- text format
@@ -116,15 +88,6 @@ def _sample(input_ids: list[int], labels: list[int]) -> dict[str, list[int]]:
 # ---------------------------------------------------------------- chat format
 
 
-def _end_of_turn_tokens(tokenizer) -> list[str]:
-    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    ends = {t for t in special if _END_OF_TURN.search(t)}
-    if tokenizer.eos_token:
-        ends.add(tokenizer.eos_token)
-    return sorted(ends, key=len, reverse=True)
-
-
 def assistant_spans(messages: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation with the chat template; find the characters the model must learn to produce.
 
@@ -139,7 +102,7 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer) -> tuple[str, lis
         ValueError: an assistant message's content cannot be found in the rendering.
     """
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    ends = _end_of_turn_tokens(tokenizer)
+    ends = end_of_turn_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, message in enumerate(messages):
@@ -240,158 +203,6 @@ def tokenize_chat(docs: list[dict[str, Any]], tokenizer, max_seq_len: int) -> li
     if empty:
         logger.info("%d conversation(s) dropped: no assistant token within %d tokens", empty, max_seq_len)
     return samples
-
-
-# ---------------------------------------------------------------- whole preparation
-
-
-@dataclass
-class PreparedData:
-    """Tokenized train and held-out sets, and the record of how they were made."""
-
-    train: Any  # datasets.Dataset with input_ids, attention_mask, labels
-    validation: Any  # datasets.Dataset, same columns, capped to data.max_validation_sequences
-    split: dict[str, Any] = field(default_factory=dict)
-    # held-out chat prompts {"id", "messages", "reference"} (data.prompts); text data has none
-    prompts: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _counted(samples: list[dict[str, list[int]]]) -> int:
-    return sum(sum(1 for label in s["labels"] if label != IGNORE_INDEX) for s in samples)
-
-
-def _to_dataset(samples: list[dict[str, list[int]]]):
-    import datasets
-
-    from alambic.data.cross import CROSS_COLUMNS
-
-    ids = datasets.List(datasets.Value("int32"))
-    features = {"input_ids": ids, "attention_mask": datasets.List(datasets.Value("int8")), "labels": ids}
-    if samples and "teacher_input_ids" in samples[0]:  # a teacher with another tokenizer: see data.cross
-        features.update({name: ids for name in CROSS_COLUMNS})
-    columns = {k: [s[k] for s in samples] for k in features}
-    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-
-
-def prepare_datasets(cfg: DataConfig, tokenizer, teacher_tokenizer=None) -> PreparedData:
-    """Load, split (by document), tokenize and record the data of a run.
-
-    `teacher_tokenizer`: the teacher's, when it is not `tokenizer` (the student's): each sequence then also
-    carries the teacher's tokens and the positions where the two line up (`data.cross`).
-
-    Raises:
-        DataSourceError: no documents, or a split with no sequence to train or evaluate on.
-    """
-    docs = load_documents(cfg)
-    train_docs, validation_docs = split_documents(docs, cfg)
-    if cfg.format == "classification":  # one labelled example per document: see data.classification
-        from alambic.data.classification import prepare_classification
-
-        return prepare_classification(cfg, tokenizer, docs, train_docs, validation_docs)
-    if teacher_tokenizer is not None:
-        from alambic.data.cross import tokenize_chat_pair, tokenize_text_pair
-
-        pair = tokenize_text_pair if cfg.format == "text" else tokenize_chat_pair
-
-        def tokenize(d, tok, n):
-            return pair(d, tok, teacher_tokenizer, n)
-    else:
-        tokenize = tokenize_text if cfg.format == "text" else tokenize_chat
-    train = tokenize(train_docs, tokenizer, cfg.max_seq_len)
-    validation = tokenize(validation_docs, tokenizer, cfg.max_seq_len)
-    for name, samples, n_docs in (("train", train, len(train_docs)), ("validation", validation, len(validation_docs))):
-        if not samples:
-            hint = (
-                "raise data.max_seq_len or check that the conversations have assistant turns"
-                if cfg.format == "chat" else "check that the documents are not empty"
-            )
-            raise DataSourceError(
-                f"the {name} split ({n_docs} documents) gave no sequence with a counted token: {hint}"
-            )
-    validation_total = len(validation)
-    if cfg.max_validation_sequences is not None:
-        validation = validation[: cfg.max_validation_sequences]  # the first ones: deterministic
-    prompts = build_prompts(validation_docs, limit=cfg.max_validation_sequences) if cfg.format == "chat" else []
-    train_ids = [d["id"] for d in train_docs]
-    validation_ids = [d["id"] for d in validation_docs]
-    split = {
-        "source": cfg.source,
-        "format": cfg.format,
-        "seed": cfg.seed,
-        "validation_fraction": cfg.validation_fraction,
-        "max_documents": cfg.max_documents,
-        "documents": {"total": len(docs), "train": len(train_docs), "validation": len(validation_docs)},
-        "validation_document_ids": validation_ids,
-        "sequences": {"train": len(train), "validation": len(validation), "validation_before_cap": validation_total},
-        "counted_tokens": {"train": _counted(train), "validation": _counted(validation)},
-        "prompts": len(prompts),
-        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
-        **(_cross_record(teacher_tokenizer, train, validation) if teacher_tokenizer is not None else {}),
-        "max_seq_len": cfg.max_seq_len,
-        "train_ids_hash": sha256_of(sorted(train_ids)),
-        "validation_ids_hash": sha256_of(sorted(validation_ids)),
-    }
-    logger.info(
-        "data: %d train / %d held-out documents -> %d / %d sequences, %d / %d counted tokens",
-        len(train_docs), len(validation_docs), len(train), len(validation),
-        split["counted_tokens"]["train"], split["counted_tokens"]["validation"],
-    )
-    return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split, prompts=prompts)
-
-
-def _cross_record(teacher_tokenizer, train, validation) -> dict[str, Any]:
-    from alambic.data.cross import aligned_share
-
-    return {"teacher_tokenizer": getattr(teacher_tokenizer, "name_or_path", "") or "",
-            "aligned_share": {"train": aligned_share(train), "validation": aligned_share(validation)}}
-
-
-def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
-    """Write `folder/{train,validation}` (Arrow), `folder/split.json` and `folder/prompts.jsonl`.
-
-    Written into a sibling temporary folder, then renamed into place: a reader sees the old data or the
-    new, and a crash mid-write leaves no half-written folder that looks complete.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    old = folder.with_name(f".{folder.name}.old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    prepared.train.save_to_disk(str(tmp / "train"))
-    prepared.validation.save_to_disk(str(tmp / "validation"))
-    (tmp / "split.json").write_text(json.dumps(prepared.split, indent=2) + "\n")
-    write_prompts(prepared.prompts, tmp / PROMPTS_FILE)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def load_prepared(folder: str | Path) -> PreparedData:
-    """Read what `save_prepared` wrote (a folder written before prompts existed loads with none).
-
-    Raises:
-        FileNotFoundError: the folder is not a complete prepared-data folder.
-    """
-    import datasets
-
-    folder = Path(folder)
-    missing = [n for n in ("train", "validation", "split.json") if not (folder / n).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{folder}: not a prepared-data folder (missing {', '.join(missing)}); run `alambic run` or "
-            "prepare_datasets + save_prepared first"
-        )
-    return PreparedData(
-        train=datasets.load_from_disk(str(folder / "train")),
-        validation=datasets.load_from_disk(str(folder / "validation")),
-        split=json.loads((folder / "split.json").read_text()),
-        prompts=read_prompts(folder / PROMPTS_FILE),
-    )
 
 
 # ---------------------------------------------------------------- collator

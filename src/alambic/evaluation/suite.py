@@ -56,7 +56,8 @@ def generation_scores(everyone: dict[str, PreTrainedModel], tokenizer, prompts: 
     """Greedy responses of every model to the held-out prompts, scored against the references and (students,
     baselines) against the teacher's own responses. `teacher_tokenizer`: the teacher's, when it is not
     `tokenizer` (each model answers in its own chat template)."""
-    from alambic.evaluation.generation import generate_responses, generation_metrics
+    from alambic.decoding import generate_responses
+    from alambic.evaluation.generation import generation_metrics
 
     prompts = prompts[: cfg.max_prompts]
     conversations = [p["messages"] for p in prompts]

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from alambic.divergence import DivergenceSpec, resolve_spec
 from alambic.losses.divergences import (
     IGNORE_INDEX,
     DivergenceName,
@@ -183,11 +184,11 @@ def topk_distillation_loss(
     teacher_tail: Tensor | None,
     labels: Tensor,
     *,
-    divergence: DivergenceName | str = "forward_kl",
-    temperature: float = 1.0,
+    divergence: DivergenceName | str | DivergenceSpec = "forward_kl",
+    temperature: float | None = None,
     alpha: float = 0.5,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
     num_items_in_batch: int | Tensor | None = None,
 ) -> LossParts:
     """`distillation_loss` with a top-k teacher, over the k + 1 buckets (see the module docstring):
@@ -217,19 +218,24 @@ def topk_distillation_loss(
         ValueError: logit_mse or an unknown divergence, alpha out of range, shapes that do not line up,
             teacher ids outside the student's vocabulary.
     """
-    _check_options(divergence, alpha, temperature)
+    spec = resolve_spec(divergence, temperature, jsd_beta, skew)
+    check_topk_options(spec.name, alpha, spec.temperature)
     if student_logits.dim() != 2 or tuple(labels.shape) != tuple(student_logits.shape[:1]):
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} must be (N, V) and labels {tuple(labels.shape)} (N,)"
         )
-    _check_teacher_rows(student_logits.shape[0], student_logits.shape[1], teacher_ids, teacher_logprobs,
-                        teacher_tail, alpha)
-    return _topk_loss(student_logits, teacher_ids, teacher_logprobs, teacher_tail, labels, divergence=divergence,
-                      temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew=skew,
-                      num_items_in_batch=num_items_in_batch)
+    check_teacher_rows(student_logits.shape[0], student_logits.shape[1], teacher_ids, teacher_logprobs,
+                       teacher_tail, alpha)
+    return _topk_loss(student_logits, teacher_ids, teacher_logprobs, teacher_tail, labels, divergence=spec,
+                      alpha=alpha, num_items_in_batch=num_items_in_batch)
 
 
-def _check_options(divergence: str, alpha: float, temperature: float) -> None:
+def check_topk_options(divergence: str, alpha: float, temperature: float) -> None:
+    """The divergence is one a top-k teacher can serve (`TOPK_DIVERGENCES`), alpha in [0, 1], temperature > 0.
+
+    Raises:
+        ValueError: naming the setting, its value and what is accepted.
+    """
     _check_divergence_name(divergence)
     _check_unit_interval("alpha", alpha)
     if divergence not in TOPK_DIVERGENCES:
@@ -241,8 +247,8 @@ def _check_options(divergence: str, alpha: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_teacher_rows(n: int, vocab: int, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-                        teacher_tail: Tensor | None, alpha: float) -> None:
+def check_teacher_rows(n: int, vocab: int, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
+                       teacher_tail: Tensor | None, alpha: float) -> None:
     """The teacher rows line up with N student rows of V logits (nothing to check when alpha = 0)."""
     if alpha == 0.0:
         return
@@ -264,10 +270,13 @@ def _check_teacher_rows(n: int, vocab: int, teacher_ids: Tensor | None, teacher_
 
 
 def _topk_loss(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-               teacher_tail: Tensor | None, labels: Tensor, *, divergence: str, temperature: float, alpha: float,
-               jsd_beta: float, skew: float, num_items_in_batch: int | Tensor | None) -> LossParts:
+               teacher_tail: Tensor | None, labels: Tensor, *, divergence: str | DivergenceSpec, alpha: float,
+               num_items_in_batch: int | Tensor | None, temperature: float | None = None,
+               jsd_beta: float | None = None, skew: float | None = None) -> LossParts:
     """`topk_distillation_loss` without the input checks (the chunked caller checks once per call:
     the id range check synchronises with the device)."""
+    spec = resolve_spec(divergence, temperature, jsd_beta, skew)
+    temperature = spec.temperature
     use_teacher = alpha > 0.0
     mask = labels != IGNORE_INDEX  # (N,)
     dtype = _compute_dtype(student_logits, *([teacher_logprobs] if use_teacher else []))
@@ -278,7 +287,7 @@ def _topk_loss(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logpr
         log_q = student_bucket_logprobs(student_logits.to(dtype), teacher_ids, temperature)  # (N, k+1)
         log_p = teacher_bucket_logprobs(teacher_logprobs.to(dtype), teacher_tail)  # (N, k+1)
         # temperature=1: the buckets are already tempered.
-        per_token = divergence_fn(divergence, log_q, log_p, temperature=1.0, jsd_beta=jsd_beta, skew=skew)
+        per_token = divergence_fn(spec.at_temperature(1.0), log_q, log_p)
         soft = temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
 
     hard = zero
@@ -295,8 +304,9 @@ _TINY_TAIL = 1e-30
 
 @torch.no_grad()
 def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-                             teacher_tail: Tensor | None, labels: Tensor, *, divergence: str, temperature: float,
-                             alpha: float, jsd_beta: float, skew: float, num_items_in_batch: int | Tensor | None,
+                             teacher_tail: Tensor | None, labels: Tensor, *, divergence: str | DivergenceSpec,
+                             alpha: float, num_items_in_batch: int | Tensor | None, temperature: float | None = None,
+                             jsd_beta: float | None = None, skew: float | None = None,
                              ) -> tuple[LossParts, Tensor]:
     """`_topk_loss` and its gradient with respect to the (c, V) logits, in closed form.
 
@@ -314,6 +324,8 @@ def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None,
         (LossParts, dlogits (c, V) in the logits' compute dtype). The same values and gradients as autograd through
         `_topk_loss` (tested to float64 precision).
     """
+    spec = resolve_spec(divergence, temperature, jsd_beta, skew)
+    temperature = spec.temperature
     dtype = _compute_dtype(student_logits, *([teacher_logprobs] if alpha > 0.0 else []))
     z = student_logits.to(dtype)
     mask = labels != IGNORE_INDEX  # (c,)
@@ -342,7 +354,7 @@ def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None,
         log_p = teacher_bucket_logprobs(teacher_logprobs.to(dtype), teacher_tail)
         with torch.enable_grad():
             buckets.requires_grad_(True)
-            per_token = divergence_fn(divergence, buckets, log_p, temperature=1.0, jsd_beta=jsd_beta, skew=skew)
+            per_token = divergence_fn(spec.at_temperature(1.0), buckets, log_p)
             soft_t = temperature**2 * reduce_over_tokens(per_token, mask, denominator)
             (g,) = torch.autograd.grad(alpha * soft_t, buckets)  # (c, k + 1)
         soft = soft_t.detach()

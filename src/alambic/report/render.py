@@ -81,7 +81,7 @@ def training_data_section(run_dir: Path) -> list[str]:
             f"- Teacher-entropy selection: kept {selection['kept']} of {selection['total']} training sequences, the "
             f"{selection['band']} {selection['keep_fraction']:.0%} (mean token entropy {lo:.3f}–{hi:.3f} nats; "
             f"median of all {selection['quantiles']['0.5']:.3f}).")
-        from alambic.data.select import plot_entropy_histogram
+        from alambic.report.selection import plot_entropy_histogram
 
         if plot_entropy_histogram(selection, run_dir / "plots" / "selection_entropy.png") is not None:
             lines += ["", "![Teacher entropy of the training sequences](plots/selection_entropy.png)"]

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from alambic.architecture import ATTENTION_OUTPUT, MLP_OUTPUT, role_modules
 from alambic.config import FromTeacherConfig
 from alambic.models import count_parameters
-from alambic.students.architecture import ATTENTION_OUTPUT, MLP_OUTPUT, role_modules
 from alambic.students.importance import Importance, measure_importance
 from alambic.students.prune import (
     PruningError,

@@ -33,10 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alambic.data import DistillationCollator
-from alambic.losses import token_cross_entropy
-from alambic.modeling import counted_positions, final_hidden_states, project
-from alambic.students.architecture import (
+from alambic.architecture import (
     ATTENTION_OUTPUT,
     MLP_OUTPUT,
     PruningError,
@@ -47,6 +44,9 @@ from alambic.students.architecture import (
     residual_norms,
     role_modules,
 )
+from alambic.data import DistillationCollator
+from alambic.losses import token_cross_entropy
+from alambic.modeling import counted_positions, final_hidden_states, project
 from alambic.utils import console
 
 # Why width statistics are refused, and what still works: the layer scores, which need no module of the block.

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Re-exported: callers import the whole pruning API from here.
-from alambic.students.architecture import ModelDims, PruningError, decoder_layers, model_dims  # noqa: F401
+from alambic.architecture import ModelDims, PruningError, decoder_layers, model_dims  # noqa: F401
 from alambic.students.slicing import (  # noqa: F401
     _PER_LAYER_CONFIG_LISTS,
     KeepPlan,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from alambic.students.architecture import (
+from alambic.architecture import (
     ModelDims,
     PruningError,
     Unit,

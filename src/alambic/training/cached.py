@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
-from alambic.losses.topk import _check_options, _check_teacher_rows, topk_loss_and_logit_grad
+from alambic.losses.topk import check_teacher_rows, check_topk_options, topk_loss_and_logit_grad
 
 __all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
 
@@ -49,7 +49,7 @@ def cached_teacher_loss(
         batch: holds `teacher_ids` (N, k), `teacher_logprobs` (N, k), `teacher_tail` (N,) (not needed
             when `loss_config.alpha == 0`).
         targets: (N,) label ids at those positions (-100: not counted).
-        loss_config: anything with divergence, temperature, alpha, jsd_beta and skew (a `LossConfig`).
+        loss_config: anything with alpha, divergence, temperature and divergence_spec (a `LossConfig`).
             `temperature` must be the cache's.
         num_items_in_batch: global count of counted tokens (gradient accumulation, data parallel); None:
             this call's count.
@@ -65,7 +65,7 @@ def cached_teacher_loss(
         ValueError: rows that do not line up, ids outside the scored vocabulary, options out of range.
     """
     cfg = loss_config
-    _check_options(cfg.divergence, cfg.alpha, cfg.temperature)
+    check_topk_options(cfg.divergence, cfg.alpha, cfg.temperature)
     head_vocab = core.get_output_embeddings().weight.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, head_vocab)
     n = check_counted_rows(hidden, targets, chunk_size, names=("hidden", "targets"))
@@ -82,14 +82,13 @@ def cached_teacher_loss(
                 "CachedTeacherCollator"
             )
         ids, logprobs, tail = (batch[key] for key in TEACHER_KEYS)
-        _check_teacher_rows(n, vocab, ids, logprobs, tail, cfg.alpha)  # once per call: it syncs the device
+        check_teacher_rows(n, vocab, ids, logprobs, tail, cfg.alpha)  # once per call: it syncs the device
     else:
         ids = logprobs = tail = None
 
     # The whole call's denominator, given to every chunk's reduction, so the chunks add up.
     denominator = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
-    options = dict(divergence=cfg.divergence, temperature=cfg.temperature, alpha=cfg.alpha,
-                   jsd_beta=cfg.jsd_beta, skew=cfg.skew, num_items_in_batch=denominator)
+    options = dict(divergence=cfg.divergence_spec, alpha=cfg.alpha, num_items_in_batch=denominator)
 
     def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         parts, dlogits = topk_loss_and_logit_grad(

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from alambic.architecture import decoder_layers
 from alambic.config import FeatureLossConfig
 from alambic.losses.features import attention_map_loss, attention_relation_loss, hidden_state_loss, layer_map
-from alambic.students.architecture import decoder_layers
 
 # config field -> the name its value is logged under (beside loss_soft / loss_hard)
 LOG_NAMES = {"hidden_states": "loss_hidden", "attention": "loss_attention", "attention_relations": "loss_relations"}

@@ -9,7 +9,7 @@ an optimizer step replaces each micro-batch by
 
 where the prompt is the sequence up to its last assistant turn (`data.tokenize.last_turn_start`, carried by the
 collator as `prompt_length`) and the response is sampled from the student in eval mode with a KV cache
-(`evaluation.generation.generate_token_responses`), its end-of-turn token included when produced. The trainer
+(`decoding.generate_token_responses`), its end-of-turn token included when produced. The trainer
 then computes its configured objective on those sequences unchanged: the teacher scores them by its own forward.
 
 Sampling settings (temperature, top-p, top-k) left unset in the config are the models' own: the first of the teacher's
@@ -35,7 +35,7 @@ from torch import nn
 
 from alambic.config import OnPolicyConfig
 from alambic.data.tokenize import IGNORE_INDEX
-from alambic.evaluation.generation import generate_token_responses, stop_token_ids
+from alambic.decoding import generate_token_responses, stop_token_ids
 
 
 # Where no model's generation_config samples: settings whose answers end. At temperature 1.0 and top-p 1.0 (GKD's)

@@ -1,6 +1,7 @@
 """Where things are in a decoder-only causal LM: its decoder blocks, sizes, per-layer modules, final norm.
 
-Shared by importance measurement and slicing, so both read a model the same way.
+Shared by importance measurement and slicing (students), feature capture (training.features) and layer compilation
+(modeling), so all read a model the same way.
 """
 
 from __future__ import annotations
