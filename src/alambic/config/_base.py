@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Divergence = Literal[
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse", "uld"
-]
+from alambic.divergence import DivergenceName
+
+# The divergences' own table (alambic.divergence, torch-free) lists the names: never written a second time here.
+Divergence = DivergenceName
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Task = Literal["causal_lm", "sequence_classification"]
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from alambic.config._base import Divergence, _Section
+from alambic.divergence import DivergenceSpec
 
 
 class HiddenStateLossConfig(_Section):
@@ -164,6 +165,11 @@ class LossConfig(_Section):
         default=None, description="Train a share of the steps on the student's own responses to the batch's prompts, "
         "scored by the teacher (GKD / MiniLLM; chat data, live teacher). null: off-policy, the data's answers only.",
     )
+
+    @property
+    def divergence_spec(self) -> DivergenceSpec:
+        """The divergence with the temperature and the parameters it reads, as one value for the losses."""
+        return DivergenceSpec(self.divergence, self.temperature, self.jsd_beta, self.skew)
 
     @model_validator(mode="after")
     def _features_need_the_teacher(self) -> LossConfig:

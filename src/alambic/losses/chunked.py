@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from alambic.divergence import DivergenceSpec, resolve_spec
 from alambic.losses.divergences import (
     IGNORE_INDEX,
     DivergenceName,
@@ -75,11 +76,8 @@ class _Spec:
     teachers: str  # 'mixture' | 'sum'
     vocab: int  # student logits compared (the shared vocabulary)
     teacher_vocab: int | None  # teacher logits compared: `vocab`, or None for the whole head (uld)
-    divergence: str
-    temperature: float
+    divergence: DivergenceSpec  # the divergence with its temperature and parameters
     alpha: float
-    jsd_beta: float
-    skew: float
     num_items_in_batch: int | Tensor | None
     chunk_size: int
     grad_hidden: bool
@@ -101,11 +99,11 @@ def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: T
     if spec.alpha > 0.0:
         per_token, per_teacher = ensemble_divergence(
             spec.divergence, student_logits, teacher_logits, spec.teacher_weights, teachers=spec.teachers,
-            temperature=spec.temperature, jsd_beta=spec.jsd_beta, skew=spec.skew,
         )
-        soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, denominator)
+        temperature = spec.divergence.temperature
+        soft = temperature**2 * reduce_over_tokens(per_token, mask, denominator)
         if per_teacher is not None:
-            per_teacher_soft = torch.stack([spec.temperature**2 * reduce_over_tokens(d.detach(), mask, denominator)
+            per_teacher_soft = torch.stack([temperature**2 * reduce_over_tokens(d.detach(), mask, denominator)
                                             for d in per_teacher])
     if spec.alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, denominator)
@@ -240,11 +238,11 @@ def chunked_distillation_loss(
     teacher_head: OutputHead | Sequence[OutputHead] | None,
     labels: Tensor,
     *,
-    divergence: DivergenceName | str = "forward_kl",
-    temperature: float = 1.0,
+    divergence: DivergenceName | str | DivergenceSpec = "forward_kl",
+    temperature: float | None = None,
     alpha: float = 0.5,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int | str = 1024,
     vocab_size: int | None = None,
@@ -290,10 +288,11 @@ def chunked_distillation_loss(
         ValueError: shapes that do not line up (the message names them), unknown divergence, alpha,
             temperature or chunk_size out of range, a soft loss without a teacher.
     """
-    _check_divergence_name(divergence)
+    spec_divergence = resolve_spec(divergence, temperature, jsd_beta, skew)
+    spec_divergence.check_name()
     _check_unit_interval("alpha", alpha)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not spec_divergence.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {spec_divergence.temperature}")
     heads = teacher_head if teacher_head is None or isinstance(teacher_head, OutputHead) else tuple(teacher_head)
     widths = [student_head.vocab_size, *(h.vocab_size for h in ((heads,) if isinstance(heads, OutputHead)
                                                                   else heads or ()))]
@@ -339,7 +338,7 @@ def chunked_distillation_loss(
         if len(weights) != len(t_hiddens):
             raise ValueError(f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per "
                              "teacher")
-    if divergence == "uld" and vocab_size is None:
+    if spec_divergence.name == "uld" and vocab_size is None:
         # ULD compares sorted probability vectors: the vocabularies may differ (a teacher with another tokenizer),
         # and each head is used whole.
         vocab, teacher_vocab = student_head.vocab_size, None
@@ -354,11 +353,8 @@ def chunked_distillation_loss(
         teachers=teachers,
         vocab=vocab,
         teacher_vocab=teacher_vocab,
-        divergence=divergence,
-        temperature=temperature,
+        divergence=spec_divergence,
         alpha=alpha,
-        jsd_beta=jsd_beta,
-        skew=skew,
         num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
         grad_hidden=grad_on and student_hidden.requires_grad,
@@ -409,7 +405,7 @@ def chunked_head_loss(
     grad_on = torch.is_grad_enabled()
     spec = _Spec(
         student_head=student_head, teacher_heads=(), teacher_weights=(), teachers="mixture", vocab=vocab,
-        teacher_vocab=vocab, divergence="forward_kl", temperature=1.0, alpha=0.0, jsd_beta=0.5, skew=0.1,
+        teacher_vocab=vocab, divergence=DivergenceSpec(), alpha=0.0,
         num_items_in_batch=None, chunk_size=chunk_size,
         grad_hidden=grad_on and student_hidden.requires_grad,
         grad_weight=grad_on and student_head.weight.requires_grad,

@@ -16,17 +16,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alambic.divergence import DIVERGENCE_NAMES, DivergenceName, DivergenceSpec, resolve_spec
+
 IGNORE_INDEX = -100
 
-DivergenceName = Literal[
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse", "uld"
-]
+# The names and the parameters each reads: one table, torch-free (`alambic.divergence`), which the config lists too.
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,36 +262,36 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "logit_mse": logit_mse,
     "uld": uld,
 }
+if tuple(DIVERGENCES) != DIVERGENCE_NAMES:  # a divergence added in one table and not the other
+    raise ImportError(f"losses.divergences.DIVERGENCES {list(DIVERGENCES)} and alambic.divergence.PARAMETERS "
+                      f"{list(DIVERGENCE_NAMES)} must name the same divergences, in the same order")
 
 
 def divergence(
-    name: DivergenceName | str,
+    name: DivergenceName | str | DivergenceSpec,
     student_logits: Tensor,
     teacher_logits: Tensor,
     *,
-    temperature: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
+    temperature: float | None = None,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
 ) -> Tensor:
     """Per-token divergence `name` from `DIVERGENCES`, (..., V) -> (...).
 
-    `jsd_beta` goes to `jsd` only, `skew` to the two skew KLs only; the others ignore both.
+    `name`: a name with its parameters (T = 1, jsd_beta = 0.5, skew = 0.1 when None), or a `DivergenceSpec` that
+    holds them. `jsd_beta` goes to `jsd` only, `skew` to the two skew KLs only (`alambic.divergence.PARAMETERS`);
+    the others ignore both.
 
     Raises:
         ValueError: unknown name (the message lists the allowed ones).
     """
-    _check_divergence_name(name)
-    fn = DIVERGENCES[name]
-    if name == "jsd":
-        return fn(student_logits, teacher_logits, temperature=temperature, beta=jsd_beta)
-    if name in ("skew_forward_kl", "skew_reverse_kl"):
-        return fn(student_logits, teacher_logits, temperature=temperature, skew=skew)
-    return fn(student_logits, teacher_logits, temperature=temperature)
+    spec = resolve_spec(name, temperature, jsd_beta, skew)
+    keywords = spec.keywords()  # checks the name
+    return DIVERGENCES[spec.name](student_logits, teacher_logits, temperature=spec.temperature, **keywords)
 
 
-def _check_divergence_name(name: str) -> None:
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(DIVERGENCES)}")
+def _check_divergence_name(name: str | DivergenceSpec) -> None:
+    (name if isinstance(name, DivergenceSpec) else DivergenceSpec(str(name))).check_name()
 
 
 # `distillation_loss` has a parameter named `divergence`, which hides the function inside it.
@@ -359,11 +358,11 @@ def distillation_loss(
     teacher_logits: Tensor | None,
     labels: Tensor,
     *,
-    divergence: DivergenceName | str = "forward_kl",
-    temperature: float = 1.0,
+    divergence: DivergenceName | str | DivergenceSpec = "forward_kl",
+    temperature: float | None = None,
     alpha: float = 0.5,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
     num_items_in_batch: int | Tensor | None = None,
 ) -> LossParts:
     """The logit distillation objective over the counted tokens:
@@ -382,11 +381,12 @@ def distillation_loss(
         teacher_logits: (..., V), same shape; may be None only when alpha = 0 (plain cross-entropy).
         labels: (...) aligned with the logits' positions (the caller shifts them for causal LMs);
             -100 marks tokens that do not count.
-        divergence: a name from `DIVERGENCES`.
-        temperature: T > 0 for the soft term.
+        divergence: a name from `DIVERGENCES`, or a `DivergenceSpec` (then temperature, jsd_beta and skew are
+            its own: leave them None).
+        temperature: T > 0 for the soft term (None: 1).
         alpha: weight of the soft term, in [0, 1].
-        jsd_beta: β of `jsd`.
-        skew: skew of `skew_forward_kl` / `skew_reverse_kl`.
+        jsd_beta: β of `jsd` (None: 0.5).
+        skew: skew of `skew_forward_kl` / `skew_reverse_kl` (None: 0.1).
         num_items_in_batch: global count of counted tokens (gradient accumulation, data parallel).
 
     Returns:
@@ -395,7 +395,8 @@ def distillation_loss(
     Raises:
         ValueError: unknown divergence, alpha outside [0, 1], or shapes that do not line up.
     """
-    _check_divergence_name(divergence)
+    spec = resolve_spec(divergence, temperature, jsd_beta, skew)
+    spec.check_name()
     _check_unit_interval("alpha", alpha)
     if student_logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -410,10 +411,8 @@ def distillation_loss(
 
     soft = zero
     if alpha > 0.0:
-        per_token = _divergence(
-            divergence, student_logits, teacher_logits, temperature=temperature, jsd_beta=jsd_beta, skew=skew
-        )
-        soft = temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
+        per_token = _divergence(spec, student_logits, teacher_logits)
+        soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
 
     hard = zero
     if alpha < 1.0:

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from alambic.divergence import DivergenceSpec, resolve_spec
 from alambic.losses.divergences import (
     IGNORE_INDEX,
     DivergenceName,
@@ -135,22 +136,20 @@ def mixture_logits(teacher_logits: Sequence[Tensor], weights: Sequence[float], *
 
 
 def ensemble_divergence(
-    name: DivergenceName | str,
+    spec: DivergenceSpec,
     student_logits: Tensor,
     teacher_logits: Sequence[Tensor],
     weights: Sequence[float],
     *,
     teachers: TeacherCombination | str = "mixture",
-    temperature: float = 1.0,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
 ) -> tuple[Tensor, list[Tensor] | None]:
     """Per-token soft divergence between the student and K teachers, (..., V) -> (...):
 
         mixture:  D(P_mix, Q)            (`mixture_logits`)
         sum:      Σ_i w_i D(P_i, Q)
 
-    with weights normalised to sum to 1; not multiplied by T², not reduced over tokens (as `divergence`).
+    with weights normalised to sum to 1; not multiplied by T², not reduced over tokens (as `divergence`). `spec`:
+    the divergence D with its temperature and parameters.
 
     Returns:
         (per_token, per_teacher): per_token (...); per_teacher the K unweighted D(P_i, Q), each (...), in
@@ -161,11 +160,10 @@ def ensemble_divergence(
     """
     _check_combination(teachers)
     if teachers == "mixture":
-        mixed = mixture_logits(teacher_logits, weights, temperature=temperature, divergence=name)
-        return divergence_fn(name, student_logits, mixed, temperature=temperature, jsd_beta=jsd_beta, skew=skew), None
+        mixed = mixture_logits(teacher_logits, weights, temperature=spec.temperature, divergence=spec.name)
+        return divergence_fn(spec, student_logits, mixed), None
     weights = _check_teachers(teacher_logits, weights)
-    per_teacher = [divergence_fn(name, student_logits, z, temperature=temperature, jsd_beta=jsd_beta, skew=skew)
-                   for z in teacher_logits]
+    per_teacher = [divergence_fn(spec, student_logits, z) for z in teacher_logits]
     per_token = per_teacher[0] if len(per_teacher) == 1 else sum(w * d for w, d in zip(weights, per_teacher))
     return per_token, per_teacher
 
@@ -177,11 +175,11 @@ def multi_teacher_distillation_loss(
     *,
     weights: Sequence[float] | None = None,
     teachers: TeacherCombination | str = "mixture",
-    divergence: DivergenceName | str = "forward_kl",
-    temperature: float = 1.0,
+    divergence: DivergenceName | str | DivergenceSpec = "forward_kl",
+    temperature: float | None = None,
     alpha: float = 0.5,
-    jsd_beta: float = 0.5,
-    skew: float = 0.1,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
     num_items_in_batch: int | Tensor | None = None,
 ) -> LossParts:
     """`distillation_loss` with K teachers, on full logits (the reference of the chunked path):
@@ -205,7 +203,8 @@ def multi_teacher_distillation_loss(
     Raises:
         ValueError: shapes that do not line up, no teacher with alpha > 0, options out of range.
     """
-    _check_divergence_name(divergence)
+    spec = resolve_spec(divergence, temperature, jsd_beta, skew)
+    spec.check_name()
     _check_combination(teachers)
     _check_unit_interval("alpha", alpha)
     if student_logits.shape[:-1] != labels.shape:
@@ -221,12 +220,11 @@ def multi_teacher_distillation_loss(
 
     soft, per_teacher_soft = zero, None
     if use_teachers:
-        per_token, per_teacher = ensemble_divergence(
-            divergence, student_logits, teacher_logits, weights, teachers=teachers, temperature=temperature,
-            jsd_beta=jsd_beta, skew=skew)
-        soft = temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
+        per_token, per_teacher = ensemble_divergence(spec, student_logits, teacher_logits, weights,
+                                                     teachers=teachers)
+        soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
         if per_teacher is not None:
-            per_teacher_soft = torch.stack([temperature**2 * reduce_over_tokens(d, mask, num_items_in_batch).detach()
+            per_teacher_soft = torch.stack([spec.temperature**2 * reduce_over_tokens(d, mask, num_items_in_batch).detach()
                                             for d in per_teacher])
     hard = zero
     if alpha < 1.0:
