@@ -1,8 +1,10 @@
-"""The import graph of src/alambic: no cycles, and no private name borrowed across packages.
+"""The import graph of src/alambic: no cycle between modules, none between the parts of alambic, and no private
+name borrowed across packages.
 
-Both tests read the source statically (ast), so a function-level import counts as much as a module-level
-one: an import inside a function still ties the two modules together, and a cycle through it is only
-hidden until the function runs.
+The graph is read from the source statically (ast over every module), so a function-level import counts as much
+as a module-level one: an import inside a function still ties the two modules together, and a cycle through it is
+only hidden until the function runs. Relative imports are resolved, and `from pkg import name` where name is a
+submodule is an edge to that submodule.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def test_no_import_cycle():
 
 
 def _part(module: str) -> str:
-    """The part of alambic a module belongs to: its top-level subpackage (alambic.data), or itself (alambic.modeling)."""
+    """The part of alambic a module is in: its top-level subpackage (alambic.data), or itself (alambic.modeling)."""
     return ".".join(module.split(".")[:2])
 
 
