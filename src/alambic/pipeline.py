@@ -1,6 +1,6 @@
 """Stages of a run and the manifest that makes a run resumable.
 
-Each stage reads some config sections, writes into the run folder and is recorded in
+Each stage reads some config fields (its declared inputs), writes into the run folder and is recorded in
 `manifest.json` (inputs hash, outputs, status, timings). Running again skips a stage that finished
 with the same inputs, resumes one that was interrupted (training continues from its last complete
 checkpoint) and redoes one whose inputs changed, and every stage after it.
@@ -20,6 +20,7 @@ from typing import Any
 from rich.markup import escape
 
 from alambic.config import RunConfig, save_config
+from alambic.layout import CONFIG_FILE, MANIFEST_FILE
 from alambic.runlock import hold_folder, wipe_held_folder
 from alambic.utils import atomic_write_json, console, sha256_of
 
@@ -27,9 +28,12 @@ from alambic.utils import atomic_write_json, console, sha256_of
 @dataclass(frozen=True)
 class Stage:
     name: str
-    sections: tuple[str, ...]  # config sections this stage reads (its own inputs hash)
+    # The config field paths this stage reads, declared beside it (`RunConfig.inputs_hash`): a whole section
+    # ("teacher"), a field at any depth ("loss.temperature", "data.teacher_cache") or only whether one is set
+    # ("student.from_teacher?"). tests/test_stage_inputs.py checks them against what the stage's code reads.
+    inputs: tuple[str, ...]
     outputs: tuple[str, ...]  # paths, relative to the run folder, that exist once it is done
-    run: Callable[[RunConfig, "StageContext"], dict[str, Any]]
+    run: Callable[[RunConfig, StageContext], dict[str, Any]]
     enabled: Callable[[RunConfig], bool] = lambda cfg: True
     # The earlier stages whose results this one reads, when not all of them: the CE control needs the data
     # and the student, not the distillation, so a loss sweep trains it once and reuses it.
@@ -121,12 +125,12 @@ def _read_stages(path: Path) -> dict[str, dict[str, Any]] | str | None:
 
 
 def _stage_hashes(config: RunConfig, stages: list[Stage]) -> dict[str, str]:
-    """A stage's inputs hash covers its own sections and the hash of every stage before it (a chain), or, for a
+    """A stage's inputs hash covers its own declared inputs and the hash of every stage before it (a chain), or, for a
     stage that names the stages it reads (`after`), only theirs. The chain goes on through such a stage, so the
     stages after it still depend on everything before them."""
     hashes, chain, previous = {}, {}, ""
     for stage in stages:
-        own = config.section_hash(*stage.sections)
+        own = config.inputs_hash(*stage.inputs)
         chain[stage.name] = previous = sha256_of([previous, own, stage.name])
         hashes[stage.name] = previous if stage.after is None else sha256_of(
             [*(chain[name] for name in stage.after if name in chain), own, stage.name])
@@ -162,7 +166,7 @@ def _reusable(stage: Stage, inputs_hash: str, siblings: Sequence[Path], run_dir:
     for sibling in siblings:
         if Path(sibling).resolve() == run_dir.resolve():
             continue
-        entry = Manifest(Path(sibling) / "manifest.json").stages.get(stage.name, {})
+        entry = Manifest(Path(sibling) / MANIFEST_FILE).stages.get(stage.name, {})
         if (entry.get("status") == "done" and entry.get("inputs_hash") == inputs_hash
                 and all((Path(sibling) / o).exists() for o in stage.outputs)):
             return Path(sibling), entry
@@ -190,7 +194,7 @@ def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
     points of a sweep) are searched, in order, for the same stage done with the same inputs hash and all
     its outputs present. The first match's outputs are copied here (hard links where the file system
     allows, else copies; whole top-level folders, e.g. `student/`), its manifest entry with
-    `reused_from` added, and the stage is skipped. A stage's inputs hash covers its own config sections
+    `reused_from` added, and the stage is skipped. A stage's inputs hash covers its own config fields
     and the hashes of every stage before it, so only an identical prefix of stages is reused: two runs
     that differ in `loss` share `data`, `student` and the CE control (which reads only those), but `distill`
     and everything after it run again. Files the stage writes outside its outputs' folders
@@ -215,8 +219,8 @@ def _run_held(config: RunConfig, stages: list[Stage], *, resume: bool, reuse_fro
     run_dir = config.run_dir
     if not resume:
         wipe_held_folder(run_dir)  # everything but the lock we hold
-    save_config(config, run_dir / "config.yaml")
-    manifest = Manifest.for_run(run_dir / "manifest.json")
+    save_config(config, run_dir / CONFIG_FILE)
+    manifest = Manifest.for_run(run_dir / MANIFEST_FILE)
     active = [s for s in stages if s.enabled(config)]
     hashes = _stage_hashes(config, active)
     for i, stage in enumerate(active, 1):

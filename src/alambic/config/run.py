@@ -249,25 +249,30 @@ class RunConfig(_Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
-    # Fields of a section read only by a later stage, which names them ("data.teacher_responses"): they are left out
-    # of the section's own hash, so changing them redoes that stage and what follows, not the data or the student.
-    LATER_STAGE_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("teacher_responses", "selection")}
+    def inputs_hash(self, *paths: str) -> str:
+        """Stable hash of the config fields at `paths`, the inputs a stage declares: a section ("teacher"), a
+        sub-model or field at any depth ("data.teacher_cache", "loss.temperature") with all it holds, or, with a
+        trailing "?", only whether that field is set ("student.from_teacher?"). A field that is None (or not set)
+        is left out, so a stage given a new optional input keeps the hash of the runs that do not set it.
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections ("data") or fields ("data.selection"): a stage whose sections are
-        unchanged can be skipped. A whole section leaves out its `LATER_STAGE_FIELDS`; a field that is None is left
-        out too, so a stage given a new optional input keeps the hash of the runs that do not set it."""
+        Raises:
+            ValueError: a path that names no field of the config (a typo in a stage's declaration).
+        """
         dumped = self.model_dump(mode="json")
         payload = {}
-        for name in sections:
-            section, _, field = name.partition(".")
-            if field:
-                if dumped[section][field] is not None:
-                    payload[name] = dumped[section][field]
-            else:
-                later = self.LATER_STAGE_FIELDS.get(section, ())
-                value = dumped[section]
-                payload[name] = {k: v for k, v in value.items() if k not in later} if isinstance(value, dict) else value
+        for path in paths:
+            value: Any = dumped
+            for part in path.removesuffix("?").split("."):
+                if value is None:
+                    break
+                if not isinstance(value, dict) or part not in value:
+                    raise ValueError(f"stage input {path!r} names no field of the run config ({part!r} is not "
+                                     "there): declare an existing field path, such as 'loss.temperature'")
+                value = value[part]
+            if value is not None and path.endswith("?"):
+                value = True
+            if value is not None:
+                payload[path] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

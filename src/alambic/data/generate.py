@@ -40,11 +40,12 @@ from alambic.data.tokenize import (
     chat_ids_and_labels,
     split_documents,
 )
+from alambic.layout import SUMMARY_FILE
 from alambic.utils import atomic_write_json, atomic_write_text, console, sha256_of
 
 logger = logging.getLogger(__name__)
 
-GENERATIONS_DIR, GENERATIONS_FILE, SUMMARY_FILE, TRAIN_DIR = "generations", "generations.jsonl", "summary.json", "train"
+GENERATIONS_FILE, TRAIN_DIR = "generations.jsonl", "train"
 FLAGS = ("empty", "length", "repetition")
 # What makes two records interchangeable: the same answer distribution for the same prompt.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")

@@ -20,7 +20,6 @@ from alambic.config import SelectionConfig
 from alambic.data.tokenize import DistillationCollator
 from alambic.modeling import counted_positions, final_hidden_states, project
 
-SELECTION_DIR, SELECTION_FILE = "selection", "selection.json"
 ENTROPY_CHUNK = 1024  # counted tokens whose logits are held at once: (chunk, V) float32, never (N, V)
 QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 Band = Literal["highest", "lowest", "middle"]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alambic.layout import TEACHER_DIR, TRAIN_SUMMARY_FILE
 from alambic.report.markdown import kl, mib, model_label, percent, table, with_interval
 
 
@@ -59,7 +60,7 @@ def classification_section(evaluation: dict[str, Any], run_dir: Path) -> list[st
         f1_rows = [[model_label(n), *(f"{m.get('per_class_f1', {}).get(label, 0.0):.2f}" for label in labels)]
                    for n, m in models.items()]
         lines += ["", "F1 per class:", "", table(["model", *labels], f1_rows)]
-    tuned = _read_json(run_dir / "teacher" / "train_summary.json")
+    tuned = _read_json(run_dir / TEACHER_DIR / TRAIN_SUMMARY_FILE)
     if tuned:
         lines += ["", f"The teacher is the backbone fine-tuned with a fresh classification head: {tuned['global_step']} "
                       f"steps of {tuned.get('examples_per_step')} examples with plain cross-entropy, in "

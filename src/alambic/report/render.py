@@ -9,6 +9,24 @@ from typing import Any
 import yaml
 from rich.table import Table
 
+from alambic.layout import (
+    CONFIG_FILE,
+    CONTROL_DIR,
+    EVAL_FILE,
+    GENERATIONS_DIR,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PRUNING_FILE,
+    REPORT_FILE,
+    REPORT_HTML_FILE,
+    SELECTION_DIR,
+    SELECTION_FILE,
+    STUDENT_DIR,
+    STUDENT_FILE,
+    SUMMARY_FILE,
+    TRAIN_SUMMARY_FILE,
+)
 from alambic.report.advice import advice
 from alambic.report.classification import classification_rows, classification_section, is_classification
 from alambic.report.cost import cost_section, generation_section, retention_section
@@ -61,8 +79,8 @@ def _width_pruned(student: dict[str, Any]) -> bool:
 def training_data_section(run_dir: Path) -> list[str]:
     """Markdown lines on what distill trained on, when not the corpus as it is: the teacher's responses
     (generations/summary.json) and the teacher-entropy selection (selection/selection.json, with its histogram)."""
-    generated = _read_json(run_dir / "generations" / "summary.json")
-    selection = _read_json(run_dir / "selection" / "selection.json")
+    generated = _read_json(run_dir / GENERATIONS_DIR / SUMMARY_FILE)
+    selection = _read_json(run_dir / SELECTION_DIR / SELECTION_FILE)
     if not generated and not selection:
         return []
     lines = ["## Training data", ""]
@@ -74,7 +92,7 @@ def training_data_section(run_dir: Path) -> list[str]:
             f"{generated['degenerate']} flagged degenerate" + (f" ({flagged})" if flagged else "")
             + (", left out" if s["filter_degenerate"] else ", kept") + f"; {generated['training_sequences']} "
             f"training sequences, {generated['counted_tokens']} response tokens counted."
-            + (" The CE control trains on the corpus answers." if (run_dir / "control").is_dir() else ""))
+            + (" The CE control trains on the corpus answers." if (run_dir / CONTROL_DIR).is_dir() else ""))
     if selection:
         lo, hi = selection["kept_range"]
         lines.append(
@@ -83,7 +101,7 @@ def training_data_section(run_dir: Path) -> list[str]:
             f"median of all {selection['quantiles']['0.5']:.3f}).")
         from alambic.report.selection import plot_entropy_histogram
 
-        if plot_entropy_histogram(selection, run_dir / "plots" / "selection_entropy.png") is not None:
+        if plot_entropy_histogram(selection, run_dir / PLOTS_DIR / "selection_entropy.png") is not None:
             lines += ["", "![Teacher entropy of the training sequences](plots/selection_entropy.png)"]
     return lines
 
@@ -92,20 +110,20 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `report.md` and `report.html` (the same, self-contained) into the run folder from eval.json,
     config.yaml, metrics.jsonl and the manifest; print its table. Returns the path of report.md."""
     run_dir = Path(run_dir)
-    evaluation = _read_json(run_dir / "eval.json")
-    manifest = _read_json(run_dir / "manifest.json").get("stages", {})
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    student = _read_json(run_dir / "student" / "student.json")
-    train = _read_json(run_dir / "train_summary.json")
-    control = _read_json(run_dir / "control" / "train_summary.json")
+    evaluation = _read_json(run_dir / EVAL_FILE)
+    manifest = _read_json(run_dir / MANIFEST_FILE).get("stages", {})
+    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
+    student = _read_json(run_dir / STUDENT_DIR / STUDENT_FILE)
+    train = _read_json(run_dir / TRAIN_SUMMARY_FILE)
+    control = _read_json(run_dir / CONTROL_DIR / TRAIN_SUMMARY_FILE)
     first = next(iter(evaluation.get("models", {}).values()), {})
     n_tokens, n_sequences = first.get("num_tokens", 0), first.get("num_sequences")
     # task sequence_classification: accuracy and macro-F1 replace the next-token metrics, advice and cost sections
     classifier = is_classification(evaluation)
 
     headers, rows = classification_rows(evaluation) if classifier else summary_rows(evaluation)
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    pruning = _read_json(run_dir / "student" / "pruning.json")
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    pruning = _read_json(run_dir / STUDENT_DIR / PRUNING_FILE)
     tips = [] if classifier else advice(evaluation, config, pruning=pruning or None, metrics=metrics)
     parts = [
         f"# alambic report: {config.get('name', run_dir.name)}",
@@ -155,18 +173,19 @@ def write_report(run_dir: str | Path) -> Path:
         parts += ["", *data_lines]
     # The control trains into control/, so its log is control/metrics.jsonl.
     curves = plot_training_curves({"distilled student": metrics,
-                                   "CE control": read_metrics(run_dir / "control" / "metrics.jsonl")},
-                                  run_dir / "plots" / "training_curves.png")
+                                   "CE control": read_metrics(run_dir / CONTROL_DIR / METRICS_FILE)},
+                                  run_dir / PLOTS_DIR / "training_curves.png")
     if curves is not None:
         parts += ["", "![Training curves](plots/training_curves.png)"]
     if pruning and not classifier:  # its quality rows are next-token metrics
         parts += ["", *pruning_section(pruning, evaluation, run_dir)]
     if manifest:
         parts += ["", *stages_section(manifest)]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)
-    html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}")
+    html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}",
+                                  filename=REPORT_HTML_FILE)
 
     summary = Table(title=f"held-out classification ({first.get('num_examples')} examples)" if classifier
                     else f"held-out quality ({n_tokens} tokens)")

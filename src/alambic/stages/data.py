@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from alambic.config import RunConfig
+from alambic.layout import CACHE_DIR, DATA_DIR, GENERATIONS_DIR, SELECTION_DIR, SELECTION_FILE, SPLITS
 from alambic.pipeline import StageContext
-from alambic.stages.paths import CACHE_DIR, DATA_DIR, GENERATIONS_DIR, SELECTION_DIR, SPLITS, student_source
+from alambic.stages.paths import student_source
 from alambic.utils import atomic_write_json, console
 
 
@@ -95,7 +96,7 @@ def distill_train_set(config: RunConfig, run_dir: Path, corpus_train, *, selecte
 
         train = load_response_set(run_dir / GENERATIONS_DIR)
     if selected and config.data.selection is not None:
-        from alambic.data.select import SELECTION_FILE, apply_selection
+        from alambic.data.select import apply_selection
 
         train = apply_selection(train, json.loads((run_dir / SELECTION_DIR / SELECTION_FILE).read_text()))
     return train
@@ -104,7 +105,7 @@ def distill_train_set(config: RunConfig, run_dir: Path, corpus_train, *, selecte
 def select(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Score the training set by mean teacher token entropy and keep the configured band (data.selection)."""
     from alambic.data import load_prepared
-    from alambic.data.select import SELECTION_FILE, select_band, selection_record, sequence_entropies
+    from alambic.data.select import select_band, selection_record, sequence_entropies
     from alambic.models import load_model, load_tokenizer
 
     cfg = config.data.selection

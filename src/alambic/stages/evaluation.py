@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from alambic.config import ConfigError, RunConfig
+from alambic.layout import CONTROL_DIR, DATA_DIR, EVAL_FILE, FINAL_DIR, LM_EVAL_TASKS_DIR
 from alambic.pipeline import StageContext
 from alambic.stages.models import check_same_tokenizer
-from alambic.stages.paths import CONTROL_DIR, DATA_DIR, FINAL_DIR, run_labels, student_source, teacher_source
+from alambic.stages.paths import run_labels, student_source, teacher_source
 from alambic.utils import atomic_write_json
-
-LM_EVAL_TASKS_DIR = "lm_eval_tasks"  # alambic's local lm-eval tasks, written from the run's held-out documents
 
 
 def beyond_the_split(config: RunConfig, run_dir: Path, split: dict[str, Any], tokenizer,
@@ -99,7 +98,7 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         if local_tasks:
             results["lm_eval"]["local_tasks"] = local_tasks
         keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
-    atomic_write_json(ctx.run_dir / "eval.json", results)
+    atomic_write_json(ctx.run_dir / EVAL_FILE, results)
     return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}
             for name, r in results["models"].items()}
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from alambic.config import ConfigError, RunConfig
 from alambic.pipeline import StageContext
-from alambic.stages.paths import (DATA_DIR, FINAL_DIR, STUDENT_DIR, TEACHER_DIR, run_labels, student_source,
-                                  teacher_source)
+from alambic.layout import DATA_DIR, FINAL_DIR, PRUNING_FILE, STUDENT_DIR, STUDENT_FILE, TEACHER_DIR, TRAIN_SUMMARY_FILE
+from alambic.stages.paths import run_labels, student_source, teacher_source
 from alambic.utils import atomic_write_json, console, native_bf16, resolve_dtype
 
 if TYPE_CHECKING:  # torch-free import of this module: the CLI's help must stay fast
@@ -45,7 +45,7 @@ def fine_tune(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     summary = fine_tune_teacher(backbone, load_tokenizer(config.teacher), load_prepared(ctx.run_dir / DATA_DIR), cfg,
                                 out, resume=ctx.resume)
     forget_loaded(str(out / FINAL_DIR))  # a teacher loaded earlier in this process from there is outdated
-    atomic_write_json(out / "train_summary.json", summary)
+    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
@@ -57,7 +57,7 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     if config.student.from_teacher is None:
         _, teacher_tok = data_tokenizers(config, ctx.run_dir)  # another tokenizer runs only as a cross choice
         record = {"method": "given", "source": config.student.model, "own_tokenizer": teacher_tok is not None}
-        atomic_write_json(ctx.run_dir / STUDENT_DIR / "student.json", record)
+        atomic_write_json(ctx.run_dir / STUDENT_DIR / STUDENT_FILE, record)
         return record
     if config.task == "sequence_classification":  # the classifier (fine-tuned) is what the student is cut from
         teacher, tokenizer = _classifier_teacher(config, ctx.run_dir), load_tokenizer(config.teacher)
@@ -68,7 +68,7 @@ def build_student(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     summary = {k: v for k, v in record.items() if k not in ("importance", "plan", "after_pruning")}
     save_student(student, tokenizer, folder, summary)  # student.json: how it was made, in brief
     record["student_disk_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    atomic_write_json(folder / "pruning.json", record)  # the whole pruning report
+    atomic_write_json(folder / PRUNING_FILE, record)  # the whole pruning report
     s, t = record["student_parameters"]["total"], record["teacher_parameters"]["total"]
     console.print(f"student: {record['student_shape']} from {record['teacher_shape']}, {s / 1e6:.1f}M of "
                   f"{t / 1e6:.1f}M parameters ({folder / 'pruning.json'})", markup=False)

@@ -1,5 +1,5 @@
-"""The run folder's layout (where each stage of `alambic run` writes), and where the stages load the student and
-the teacher from: the models this run built or fine-tuned, else the configured ones."""
+"""Where the stages load the student and the teacher from: the models this run built or fine-tuned, else the
+configured ones. The run folder's layout itself is alambic/layout.py."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import json
 from pathlib import Path
 
 from alambic.config import ModelConfig, RunConfig
-
-STUDENT_DIR, DATA_DIR, FINAL_DIR, CONTROL_DIR, CACHE_DIR = "student", "data", "final", "control", "teacher_cache"
-GENERATIONS_DIR, SELECTION_DIR = "generations", "selection"  # data.generate / data.select write there
-TEACHER_DIR = "teacher"  # teacher.fine_tune: checkpoints, metrics and the fine-tuned classifier (teacher/final)
-SPLITS = ("train", "validation")
+from alambic.layout import DATA_DIR, FINAL_DIR, SPLIT_FILE, STUDENT_DIR, TEACHER_DIR
 
 
 def student_source(config: RunConfig, run_dir: Path) -> ModelConfig:
@@ -35,4 +31,4 @@ def run_labels(config: RunConfig, run_dir: Path) -> list[str] | None:
     """Class names in id order (split.json) for task sequence_classification; None for causal LMs."""
     if config.task != "sequence_classification":
         return None
-    return json.loads((run_dir / DATA_DIR / "split.json").read_text())["labels"]
+    return json.loads((run_dir / DATA_DIR / SPLIT_FILE).read_text())["labels"]

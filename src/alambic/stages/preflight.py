@@ -47,11 +47,13 @@ def check_inputs(config: RunConfig, *, pending: Collection[str] = (), origin: st
         models.append(("student", config.student.model, read_model_shape(given)))
     models += [(f"additional_teachers[{i}]", cfg.model, read_model_shape(cfg))
                for i, cfg in enumerate(config.additional_teachers)]
-    problems = [p for role, name, shape in models for p in _sequence_problems(config.data.max_seq_len, role, name, shape)]
+    problems = [p for role, name, shape in models
+                for p in _sequence_problems(config.data.max_seq_len, role, name, shape)]
     if config.student.from_teacher is not None and teacher is not None:
         problems += _shape_problems(config.student.from_teacher, teacher)
     if problems:
-        raise ConfigError(f"{origin or 'the config'} asks for more than its models give:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"{origin or 'the config'} asks for more than its models give:\n  - "
+                          + "\n  - ".join(problems))
     if teacher is not None and teacher.vocab_size:
         _check_importance_memory(config, teacher.vocab_size)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from alambic.config import LossConfig, RunConfig
+from alambic.layout import CONTROL_DIR, DATA_DIR, SPLITS, STUDENT_DIR, STUDENT_FILE, TRAIN_SUMMARY_FILE
 from alambic.pipeline import StageContext
 from alambic.stages.data import _cache_fingerprint, cache_folder, distill_train_set
 from alambic.stages.models import _classifier_teacher, load_additional_teachers
-from alambic.stages.paths import CONTROL_DIR, DATA_DIR, SPLITS, STUDENT_DIR, run_labels, student_source
+from alambic.stages.paths import run_labels, student_source
 from alambic.utils import atomic_write_json
 
 
@@ -25,7 +26,7 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
 
     kept_layers = None
     if config.student.from_teacher is not None:  # pruned from this teacher: `layer_map: auto` pairs the kept layers
-        kept_layers = json.loads((ctx.run_dir / STUDENT_DIR / "student.json").read_text()).get("kept_layers")
+        kept_layers = json.loads((ctx.run_dir / STUDENT_DIR / STUDENT_FILE).read_text()).get("kept_layers")
     data = load_prepared(ctx.run_dir / DATA_DIR)
     if teacher_data:  # the held-out split stays the real data: only what is trained on changes
         data.train = distill_train_set(config, ctx.run_dir, data.train)
@@ -55,8 +56,8 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
                     output_dir=out, resume=ctx.resume, collator=collator,
                     cached_teacher=teacher is None and with_teacher, kept_layers=kept_layers,
-                    additional_teachers=additional, teacher_weight=config.teacher_weight)
-    atomic_write_json(out / "train_summary.json", summary)
+                    additional_teachers=additional, teacher_weight=config.teacher_weight if with_teacher else 1.0)
+    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
@@ -73,7 +74,7 @@ def _train_classifier(config: RunConfig, ctx: StageContext, *, loss: LossConfig,
     summary = train_classifier(student, load_tokenizer(source), load_prepared(ctx.run_dir / DATA_DIR),
                                teacher=teacher, loss=loss, training=config.training, output_dir=out,
                                resume=ctx.resume)
-    atomic_write_json(out / "train_summary.json", summary)
+    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
@@ -84,5 +85,7 @@ def distill(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 def control(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """The same student, data and steps, trained with plain cross-entropy: what distillation must beat."""
-    ce = config.loss.model_copy(update={"alpha": 0.0, "features": None})  # plain CE: no teacher, no features
+    # Plain CE: no teacher, no features, no on-policy steps. Built from the two loss fields that change how CE is
+    # computed, and declared as the stage's only loss inputs, so a loss sweep shares one control.
+    ce = LossConfig(alpha=0.0, implementation=config.loss.implementation, chunk_size=config.loss.chunk_size)
     return _train(config, ctx, loss=ce, out=ctx.run_dir / CONTROL_DIR, with_teacher=False)
