@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -26,7 +26,7 @@ _CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_tokenizer_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -76,7 +76,7 @@ ZEPHYR_TEMPLATE = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _other_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -197,3 +197,41 @@ def tiny_classifier(arch: str = "llama", num_labels: int = 3, seed: int = 0, **k
     config.num_labels = num_labels
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+# -- the loss tests' tolerances and inputs (one set of each, like Liger's assert_verbose_allclose) -----------------
+
+# How close an implementation must come to its reference, per dtype of what is compared. float64: the same
+# computation up to rounding (sums in another order, fused steps). float32: the same. bfloat16 and float16: a result
+# computed in float32 and rounded back to the low precision once (a gradient; about one unit in the last place).
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"rtol": 1e-9, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-4},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-5},
+}
+F64 = TOLERANCES[torch.float64]
+
+
+def assert_verbose_close(got: torch.Tensor, want: torch.Tensor, *, what: str = "", dtype: torch.dtype | None = None,
+                         **tolerance: float) -> None:
+    """`torch.testing.assert_close` at the tolerances of `dtype` (default: `got`'s, or pass rtol/atol), whose message
+    also names the worst elements: their index, both values and the difference."""
+    tol = tolerance or TOLERANCES[dtype or got.dtype]
+    got, want = got.detach().double(), want.detach().double()
+    diff = (got - want).abs()
+    excess = (diff - tol["atol"] - tol["rtol"] * want.abs()).flatten()
+    worst = [(idx, got.flatten()[idx].item(), want.flatten()[idx].item()) for idx in
+             excess.topk(min(3, excess.numel())).indices.tolist() if excess[idx] > 0] if excess.numel() else []
+    detail = "; ".join(f"at flat index {i}: {g:.6g} vs {w:.6g} (diff {abs(g - w):.3g})" for i, g, w in worst)
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}\nworst: {detail}" if what else
+                               f"{m}\nworst: {detail}")
+
+
+def random_logits(shape, *, seed: int = 0, generator: torch.Generator | None = None, count: int = 1,
+                  scale: float = 3.0, dtype: torch.dtype = torch.float64, grad: bool = False) -> list[torch.Tensor]:
+    """`count` random logit tensors (normal, times `scale`), drawn one after another in float64 from `generator` (or
+    one seeded with `seed`), then cast to `dtype`: the same values in every dtype for one seed."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    drawn = [(torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in range(count)]
+    return [t.requires_grad_(grad) for t in drawn]

@@ -19,9 +19,9 @@ from alambic.losses import (
     chunked_distillation_loss,
     distillation_loss,
 )
+from helpers import F64
 
 NAMES = list(DIVERGENCES)
-F64 = {"rtol": 1e-9, "atol": 1e-12}
 OPTIONS = {"jsd_beta": 0.3, "skew": 0.2}
 # The incoming gradient is not 1: the backward must scale the stored gradients by it.
 COTANGENT = 1.7
@@ -210,9 +210,8 @@ def test_tied_embedding_accumulates_both_uses():
 
 
 def test_output_head_of_a_model_matches_project():
-    from helpers import tiny_model
-
     from alambic.modeling import project
+    from helpers import tiny_model
 
     model = tiny_model("llama", vocab_size=64, hidden_size=16, num_layers=1)
     model.config.logit_scale = 0.5

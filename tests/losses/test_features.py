@@ -13,6 +13,7 @@ from alambic.losses.features import (
     hidden_state_loss,
     layer_map,
 )
+from helpers import F64, assert_verbose_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,10 +30,8 @@ def _masks(seed: int = 0):
     return queries, keys
 
 
-def _assert_close(actual, expected, what, rtol=1e-9, atol=1e-11):
-    diff = (actual - expected).abs()
-    bad = (diff > atol + rtol * expected.abs()).nonzero().tolist()
-    assert not bad, f"{what}: disagree at {bad[:5]} (max diff {diff.max().item():.3e})"
+def _assert_close(actual, expected, what):
+    assert_verbose_close(actual, expected, what=what, **F64)  # float64, against its reference
 
 
 def _check_value_and_grads(fast_fn, ref_fn, inputs, what):

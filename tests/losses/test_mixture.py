@@ -21,10 +21,10 @@ from alambic.losses import (
     multi_teacher_distillation_loss,
     normalize_weights,
 )
+from helpers import F64, random_logits
 
 NAMES = list(DIVERGENCES)
 MODES = ["mixture", "sum"]
-F64 = {"rtol": 1e-9, "atol": 1e-12}
 BETA, SKEW = 0.3, 0.2
 WEIGHTS = (0.5, 2.0, 1.5)  # not normalised: the functions normalise
 
@@ -82,8 +82,8 @@ def reference(z_s, teachers, weights, labels, *, name, mode, temperature, alpha)
 
 def make_logits(shape=(3, 7, 13), k=3, seed=0, scale=2.0, keep=0.7):
     g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
-    teachers = [torch.randn(*shape, generator=g, dtype=torch.float64) * scale for _ in range(k)]
+    (student,) = random_logits(shape, generator=g, scale=scale, grad=True)
+    teachers = random_logits(shape, generator=g, count=k, scale=scale)
     labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
     labels[torch.rand(shape[:-1], generator=g) > keep] = -100
     return student, teachers, labels

@@ -24,11 +24,10 @@ from alambic.losses.topk import (
     topk_distillation_loss,
     truncation_kl,
 )
-from alambic.training.cached import cached_teacher_loss
 from alambic.modeling import project
-from helpers import tiny_model
+from alambic.training.cached import cached_teacher_loss
+from helpers import F64, random_logits, tiny_model
 
-F64 = {"rtol": 1e-9, "atol": 1e-12}
 OPTIONS = {"jsd_beta": 0.3, "skew": 0.2}
 NAMES = list(TOPK_DIVERGENCES)
 
@@ -38,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_case(n=29, v=13, *, seed=0, keep=0.7, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
-    teacher = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype)
+    (student,) = random_logits((n, v), generator=g, scale=2, dtype=dtype, grad=True)
+    (teacher,) = random_logits((n, v), generator=g, scale=2, dtype=dtype)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.rand(n, generator=g) > keep] = -100
     return student, teacher, labels

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alambic.config import ConfigError, RunConfig
-from alambic.pipeline import StageContext
 from alambic.layout import DATA_DIR, FINAL_DIR, PRUNING_FILE, STUDENT_DIR, STUDENT_FILE, TEACHER_DIR, TRAIN_SUMMARY_FILE
+from alambic.pipeline import StageContext
 from alambic.stages.paths import run_labels, student_source, teacher_source
 from alambic.utils import atomic_write_json, console, native_bf16, resolve_dtype
 
