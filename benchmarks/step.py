@@ -247,7 +247,6 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
         if spec.alpha != 1.0:
             raise Skip(f"TRL's chunked loss has no hard-label term (alpha = {spec.alpha}; it needs alpha = 1)")
         try:
-            import trl
             from trl.trainer.distillation_trainer import _chunked_divergence_loss
         except ImportError as e:
             raise Skip(f"{type(e).__name__}: {e}") from e
@@ -500,7 +499,8 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 def pair_table(results: list[Result], cuda: bool) -> str:
     naive = next((r for r in results if r.method == "naive" and r.status == "ok"), None)
     mem = "peak GiB" + ("" if cuda else " (RSS)")
-    headers = ["method", "step s", "tokens/s", "×naive", mem, "×naive", "step Δ GiB", "×naive", "MFU", "loss (1st step)"]
+    headers = ["method", "step s", "tokens/s", "×naive", mem, "×naive", "step Δ GiB", "×naive", "MFU",
+               "loss (1st step)"]
     rows, notes = [], []
     for r in results:
         if r.status != "ok":
@@ -562,7 +562,7 @@ def versions() -> dict[str, str]:
                 from importlib.metadata import version
 
                 out[name] = version(name.replace("_", "-"))
-            except Exception:  # noqa: BLE001: a version we cannot read is just not printed
+            except Exception:  # a version we cannot read is just not printed
                 pass
     return out
 
@@ -584,7 +584,8 @@ def print_header(meta: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"# command: python {meta['command']}")
     print(f"# scale {args.scale}, batch {args.batch} × seq {args.seq} = {args.batch * args.seq} tokens/step, "
           f"{args.dtype}, {args.device}, alambic chunk {args.chunk_size}"
-          f"{f' ({args.auto_elements} logits)' if args.auto_elements else ''}, divergence {args.divergence}, T {args.temperature}, alpha {args.alpha}, "
+          f"{f' ({args.auto_elements} logits)' if args.auto_elements else ''}, divergence {args.divergence}, "
+          f"T {args.temperature}, alpha {args.alpha}, "
           f"{args.warmup} warm-up + {args.steps} timed steps (median), AdamW; "
           f"load average at start {meta['load_average_start'][0]:.2f}")
 
@@ -618,10 +619,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pair", choices=(*PAIRS, "all"), default="all")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {', '.join(ALL_METHODS)} (default {', '.join(DEFAULT_METHODS)})")
-    p.add_argument("--batch", type=int, help="sequences per step (default: 8 full, 4 cpu (1 for --vocab-sweep), 2 tiny)")
+    p.add_argument("--batch", type=int,
+                   help="sequences per step (default: 8 full, 4 cpu (1 for --vocab-sweep), 2 tiny)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 1024 full, 512 cpu, 32 tiny)")
     p.add_argument("--vocab", type=int, help="override the pair's vocabulary size (tiny: 4096)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default: bf16 full, fp32 cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default: bf16 full, fp32 cpu)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda for full, else cpu)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, kernels, compilation)")
@@ -707,11 +710,13 @@ def main(argv: list[str] | None = None) -> None:
             results = []
             for method in args.methods:
                 if method == "liger" and not cuda:
-                    results.append(Result("liger", status="skipped", reason="needs CUDA (Liger-Kernel is a Triton library)"))
+                    results.append(Result("liger", status="skipped",
+                                          reason="needs CUDA (Liger-Kernel is a Triton library)"))
                     continue
                 results.append(_run(args, method, pair, vocab, peak_flops))
             r0 = next((r for r in results if r.status == "ok"), None)
-            sizes = f", teacher {r0.teacher_params / 1e6:.1f}M / student {r0.student_params / 1e6:.1f}M matmul params" if r0 else ""
+            sizes = (f", teacher {r0.teacher_params / 1e6:.1f}M / student {r0.student_params / 1e6:.1f}M matmul params"
+                     if r0 else "")
             print(f"\n## {pair} (V = {vocab:,}{sizes})\n")
             print(pair_table(results, cuda))
             out["pairs"][pair] = {"vocab": vocab, "results": [asdict(r) for r in results]}

@@ -299,7 +299,8 @@ def test_torch_saves_opaque_write_error_counts_as_a_full_disk_only_when_the_disk
             try:
                 raise RuntimeError("basic_ios::clear: iostream error")
             except RuntimeError:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+                # Raised while handling the first, implicitly chained, as torch does (hence no `from`).
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # noqa: B904
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))

@@ -8,14 +8,14 @@ hook, and the output head is applied to the counted positions alone.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 
-@lru_cache(maxsize=None)
+@cache
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 

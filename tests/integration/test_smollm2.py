@@ -56,7 +56,7 @@ def test_chatterbot_conversations_count_only_assistant_tokens(tokenizer):
     data = prepare_datasets(DataConfig(source="chatterbot", format="chat", max_seq_len=256, max_documents=40),
                             tokenizer)
     sample = data.train[0]
-    counted = [t for t, l in zip(sample["input_ids"], sample["labels"]) if l != -100]
+    counted = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
     text = tokenizer.decode(sample["input_ids"])
     assert 0 < len(counted) < len(sample["input_ids"])
     assert "<|im_start|>user" in text

@@ -93,7 +93,7 @@ def test_calibration_batches_reject_an_empty_dataset(dataset):
 def test_every_field_has_its_shape_and_base_loss_matches_full_logits(arch, batches):
     model = tiny_model(arch)
     imp = _measure(model, batches, head_gradient=True)
-    L, H, I, D = 4, 4, 64, 32
+    L, H, I, D = 4, 4, 64, 32  # noqa: E741 - layers, heads, intermediate, hidden: the shapes' usual letters
     assert imp.num_sequences == len(_SHAPES)
     assert imp.num_tokens == sum(length - max(masked, 1) for length, masked in _SHAPES)  # first token: no predictor
     assert len(imp.block_influence) == L and len(imp.skip_loss_increase) == L

@@ -90,7 +90,8 @@ def read_yaml(path: Path) -> Any:
 def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
     """Build a RunConfig from a plain dict, raising one ConfigError listing every problem."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections (teacher, student, ...), got {type(data).__name__}")
+        raise ConfigError(f"{origin}: expected a mapping of sections (teacher, student, ...), "
+                          f"got {type(data).__name__}")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -113,7 +114,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: expected a mapping of sections (teacher, student, ...) at the top level, got a "
                           f"{type(data).__name__}; see `alambic quickstart --print-config`")
     if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("paths"):
-        data["data"]["paths"] = [str((path.parent / p)) if not Path(p).is_absolute() else p for p in data["data"]["paths"]]
+        data["data"]["paths"] = [str(path.parent / p) if not Path(p).is_absolute() else p
+                                 for p in data["data"]["paths"]]
     if isinstance(data, dict) and isinstance(data.get("chain"), list):
         for step in data["chain"]:
             _resolve_step_paths(step, path.parent)

@@ -393,7 +393,7 @@ def chunked_head_loss(
         vocab_size: score only the first `vocab_size` logits; None: the head's V.
     """
     chunk_size = resolve_chunk_size(chunk_size, student_head.vocab_size)
-    n = check_counted_rows(student_hidden, labels, chunk_size)
+    check_counted_rows(student_hidden, labels, chunk_size)
     vocab = student_head.vocab_size if vocab_size is None else vocab_size
     if not 1 <= vocab <= student_head.vocab_size:
         raise ValueError(f"vocab_size must be in [1, {student_head.vocab_size}] (the head's size), got {vocab_size}")
