@@ -118,3 +118,24 @@ def test_impossible_combinations_are_refused_together(tmp_path):
 def test_each_refusal_names_the_fields(tmp_path, changes, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, **changes)
+
+
+def test_the_distill_stage_resolves_each_model_once(tmp_path, one_thread, monkeypatch):
+    """Whether a model is a classifier, and its tokenizer, are asked once per model on the distill stage's path
+    (`stages.run_models.RunModels`), not again by each helper."""
+    import alambic.models as models
+
+    cfg = _config(tmp_path, evaluation={"ce_control": False})
+    run_stages(cfg, stages_until("student"))
+    calls: dict[tuple[str, str], int] = {}
+    for name in ("is_classifier", "load_tokenizer"):
+        original = getattr(models, name)
+
+        def counted(model_cfg, *args, _original=original, _name=name, **kwargs):
+            key = (_name, model_cfg.model)
+            calls[key] = calls.get(key, 0) + 1
+            return _original(model_cfg, *args, **kwargs)
+
+        monkeypatch.setattr(models, name, counted)
+    run_stages(cfg, stages_until("distill"))
+    assert calls and max(calls.values()) == 1, calls

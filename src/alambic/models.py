@@ -334,7 +334,8 @@ def _load_tokenizer(cfg: ModelConfig, src: ModelSource) -> PreTrainedTokenizerBa
 _LOADED: dict[tuple, PreTrainedModel] = {}
 
 
-def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | None = None,
+               classifier: bool | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """Load a causal LM, or with `labels` a sequence classifier, in `cfg.dtype` on `cfg.device`.
 
     GGUF weights are de-quantized by transformers; the quantization record is dropped from the config so
@@ -348,6 +349,9 @@ def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | Non
             backbone of `AutoModelForSequenceClassification` with a fresh, randomly initialised head of
             len(labels) classes. Either way `config.pad_token_id` is set to the tokenizer's pad id: Llama-family
             classifiers pool the last token that is not padding, found by that id.
+        classifier: whether `cfg` is a saved classifier, when the caller has already asked `is_classifier`; None:
+            asked here.
+        tokenizer: the model's tokenizer, when the caller has it (its pad id is set on a classifier); None: loaded.
 
     Raises:
         ModelLoadError: the model cannot be read, or a classifier's labels differ from `labels`.
@@ -364,7 +368,7 @@ def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | Non
     try:
         if labels is None:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        elif is_classifier(cfg):
+        elif classifier if classifier is not None else is_classifier(cfg):
             _check_labels(cfg, AutoConfig.from_pretrained(src.path, revision=cfg.revision,
                                                           trust_remote_code=cfg.trust_remote_code), labels)
             model = AutoModelForSequenceClassification.from_pretrained(src.path, **kwargs)
@@ -373,7 +377,7 @@ def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | Non
                 src.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)}, **kwargs)
         if labels is not None:
-            model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+            model.config.pad_token_id = (tokenizer if tokenizer is not None else load_tokenizer(cfg)).pad_token_id
     except OSError as exc:
         raise ModelLoadError(
             f"cannot load model {cfg.model!r}: {exc}\nOffline? Point `model` at a local folder or .gguf file."

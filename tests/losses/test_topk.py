@@ -1,4 +1,4 @@
-"""alambic.losses.topk and alambic.training.cached against their slow twins.
+"""alambic.losses.topk and alambic.teachers.cached against their slow twins.
 
 - With k = V (every id kept, a tail of 0 mass) the top-k loss must equal `distillation_loss` on the full
   logits, values and gradients, in float64, for every divergence, with masks and a global token count.
@@ -25,7 +25,7 @@ from alambic.losses.topk import (
     truncation_kl,
 )
 from alambic.modeling import project
-from alambic.training.cached import cached_teacher_loss
+from alambic.teachers.cached import cached_teacher_loss
 from helpers import F64, random_logits, tiny_model
 
 OPTIONS = {"jsd_beta": 0.3, "skew": 0.2}

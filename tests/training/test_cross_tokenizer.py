@@ -41,7 +41,7 @@ def test_the_trainer_loss_is_ce_plus_uld_where_the_tokenizations_line_up(tmp_pat
     batch = DistillationCollator(student_tok.pad_token_id, teacher_pad_token_id=teacher_tok.pad_token_id)(samples)
     cfg = LossConfig(divergence="uld", alpha=0.6, temperature=2.0, chunk_size=5)
     trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=teacher, loss_config=cfg)
+                                  teacher=teacher, loss_config=cfg, cross_tokenizer=True)
     loss = trainer.compute_loss(student, batch)
 
     # the plain reference: full logits of both models, rows picked by hand

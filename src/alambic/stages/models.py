@@ -14,7 +14,7 @@ from alambic.stages.paths import run_labels, student_source, teacher_source
 from alambic.utils import atomic_write_json, console, native_bf16, resolve_dtype
 
 if TYPE_CHECKING:  # torch-free import of this module: the CLI's help must stay fast
-    from alambic.training.teachers import WeightedTeacher
+    from alambic.teachers.ensemble import WeightedTeacher
 
 
 def _classifier_teacher(config: RunConfig, run_dir: Path):
@@ -184,17 +184,17 @@ def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
     return student_tok, teacher_tok
 
 
-def load_additional_teachers(config: RunConfig) -> list[WeightedTeacher]:
-    """`config.additional_teachers` loaded as `training.teachers.WeightedTeacher`s named 'additional_<i>', each
+def load_additional_teachers(config: RunConfig, teacher_tokenizer: Any = None) -> list[WeightedTeacher]:
+    """`config.additional_teachers` loaded as `teachers.ensemble.WeightedTeacher`s named 'additional_<i>', each
     checked to share the teacher's tokenizer first (all of them before any model is loaded).
 
     Raises:
         ConfigError: a teacher whose tokenizer differs from `config.teacher`'s (the message names it).
     """
     from alambic.models import load_model, load_tokenizer
-    from alambic.training.teachers import WeightedTeacher
+    from alambic.teachers.ensemble import WeightedTeacher
 
-    tokenizer = load_tokenizer(config.teacher)
+    tokenizer = teacher_tokenizer if teacher_tokenizer is not None else load_tokenizer(config.teacher)
     for i, cfg in enumerate(config.additional_teachers):
         check_same_tokenizer(tokenizer, load_tokenizer(cfg), config.teacher.model,
                              f"additional_teachers[{i}] ({cfg.model})")

@@ -11,17 +11,17 @@ from alambic.config import LossConfig, RunConfig
 from alambic.layout import CONTROL_DIR, DATA_DIR, SPLITS, STUDENT_DIR, STUDENT_FILE, TRAIN_SUMMARY_FILE
 from alambic.pipeline import StageContext
 from alambic.stages.data import _cache_fingerprint, cache_folder, distill_train_set
-from alambic.stages.models import _classifier_teacher, load_additional_teachers
-from alambic.stages.paths import run_labels, student_source
+from alambic.stages.run_models import RunModels
 from alambic.utils import atomic_write_json
 
 
 def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool,
            teacher_data: bool = False) -> dict[str, Any]:
+    models = RunModels(config, ctx.run_dir)  # each model, tokenizer and fact about them resolved once, passed down
     if config.task == "sequence_classification":
-        return _train_classifier(config, ctx, loss=loss, out=out, with_teacher=with_teacher)
+        return _train_classifier(config, ctx, models, loss=loss, out=out, with_teacher=with_teacher)
     from alambic.data import DistillationCollator, load_prepared
-    from alambic.models import load_model, load_tokenizer
+    from alambic.teachers import choose
     from alambic.training.run import train
 
     kept_layers = None
@@ -30,48 +30,42 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     data = load_prepared(ctx.run_dir / DATA_DIR)
     if teacher_data:  # the held-out split stays the real data: only what is trained on changes
         data.train = distill_train_set(config, ctx.run_dir, data.train)
-    source = student_source(config, ctx.run_dir)
-    student = load_model(source)
-    tokenizer = load_tokenizer(source)
+    student, tokenizer = models.student(), models.student_tokenizer
     if not with_teacher:  # the CE control trains on the data's answers only
         loss = loss.model_copy(update={"on_policy": None})
     # A teacher with another tokenizer reads its own tokens of the same texts (data.cross): the batches carry them.
     cross = with_teacher and bool(data.split.get("teacher_tokenizer"))
     collator = DistillationCollator(pad_token_id=tokenizer.pad_token_id, prompt_lengths=loss.on_policy is not None,
-                                    teacher_pad_token_id=load_tokenizer(config.teacher).pad_token_id if cross else None,
+                                    teacher_pad_token_id=models.teacher_tokenizer.pad_token_id if cross else None,
                                     padding_free=config.training.packing == "padding_free")
-    teacher, additional = None, []
+    signal = None  # the teacher source, chosen here once (none: plain cross-entropy)
     if with_teacher and config.data.teacher_cache is not None:
         from alambic.data.cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
 
-        teacher_tok = load_tokenizer(config.teacher)
         for split in SPLITS:
             cache = TeacherCache(cache_folder(config, ctx.run_dir) / split)
-            cache.check_compatible(_cache_fingerprint(config, teacher_tok, getattr(data, split)))
+            cache.check_compatible(_cache_fingerprint(config, models.teacher_tokenizer, getattr(data, split)))
             setattr(data, split, CachedTeacherDataset(getattr(data, split), cache))
         collator = CachedTeacherCollator(pad_token_id=tokenizer.pad_token_id)
+        signal = choose(loss, cached=True)
     elif with_teacher:
-        teacher = load_model(config.teacher, cache=True)
-        additional = load_additional_teachers(config)
-    summary = train(student, tokenizer, data, teacher=teacher, loss=loss, training=config.training,
-                    output_dir=out, resume=ctx.resume, collator=collator,
-                    cached_teacher=teacher is None and with_teacher, kept_layers=kept_layers,
-                    additional_teachers=additional, teacher_weight=config.teacher_weight if with_teacher else 1.0)
+        signal = choose(loss, teacher=models.teacher(), cross_tokenizer=cross, additional=models.additional_teachers(),
+                        teacher_weight=config.teacher_weight)
+    summary = train(student, tokenizer, data, teacher=None, loss=loss, training=config.training,
+                    output_dir=out, resume=ctx.resume, collator=collator, kept_layers=kept_layers, source=signal)
     atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
-def _train_classifier(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
+def _train_classifier(config: RunConfig, ctx: StageContext, models: RunModels, *, loss: LossConfig, out: Path,
                       with_teacher: bool) -> dict[str, Any]:
     from alambic.data import load_prepared
-    from alambic.models import load_model, load_tokenizer
     from alambic.training.classifier import train_classifier
 
-    source = student_source(config, ctx.run_dir)
     # A given student that is a backbone gets a fresh head; the pruned one is already a classifier.
-    student = load_model(source, labels=run_labels(config, ctx.run_dir))
-    teacher = _classifier_teacher(config, ctx.run_dir) if with_teacher else None
-    summary = train_classifier(student, load_tokenizer(source), load_prepared(ctx.run_dir / DATA_DIR),
+    student = models.student()
+    teacher = models.classifier_teacher() if with_teacher else None
+    summary = train_classifier(student, models.student_tokenizer, load_prepared(ctx.run_dir / DATA_DIR),
                                teacher=teacher, loss=loss, training=config.training, output_dir=out,
                                resume=ctx.resume)
     atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)

@@ -7,12 +7,17 @@
   `MAX_SKIPPED_IN_A_ROW` in a row.
 - The run's mean training loss (`train_loss`) covers every step of the run, across resumes: the Trainer's covers only
   the steps of its own `train()` call. The running totals travel in each checkpoint (`TOTALS_FILE`).
+- The loss is divided by the whole accumulated batch's count (`num_items_in_batch`), so the Trainer does not divide it
+  again for gradient accumulation; each micro-batch's loss parts (soft, hard, feature terms) are logged as means
+  over the counted tokens (or examples) since the last log, with the throughput; evaluation returns the loss only.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +27,7 @@ from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from alambic.losses.divergences import LossParts
 from alambic.utils import DiagnosedFailure
 
 OnNonFinite = Literal["stop", "skip"]
@@ -56,8 +62,19 @@ class AlambicTrainer(Trainer):
     until then a non-finite step stops the training.
     """
 
+    # compute_loss divides by the Trainer's global count of counted tokens or examples (`num_items_in_batch`), so the
+    # loss is already right for gradient accumulation: the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
+    # The `_parts` keys that are counts, not losses: the first weighs the logged means (`log`), all feed `throughput`.
+    count_keys: tuple[str, ...] = ("counted_tokens",)
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Makes the Trainer count the tokens (labels != -100) of the whole accumulated batch for `num_items_in_batch`.
+        self.model_accepts_loss_kwargs = True
+        # Each micro-batch's loss parts and counts since the last log, per mode ('train', 'eval').
+        self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_log_time = time.perf_counter()
         self.on_nonfinite: OnNonFinite = "stop"
         self.settings = "training"  # the config section the advice of an error names
         # The run's totals (every train() call, restored on resume): steps taken, their summed loss, steps skipped.
@@ -137,9 +154,65 @@ class AlambicTrainer(Trainer):
         return ("training stopped before taking " + text + "The weights are those of the step before (nothing "
                 f"non-finite is checkpointed or exported). Lower {s}.learning_rate{skip}.")
 
-    # -- logs: a skipped step adds no loss; train_loss covers the whole run -------------------------------------
+    # -- the loss of a micro-batch: scaled for the devices, its parts recorded --------------------------------
+
+    def per_device_loss(self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """The loss this rank backpropagates: the global count divides every rank's loss, and DDP averages the
+        gradients over ranks, so the mean is undone here."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * self.accelerator.num_processes
+        return loss
+
+    def record_parts(self, training: bool, parts: LossParts, num_items_in_batch: torch.Tensor | int | None,
+                     alpha: float, *, soft_per_teacher: dict[str, float] | None = None,
+                     terms: dict[str, torch.Tensor] | None = None, counts: dict[str, float]) -> None:
+        """Keep a micro-batch's loss parts for the next log, as per-token (per-example) means of this micro-batch,
+        whatever denominator the loss used: soft (alpha > 0), each teacher's soft (sum mode), hard (alpha < 1), the
+        feature terms (unweighted, under their logged names), then `counts`."""
+        record = self._parts["train" if training else "eval"]
+        n = max(int(parts.num_tokens), 1)
+        scale = (float(num_items_in_batch) / n) if num_items_in_batch is not None else 1.0
+        if alpha > 0:
+            record["loss_soft"].append(parts.soft.item() * scale)
+        for name, value in (soft_per_teacher or {}).items():
+            record[f"loss_soft_{name}"].append(value * scale)
+        if alpha < 1:
+            record["loss_hard"].append(parts.hard.item() * scale)
+        for name, value in (terms or {}).items():
+            record[name].append(value.item() * scale)
+        for key, value in counts.items():
+            record[key].append(value)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def throughput(self, counts: dict[str, list[float]], elapsed: float) -> dict[str, float]:
+        """The rates logged with each training log, from the `count_keys` recorded over `elapsed` seconds."""
+        return {}
+
+    # -- logs: the loss parts; a skipped step adds no loss; train_loss covers the whole run ---------------------
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        parts = self._parts[mode]
+        if parts:
+            counts = {key: parts.pop(key, []) for key in self.count_keys}
+            if mode == "train":
+                now = time.perf_counter()
+                logs.update(self.throughput(counts, max(now - self._last_log_time, 1e-9)))
+                self._last_log_time = now
+                if torch.cuda.is_available():
+                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            weights = counts[self.count_keys[0]]
+            for key, values in parts.items():
+                # count-weighted mean: the loss over all tokens (examples) seen since the last log
+                value = finite_mean(values, weights if weights else None)
+                if value is not None:
+                    logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
+            parts.clear()
         if "loss" in logs and "learning_rate" in logs:  # a training log (not the evaluation's, nor the final one)
             window = self._window
             if window["skipped"]:

@@ -11,8 +11,6 @@ metrics and the final export follow `alambic.training.run.train`, whose helpers 
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from alambic.config import FineTuneConfig, LossConfig, TrainingConfig
 from alambic.data import PreparedData
 from alambic.data.classification import ClassificationCollator
-from alambic.losses import distillation_loss
-from alambic.training.base import AlambicTrainer, finite_mean
+from alambic.teachers import ClassifierTeacher, StudentStep
+from alambic.training.base import AlambicTrainer
 from alambic.training.run import fit_and_export
 
 
@@ -38,9 +36,8 @@ class ClassifierDistillationTrainer(AlambicTrainer):
         Remaining arguments go to `transformers.Trainer`.
     """
 
-    # compute_loss divides by the Trainer's global count of labelled examples (`num_items_in_batch`), so the loss
-    # is already right for gradient accumulation: the Trainer must not divide it again.
-    loss_is_scaled_for_ga = True
+    # one labelled example is one counted "token": the logged means are per example
+    count_keys = ("examples", "tokens")
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -48,15 +45,12 @@ class ClassifierDistillationTrainer(AlambicTrainer):
             raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs "
                              "without one")
         self.loss_config = loss_config
-        # Makes the Trainer count the labelled examples of the whole accumulated batch; one label per example,
-        # none shifted (the causal-LM count would drop each batch's first example).
-        self.model_accepts_loss_kwargs = True
+        # One label per example, none shifted (the causal-LM count would drop each batch's first example).
         self._loss_shifts_labels = False
-        self.teacher = self._prepare_teacher(teacher) if teacher is not None and loss_config.alpha > 0 else None
-        self._parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._last_log_time = time.perf_counter()
+        self.source = ClassifierTeacher(teacher if loss_config.alpha > 0 else None)
+        self.source.setup(self)
 
-    def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
+    def prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         if self.is_deepspeed_enabled:
             raise ValueError("classifier distillation does not place a teacher under DeepSpeed: train on one device "
                              "or under DDP (torchrun), where each rank keeps a copy of the teacher")
@@ -67,61 +61,20 @@ class ClassifierDistillationTrainer(AlambicTrainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         labels = inputs["labels"]  # (B,) class ids; -100 would mark an example that does not count
-        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        logits = model(**batch).logits  # (B, C)
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.inference_mode():
-                teacher_logits = self.teacher(**batch).logits
-            teacher_logits = teacher_logits.clone()  # inference tensors cannot be saved for backward
-        cfg = self.loss_config
-        parts = distillation_loss(logits, teacher_logits, labels, divergence=cfg.divergence,
-                                  temperature=cfg.temperature, alpha=cfg.alpha, jsd_beta=cfg.jsd_beta, skew=cfg.skew,
-                                  num_items_in_batch=num_items_in_batch)
-        loss = parts.total
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # The global example count divides every rank's loss; DDP averages gradients over ranks: undo that.
-            loss = loss * self.accelerator.num_processes
-
-        mode = "train" if model.training else "eval"
-        # Per-example means of this micro-batch, whatever denominator the loss used.
-        n = max(int(parts.num_tokens), 1)
-        scale = float(num_items_in_batch) / n if num_items_in_batch is not None else 1.0
-        if cfg.alpha > 0:
-            self._parts[mode]["loss_soft"].append(parts.soft.item() * scale)
-        if cfg.alpha < 1:
-            self._parts[mode]["loss_hard"].append(parts.hard.item() * scale)
-        self._parts[mode]["examples"].append(float(parts.num_tokens))
-        mask = batch["attention_mask"]
-        self._parts[mode]["tokens"].append(float(mask.sum() if mask is not None else batch["input_ids"].numel()))
+        mask = inputs.get("attention_mask")
+        logits = model(input_ids=inputs["input_ids"], attention_mask=mask).logits  # (B, C)
+        step = StudentStep(core=model, inputs=inputs, targets=labels, num_items_in_batch=num_items_in_batch,
+                           logits=logits)
+        parts = self.source.soft_loss(step, self.loss_config).parts
+        tokens = float(mask.sum() if mask is not None else inputs["input_ids"].numel())
+        self.record_parts(model.training, parts, num_items_in_batch, self.loss_config.alpha,
+                          counts={"examples": float(parts.num_tokens), "tokens": tokens})
+        loss = self.per_device_loss(parts.total, num_items_in_batch)
         return (loss, {"logits": logits}) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        parts = self._parts[mode]
-        if parts:
-            examples, tokens = parts.pop("examples", []), parts.pop("tokens", [])
-            if mode == "train":
-                now = time.perf_counter()
-                elapsed = max(now - self._last_log_time, 1e-9)
-                logs["examples_per_second"] = round(sum(examples) / elapsed, 2)
-                logs["tokens_per_second"] = round(sum(tokens) / elapsed, 1)
-                self._last_log_time = now
-                if torch.cuda.is_available():
-                    logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            for key, values in parts.items():
-                # example-weighted: the loss over all examples seen since the last log
-                value = finite_mean(values, examples)
-                if value is not None:
-                    logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
-            parts.clear()
-        super().log(logs, *args, **kwargs)
+    def throughput(self, counts: dict[str, list[float]], elapsed: float) -> dict[str, float]:
+        return {"examples_per_second": round(sum(counts["examples"]) / elapsed, 2),
+                "tokens_per_second": round(sum(counts["tokens"]) / elapsed, 1)}
 
 
 def train_classifier(

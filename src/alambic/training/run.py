@@ -16,10 +16,11 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
 from alambic.modeling import compile_layers
+from alambic.teachers import TeacherSource, choose
 from alambic.training.base import AlambicTrainer
 from alambic.training.checkpoints import (CHECKPOINT_NAME, NonFiniteWeightsError, check_finite_weights,
                                          last_complete_checkpoint)
-from alambic.training.teachers import WeightedTeacher
+from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.trainer import DistillationTrainer
 from alambic.utils import console, native_bf16, use_bf16
 
@@ -130,15 +131,16 @@ def train(
     resume: bool = True,
     callbacks: list[TrainerCallback] | None = None,
     collator: Any = None,
-    cached_teacher: bool = False,
     kept_layers: list[int] | None = None,
     additional_teachers: Sequence[WeightedTeacher] = (),
     teacher_weight: float = 1.0,
+    source: TeacherSource | None = None,
 ) -> dict[str, Any]:
     """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
-    `cached_teacher`: the batches carry the teacher's top-k log-probs (an offline cache, with its
-    `collator`) and `teacher` is None. Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
+    `source`: where the soft loss's teacher signal comes from (`teachers.choose`: live, an offline top-k cache with
+    its `collator`, a teacher with another tokenizer); None: chosen from `teacher`, `additional_teachers` and
+    `teacher_weight` (a live teacher, or none at loss.alpha = 0). Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
     complete one. Metrics stream to `output_dir/metrics.jsonl`. `kept_layers`: the teacher layer each
     student layer was copied from (`student/student.json`), which `loss.features.layer_map: auto` pairs up.
     A feature projector (`loss.features.hidden_states` across widths) is saved in each checkpoint and
@@ -149,10 +151,11 @@ def train(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, log history.
     """
+    if source is None:
+        source = choose(loss, teacher=teacher, additional=additional_teachers, teacher_weight=teacher_weight)
     if training.torch_compile:  # the teachers' layers go back to eager after training (restore_forward)
-        for model in (student, teacher, *(t.model for t in additional_teachers)):
-            if model is not None:
-                compile_layers(model)
+        for model in (student, *source.models()):
+            compile_layers(model)
 
     def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> DistillationTrainer:
         return DistillationTrainer(
@@ -165,18 +168,15 @@ def train(
                                                            prompt_lengths=loss.on_policy is not None,
                                                            padding_free=training.packing == "padding_free"),
             processing_class=tokenizer,
-            teacher=teacher,
-            cached_teacher=cached_teacher,
+            source=source,
             loss_config=loss,
             kept_layers=kept_layers,
-            additional_teachers=additional_teachers,
-            teacher_weight=teacher_weight,
             callbacks=all_callbacks,
         )
 
     trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
                                       tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
-                                      teachers=(teacher, *(t.model for t in additional_teachers)))
+                                      teachers=source.models())
     return {
         **summary,
         "tokens_per_step": training.per_device_train_batch_size

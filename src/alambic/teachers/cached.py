@@ -1,4 +1,6 @@
-"""The student's loss against cached (or live top-k) teacher rows, walked over token chunks.
+"""The offline teacher (`data.teacher_cache`): its top-k log-probabilities and the tail's mass at each counted
+position, read from the cache written before training and brought by the batches (`data.cache.CachedTeacherCollator`);
+the source `CachedTopK`, and the student's loss against those rows, walked over token chunks.
 
 The teacher side is already small, (N, k) per batch; the student's logits are the (N, V) problem. Each
 chunk of `chunk_size` counted positions is projected through the student's head and scored by
@@ -13,17 +15,21 @@ count of counted tokens), so the chunks' parts add up to the unchunked loss.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import check_teacher_rows, check_topk_options, topk_loss_and_logit_grad
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep
 
-__all__ = ["TEACHER_KEYS", "cached_teacher_loss"]
+if TYPE_CHECKING:
+    from alambic.config import LossConfig
+
+__all__ = ["TEACHER_KEYS", "CachedTopK", "cached_teacher_loss"]
 
 # The batch keys `CachedTeacherCollator` adds.
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
@@ -97,3 +103,25 @@ def cached_teacher_loss(
 
     return chunked_head_loss(hidden, OutputHead.of(core), targets, chunk_loss, vocab_size=vocab,
                              chunk_size=chunk_size)
+
+
+class CachedTopK:
+    """The offline teacher as a source: `cached_teacher_loss` on the rows the batches bring (`CachedTeacherCollator`);
+    no teacher model is loaded while the student trains."""
+
+    name: ClassVar[str] = "offline teacher cache"
+    requirements: ClassVar[Requirements] = Requirements(
+        shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False,
+        columns=TEACHER_KEYS)
+    teacher_core = None
+
+    def models(self) -> tuple[nn.Module, ...]:
+        return ()
+
+    def setup(self, trainer: Any) -> None:
+        pass
+
+    def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
+        # The rows came with the batch, in counted-position order.
+        return SoftLoss(cached_teacher_loss(step.core, step.hidden, step.inputs, step.targets, loss,
+                                            step.num_items_in_batch, chunk_size=loss.chunk_size))

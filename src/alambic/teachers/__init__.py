@@ -1,0 +1,73 @@
+"""Where the teacher's signal comes from: one interface (`TeacherSource`, `teachers.base`), one module per kind.
+
+    live.py        LiveTeachers            one teacher or several, run on the student's tokens (chunked or full)
+    cached.py      CachedTopK              the offline top-k cache (data.teacher_cache), no teacher model loaded;
+                                           its loss fused with the student's head (cached_teacher_loss)
+    cross.py       CrossTokenizerTeacher   a teacher with another tokenizer: ULD on its own tokens (data.cross)
+    classifier.py  ClassifierTeacher       a sequence classifier's class logits, one row per example
+    plain.py       NoTeacher               loss.alpha = 0: plain cross-entropy
+    ensemble.py    several live teachers (additional_teachers), run one after another
+    rules.py       which features combine with which source, read off their `Requirements`
+
+The source is chosen once, from what the run declares (`choose`), never by looking at a batch's keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep, TeacherSource
+from alambic.teachers.cached import CachedTopK
+from alambic.teachers.classifier import ClassifierTeacher
+from alambic.teachers.cross import CrossTokenizerTeacher
+from alambic.teachers.live import LiveTeachers
+from alambic.teachers.plain import NoTeacher
+from alambic.teachers.rules import RULES, Setting, check_combination
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from alambic.config import LossConfig
+    from alambic.teachers.ensemble import WeightedTeacher
+
+__all__ = ["RULES", "SOURCES", "CachedTopK", "ClassifierTeacher", "CrossTokenizerTeacher", "LiveTeachers",
+           "NoTeacher", "Requirements", "SoftLoss", "StudentStep", "TeacherSource", "check_combination", "choose",
+           "combination_table"]
+
+# Every kind, for the combination table (`rules.table`); a new kind adds its class here and its case in `choose`.
+SOURCES = (LiveTeachers, CachedTopK, CrossTokenizerTeacher, ClassifierTeacher, NoTeacher)
+
+
+def combination_table() -> list[tuple[str, dict[str, bool]]]:
+    """Each feature of `RULES` and, for each kind of source, whether it combines (docs/architecture.md shows it)."""
+    return [(rule.feature, {cls.name: getattr(cls.requirements, rule.needs) for cls in SOURCES}) for rule in RULES]
+
+
+def choose(loss: LossConfig, *, teacher: PreTrainedModel | None = None, cached: bool = False,
+           cross_tokenizer: bool = False, additional: Sequence[WeightedTeacher] = (),
+           teacher_weight: float = 1.0) -> TeacherSource:
+    """The teacher source of a language-model distillation, from what the run declares, checked against `RULES`.
+
+    Args:
+        teacher: the teacher model (unused at loss.alpha = 0, where plain cross-entropy needs none).
+        cached: the batches bring an offline cache's top-k rows (data.teacher_cache) instead of a teacher.
+        cross_tokenizer: the teacher reads the texts in its own tokens (data.cross, loss.divergence 'uld').
+        additional, teacher_weight: more teachers, and the first one's weight among them.
+
+    Raises:
+        ValueError: alpha > 0 without a teacher or a cache; a feature the source does not serve (`RULES`).
+    """
+    if teacher is None and loss.alpha > 0 and not cached:
+        raise ValueError(f"loss.alpha = {loss.alpha} needs a teacher (or an offline teacher cache); only alpha = 0 "
+                         "(plain CE) runs without one")
+    if cached:
+        source: TeacherSource = CachedTopK()
+    elif loss.alpha == 0:
+        source = NoTeacher()
+    elif cross_tokenizer:
+        source = CrossTokenizerTeacher(teacher)
+    else:
+        source = LiveTeachers(teacher, additional, teacher_weight)
+    check_combination(source, Setting(loss, tuple(t.name for t in additional), teacher is not None, cached))
+    return source

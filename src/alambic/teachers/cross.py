@@ -1,0 +1,73 @@
+"""A teacher with another tokenizer (`data.cross`): it reads the same texts in its own tokens, and the tokenizer-free
+ULD (loss.divergence 'uld', sorted probability vectors) is taken where the two tokenizations line up."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from alambic.divergence import DivergenceSpec
+from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.divergences import LossParts, mix_soft_and_hard
+from alambic.modeling import final_hidden_states
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from alambic.config import LossConfig
+
+# The teacher's own tokens of each sequence, and for each student position its partner there (-1: none).
+CROSS_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions")
+
+
+class CrossTokenizerTeacher:
+    """The live teacher on its own tokens; the soft term only at the student positions with a partner."""
+
+    name: ClassVar[str] = "teacher with another tokenizer"
+    requirements: ClassVar[Requirements] = Requirements(
+        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False,
+        columns=CROSS_KEYS)
+
+    def __init__(self, teacher: PreTrainedModel):
+        self._given = teacher
+        self.teacher: nn.Module = teacher
+
+    @property
+    def teacher_core(self) -> PreTrainedModel:
+        return getattr(self.teacher, "module", self.teacher)
+
+    def models(self) -> tuple[nn.Module, ...]:
+        return (self._given,)
+
+    def setup(self, trainer: Any) -> None:
+        self.teacher = trainer.prepare_teacher(self._given)
+
+    def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
+        """Hard CE on every counted student token, and ULD at the counted positions lined up with a teacher
+        position. Both are divided by the count of counted student tokens, so a position without a partner adds
+        nothing to the soft term (`aligned_share` in data/split.json says how many have one)."""
+        cfg, mask, targets, inputs = loss, step.mask, step.targets, step.inputs
+        head = OutputHead.of(step.core)
+        # The whole micro-batch's count: the soft term, over the lined-up rows only, must use the same divisor.
+        count = step.num_items_in_batch if step.num_items_in_batch is not None else targets.shape[0]
+        hard = None
+        if cfg.alpha < 1:
+            hard = chunked_distillation_loss(step.hidden, head, None, None, targets, alpha=0.0,
+                                             num_items_in_batch=count, chunk_size=cfg.chunk_size)
+        partner = inputs["teacher_positions"][:, 1:][mask]  # (N,): the teacher row of each counted row, or -1
+        aligned = partner >= 0
+        rows = mask.nonzero()[:, 0][aligned]  # (M,): their sequence in the batch
+        with torch.inference_mode():
+            states = final_hidden_states(self.teacher, self.teacher_core, inputs["teacher_input_ids"],
+                                         inputs["teacher_attention_mask"])
+            t_hidden = states[rows, partner[aligned]]  # (M, H_t)
+        soft = chunked_distillation_loss(
+            step.hidden[aligned], head, t_hidden.clone(), OutputHead.of(self.teacher_core), targets[aligned],
+            divergence=DivergenceSpec("uld", cfg.temperature), alpha=1.0, num_items_in_batch=count,
+            chunk_size=cfg.chunk_size)
+        zero = (hard if hard is not None else soft).total.detach().new_zeros(())
+        return SoftLoss(LossParts(total=mix_soft_and_hard(soft.total, None if hard is None else hard.total, cfg.alpha),
+                                  soft=soft.soft, hard=zero if hard is None else hard.hard, num_tokens=mask.sum()))

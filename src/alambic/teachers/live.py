@@ -1,0 +1,94 @@
+"""The live teacher: one model, or several (`additional_teachers`), run on the student's own tokens at every step.
+
+Its hidden states at the counted positions go through its output head, chunk by chunk with the student's
+(`loss.implementation: chunked`, never an (N, V) tensor), or as whole logits (`full`, the reference). Several
+teachers are mixed or summed as `loss.teachers` says (`losses.mixture`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.mixture import multi_teacher_distillation_loss
+from alambic.modeling import final_hidden_states, project
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.ensemble import TeacherEnsemble, WeightedTeacher, vocab_size_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from alambic.config import LossConfig
+
+
+class LiveTeachers:
+    """The teacher (and the additional ones) run on the batch's tokens; `setup` places them beside the student."""
+
+    name: ClassVar[str] = "live teacher"
+    requirements: ClassVar[Requirements] = Requirements(
+        shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=True, several_teachers=True)
+
+    def __init__(self, teacher: PreTrainedModel, additional: Sequence[WeightedTeacher] = (),
+                 teacher_weight: float = 1.0):
+        self._given, self.additional, self.teacher_weight = teacher, tuple(additional), teacher_weight
+        self.teacher: nn.Module = teacher  # wrapped by `setup` (accelerate, DeepSpeed)
+        self.ensemble: TeacherEnsemble | None = None
+        self.shared_vocab: int | None = None
+
+    @property
+    def teacher_core(self) -> PreTrainedModel:
+        return getattr(self.teacher, "module", self.teacher)
+
+    def models(self) -> tuple[nn.Module, ...]:
+        return (self._given, *(t.model for t in self.additional))
+
+    def setup(self, trainer: Any) -> None:
+        self.teacher = trainer.prepare_teacher(self._given)
+        # The other teachers and every teacher's weight (primary first); one teacher: weights (1.0,).
+        self.ensemble = TeacherEnsemble(self.additional, primary_weight=self.teacher_weight,
+                                        device=trainer.args.device, prepare=trainer.prepare_teacher)
+        # Checkpoints of one family often pad the vocabulary differently (151936 vs 152064); the stages check
+        # beforehand that the tokenizers agree, so the logits are compared over the shared ids.
+        sizes = {vocab_size_of(trainer.accelerator.unwrap_model(trainer.model)), vocab_size_of(self.teacher_core),
+                 *self.ensemble.vocab_sizes}
+        self.shared_vocab = min(sizes) if len(sizes) > 1 else None
+
+    def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
+        inputs, feats = step.inputs, step.features
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        position_ids = inputs.get("position_ids")  # padding-free batches (training.packing): one row, no mask
+        with torch.inference_mode():
+            with feats.capture(self.teacher_core, "teacher") if feats else nullcontext() as t_capture:
+                t_hidden = final_hidden_states(self.teacher, self.teacher_core, input_ids, attention_mask,
+                                               position_ids)
+            t_hidden = t_hidden[:, :-1][step.mask]  # (N, H_t)
+            t_feats = t_capture.features(step.key_mask) if feats else None
+        # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
+        t_hidden = t_hidden.clone()
+        t_feats = t_feats.clone() if t_feats is not None else None
+        # The other teachers, one after another (their activations freed in between).
+        t_hiddens = [t_hidden, *self.ensemble.hidden_states(input_ids, attention_mask, step.mask, position_ids)]
+
+        options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)
+        weights = self.ensemble.weights
+        if loss.implementation == "chunked":
+            # Heads and divergence fused, token chunk by token chunk: no (N, V) tensor is ever held.
+            # Several teachers: each projected by its own head per chunk, then mixed or summed (loss.teachers).
+            heads = [OutputHead.of(self.teacher_core), *self.ensemble.heads()]
+            parts = chunked_distillation_loss(
+                step.hidden, OutputHead.of(step.core), t_hiddens, heads, step.targets, chunk_size=loss.chunk_size,
+                vocab_size=self.shared_vocab, teacher_weights=weights, teachers=loss.teachers, **options,
+            )
+        else:
+            student_logits = project(step.core, step.hidden)[:, : self.shared_vocab]  # (N, V)
+            with torch.no_grad():
+                teacher_logits = [project(self.teacher_core, t_hidden), *self.ensemble.logits(t_hiddens[1:])]
+            teacher_logits = [z[:, : self.shared_vocab] for z in teacher_logits]  # (N, V) each
+            parts = multi_teacher_distillation_loss(student_logits, teacher_logits, step.targets, weights=weights,
+                                                    teachers=loss.teachers, **options)
+        return SoftLoss(parts, t_feats)

@@ -1,0 +1,41 @@
+"""No teacher: plain cross-entropy on the data's labels (loss.alpha = 0, and the CE control every run trains)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.mixture import multi_teacher_distillation_loss
+from alambic.modeling import project
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+
+if TYPE_CHECKING:
+    from alambic.config import LossConfig
+
+
+class NoTeacher:
+    """The hard term alone, through the same loss functions as a teacher's (so that alpha = 0 is exactly their
+    edge case)."""
+
+    name: ClassVar[str] = "no teacher"
+    requirements: ClassVar[Requirements] = Requirements(
+        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False)
+    teacher_core = None
+
+    def models(self) -> tuple[nn.Module, ...]:
+        return ()
+
+    def setup(self, trainer: Any) -> None:
+        pass
+
+    def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
+        options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)
+        if loss.implementation == "chunked":
+            parts = chunked_distillation_loss(step.hidden, OutputHead.of(step.core), None, None, step.targets,
+                                              chunk_size=loss.chunk_size, teachers=loss.teachers, **options)
+        else:
+            parts = multi_teacher_distillation_loss(project(step.core, step.hidden), [], step.targets,
+                                                    teachers=loss.teachers, **options)
+        return SoftLoss(parts)
