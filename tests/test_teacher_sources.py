@@ -4,11 +4,20 @@ base for the LM and classifier trainers."""
 import pytest
 
 from alambic.config import LossConfig
-from alambic.teachers import (RULES, SOURCES, CachedTopK, ClassifierTeacher, CrossTokenizerTeacher, LiveTeachers,
-                              NoTeacher, choose, combination_table)
+from alambic.teachers import (
+    RULES,
+    SOURCES,
+    CachedTopK,
+    ClassifierTeacher,
+    CrossTokenizerTeacher,
+    LiveTeachers,
+    NoTeacher,
+    choose,
+    combination_table,
+)
+from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.base import AlambicTrainer
 from alambic.training.classifier import ClassifierDistillationTrainer
-from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.trainer import DistillationTrainer
 from helpers import tiny_model
 

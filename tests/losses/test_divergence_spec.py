@@ -18,7 +18,7 @@ def test_the_config_lists_the_losses_divergences():
 @pytest.mark.parametrize("name", DIVERGENCE_NAMES)
 def test_a_spec_gives_the_same_loss_as_its_parts(name):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 5, 11, generator=g, dtype=torch.float64), torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    s, t = (torch.randn(2, 5, 11, generator=g, dtype=torch.float64) for _ in range(2))
     labels = torch.randint(0, 11, (2, 5), generator=g)
     cfg = LossConfig(divergence=name, temperature=2.0, alpha=0.7, jsd_beta=0.3, skew=0.2)
     spec = cfg.divergence_spec

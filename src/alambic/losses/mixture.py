@@ -224,7 +224,8 @@ def multi_teacher_distillation_loss(
                                                      teachers=teachers)
         soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
         if per_teacher is not None:
-            per_teacher_soft = torch.stack([spec.temperature**2 * reduce_over_tokens(d, mask, num_items_in_batch).detach()
+            per_teacher_soft = torch.stack([spec.temperature**2
+                                            * reduce_over_tokens(d, mask, num_items_in_batch).detach()
                                             for d in per_teacher])
     hard = zero
     if alpha < 1.0:

@@ -70,7 +70,8 @@ class RunModels:
 
         if not self.teacher_is_classifier:
             raise ConfigError(f"task sequence_classification: teacher {self.config.teacher.model!r} is not a sequence "
-                              "classifier, and a fresh head would teach noise; set teacher.fine_tune to train one first")
+                              "classifier, and a fresh head would teach noise; set teacher.fine_tune to train one "
+                              "first")
         return load_model(self.teacher_source, cache=True, labels=self.labels, classifier=True)
 
     def student(self) -> Any:

@@ -23,10 +23,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from alambic.config import LossConfig
 from alambic.modeling import counted_positions, final_hidden_states
 from alambic.teachers import StudentStep, TeacherSource, choose
+from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.base import AlambicTrainer
 from alambic.training.features import LOG_NAMES, FeatureDistiller
 from alambic.training.on_policy import OnPolicySampler
-from alambic.teachers.ensemble import WeightedTeacher
 
 # The feature projector's weights, in each checkpoint folder beside the student's (never in final/).
 PROJECTOR_FILE = "feature_projector.safetensors"
