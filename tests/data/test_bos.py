@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import NEWS, bos_tokenizer, other_tokenizer, tiny_model, tiny_tokenizer, write_text_corpus
 
 from alambic.config import DataConfig
 from alambic.data import DistillationCollator, prepare_datasets
 from alambic.data.tokenize import IGNORE_INDEX, tokenize_chat, tokenize_text
+from helpers import NEWS, bos_tokenizer, other_tokenizer, tiny_model, tiny_tokenizer, write_text_corpus
 
 BOS = bos_tokenizer().bos_token_id
 CHAT = [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine, thank you."}]
