@@ -1,12 +1,13 @@
-"""What do `training.packing`, `teacher.dtype` and `training.torch_compile` buy on chat data? Distillation throughput of one model pair on real
-variable-length conversations, one configuration at a time, each in its own process.
+"""What do `training.packing`, `teacher.dtype` and `training.torch_compile` buy on chat data? Distillation
+throughput of one model pair on real variable-length conversations, one configuration at a time, each in its own
+process.
 
 The real SmolLM2-135M-Instruct teacher and its every-other-layer student (15 layers) distil on chatterbot-corpus
 (prompts in SmolLM2's chat template, 1,800 conversations of 30 to 400 tokens, cut at 192): forward KL, alpha 1, bf16
-autocast where the device has it natively (else fp32), batch 8, `--steps` optimizer steps after `--warmup`. Per configuration: the median wall time per step, the
-tokens per second (every token the models read, and the counted answer tokens), the share of padding in the
-batches, and the loss of the first step (pad and padding_free read the same batches and give the same loss;
-group_by_length draws other batches).
+autocast where the device has it natively (else fp32), batch 8, `--steps` optimizer steps after `--warmup`. Per
+configuration: the median wall time per step, the tokens per second (every token the models read, and the counted
+answer tokens), the share of padding in the batches, and the loss of the first step (pad and padding_free read the
+same batches and give the same loss; group_by_length draws other batches).
 
     python benchmarks/packing.py       # pad, group_by_length, padding_free, bf16 teacher, compiled layers
     python benchmarks/packing.py --configs pad,padding_free --steps 10 --threads 2

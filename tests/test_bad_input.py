@@ -122,10 +122,9 @@ def test_the_shape_of_a_gguf_file_is_read_from_its_metadata(tmp_path):
 
 
 def test_the_shape_of_a_model_folder_is_read_from_its_config(tmp_path):
-    from helpers import save_tiny_pair
-
     from alambic.config import ModelConfig
     from alambic.models import read_model_shape
+    from helpers import save_tiny_pair
 
     shape = read_model_shape(ModelConfig(model=str(save_tiny_pair(tmp_path))))
     assert (shape.num_hidden_layers, shape.max_position_embeddings, shape.hidden_size, shape.intermediate_size,
@@ -145,8 +144,9 @@ def test_the_quickstart_teachers_shape_is_read_from_its_gguf_header():
 
 
 def test_an_additional_teacher_with_fewer_positions_is_refused(tmp_path):
-    from helpers import tiny_config, tiny_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config, tiny_tokenizer
 
     cfg = tiny_config(num_layers=2)
     cfg.max_position_embeddings = 64
@@ -171,9 +171,8 @@ def test_a_sequence_longer_than_the_teachers_positions_exits_2_naming_both(tmp_p
 
 
 def test_a_chain_is_checked_step_by_step_before_any_runs(tmp_path, monkeypatch):
-    from test_chain import chain_config
-
     import alambic.chain as chain_mod
+    from test_chain import chain_config
 
     ran = []
     monkeypatch.setattr(chain_mod, "run_chain", lambda chain, resume: ran.append(chain) or {})
@@ -194,8 +193,9 @@ def test_a_sweep_is_checked_point_by_point_before_any_runs(tmp_path):
 
 
 def test_a_sequence_longer_than_a_given_students_positions_is_refused(tmp_path):
-    from helpers import tiny_config, tiny_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config, tiny_tokenizer
 
     cfg = tiny_config(num_layers=2)
     cfg.max_position_embeddings = 128

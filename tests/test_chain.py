@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_pair, write_text_corpus
 from safetensors.torch import load_file
 
 from alambic.chain import deep_merge, plan_chain, run_chain, step_config
 from alambic.config import ConfigError, load_config, validate_config
 from alambic.report.chain import chain_rows
+from helpers import save_tiny_pair, write_text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,8 @@ def test_steps_apply_their_overrides_and_previous_points_at_folders_that_do_not_
     assert (c.teacher.model, c.teacher.dtype) == (str(tmp_path / "teacher"), "bfloat16")
     assert chain.steps[1].reads == {"teacher": ("a", "final"), "student": ("a", "student")}
     assert (chain.steps[2].teacher_label, chain.steps[2].student_label) == ("original", "b final")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder / 'a' / 'final'}, which step 'a' has not finished")):
+    unfinished = re.escape(f"{folder / 'a' / 'final'}, which step 'a' has not finished")
+    with pytest.raises(FileNotFoundError, match=unfinished):
         step_config(chain, 1)  # `previous` is resolved when the step runs
 
 

@@ -1,9 +1,8 @@
 import pytest
+import yaml
 
 from alambic.cli import quickstart_config_text
 from alambic.config import ConfigError, RunConfig, load_config, validate_config
-
-import yaml
 
 BASE = {"teacher": {"model": "smollm2-135m-instruct"}, "student": {"from_teacher": {"layers": "every_other"}}}
 
@@ -113,7 +112,8 @@ def test_from_teacher_resolves_which_layers_to_keep(from_teacher, resolved):
 @pytest.mark.parametrize("from_teacher,message", [
     ({"layers": "importance"}, "layers: importance needs num_layers"),
     ({"num_layers": 3}, "num_layers is used with layers: importance"),
-    ({"target_parameters": 5e4, "hidden_size": 16}, r"target_parameters chooses the shape itself: remove \['hidden_size'\]"),
+    ({"target_parameters": 5e4, "hidden_size": 16},
+     r"target_parameters chooses the shape itself: remove \['hidden_size'\]"),
     ({"target_parameters": 5e4, "layers": "every_other"}, "layers are chosen by importance"),
     ({"hidden_size": 0}, "student.from_teacher.hidden_size: Input should be greater than 0"),
 ])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model, tiny_tokenizer
 
 from alambic.decoding import _choose, _left_pad, generate_responses, stop_token_ids
+from helpers import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

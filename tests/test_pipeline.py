@@ -57,7 +57,8 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     cost = evaluation["student_distilled"]["cost"]
     assert cost["new_tokens"] == 3 and cost["repeats"] == 1 and cost["disk"]["format"] == "safetensors"
     assert cost["peak_memory_bytes"] >= cost["weight_bytes"] > 0
-    assert 2 * evaluation["student_distilled"]["architecture"]["num_layers"] == evaluation["teacher"]["architecture"]["num_layers"]
+    layers = {name: evaluation[name]["architecture"]["num_layers"] for name in ("teacher", "student_distilled")}
+    assert 2 * layers["student_distilled"] == layers["teacher"]
     retained = json.loads((run / "eval.json").read_text())["retention"]["student_distilled"]
     assert retained["size_reduction"] > 1 and retained["speedup"] is not None
     assert "## Cost" in (run / "report.md").read_text()
@@ -71,7 +72,8 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     student_stamp = (run / "student" / "config.json").stat().st_mtime_ns
     run_stages(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"temperature": 1.0})}), STAGES)
     assert (run / "student" / "config.json").stat().st_mtime_ns == student_stamp
-    assert (run / "control" / "final" / "config.json").stat().st_mtime_ns == stamps[run / "control" / "final" / "config.json"]
+    control = run / "control" / "final" / "config.json"
+    assert control.stat().st_mtime_ns == stamps[control]
     assert (run / "final" / "config.json").stat().st_mtime_ns != stamps[run / "final" / "config.json"]
     assert (run / "eval.json").stat().st_mtime_ns != stamps[run / "eval.json"]
 
@@ -103,8 +105,9 @@ def test_a_pruned_student_gets_its_pruning_report(tmp_path):
 
 def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
     cfg = tiny_run_config(tmp_path, training={"max_steps": 4, "save_steps": 2})
-    import alambic.training.run as run_mod
     from transformers import TrainerCallback
+
+    import alambic.training.run as run_mod
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -186,7 +189,8 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
         tiny_tokenizer().save_pretrained(folder)
         extra.update(model=str(folder), gguf_file=None, device="cpu", dtype="float32")
     data["training"].update(max_steps=2, bf16=False, save_steps=10)
-    data["evaluation"].update(ce_control=False, cost=tiny.evaluation.cost.model_dump(), generation={"max_new_tokens": 4})
+    data["evaluation"].update(ce_control=False, cost=tiny.evaluation.cost.model_dump(),
+                              generation={"max_new_tokens": 4})
     if data["evaluation"].get("lm_eval"):  # standard tasks need the Hub: the tiny run keeps alambic's local ones
         local = [t for t in data["evaluation"]["lm_eval"]["tasks"] if t.startswith("alambic_")]
         data["evaluation"]["lm_eval"] = {**data["evaluation"]["lm_eval"], "tasks": local, "limit": 2} if local else None
@@ -198,7 +202,8 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     if pruning.get("num_layers"):
         pruning["num_layers"] = 2
     if shipped.data.format == "chat":
-        rows = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]}] * 12
+        rows = [{"messages": [{"role": "user", "content": "hello there"},
+                              {"role": "assistant", "content": "hi, fine"}]}] * 12
         path = tmp_path / "chat.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
         data["data"].update(source="files", paths=[str(path)], max_seq_len=32)
@@ -311,12 +316,12 @@ def test_evaluate_redoes_only_the_evaluation_and_report_even_of_a_moved_run_fold
 def test_response_distillation_with_entropy_selection(tmp_path):
     """generate -> select -> distill on the teacher's answers; each later change redoes only what it must."""
     import numpy as np
-    from helpers import NEWS
 
     from alambic.data import load_prepared
     from alambic.data.generate import read_generations
     from alambic.models import load_tokenizer
     from alambic.stages import distill_train_set
+    from helpers import NEWS
 
     rows = [{"messages": [{"role": "user", "content": NEWS[i % 6][: 20 + i]},
                           {"role": "assistant", "content": NEWS[(i + 1) % 6]}]} for i in range(16)]

@@ -1,9 +1,12 @@
 """The teacher sources: chosen once by what the run declares, one table of the features each combines with, and one
 base for the LM and classifier trainers."""
 
+from dataclasses import replace
+
 import pytest
 
-from alambic.config import LossConfig
+from alambic.combinations import DECLARED, ROWS
+from alambic.config import ConfigError, LossConfig, validate_config
 from alambic.teachers import (
     RULES,
     SOURCES,
@@ -39,13 +42,57 @@ def test_alpha_without_a_teacher_or_a_cache_is_refused():
 
 def test_every_rule_is_read_off_the_declared_requirements():
     rows = dict(combination_table())
-    assert list(rows) == ["additional_teachers", "loss.features", "loss.on_policy"]
+    assert list(rows) == ["loss.features", "loss.on_policy", "data.teacher_cache", "data.selection",
+                          "additional_teachers", "data.teacher_responses with loss.alpha > 0",
+                          "training.packing: padding_free", "loss.divergence: logit_mse"]
     assert rows["additional_teachers"] == {"live teacher": True, "offline teacher cache": False,
                                            "teacher with another tokenizer": False, "classifier teacher": False,
                                            "no teacher": False}
     for feature in ("loss.features", "loss.on_policy"):
         assert [name for name, ok in rows[feature].items() if ok] == ["live teacher"]
+    for feature in ("data.teacher_cache", "data.selection"):  # a classifier has no next-token rows
+        assert [name for name, ok in rows[feature].items() if not ok] == ["teacher with another tokenizer",
+                                                                          "classifier teacher"]
+    assert [name for name, ok in rows["loss.divergence: logit_mse"].items() if not ok] == ["offline teacher cache"]
     assert {rule.needs for rule in RULES} <= set(SOURCES[0].requirements.__dataclass_fields__)
+    # the classes declare what the torch-free table reads (the config checks the same declarations)
+    for cls in SOURCES:
+        assert replace(cls.requirements, columns=()) == DECLARED[cls.name], cls.name
+
+
+def test_every_refusal_the_table_derives_has_its_words():
+    for row in ROWS:
+        refused = {kind for kind in DECLARED if not row.serves(kind)} - {"teacher with another tokenizer"}
+        assert set(row.refusals) == refused, row.feature
+        for words in row.refusals.values():
+            assert row.feature.split(":")[0].split(" ")[0] in words, (row.feature, words)
+
+
+def test_the_config_refuses_every_feature_its_sources_cannot_serve_at_once():
+    """One table at config load: the cache's three refusals in one ConfigError (each validator used to stop at its
+    first), each naming both features and the way round."""
+    data = {"teacher": {"model": "smollm2-135m-instruct"}, "student": {"from_teacher": {"layers": "every_other"}},
+            "data": {"teacher_cache": {}}, "loss": {"features": {"attention": {}}, "on_policy": {}},
+            "additional_teachers": [{"model": "smollm2-135m-instruct"}]}
+    data["data"]["format"] = "chat"
+    with pytest.raises(ConfigError) as err:
+        validate_config(data)
+    msg = str(err.value)
+    for words in ("loss.features needs the live teacher's hidden states and attention, which data.teacher_cache",
+                  "loss.on_policy has the live teacher score the student's fresh responses, which "
+                  "data.teacher_cache", "data.teacher_cache holds the top-k log-probs of `teacher` alone: several "
+                  "teachers cannot use it; remove data.teacher_cache or additional_teachers"):
+        assert words in msg
+    data = {"teacher": {"model": "smollm2-135m-instruct"}, "student": {"from_teacher": {"layers": "every_other"}},
+            "task": "sequence_classification", "data": {"format": "classification", "selection": {}},
+            "loss": {"features": {"attention": {}}}, "additional_teachers": [{"model": "smollm2-135m-instruct"}]}
+    with pytest.raises(ConfigError) as err:
+        validate_config(data)
+    msg = str(err.value)
+    for words in ("loss.features (hidden states, attention) is not supported for classifiers",
+                  "data.selection ranks sequences by the teacher's next-token entropy, which a classifier",
+                  "additional_teachers (teacher ensembles) are not supported for classifiers"):
+        assert words in msg
 
 
 @pytest.mark.parametrize("declared, match", [
@@ -69,3 +116,12 @@ def test_the_trainers_share_one_base_for_logging_scaling_and_evaluation():
         assert getattr(DistillationTrainer, name) is getattr(AlambicTrainer, name), name
         assert getattr(ClassifierDistillationTrainer, name) is getattr(AlambicTrainer, name), name
     assert ClassifierTeacher.requirements.one_row_per_sequence and not LiveTeachers.requirements.one_row_per_sequence
+
+
+def test_the_table_and_the_config_load_without_torch():
+    """The config reads the table when it loads, so the table and the declarations stay torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, alambic.combinations, alambic.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -35,7 +35,8 @@ from alambic.utils import atomic_write_json, console, sha256_of
 
 CHAIN_FILE, COMPARISON_FILE = "chain.json", "chain_eval.json"
 # (stage, file that exists once it is done) of what a step can read from an earlier one
-_WRITTEN_BY = {FINAL_DIR: ("distill", f"{FINAL_DIR}/config.json"), STUDENT_DIR: ("student", f"{STUDENT_DIR}/student.json")}
+_WRITTEN_BY = {FINAL_DIR: ("distill", f"{FINAL_DIR}/config.json"),
+               STUDENT_DIR: ("student", f"{STUDENT_DIR}/student.json")}
 _KEPT = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters", "intervals")
 
 
@@ -294,10 +295,11 @@ def compare_steps(chain: Chain) -> dict[str, Any]:
         teacher, tokenizer = load_model(teacher_cfg, cache=True), load_tokenizer(first.teacher)
         validation = load_prepared(first.run_dir / DATA_DIR).validation
         for step in todo:
-            student = load_model(ModelConfig(model=str(step.config.run_dir / FINAL_DIR), dtype=step.config.student.dtype,
-                                             device=device))
+            student = load_model(ModelConfig(model=str(step.config.run_dir / FINAL_DIR),
+                                             dtype=step.config.student.dtype, device=device))
             scores = evaluate_against_teacher(teacher, {step.name: student}, validation,
-                                              pad_token_id=tokenizer.pad_token_id, batch_size=first.evaluation.batch_size)
+                                              pad_token_id=tokenizer.pad_token_id,
+                                              batch_size=first.evaluation.batch_size)
             result["teacher"] = {k: v for k, v in scores["teacher"].items() if k in _KEPT}
             result["steps"][step.name] = {"weights_id": ids[step.name],
                                           **{k: v for k, v in scores[step.name].items() if k in _KEPT}}

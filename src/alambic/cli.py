@@ -335,7 +335,9 @@ def sweep(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder or a chain folder.", show_default=False)]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder or a chain folder.", show_default=False)],
+) -> None:
     """(Re)write the report of a finished run folder (or chain.md / chain.html of a chain folder)."""
     from alambic.report.render import write_report
 

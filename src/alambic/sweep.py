@@ -284,7 +284,8 @@ def _run_held(sweep: Sweep, *, resume: bool, stages: list[Stage] | None) -> dict
             error = f"{type(exc).__name__}: {exc}"[:2000]
             entry.update(_point_record(point, sweep.folder), status="failed", error=error)
             # A full disk or a folder in use is said in one line; anything else with its traceback.
-            said = disk_full_message(exc, point.config.run_dir) or (str(exc) if isinstance(exc, RunFolderBusy) else None)
+            said = (disk_full_message(exc, point.config.run_dir)
+                    or (str(exc) if isinstance(exc, RunFolderBusy) else None))
             if said is None:
                 console.print_exception(max_frames=8)
             else:

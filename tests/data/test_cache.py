@@ -28,8 +28,8 @@ from alambic.data.cache import (
     write_teacher_cache,
 )
 from alambic.losses.divergences import distillation_loss
-from alambic.teachers.cached import cached_teacher_loss
 from alambic.modeling import counted_positions, final_hidden_states, project
+from alambic.teachers.cached import cached_teacher_loss
 from helpers import tiny_model, tiny_prepared, tiny_tokenizer
 
 PAD = 3

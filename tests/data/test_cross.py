@@ -1,10 +1,10 @@
 """Data for a teacher with another tokenizer: both tokenizations of each text and the positions that line up."""
 
 import pytest
-from helpers import NEWS, other_tokenizer, tiny_tokenizer
 
 from alambic.data import DistillationCollator
 from alambic.data.cross import aligned_share, line_up, tokenize_chat_pair, tokenize_text_pair
+from helpers import NEWS, other_tokenizer, tiny_tokenizer
 
 
 def _read_up_to(tokenizer, ids, position) -> str:

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import yaml
-from helpers import NEWS, save_tiny_pair, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from alambic.config import ConfigError, DataConfig, TeacherResponsesConfig, validate_config
@@ -25,6 +24,7 @@ from alambic.data.generate import (
 from alambic.data.sources import DataSourceError
 from alambic.data.tokenize import IGNORE_INDEX, split_documents, tokenize_chat
 from alambic.decoding import generate_responses, stop_token_ids
+from helpers import NEWS, save_tiny_pair, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,7 +191,8 @@ def test_the_response_set_is_written_and_reloads_and_an_empty_one_is_refused(mod
     dataset = load_response_set(tmp_path / "g")
     assert len(dataset) == summary["training_sequences"] > 0
     assert summary["counted_tokens"] == sum(sum(t != IGNORE_INDEX for t in row) for row in dataset["labels"])
-    assert summary["kept"] == sum(bool(r["response"].strip()) for r in read_generations(tmp_path / "g" / "generations.jsonl"))
+    generations = read_generations(tmp_path / "g" / "generations.jsonl")
+    assert summary["kept"] == sum(bool(r["response"].strip()) for r in generations)
     assert json.loads((tmp_path / "g" / "summary.json").read_text()) == summary
 
     # a 1-token cap: every answer is cut ("length") and, filtered, none is left

@@ -66,7 +66,8 @@ def test_bbc_news_labels_are_its_folders():
 
 
 def test_the_collator_pads_right_and_keeps_one_label_per_example():
-    batch = ClassificationCollator(pad_token_id=3)([{"input_ids": [5, 6, 7], "labels": 2}, {"input_ids": [8], "labels": 0}])
+    batch = ClassificationCollator(pad_token_id=3)([{"input_ids": [5, 6, 7], "labels": 2},
+                                                    {"input_ids": [8], "labels": 0}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [2, 0]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_prepared, tiny_tokenizer
 
 from alambic.config import DataConfig
 from alambic.data import load_prepared, prepare_datasets, save_prepared
 from alambic.data.prompts import PROMPTS_FILE, build_prompts, read_prompts, write_prompts
+from helpers import tiny_prepared, tiny_tokenizer
 
 
 def _chat(doc_id, *turns):

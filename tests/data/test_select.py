@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model, tiny_prepared
 
 from alambic.config import ConfigError, SelectionConfig, validate_config
 from alambic.data.select import (
@@ -18,6 +17,7 @@ from alambic.data.select import (
     token_entropy,
 )
 from alambic.report.selection import plot_entropy_histogram
+from helpers import tiny_model, tiny_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

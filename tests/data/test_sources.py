@@ -7,8 +7,7 @@ import json
 import pytest
 
 from alambic.config import DataConfig
-from alambic.data import DataSourceError, load_documents
-from alambic.data import sources
+from alambic.data import DataSourceError, load_documents, sources
 
 
 def _jsonl(path, rows):

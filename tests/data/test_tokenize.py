@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_tokenizer
 
 from alambic.config import DataConfig
 from alambic.data import (
@@ -25,6 +24,7 @@ from alambic.data.tokenize import (
     tokenize_chat,
     tokenize_text,
 )
+from helpers import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,14 @@ from alambic.data import prepare_datasets
 from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.models import count_parameters
 from alambic.students.importance import calibration_batches, measure_importance
-from alambic.students.prune import apply_plan, keep_layers, plan_for_shape, planned_parameters, save_student, search_shape
+from alambic.students.prune import (
+    apply_plan,
+    keep_layers,
+    plan_for_shape,
+    planned_parameters,
+    save_student,
+    search_shape,
+)
 from alambic.utils import native_bf16
 
 pytestmark = pytest.mark.integration

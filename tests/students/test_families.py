@@ -6,7 +6,6 @@ in memory. The lists below are what README's Pruning section promises.
 
 import pytest
 import torch
-from helpers import tiny_model, tiny_prepared
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from alambic.config import FromTeacherConfig
@@ -18,6 +17,7 @@ from alambic.students.importance import (
     measure_importance,
 )
 from alambic.students.prune import KeepPlan, PruningError, planned_parameters
+from helpers import tiny_model, tiny_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,10 +243,10 @@ def test_a_family_that_derives_head_dim_refuses_a_cut_that_would_change_it():
 def test_alambic_prune_by_importance_works_on_a_post_norm_and_a_conv1d_teacher(family, tmp_path):
     """The issue's own case, through the CLI: `layers: importance` on a saved OLMo 2 (and gpt2) teacher."""
     import yaml
-    from helpers import tiny_tokenizer, write_text_corpus
     from typer.testing import CliRunner
 
     from alambic.cli import app
+    from helpers import tiny_tokenizer, write_text_corpus
 
     teacher = tmp_path / "teacher"
     _teacher(family).save_pretrained(teacher)

@@ -341,8 +341,9 @@ def test_width_search_refuses_unreachable_budgets():
 def test_width_search_is_fast_on_a_1_7b_config():
     import time
 
-    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
-                               num_key_value_heads=32, intermediate_size=8192, tie_word_embeddings=True)
+    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=2048, num_hidden_layers=24,
+                               num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192,
+                               tie_word_embeddings=True)
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(cfg)
     start = time.perf_counter()

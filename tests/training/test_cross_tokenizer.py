@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from helpers import NEWS, other_tokenizer, tiny_model, tiny_tokenizer
 from transformers import TrainingArguments
 
 from alambic.config import ConfigError, LossConfig, validate_config
@@ -15,6 +14,7 @@ from alambic.modeling import counted_positions
 from alambic.pipeline import run_stages
 from alambic.stages import STAGES
 from alambic.training.trainer import DistillationTrainer
+from helpers import NEWS, other_tokenizer, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

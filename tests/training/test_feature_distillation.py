@@ -13,8 +13,8 @@ from alambic.config import ConfigError, FeatureLossConfig, LossConfig, TrainingC
 from alambic.data import DistillationCollator
 from alambic.losses import attention_map_loss, attention_relation_loss, distillation_loss, hidden_state_loss
 from alambic.modeling import counted_positions
-from alambic.training.features import FeatureDistiller, FeatureProjector, FeatureSetupError, LayerCapture
 from alambic.training.checkpoints import last_complete_checkpoint
+from alambic.training.features import FeatureDistiller, FeatureProjector, FeatureSetupError, LayerCapture
 from alambic.training.run import train
 from alambic.training.trainer import PROJECTOR_FILE, DistillationTrainer
 from helpers import TINY_ARCHS, tiny_model, tiny_prepared, tiny_tokenizer

@@ -102,7 +102,8 @@ def test_skip_leaves_the_bad_steps_out_counts_them_and_logs_no_false_loss(tmp_pa
         callbacks = [_Poison(student, steps=[3]), *([weights] if logging_steps == 1 else [])]
         summaries[logging_steps] = train(
             student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=0.5), callbacks=callbacks,
-            training=_training(on_nonfinite="skip", logging_steps=logging_steps), output_dir=tmp_path / f"log{logging_steps}")
+            training=_training(on_nonfinite="skip", logging_steps=logging_steps),
+            output_dir=tmp_path / f"log{logging_steps}")
         assert (tmp_path / f"log{logging_steps}" / "final" / "config.json").is_file()
     # step 3 was not taken: the weights after it are those after step 2; step 4 moved them again
     for key, value in weights.after[2].items():

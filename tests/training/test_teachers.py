@@ -16,8 +16,8 @@ from alambic.losses import multi_teacher_distillation_loss
 from alambic.modeling import counted_positions
 from alambic.pipeline import _stage_hashes, run_stages
 from alambic.stages import STAGES, load_additional_teachers, stages_until
-from alambic.training.run import train
 from alambic.teachers.ensemble import TeacherEnsemble, WeightedTeacher
+from alambic.training.run import train
 from alambic.training.trainer import DistillationTrainer
 from helpers import save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer, write_text_corpus
 

@@ -24,7 +24,8 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     teacher_state = copy.deepcopy(teacher.state_dict())
     before = _kl(teacher, student, data)
     summary = train(student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=1.0),
-                    training=TrainingConfig(max_steps=30, learning_rate=3e-3, logging_steps=10, save_steps=100, eval_steps=15),
+                    training=TrainingConfig(max_steps=30, learning_rate=3e-3, logging_steps=10, save_steps=100,
+                                            eval_steps=15),
                     output_dir=tmp_path / "run")
     after = _kl(teacher, student, data)
     assert after < 0.7 * before, (before, after)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from alambic.config._base import WEIGHTS_ID_HELP, ConfigError, Divergence, DType, Task
 from alambic.config.data import DataConfig, SelectionConfig, TeacherCacheConfig, TeacherResponsesConfig
-from alambic.config.evaluation import (CostConfig, EvaluationConfig, GenerationEvalConfig, HeldOutSetConfig,
-                                       LmEvalConfig)
+from alambic.config.evaluation import CostConfig, EvaluationConfig, GenerationEvalConfig, HeldOutSetConfig, LmEvalConfig
 from alambic.config.io import apply_override, load_config, save_config, validate_config
 from alambic.config.loss import (
     AttentionMapLossConfig,

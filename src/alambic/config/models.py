@@ -36,7 +36,8 @@ class FineTuneConfig(_Section):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     bf16: bool | Literal["auto"] = Field(
-        default=False, description="bfloat16 mixed precision; 'auto' as training.bf16 (where the device has it natively).")
+        default=False,
+        description="bfloat16 mixed precision; 'auto' as training.bf16 (where the device has it natively).")
     seed: int = Field(default=0, description="Seed of the head's initialisation and of the data order.")
 
 

@@ -78,7 +78,8 @@ class FromTeacherConfig(_Section):
         width = [f for f in self.WIDTH_FIELDS if getattr(self, f) is not None]
         if self.target_parameters is not None:
             if width or self.num_layers is not None:
-                raise ValueError(f"target_parameters chooses the shape itself: remove {width + ['num_layers'] * (self.num_layers is not None)}")
+                given = width + ["num_layers"] * (self.num_layers is not None)
+                raise ValueError(f"target_parameters chooses the shape itself: remove {given}")
             if self.layers not in (None, "importance"):
                 raise ValueError("with target_parameters the layers are chosen by importance: remove `layers` "
                                  f"(got {self.layers!r}) or set it to 'importance'")

@@ -243,8 +243,8 @@ class DistillationCollator:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
         if self.padding_free and (self.prompt_lengths or self.teacher_pad_token_id is not None):
-            raise ValueError("padding_free lays a batch's sequences in one row: on-policy prompts (prompt_lengths) and a "
-                             "teacher with another tokenizer (teacher_pad_token_id) need one row per sequence")
+            raise ValueError("padding_free lays a batch's sequences in one row: on-policy prompts (prompt_lengths) "
+                             "and a teacher with another tokenizer (teacher_pad_token_id) need one row per sequence")
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:

@@ -36,11 +36,11 @@ from alambic.losses.divergences import (
     _check_divergence_name,
     _check_unit_interval,
     _compute_dtype,
-    divergence as divergence_fn,
     mix_soft_and_hard,
     reduce_over_tokens,
     token_cross_entropy,
 )
+from alambic.losses.divergences import divergence as divergence_fn
 
 __all__ = [
     "TOPK_DIVERGENCES",

@@ -44,7 +44,8 @@ def layer_indices(spec: Literal["every_other", "first_half", "last_half"] | list
         return list(range(num_layers // 2, num_layers))
     bad = [i for i in spec if not 0 <= i < num_layers]
     if bad:
-        raise PruningError(f"student.from_teacher.layers: indices {bad} out of range for a teacher of {num_layers} layers")
+        raise PruningError(f"student.from_teacher.layers: indices {bad} out of range for a teacher of "
+                           f"{num_layers} layers")
     return sorted(spec)
 
 

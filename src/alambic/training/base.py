@@ -87,8 +87,8 @@ class AlambicTrainer(Trainer):
         """`on_nonfinite`: 'stop' or 'skip'; `settings`: the config section whose learning rate and precision these
         trainings use, named in the error."""
         if on_nonfinite == "skip" and self.is_deepspeed_enabled:
-            raise ValueError(f"{settings}.on_nonfinite: skip drops a step's gradients before the optimizer steps, which "
-                             "DeepSpeed does inside its engine: use 'stop' under DeepSpeed")
+            raise ValueError(f"{settings}.on_nonfinite: skip drops a step's gradients before the optimizer steps, "
+                             "which DeepSpeed does inside its engine: use 'stop' under DeepSpeed")
         self.on_nonfinite, self.settings = on_nonfinite, settings
 
     # -- one step: its micro-batch losses, then the decision before the optimizer step ---------------------------

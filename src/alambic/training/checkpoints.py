@@ -81,7 +81,8 @@ def checkpoint_problem(folder: Path) -> str | None:
             with zipfile.ZipFile(path):
                 pass
         except (zipfile.BadZipFile, OSError):
-            return f"{path.name} ({path.stat().st_size:,} bytes) is not a complete torch.save archive: cut off or damaged"
+            return (f"{path.name} ({path.stat().st_size:,} bytes) is not a complete torch.save archive: "
+                    "cut off or damaged")
     return None
 
 

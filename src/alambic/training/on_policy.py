@@ -37,7 +37,6 @@ from alambic.config import OnPolicyConfig
 from alambic.data.tokenize import IGNORE_INDEX
 from alambic.decoding import generate_token_responses, stop_token_ids
 
-
 # Where no model's generation_config samples: settings whose answers end. At temperature 1.0 and top-p 1.0 (GKD's)
 # the responses of a small student nearly all ran to max_new_tokens (issue 6's chat benchmark); the teacher's own
 # data (data.teacher_responses) samples at 0.7.
@@ -187,8 +186,8 @@ class OnPolicySampler:
 
     def __init__(self, cfg: OnPolicyConfig, tokenizer, models: Sequence[tuple[str, nn.Module | None]] = ()):
         if tokenizer is None:
-            raise ValueError("loss.on_policy needs the tokenizer (its end-of-turn tokens stop the student's responses): "
-                             "pass processing_class=tokenizer to the trainer")
+            raise ValueError("loss.on_policy needs the tokenizer (its end-of-turn tokens stop the student's "
+                             "responses): pass processing_class=tokenizer to the trainer")
         self.cfg = cfg
         generation = [(role, getattr(model, "generation_config", None)) for role, model in models]
         self.settings = sampling_settings(cfg, generation)

@@ -17,10 +17,14 @@ from alambic.config import ConfigError, LossConfig, TrainingConfig
 from alambic.data import DistillationCollator, PreparedData
 from alambic.modeling import compile_layers
 from alambic.teachers import TeacherSource, choose
-from alambic.training.base import AlambicTrainer
-from alambic.training.checkpoints import (CHECKPOINT_NAME, NonFiniteWeightsError, check_finite_weights,
-                                         last_complete_checkpoint)
 from alambic.teachers.ensemble import WeightedTeacher
+from alambic.training.base import AlambicTrainer
+from alambic.training.checkpoints import (
+    CHECKPOINT_NAME,
+    NonFiniteWeightsError,
+    check_finite_weights,
+    last_complete_checkpoint,
+)
 from alambic.training.trainer import DistillationTrainer
 from alambic.utils import console, native_bf16, use_bf16
 
@@ -99,14 +103,16 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
     try:
         return TrainingArguments(**args)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"training / training.trainer_args rejected by transformers.TrainingArguments: {exc}") from None
+        raise ConfigError(f"training / training.trainer_args rejected by transformers.TrainingArguments: "
+                          f"{exc}") from None
 
 
 def restore_forward(model: torch.nn.Module | None) -> None:
     """Undo accelerate's mixed-precision wrapper on a model's forward (`prepare_model` replaces it in place by an
-    autocast one), and the compilation of its layers (`training.torch_compile`). The teacher object outlives the trainer (`load_model(cache=True)` shares it with the next
-    stages): left wrapped, the evaluation would score the teacher and time its generation under bf16 autocast
-    while the students run in their own dtype (measured: 4x slower decoding on CPU)."""
+    autocast one), and the compilation of its layers (`training.torch_compile`). The teacher object outlives the
+    trainer (`load_model(cache=True)` shares it with the next stages): left wrapped, the evaluation would score the
+    teacher and time its generation under bf16 autocast while the students run in their own dtype (measured: 4x
+    slower decoding on CPU)."""
     if getattr(model, "_alambic_compiled_layers", False):  # training.torch_compile: eager layers again
         compile_layers(model, compiled=False)
     original = None if model is None else model.__dict__.pop("_original_forward", None)
@@ -140,11 +146,11 @@ def train(
 
     `source`: where the soft loss's teacher signal comes from (`teachers.choose`: live, an offline top-k cache with
     its `collator`, a teacher with another tokenizer); None: chosen from `teacher`, `additional_teachers` and
-    `teacher_weight` (a live teacher, or none at loss.alpha = 0). Checkpoints go to `output_dir/checkpoints`; with `resume`, training continues from the newest
-    complete one. Metrics stream to `output_dir/metrics.jsonl`. `kept_layers`: the teacher layer each
-    student layer was copied from (`student/student.json`), which `loss.features.layer_map: auto` pairs up.
-    A feature projector (`loss.features.hidden_states` across widths) is saved in each checkpoint and
-    restored on resume, but is not part of `final/`, which stays an ordinary HF model.
+    `teacher_weight` (a live teacher, or none at loss.alpha = 0). Checkpoints go to `output_dir/checkpoints`; with
+    `resume`, training continues from the newest complete one. Metrics stream to `output_dir/metrics.jsonl`.
+    `kept_layers`: the teacher layer each student layer was copied from (`student/student.json`), which
+    `loss.features.layer_map: auto` pairs up. A feature projector (`loss.features.hidden_states` across widths) is
+    saved in each checkpoint and restored on resume, but is not part of `final/`, which stays an ordinary HF model.
     `additional_teachers` and `teacher_weight`: several teachers, combined as `loss.teachers` says (the
     teachers are not part of any checkpoint: a resumed training gets them again from its caller).
 
