@@ -304,7 +304,7 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
         from alambic.config import LossConfig
         from alambic.losses.topk import teacher_topk
         from alambic.modeling import counted_positions, final_hidden_states, project
-        from alambic.training.cached import cached_teacher_loss
+        from alambic.teachers.cached import cached_teacher_loss
 
         mask, targets = counted_positions(labels)
         with torch.inference_mode():  # what `alambic cache` writes: top-k log-probs, ids and tail per counted token

@@ -131,7 +131,8 @@ def test_a_chain_runs_resumes_and_redoes_a_step_whose_teacher_changed(tmp_path, 
     original_train = run_mod.train
 
     def spy(student, tokenizer, data, *, teacher, output_dir, **kwargs):
-        taught_by[output_dir.name] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        seen = teacher if teacher is not None else kwargs["source"].models()[0]  # the stage passes its source
+        taught_by[output_dir.name] = {k: v.clone() for k, v in seen.state_dict().items()}
         return original_train(student, tokenizer, data, teacher=teacher, output_dir=output_dir, **kwargs)
 
     monkeypatch.setattr(run_mod, "train", spy)
