@@ -15,7 +15,8 @@ class TeacherCacheConfig(_Section):
     """Offline teacher: top-k log-probs per counted token, computed once, so training needs no teacher."""
 
     k: int = Field(default=64, gt=0, description="Teacher log-probs kept per token (plus one tail bucket).")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(default="float16", description="Storage dtype of the log-probs.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(default="float16",
+                                                             description="Storage dtype of the log-probs.")
     batch_size: int = Field(default=8, gt=0, description="Sequences per teacher forward while writing.")
     sequences_per_shard: int = Field(default=256, gt=0, description="Sequences per shard file (the unit of resume).")
     folder: Path | None = Field(default=None, description="Where the cache lives; default: <run folder>/teacher_cache.")
@@ -35,7 +36,8 @@ class TeacherResponsesConfig(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token.")
     top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens; 0 keeps every token.")
     num_samples: int = Field(default=1, gt=0, description="Responses per prompt, each a training sequence.")
-    seed: int = Field(default=0, description="Seed of the sampling (the same seed and batch_size give the same answers).")
+    seed: int = Field(default=0,
+                      description="Seed of the sampling (the same seed and batch_size give the same answers).")
     batch_size: int = Field(default=16, gt=0, description="Responses generated at once; also the unit of resume.")
     max_prompts: int | None = Field(
         default=None, gt=0, description="Answer only the first N training prompts (None: all of them).")
@@ -100,10 +102,13 @@ class DataConfig(_Section):
     messages_field: str = Field(
         default="messages", description="Column holding a list of {role, content} (format chat)."
     )
-    prompt_field: str = Field(default="prompt", description="Prompt column (format chat, when there is no messages column).")
-    response_field: str = Field(default="response", description="Response column (format chat, when there is no messages column).")
+    prompt_field: str = Field(default="prompt",
+                              description="Prompt column (format chat, when there is no messages column).")
+    response_field: str = Field(default="response",
+                                description="Response column (format chat, when there is no messages column).")
     max_seq_len: int = Field(default=256, gt=1, description="Tokens per training sequence.")
-    max_documents: int | None = Field(default=None, gt=0, description="Use at most this many documents (after shuffling).")
+    max_documents: int | None = Field(default=None, gt=0,
+                                      description="Use at most this many documents (after shuffling).")
     validation_fraction: float = Field(
         default=0.05, gt=0, lt=1, description="Fraction of documents held out, never trained on."
     )
@@ -112,7 +117,8 @@ class DataConfig(_Section):
     )
     seed: int = Field(default=0, description="Seed of the document shuffle and of the held-out split.")
     teacher_cache: TeacherCacheConfig | None = Field(
-        default=None, description="Distil from an offline top-k teacher cache (`alambic cache`) instead of a live teacher."
+        default=None,
+        description="Distil from an offline top-k teacher cache (`alambic cache`) instead of a live teacher."
     )
     teacher_responses: TeacherResponsesConfig | None = Field(
         default=None, description="Train on the teacher's own answers to the training prompts (format chat) instead "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from alambic.combinations import PLAIN, config_refusals
 from alambic.config._base import Divergence, _Section
 from alambic.divergence import DivergenceSpec
 
@@ -46,9 +48,11 @@ class AttentionRelationLossConfig(_Section):
         default=None, gt=0, description="Relation heads R the q, k and v vectors are split into; R must divide every "
         "q/k/v width of both models. None: the largest such R up to the student's number of attention heads.",
     )
-    layer: int = Field(default=-1, description="Student layer whose relations are matched; negative counts from the end.")
+    layer: int = Field(default=-1,
+                       description="Student layer whose relations are matched; negative counts from the end.")
     teacher_layer: int | None = Field(
-        default=None, description="Teacher layer it learns from; negative counts from the end. None: layer_map's partner "
+        default=None, description="Teacher layer it learns from; negative counts from the end. None: layer_map's "
+        "partner "
         "of `layer` (MiniLM-v2 finds an upper-middle teacher layer can teach large students better).",
     )
 
@@ -109,7 +113,8 @@ class OnPolicyConfig(_Section):
         "training); 1: every step.",
     )
     max_new_tokens: int = Field(
-        default=64, gt=0, description="Cap on each student response, end-of-turn included. An on-policy sequence is its "
+        default=64, gt=0, description="Cap on each student response, end-of-turn included. An on-policy sequence is "
+        "its "
         "prompt plus the response: up to data.max_seq_len + max_new_tokens tokens (size the memory for that).",
     )
     sampling_temperature: float | None = Field(
@@ -153,7 +158,8 @@ class LossConfig(_Section):
         "(fast, memory flat in the vocabulary). 'full': logits of all counted tokens at once (the reference).",
     )
     chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
-        default="auto", description="Tokens per chunk of the chunked loss (the (chunk, V) logits block of each model is "
+        default="auto", description="Tokens per chunk of the chunked loss (the (chunk, V) logits block of each model "
+        "is "
         "what the loss holds at once). 'auto': as many as keep a block under 2^26 logits (1365 tokens at V = 49,152, "
         "441 at 151,936), so the loss's memory does not grow with the vocabulary.",
     )
@@ -173,11 +179,9 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _features_need_the_teacher(self) -> LossConfig:
-        if self.features is not None and self.alpha == 0:
-            raise ValueError("loss.features needs the live teacher, which alpha = 0 (plain cross-entropy) does not "
-                             "load: raise loss.alpha above 0 or remove loss.features")
-        if self.on_policy is not None and self.alpha == 0:
-            raise ValueError("loss.on_policy has the teacher score the student's own responses, which alpha = 0 "
-                             "(plain cross-entropy, no teacher) would only imitate: raise loss.alpha above 0 "
-                             "(1 is GKD's objective) or remove loss.on_policy")
+        """The loss's own features that alpha = 0 (no teacher) cannot serve, from the one table
+        (`alambic.combinations`); the others need the whole run: `RunConfig._sources_fit`."""
+        problems = config_refusals(SimpleNamespace(loss=self), [PLAIN] if self.alpha == 0 else [], {"loss"})
+        if problems:
+            raise ValueError("; ".join(problems))
         return self

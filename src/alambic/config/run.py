@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from alambic.combinations import config_refusals
 from alambic.config._base import Task, _Section
 from alambic.config.data import DataConfig
 from alambic.config.evaluation import EvaluationConfig
@@ -35,7 +36,8 @@ class ChainStep(_Section):
     student: Literal["previous", "first"] | dict[str, Any] | None = Field(
         default=None, description="'previous': start from the previous step's final student (fine-tune it, or distil "
         "it further: two-stage). 'first': start from the untrained student of the first step (the top-level "
-        "from_teacher applied to the original teacher, or the given student); with teacher: previous this is born-again "
+        "from_teacher applied to the original teacher, or the given student); with teacher: previous this is "
+        "born-again "
         "self-distillation. A mapping: overrides of the student section. null: the top-level student, whose "
         "from_teacher prunes this step's teacher.",
     )
@@ -74,7 +76,8 @@ class ChainStep(_Section):
                                                                    and k.split(".")[1] not in self.SHORTHAND_KEEPS)]
             if clash:
                 problems.append(f"{section}: {value} says which weights the step uses, so {clash} cannot be set beside "
-                                f"it (only {section}.dtype / {section}.device); write the {section} section out instead")
+                                f"it (only {section}.dtype / {section}.device); write the {section} section out "
+                                "instead")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -83,7 +86,8 @@ class ChainStep(_Section):
 class RunConfig(_Section):
     """A whole run: teacher -> student -> data -> distill -> evaluate -> report."""
 
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; the folder is output_dir/name.")
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$",
+                      description="Run name; the folder is output_dir/name.")
     output_dir: Path = Field(default=Path("runs"), description="Parent folder of run folders.")
     task: Task = Field(
         default="causal_lm",
@@ -126,7 +130,8 @@ class RunConfig(_Section):
         names = [s.name for s in v]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            problems.append(f"step names {twice} are used twice: each step needs its own name (it names its run folder)")
+            problems.append(f"step names {twice} are used twice: each step needs its own name (it names its run "
+                            "folder)")
         first = v[0]
         if first.teacher == "previous" or first.student in ("previous", "first"):
             problems.append(f"the first step {first.name!r} has no step before it: teacher: previous and student: "
@@ -136,32 +141,11 @@ class RunConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _cache_needs_log_probs(self) -> RunConfig:
-        if self.data.teacher_cache is not None and self.loss.divergence == "logit_mse":
-            raise ValueError("data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; "
-                             "choose another loss.divergence or remove data.teacher_cache")
-        if self.data.teacher_cache is not None and self.loss.features is not None:
-            raise ValueError("loss.features needs the live teacher's hidden states and attention, which "
-                             "data.teacher_cache does not keep: remove one of them")
-        return self
-
-    @model_validator(mode="after")
     def _on_policy_fits(self) -> RunConfig:
-        """Every setting that cannot go with loss.on_policy, in one message (alpha 0: in LossConfig)."""
-        if self.loss.on_policy is None:
-            return self
-        problems = []
-        if self.task != "causal_lm":
-            problems.append(f"loss.on_policy samples responses from a language model: task {self.task!r} has none; "
-                            "remove loss.on_policy")
-        elif self.data.format != "chat":
-            problems.append(f"loss.on_policy needs prompts to answer: set data.format: chat (got {self.data.format!r}) "
-                            "or remove loss.on_policy")
-        if self.data.teacher_cache is not None:
-            problems.append("loss.on_policy has the live teacher score the student's fresh responses, which "
-                            "data.teacher_cache (written for the corpus sequences) cannot: remove one of them")
-        if problems:
-            raise ValueError("; ".join(problems))
+        """loss.on_policy answers chat prompts (the sources it cannot go with: `_task_and_sources_fit`)."""
+        if self.loss.on_policy is not None and self.task == "causal_lm" and self.data.format != "chat":
+            raise ValueError(f"loss.on_policy needs prompts to answer: set data.format: chat (got "
+                             f"{self.data.format!r}) or remove loss.on_policy")
         return self
 
     @model_validator(mode="after")
@@ -178,7 +162,8 @@ class RunConfig(_Section):
         }
         refused = [name for name, on in needs_rows.items() if on]
         if refused:
-            raise ValueError(f"training.packing: padding_free lays a batch's sequences in one row, which {', '.join(refused)} "
+            raise ValueError("training.packing: padding_free lays a batch's sequences in one row, which "
+                             f"{', '.join(refused)} "
                              "cannot use: choose training.packing: group_by_length (padded, of similar lengths) or pad")
         return self
 
@@ -195,25 +180,10 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _several_teachers_fit(self) -> RunConfig:
-        """Every setting that cannot go with additional_teachers, in one message."""
-        if not self.additional_teachers:
-            return self
-        problems = []
-        if self.data.teacher_cache is not None:
-            problems.append("data.teacher_cache holds the top-k log-probs of `teacher` alone: several teachers cannot "
-                            "use it; remove data.teacher_cache or additional_teachers")
-        if self.loss.alpha == 0:
-            problems.append("additional_teachers weigh the soft loss, which loss.alpha = 0 (plain cross-entropy) does "
-                            "not compute: raise loss.alpha above 0 or remove additional_teachers")
-        # (classifiers: refused in `_task_fits`)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    @model_validator(mode="after")
-    def _task_fits(self) -> RunConfig:
-        """Every setting that cannot go with the task, in one message."""
+    def _task_and_sources_fit(self) -> RunConfig:
+        """Every setting that cannot go with the task, and every feature the run's kinds of teacher signal cannot
+        serve, in one message: the latter from one table, read off the sources' declared requirements
+        (`alambic.combinations`; alpha 0 with the loss's own features: in LossConfig)."""
         problems = []
         if self.task == "causal_lm":
             if self.data.format == "classification":
@@ -223,24 +193,17 @@ class RunConfig(_Section):
                                 "or remove teacher.fine_tune")
         else:
             if self.data.format != "classification":
-                problems.append(f"task sequence_classification needs labelled examples: set data.format: classification "
+                problems.append("task sequence_classification needs labelled examples: set data.format: "
+                                "classification "
                                 f"(got {self.data.format!r}) and data.label_field")
-            if self.data.teacher_cache is not None:
-                problems.append("data.teacher_cache keeps next-token log-probs: a classifier's teacher runs live; "
-                                "remove data.teacher_cache")
-            if self.loss.features is not None:
-                problems.append("loss.features (hidden states, attention) is not supported for classifiers: "
-                                "remove loss.features")
-            if getattr(self.data, "selection", None) is not None:
-                problems.append("data.selection ranks sequences by the teacher's next-token entropy, which a classifier "
-                                "does not give: remove data.selection")
-            if getattr(self, "additional_teachers", None):
-                problems.append("additional_teachers (teacher ensembles) are not supported for classifiers: remove them")
+            # (what a classifier's teacher cannot serve: the table, below)
             cut = self.student.from_teacher
             if cut is not None and cut.needs_importance:
-                problems.append("student.from_teacher: importance (layers: importance, width fields, target_parameters) "
+                problems.append("student.from_teacher: importance (layers: importance, width fields, "
+                                "target_parameters) "
                                 "is measured with the language-model loss, which a classifier lacks; choose layers "
                                 "every_other / first_half / last_half or explicit indices")
+        problems += config_refusals(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self

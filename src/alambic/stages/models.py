@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alambic.combinations import two_vocabulary_refusals
 from alambic.config import ConfigError, RunConfig
 from alambic.layout import DATA_DIR, FINAL_DIR, PRUNING_FILE, STUDENT_DIR, STUDENT_FILE, TEACHER_DIR, TRAIN_SUMMARY_FILE
 from alambic.pipeline import StageContext
@@ -169,14 +170,7 @@ def data_tokenizers(config: RunConfig, run_dir: Path) -> tuple[Any, Any | None]:
             "tokens, and the sorted probability vectors are compared where the two tokenizations line up;\n"
             "  data.teacher_responses: {...} with loss.alpha: 0   response distillation: the student learns the "
             "teacher's generated answers (chat data) in its own tokens.")
-    needs_one_vocabulary = {
-        "loss.features": loss.features is not None, "loss.on_policy": loss.on_policy is not None,
-        "data.teacher_cache": data.teacher_cache is not None, "data.selection": data.selection is not None,
-        "additional_teachers": bool(config.additional_teachers),
-        "data.teacher_responses with loss.alpha > 0": uld and data.teacher_responses is not None,
-        "training.packing: padding_free": uld and config.training.packing == "padding_free",
-    }
-    refused = [name for name, on in needs_one_vocabulary.items() if on]
+    refused = two_vocabulary_refusals(config)  # the one table: alambic.combinations
     if refused:
         raise ConfigError(f"{gap}: {', '.join(refused)} compare the models token by token, which needs one "
                           f"vocabulary; remove {'it' if len(refused) == 1 else 'them'} for a student with its own "

@@ -7,7 +7,7 @@
     classifier.py  ClassifierTeacher       a sequence classifier's class logits, one row per example
     plain.py       NoTeacher               loss.alpha = 0: plain cross-entropy
     ensemble.py    several live teachers (additional_teachers), run one after another
-    rules.py       which features combine with which source, read off their `Requirements`
+    rules.py       the source's side of the table of combinations (alambic.combinations), when `choose` picks it
 
 The source is chosen once, from what the run declares (`choose`), never by looking at a batch's keys.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from alambic import combinations
 from alambic.teachers.base import Requirements, SoftLoss, StudentStep, TeacherSource
 from alambic.teachers.cached import CachedTopK
 from alambic.teachers.classifier import ClassifierTeacher
@@ -35,13 +36,16 @@ __all__ = ["RULES", "SOURCES", "CachedTopK", "ClassifierTeacher", "CrossTokenize
            "NoTeacher", "Requirements", "SoftLoss", "StudentStep", "TeacherSource", "check_combination", "choose",
            "combination_table"]
 
-# Every kind, for the combination table (`rules.table`); a new kind adds its class here and its case in `choose`.
+# Every kind, for the combination table; a new kind declares its requirements in alambic.combinations.DECLARED,
+# adds its class here and its case in `choose`.
 SOURCES = (LiveTeachers, CachedTopK, CrossTokenizerTeacher, ClassifierTeacher, NoTeacher)
 
 
 def combination_table() -> list[tuple[str, dict[str, bool]]]:
-    """Each feature of `RULES` and, for each kind of source, whether it combines (docs/architecture.md shows it)."""
-    return [(rule.feature, {cls.name: getattr(cls.requirements, rule.needs) for cls in SOURCES}) for rule in RULES]
+    """Each feature of the table and, for each kind of source, whether it combines (docs/architecture.md shows it);
+    the kinds in `SOURCES`' order, as each class declares its requirements."""
+    table = dict(combinations.combination_table())
+    return [(feature, {cls.name: table[feature][cls.name] for cls in SOURCES}) for feature in table]
 
 
 def choose(loss: LossConfig, *, teacher: PreTrainedModel | None = None, cached: bool = False,

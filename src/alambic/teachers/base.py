@@ -4,7 +4,7 @@
 A trainer runs the student's forward, hands the result to its source's `soft_loss`, adds the feature terms, logs:
 it never looks at the batch's keys to find out which teacher it has. The source is chosen once, from the config
 (`teachers.choose`), and the combinations of features it cannot serve are refused from its `Requirements`
-(`teachers.rules`).
+(declared, torch-free, in `alambic.combinations`, which the config reads too; `teachers.rules`).
 """
 
 from __future__ import annotations
@@ -14,32 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from alambic.combinations import Requirements
 from alambic.losses.divergences import LossParts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from alambic.config import LossConfig
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What a kind of teacher signal needs from the run, and what it offers the other features.
-
-    Attributes:
-        shared_vocabulary: compares the logits id by id: student and teacher need one tokenizer.
-        one_row_per_sequence: one logit row per sequence (a classifier's (B, C)), not one per token.
-        live_hidden_states: runs the teacher on the student's own tokens, so its hidden states and attention are at
-            hand (feature terms) and it can score any sequence (on-policy samples).
-        several_teachers: can combine more teachers (`additional_teachers`) with the first.
-        columns: the batch keys it reads besides input_ids, attention_mask and labels (its collator adds them).
-    """
-
-    shared_vocabulary: bool
-    one_row_per_sequence: bool
-    live_hidden_states: bool
-    several_teachers: bool
-    columns: tuple[str, ...] = ()
 
 
 @dataclass

@@ -15,11 +15,13 @@ count of counted tokens), so the chunks' parts add up to the unchunked loss.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from alambic.combinations import CACHED, DECLARED
 from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import check_teacher_rows, check_topk_options, topk_loss_and_logit_grad
@@ -108,10 +110,8 @@ class CachedTopK:
     """The offline teacher as a source: `cached_teacher_loss` on the rows the batches bring (`CachedTeacherCollator`);
     no teacher model is loaded while the student trains."""
 
-    name: ClassVar[str] = "offline teacher cache"
-    requirements: ClassVar[Requirements] = Requirements(
-        shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False,
-        columns=TEACHER_KEYS)
+    name: ClassVar[str] = CACHED
+    requirements: ClassVar[Requirements] = replace(DECLARED[CACHED], columns=TEACHER_KEYS)
     teacher_core = None
 
     def models(self) -> tuple[nn.Module, ...]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from alambic.combinations import CLASSIFIER, DECLARED
 from alambic.losses import distillation_loss
 from alambic.teachers.base import Requirements, SoftLoss, StudentStep
 
@@ -21,9 +22,8 @@ class ClassifierTeacher:
     """The teacher classifier run on the student's batch; None: plain cross-entropy on the labels (alpha = 0, the
     teacher's own fine-tuning)."""
 
-    name: ClassVar[str] = "classifier teacher"
-    requirements: ClassVar[Requirements] = Requirements(
-        shared_vocabulary=True, one_row_per_sequence=True, live_hidden_states=False, several_teachers=False)
+    name: ClassVar[str] = CLASSIFIER
+    requirements: ClassVar[Requirements] = DECLARED[CLASSIFIER]
     teacher_core = None
 
     def __init__(self, teacher: PreTrainedModel | None):

@@ -3,11 +3,13 @@ ULD (loss.divergence 'uld', sorted probability vectors) is taken where the two t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from alambic.combinations import CROSS, DECLARED
 from alambic.divergence import DivergenceSpec
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.divergences import LossParts, mix_soft_and_hard
@@ -26,10 +28,8 @@ CROSS_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions"
 class CrossTokenizerTeacher:
     """The live teacher on its own tokens; the soft term only at the student positions with a partner."""
 
-    name: ClassVar[str] = "teacher with another tokenizer"
-    requirements: ClassVar[Requirements] = Requirements(
-        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False,
-        columns=CROSS_KEYS)
+    name: ClassVar[str] = CROSS
+    requirements: ClassVar[Requirements] = replace(DECLARED[CROSS], columns=CROSS_KEYS)
 
     def __init__(self, teacher: PreTrainedModel):
         self._given = teacher

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from alambic.combinations import DECLARED, LIVE
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.modeling import final_hidden_states, project
@@ -29,9 +30,8 @@ if TYPE_CHECKING:
 class LiveTeachers:
     """The teacher (and the additional ones) run on the batch's tokens; `setup` places them beside the student."""
 
-    name: ClassVar[str] = "live teacher"
-    requirements: ClassVar[Requirements] = Requirements(
-        shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=True, several_teachers=True)
+    name: ClassVar[str] = LIVE
+    requirements: ClassVar[Requirements] = DECLARED[LIVE]
 
     def __init__(self, teacher: PreTrainedModel, additional: Sequence[WeightedTeacher] = (),
                  teacher_weight: float = 1.0):

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from alambic.combinations import DECLARED, PLAIN
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.modeling import project
@@ -19,9 +20,8 @@ class NoTeacher:
     """The hard term alone, through the same loss functions as a teacher's (so that alpha = 0 is exactly their
     edge case)."""
 
-    name: ClassVar[str] = "no teacher"
-    requirements: ClassVar[Requirements] = Requirements(
-        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False)
+    name: ClassVar[str] = PLAIN
+    requirements: ClassVar[Requirements] = DECLARED[PLAIN]
     teacher_core = None
 
     def models(self) -> tuple[nn.Module, ...]:

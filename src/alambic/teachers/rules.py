@@ -1,16 +1,18 @@
-"""Which features combine with which teacher signal: one table, read off the sources' declared `Requirements`.
+"""The table of which features combine with which teacher signal (`alambic.combinations.ROWS`, read off the
+sources' declared `Requirements`), checked once more when `teachers.choose` picks the source: a caller of the
+trainers without a `RunConfig` (which refuses the same rows when it loads) gets the refusal by name too.
 
-Each row names a feature, when the config turns it on, the requirement it needs of the teacher source, and the
-refusal when the chosen source does not offer it: the message names the feature, the source, and the way round.
+The words here are the source's side of a refused row: the message names the feature, the source, and the way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from alambic.teachers.base import Requirements
+from alambic.combinations import ROWS, Row
 
 if TYPE_CHECKING:
     from alambic.config import LossConfig
@@ -28,39 +30,33 @@ class Setting:
     cached: bool = False
 
 
-@dataclass(frozen=True)
-class Rule:
-    feature: str
-    on: Callable[[Setting], bool]
-    needs: str  # a field of `Requirements`
-    message: Callable[[Setting], str]
-
-
 def _additional_message(s: Setting) -> str:
     return (f"additional teachers {list(s.additional)} need the live primary teacher and loss.alpha > 0 (got "
             f"teacher={'a model' if s.teacher_given else 'None'}, alpha = {s.loss.alpha}"
             f"{', an offline teacher cache' if s.cached else ''}): an offline cache holds one teacher")
 
 
-RULES: tuple[Rule, ...] = (
-    Rule("additional_teachers", lambda s: bool(s.additional), "several_teachers", _additional_message),
-    Rule("loss.features", lambda s: s.loss.features is not None, "live_hidden_states",
-         lambda s: "loss.features needs a live teacher's hidden states: an offline teacher cache has none, and "
-                   "alpha = 0 loads no teacher; remove loss.features or distil from the live teacher"),
-    Rule("loss.on_policy", lambda s: s.loss.on_policy is not None, "live_hidden_states",
-         lambda s: "loss.on_policy needs a live teacher to score the student's responses: an offline teacher cache "
-                   "has none, and alpha = 0 loads none; remove loss.on_policy or distil from the live teacher with "
-                   "alpha > 0"),
-)
+# The rows a trainer's source can be asked about (those that read the loss and the teachers alone), in order.
+MESSAGES: dict[str, Callable[[Setting], str]] = {
+    "additional_teachers": _additional_message,
+    "loss.features": lambda s: "loss.features needs a live teacher's hidden states: an offline teacher cache has "
+                               "none, and alpha = 0 loads no teacher; remove loss.features or distil from the live "
+                               "teacher",
+    "loss.on_policy": lambda s: "loss.on_policy needs a live teacher to score the student's responses: an offline "
+                                "teacher cache has none, and alpha = 0 loads none; remove loss.on_policy or distil "
+                                "from the live teacher with alpha > 0",
+}
+RULES: tuple[Row, ...] = tuple(sorted((row for row in ROWS if row.feature in MESSAGES),
+                                      key=lambda row: list(MESSAGES).index(row.feature)))
 
 
 def check_combination(source: TeacherSource, setting: Setting) -> None:
     """Refuse the first feature of `setting` that `source` does not serve (`RULES`, in order).
 
     Raises:
-        ValueError: the rule's message.
+        ValueError: the row's message.
     """
-    requirements: Requirements = source.requirements
-    for rule in RULES:
-        if rule.on(setting) and not getattr(requirements, rule.needs):
-            raise ValueError(rule.message(setting))
+    view = SimpleNamespace(loss=setting.loss, additional_teachers=list(setting.additional))
+    for row in RULES:
+        if row.on(view) and row.needs is not None and not getattr(source.requirements, row.needs):
+            raise ValueError(MESSAGES[row.feature](setting))
