@@ -81,7 +81,8 @@ def test_intervals_contain_the_point_and_pair_with_the_mean_bootstrap():
         low, high = s["intervals"][metric]
         assert low <= s[metric] <= high and low < high, metric
     correct = (noisy == y).double().numpy()
-    assert s["intervals"]["accuracy"] == bootstrap_mean_intervals({"accuracy": correct}, resamples=300, seed=5)["accuracy"]
+    assert s["intervals"]["accuracy"] == bootstrap_mean_intervals({"accuracy": correct}, resamples=300,
+                                                                  seed=5)["accuracy"]
 
 
 def test_macro_f1_interval_equals_a_plain_loop_over_the_same_draws():

@@ -54,7 +54,8 @@ def test_the_bbc_task_of_a_bbc_run_holds_only_its_held_out_articles_and_no_train
     assert {d["id"] for d in kept} <= set(split["validation_document_ids"])
     assert not any(document_key(d) in keys for d in kept)
     # BBC News holds duplicate articles: some held-out ones have a training twin under another name
-    assert record["same_text_as_training"] > 0 and record["documents"] == len(held_out) - record["same_text_as_training"]
+    assert record["same_text_as_training"] > 0
+    assert record["documents"] == len(held_out) - record["same_text_as_training"]
     other, whole = held_out_documents("bbc_news", DataConfig(source="hub", hub_name="x"), split, set())
     assert len(other) == len(docs) and whole["from"].startswith("the whole corpus")
 

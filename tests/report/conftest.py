@@ -56,8 +56,9 @@ def _cost(params: int, latency: float) -> dict:
             "parameters": params, "prompt_tokens": 128, "new_tokens": 64, "batch_size": 8, "warmup": 1, "repeats": 5,
             "prefill_seconds": _timing(latency * 3), "latency_per_token_seconds": _timing(latency),
             "tokens_per_second_batch1": _timing(1 / latency), "throughput_tokens_per_second": _timing(4 / latency),
-            "weight_bytes": params * 4, "working_memory_bytes": 50 * 2**20, "peak_memory_bytes": params * 4 + 50 * 2**20,
-            "memory_method": "peak RSS (clear_refs)", "disk": {"bytes": params * 4, "format": "safetensors", "files": 1}}
+            "weight_bytes": params * 4, "working_memory_bytes": 50 * 2**20,
+            "peak_memory_bytes": params * 4 + 50 * 2**20, "memory_method": "peak RSS (clear_refs)",
+            "disk": {"bytes": params * 4, "format": "safetensors", "files": 1}}
 
 
 def _generation(rouge: float, vs_teacher: float | None) -> dict:

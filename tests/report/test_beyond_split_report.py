@@ -3,7 +3,6 @@ task group, teacher, students and kept), from a fake run's eval.json."""
 
 import json
 
-
 from alambic.evaluation.pareto import retention
 from alambic.report.datasets import TRAINING_DOMAIN, kept_by_set
 from alambic.report.lm_eval import lm_eval_section, task_groups
@@ -30,15 +29,16 @@ def _with_beyond(run_dir):
     evaluation["lm_eval"] = {
         "lm_eval_version": "0.4.13", "settings": {"tasks": ["alambic_bbc_topic", "mmlu_tiny"], "num_fewshot": None,
                                                   "limit": 50, "batch_size": 8},
-        "tasks": {"alambic_bbc_topic": {"version": 1.0, "num_fewshot": 0, "samples": {"original": 106, "effective": 50}},
+        "tasks": {"alambic_bbc_topic": {"version": 1.0, "num_fewshot": 0,
+                                        "samples": {"original": 106, "effective": 50}},
                   "mmlu_a": {"version": 2.0, "num_fewshot": 0, "samples": {"original": 9, "effective": 9}}},
         "groups": {"mmlu_tiny": ["mmlu_a"]},
         "models": {n: {"seconds": 30.0, "results": {"alambic_bbc_topic": acc(s), "mmlu_a": acc(s / 2),
                                                     "mmlu_tiny": {"acc": {"value": s / 2, "stderr": 0.1}}}}
                    for n, s in scores.items()},
         "seconds": 120.0,
-        "local_tasks": {"alambic_bbc_topic": {"source": "bbc_news", "from": "the run's held-out split", "documents": 106,
-                                              "same_text_as_training": 5, "examples": 106,
+        "local_tasks": {"alambic_bbc_topic": {"source": "bbc_news", "from": "the run's held-out split",
+                                              "documents": 106, "same_text_as_training": 5, "examples": 106,
                                               "folder": "/x/run/lm_eval_tasks/alambic_bbc_topic"}}}
     (run_dir / "eval.json").write_text(json.dumps(evaluation))
     return evaluation

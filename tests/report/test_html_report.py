@@ -95,7 +95,8 @@ def test_html_is_self_contained_with_the_same_tables_and_every_figure_inlined(fa
     assert _rows(page, "speed-up (latency)")["student distilled"] == [
         "student distilled", "51.9%", "50.4%", "1.82×", "1.82×", "1.65×", "1.56×"]
     arch = _rows(page, "teacher")
-    assert arch["decoder layers"] == ["decoder layers", "30", "15"] and arch["compression (teacher ÷ model params)"][1:] == ["1.00×", "1.65×"]
+    assert arch["decoder layers"] == ["decoder layers", "30", "15"]
+    assert arch["compression (teacher ÷ model params)"][1:] == ["1.00×", "1.65×"]
     # quality; advice none; cost; retention; architecture; pruning: shapes, sizes, quality after pruning; stages
     assert len(page.tables) == 8
     assert "<style>" in html_text and "cross-entropy control: 60 steps in 500 s" in html_text
@@ -130,7 +131,8 @@ def test_images_that_are_not_local_files_are_never_linked(tmp_path):
     body = markdown_to_html("![here](plots/a.png)\n\n![gone](plots/missing.png)\n\n![web](https://x.org/a.png)\n\n"
                             "![outside](../secret.png)\n\n<script>alert(1)</script>", tmp_path)
     page = _Page(body)
-    assert [img["src"] for img in page.images] == ["data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()]
+    assert [img["src"] for img in page.images] == [
+        "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()]
     assert body.count("figure not found") == 3 and "script" not in page.tags  # raw HTML is escaped
 
 

@@ -13,7 +13,8 @@ def test_loss_section_names_every_term_the_run_trained_with():
     text = "\n".join(loss_section(config))
     assert "total = 1 · T² · jsd(T = 1.0) + 0 · cross-entropy; JSD β = 0.5" in text
     assert "+ feature terms: hidden_states (weight 0.5, cosine); layer map auto" in text
-    assert "Teachers (sum: Σ wᵢ · divergence against each Pᵢ, weights normalised): `instruct` × 0.5, `expert` × 0.5" in text
+    assert ("Teachers (sum: Σ wᵢ · divergence against each Pᵢ, weights normalised): "
+            "`instruct` × 0.5, `expert` × 0.5") in text
     assert "On-policy: 50% of the steps train on the student's own responses (up to 64 tokens" in text
     assert "Implementation: chunked (chunks of 1024 tokens)" in text
     auto = "\n".join(loss_section({**config, "loss": {**config["loss"], "chunk_size": "auto"}}))

@@ -65,8 +65,8 @@ class LmEvalConfig(_Section):
 
     tasks: list[str] = Field(
         min_length=1, description="lm-eval task or group names, e.g. [hellaswag, arc_easy] (their data comes from "
-        f"the Hub), or alambic's local tasks {list(LOCAL_LM_EVAL_TASKS)} (written into the run folder from the held-out "
-        "BBC News articles and chatterbot conversations; offline), or tasks of include_path.")
+        f"the Hub), or alambic's local tasks {list(LOCAL_LM_EVAL_TASKS)} (written into the run folder from the "
+        "held-out BBC News articles and chatterbot conversations; offline), or tasks of include_path.")
     num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples; None: each task's default.")
     limit: int | None = Field(default=None, gt=0, description="Cap on the examples per task (None: all). Benchmarks "
                               "can dominate a run's time on CPU.")

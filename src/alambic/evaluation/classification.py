@@ -41,7 +41,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def f1_from_counts(true_positives: np.ndarray, predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def f1_from_counts(true_positives: np.ndarray, predicted: np.ndarray,
+                   actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-class F1 and macro-F1 from counts of shape (..., C) (one leading axis per resample, or none).
 
     F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c) = 2 TP_c / (predicted_c + actual_c). Macro-F1 is the mean of F1_c over
@@ -122,7 +123,8 @@ def score_classifiers(logits: dict[str, torch.Tensor], labels: torch.Tensor, lab
             raise ValueError(f"score_classifiers: {name} logits {tuple(z.shape)} differ from the teacher's "
                              f"{tuple(t_logits.shape)}: every model must score the same examples over the same classes")
         pred = z.argmax(-1).numpy()
-        per_example = {"accuracy": (pred == y).astype(np.float64), "teacher_agreement": (pred == t_pred).astype(np.float64),
+        per_example = {"accuracy": (pred == y).astype(np.float64),
+                       "teacher_agreement": (pred == t_pred).astype(np.float64),
                        "kl_to_teacher": forward_kl(z, t_logits).numpy()}  # (N,) each
         cm = confusion_matrix(y, pred, c)
         per_class, macro = f1_from_counts(np.diag(cm), cm.sum(0), cm.sum(1))
@@ -148,7 +150,8 @@ def class_logits(model: PreTrainedModel, dataset, *, pad_token_id: int, batch_si
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ClassificationCollator(pad_token_id))
-    out = [model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
+    out = [model(input_ids=b["input_ids"].to(device),
+                 attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
            for b in loader]
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
 
@@ -202,7 +205,8 @@ def forward_cost(model: PreTrainedModel, dataset, cfg: CostConfig, *, pad_token_
     }
 
 
-def classification_retention(models: dict[str, dict[str, Any]], reference: str = "teacher") -> dict[str, dict[str, Any]]:
+def classification_retention(models: dict[str, dict[str, Any]],
+                             reference: str = "teacher") -> dict[str, dict[str, Any]]:
     """Per model, relative to the teacher: accuracy and macro-F1 kept (model / teacher), speedup (teacher's
     forward time per batch / model's), size_reduction (parameters) and memory_reduction (peak memory), teacher /
     model. A figure either side lacks is None."""

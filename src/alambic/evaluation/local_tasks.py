@@ -87,7 +87,8 @@ def _task_yaml(name: str, data_file: Path, **fields: Any) -> dict[str, Any]:
     """An lm-eval custom task reading `data_file` (JSON lines) through `datasets`' json builder (no Hub)."""
     return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
             "test_split": "test", "output_type": "multiple_choice", **fields,
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                            for m in ("acc", "acc_norm")],
             "metadata": {"version": TASK_VERSION}}
 
 

@@ -77,7 +77,8 @@ def pareto_fronts(ret: dict[str, dict[str, float | None]], quality: str = "perpl
     """The front of `quality` retained against each cost gain, over the models that have both figures."""
     fronts = {}
     for gain in COST_GAINS:
-        points = {n: (r[gain], r[quality]) for n, r in ret.items() if r.get(gain) is not None and r.get(quality) is not None}
+        points = {n: (r[gain], r[quality]) for n, r in ret.items()
+                  if r.get(gain) is not None and r.get(quality) is not None}
         if len(points) > 1:
             fronts[gain] = pareto_front(points)
     return fronts

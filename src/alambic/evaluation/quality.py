@@ -14,9 +14,8 @@ from transformers import PreTrainedModel
 from alambic.data import DistillationCollator
 from alambic.evaluation.bootstrap import SUMS, bootstrap_intervals, metrics_from_sums
 from alambic.losses import forward_kl, token_cross_entropy
-from alambic.models import count_parameters
 from alambic.modeling import counted_positions, final_hidden_states, project
-
+from alambic.models import count_parameters
 from alambic.utils import console
 
 TOP_K = 5

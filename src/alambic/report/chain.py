@@ -110,7 +110,8 @@ def write_chain_report(folder: str | Path) -> Path:
     path = folder / "chain.md"
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)
-    write_html_report(folder, markdown, title=f"alambic chain: {record.get('name', folder.name)}", filename="chain.html",
+    write_html_report(folder, markdown, title=f"alambic chain: {record.get('name', folder.name)}",
+                      filename="chain.html",
                       footer="Written by alambic from the chain folder's records (chain.json, chain_eval.json and each "
                       "step's eval.json); the same content as chain.md.")
 

@@ -62,9 +62,9 @@ def classification_section(evaluation: dict[str, Any], run_dir: Path) -> list[st
         lines += ["", "F1 per class:", "", table(["model", *labels], f1_rows)]
     tuned = _read_json(run_dir / TEACHER_DIR / TRAIN_SUMMARY_FILE)
     if tuned:
-        lines += ["", f"The teacher is the backbone fine-tuned with a fresh classification head: {tuned['global_step']} "
-                      f"steps of {tuned.get('examples_per_step')} examples with plain cross-entropy, in "
-                      f"{tuned['train_seconds']:.0f} s (`teacher/final`)."]
+        lines += ["", "The teacher is the backbone fine-tuned with a fresh classification head: "
+                      f"{tuned['global_step']} steps of {tuned.get('examples_per_step')} examples with plain "
+                      f"cross-entropy, in {tuned['train_seconds']:.0f} s (`teacher/final`)."]
     lines += cost_lines(models)
     return lines
 
@@ -85,7 +85,8 @@ def cost_lines(models: dict[str, dict[str, Any]]) -> list[str]:
                      f"{c['examples_per_second']['median']:.1f}"])
     c = next(iter(timed.values()))["cost"]
     return ["", "## Cost", "",
-            table(["model", "params", "on disk", "weights", "peak memory", "forward / batch", "examples / s"], rows), "",
+            table(["model", "params", "on disk", "weights", "peak memory", "forward / batch", "examples / s"], rows),
+            "",
             f"Measured on {c.get('device_name') or c['device']} ({c['device']}, {c.get('torch_threads')} threads, "
             f"{c.get('dtype')}) on the weights scored above: one forward pass over {c['batch_size']} held-out examples "
             f"padded to {c['sequence_tokens']} tokens, {c['warmup']} warm-up run(s), then median [min–max] of "

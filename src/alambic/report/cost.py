@@ -8,7 +8,6 @@ from typing import Any
 from alambic.report.markdown import mib, model_label, percent, table, with_interval
 from alambic.report.plots import plot_pareto
 
-
 TIMED = ("prefill_seconds", "latency_per_token_seconds", "throughput_tokens_per_second")
 NOISY_SPREAD = 0.2  # (max - min) / median of the repeats: above this the machine was busy, not the model slow
 
@@ -17,7 +16,8 @@ def _timing(figure: dict[str, Any] | None, scale: float, unit: str, digits: int 
     """`median unit [min–max]` of a repeated measurement."""
     if not figure:
         return "–"
-    return f"{figure['median'] * scale:.{digits}f} {unit} [{figure['min'] * scale:.{digits}f}–{figure['max'] * scale:.{digits}f}]"
+    return (f"{figure['median'] * scale:.{digits}f} {unit} "
+            f"[{figure['min'] * scale:.{digits}f}–{figure['max'] * scale:.{digits}f}]")
 
 
 def _ratio(value: float | None) -> str:

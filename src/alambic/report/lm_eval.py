@@ -70,7 +70,8 @@ def lm_eval_section(evaluation: dict[str, Any]) -> list[str]:
         + (f"{shots}-shot" if shots is not None else "each task's default number of shots") + "; "
         + (f"at most {limit} examples per task" if limit else "every example")
         + f" ({', '.join(f'{t}: {n}' for t, n in samples.items() if n is not None)}). Score ± lm-eval's standard "
-        f"error; (kept): the model's score ÷ the teacher's. Time: {bench.get('seconds', 0):.0f} s in all ({per_model}).")
+        f"error; (kept): the model's score ÷ the teacher's. Time: {bench.get('seconds', 0):.0f} s in all "
+        f"({per_model}).")
     for task, record in (bench.get("local_tasks") or {}).items():
         dropped = record.get("same_text_as_training")
         lines.append(f"\n`{task}` is alambic's local task, {record['examples']} examples from {record['documents']} "

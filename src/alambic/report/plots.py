@@ -177,7 +177,8 @@ def plot_pareto(ret: dict[str, dict[str, float | None]], fronts: dict[str, list[
         return None
     fig, axes = plt.subplots(1, len(gains), figsize=(4.6 * len(gains), 3.8), squeeze=False)
     for ax, gain in zip(axes.flat, gains):
-        points = {n: (r[gain], r[quality]) for n, r in ret.items() if r.get(gain) is not None and r.get(quality) is not None}
+        points = {n: (r[gain], r[quality]) for n, r in ret.items()
+                  if r.get(gain) is not None and r.get(quality) is not None}
         front = fronts.get(gain, [])
         for color, (name, (x, y)) in zip(RUN_COLORS * 4, points.items()):
             ax.scatter([x], [y], s=46 if name in front else 26, color=color, zorder=3,

@@ -34,7 +34,8 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
          f"{pruning['student_tensor_bytes'] / pruning['teacher_tensor_bytes']:.2f}"],
     ])]
     if "student_disk_bytes" in pruning:
-        lines += ["", f"Student on disk (safetensors at the student dtype): {pruning['student_disk_bytes'] / 2**20:.0f} MiB."]
+        lines += ["", "Student on disk (safetensors at the student dtype): "
+                      f"{pruning['student_disk_bytes'] / 2**20:.0f} MiB."]
     imp = pruning.get("importance") or {}
     lines += ["", f"Layers kept ({pruning['layer_ranking']}): {pruning['kept_layers']}; removed: "
               f"{pruning.get('removed_layers', [])}."]
@@ -56,7 +57,8 @@ def pruning_section(pruning: dict[str, Any], evaluation: dict[str, Any], run_dir
         _quality_row("after distillation", models.get("student_distilled")),
     ) if r]
     if rows:
-        lines += ["", "Quality on the held-out split:", "", table(["student", "perplexity", "top-1 agree", "KL to teacher"], rows)]
+        lines += ["", "Quality on the held-out split:", "",
+                  table(["student", "perplexity", "top-1 agree", "KL to teacher"], rows)]
     for title, plot, name in (("Layer importance", plot_layer_importance, "layer_importance.png"),
                               ("Head importance", plot_head_importance, "head_importance.png")):
         path = plot(pruning, run_dir / "plots" / name)

@@ -157,7 +157,8 @@ def write_report(run_dir: str | Path) -> Path:
                       "student token, comparable with the students'. Agreement and KL need one vocabulary: the "
                       "student learnt from the teacher by " + ("ULD (sorted probability vectors, where the two "
                       "tokenizations line up)" if config.get("loss", {}).get("divergence") == "uld" else
-                      "its generated responses") + "; responses to held-out prompts (chat data) compare them tokenizer-free."]
+                      "its generated responses") + "; responses to held-out prompts (chat data) compare them "
+                      "tokenizer-free."]
     if tips:
         parts += ["", "## Advice", "", *(f"- {tip}" for tip in tips)]
     lm_sections = [] if classifier else [generation_section(evaluation), datasets_section(evaluation, run_dir),

@@ -8,8 +8,8 @@ from alambic.report.markdown import model_label, table
 
 ARCH_ROWS = [("model type", "model_type"), ("decoder layers", "num_layers"), ("hidden size", "hidden_size"),
              ("query heads", "num_attention_heads"), ("KV heads", "num_key_value_heads"), ("head dim", "head_dim"),
-             ("FFN size", "intermediate_size"), ("vocabulary", "vocab_size"), ("tied embeddings", "tie_word_embeddings"),
-             ("dtype", "dtype")]
+             ("FFN size", "intermediate_size"), ("vocabulary", "vocab_size"),
+             ("tied embeddings", "tie_word_embeddings"), ("dtype", "dtype")]
 
 
 def architecture_section(evaluation: dict[str, Any]) -> list[str]:
@@ -69,7 +69,8 @@ def loss_section(config: dict[str, Any]) -> list[str]:
         lines.append(f"\nImplementation: {loss.get('implementation', 'chunked')}"
                      + (f" ({chunks})" if loss.get("implementation") == "chunked" else "")
                      + ("; teacher from the offline top-k cache (k = "
-                        f"{config['data']['teacher_cache'].get('k')})" if (config.get("data") or {}).get("teacher_cache") else ""))
+                        f"{config['data']['teacher_cache'].get('k')})"
+                        if (config.get("data") or {}).get("teacher_cache") else ""))
     return lines
 
 

@@ -103,7 +103,7 @@ def plot_sweep(grid: dict[str, list[Any]], points: list[dict[str, Any]], evals: 
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
         numeric = _numeric(grid[key])
-        x_of = (lambda v: v) if numeric else (lambda v: grid[key].index(v))
+        x_of = (lambda v: v) if numeric else (lambda v, values=grid[key]: values.index(v))
         lines: dict[tuple, list[dict[str, Any]]] = {}
         for p in done:
             lines.setdefault(tuple(json.dumps(p["overrides"][o]) for o in others), []).append(p)
