@@ -31,7 +31,9 @@ browser:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	echo "chromium not installed (apt-get missing or refused): the report screenshot test will be skipped"
 
+# Lint first (ruff, configured in pyproject.toml): seconds, and a finding fails the run before the tests start.
 test: setup browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:
