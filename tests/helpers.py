@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -235,3 +235,14 @@ def random_logits(shape, *, seed: int = 0, generator: torch.Generator | None = N
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     drawn = [(torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype) for _ in range(count)]
     return [t.requires_grad_(grad) for t in drawn]
+
+
+class CrashAt(TrainerCallback):
+    """Raises `error` (an interruption by default) when training reaches `step`: a crash between checkpoints."""
+
+    def __init__(self, step: int, error: BaseException | type[BaseException] = KeyboardInterrupt):
+        self.step, self.error = step, error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise self.error

@@ -6,22 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from alambic.config import LossConfig, TrainingConfig
 from alambic.training.checkpoints import checkpoint_problem, last_complete_checkpoint
 from alambic.training.run import train
-from helpers import tiny_model, tiny_prepared, tiny_tokenizer
-
-
-class _Crash(TrainerCallback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt
-
+from helpers import CrashAt, tiny_model, tiny_prepared, tiny_tokenizer
 
 KWARGS = dict(loss=LossConfig(alpha=0.5),
               training=TrainingConfig(max_steps=6, save_steps=2, logging_steps=1, learning_rate=1e-3))
@@ -42,7 +31,7 @@ def _crashed(tmp_path, at_step=6):
     data = tiny_prepared(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model("llama", seed=2, num_layers=2), tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1),
-              output_dir=tmp_path / "run", callbacks=[_Crash(at_step)], **KWARGS)
+              output_dir=tmp_path / "run", callbacks=[CrashAt(at_step)], **KWARGS)
     return data
 
 

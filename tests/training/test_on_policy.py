@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, TrainerCallback
+from transformers import GenerationConfig
 
 from alambic.config import ConfigError, LossConfig, OnPolicyConfig, TrainingConfig, validate_config
 from alambic.data import DistillationCollator
@@ -25,7 +25,7 @@ from alambic.training.on_policy import (
 )
 from alambic.training.run import train, training_arguments
 from alambic.training.trainer import DistillationTrainer
-from helpers import save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer
+from helpers import CrashAt, save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,12 +195,6 @@ def test_lambda_one_generates_every_step_and_logs_its_cost(tmp_path):
     assert cost["sampling"]["temperature"] == DEFAULT_SAMPLING["temperature"]
 
 
-class _Crash(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 5:
-            raise KeyboardInterrupt
-
-
 def test_the_on_policy_steps_and_samples_survive_a_resume(tmp_path):
     data = tiny_prepared(tmp_path, chat=True)
     loss = _loss(0.5, seed=5)
@@ -209,7 +203,7 @@ def test_the_on_policy_steps_and_samples_survive_a_resume(tmp_path):
     straight, summary = _train(tmp_path, data, "a", loss, steps=6, save_steps=2)
     assert _per_step(summary, "on_policy_share") == drawn
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, data, "b", loss, steps=6, save_steps=2, callbacks=[_Crash()])
+        _train(tmp_path, data, "b", loss, steps=6, save_steps=2, callbacks=[CrashAt(5)])
     resumed, summary = _train(tmp_path, data, "b", loss, steps=6, save_steps=2)
     assert summary["resumed_from"] == 4 and summary["on_policy"]["steps"] == sum(drawn)
     assert _per_step(summary, "on_policy_share")[-2:] == drawn[4:]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from alambic.config import ConfigError, LossConfig, TrainingConfig, validate_config
 from alambic.data import DistillationCollator
@@ -19,7 +19,7 @@ from alambic.stages import STAGES, load_additional_teachers, stages_until
 from alambic.teachers.ensemble import TeacherEnsemble, WeightedTeacher
 from alambic.training.run import train
 from alambic.training.trainer import DistillationTrainer
-from helpers import save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer, write_text_corpus
+from helpers import CrashAt, save_tiny_pair, tiny_model, tiny_prepared, tiny_tokenizer, write_text_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,12 +231,6 @@ def test_a_run_with_two_teachers_in_sum_mode_logs_each(tmp_path):
     assert (cfg.run_dir / "final" / "config.json").is_file()
 
 
-class _Crash(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise RuntimeError("power cut")
-
-
 def test_an_interrupted_run_with_two_teachers_resumes_to_the_same_student(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -247,7 +241,8 @@ def test_an_interrupted_run_with_two_teachers_resumes_to_the_same_student(tmp_pa
 
     cut = _run_config(tmp_path, name="cut")
     original_train = run_mod.train
-    monkeypatch.setattr(run_mod, "train", lambda *a, **k: original_train(*a, callbacks=[_Crash()], **k))
+    crash = CrashAt(3, RuntimeError("power cut"))
+    monkeypatch.setattr(run_mod, "train", lambda *a, **k: original_train(*a, callbacks=[crash], **k))
     with pytest.raises(RuntimeError, match="power cut"):
         run_stages(cut, stages_until("distill"))
     monkeypatch.setattr(run_mod, "train", original_train)

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from alambic.config import LossConfig, TrainingConfig
 from alambic.data import DistillationCollator
@@ -10,7 +10,7 @@ from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.training.checkpoints import last_complete_checkpoint
 from alambic.training.run import train
 from alambic.training.trainer import DistillationTrainer
-from helpers import tiny_model, tiny_prepared, tiny_tokenizer
+from helpers import CrashAt, tiny_model, tiny_prepared, tiny_tokenizer
 
 
 def _kl(teacher, student, data):
@@ -74,15 +74,6 @@ def test_the_chunked_loss_takes_the_same_step_as_full_logits(tmp_path, divergenc
         torch.testing.assert_close(chunked[key], full[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-class _Crash(TrainerCallback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     data = tiny_prepared(tmp_path)
     kwargs = dict(loss=LossConfig(alpha=0.5), training=TrainingConfig(max_steps=6, save_steps=2, learning_rate=1e-3))
@@ -94,7 +85,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     interrupted = tiny_model("llama", seed=2, num_layers=2)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, tiny_tokenizer(), data, teacher=teacher, output_dir=tmp_path / "b",
-              callbacks=[_Crash(at_step=5)], **kwargs)
+              callbacks=[CrashAt(5)], **kwargs)
     assert last_complete_checkpoint(tmp_path / "b" / "checkpoints").name == "checkpoint-4"
     # a checkpoint cut off mid-write is not resumed from
     (tmp_path / "b" / "checkpoints" / "checkpoint-5").mkdir()
