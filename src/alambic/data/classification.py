@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from alambic.config import DataConfig
-from alambic.data.prepared import PreparedData
+from alambic.data.prepared import PreparedData, split_record
 from alambic.data.sources import DataSourceError
 from alambic.tokens import leading_bos
-from alambic.utils import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +95,14 @@ def prepare_classification(cfg: DataConfig, tokenizer, docs: list[dict[str, Any]
         logger.warning("labels %s have no training example: the classifier cannot learn them", unseen)
     lengths = [len(s["input_ids"]) for s in train + validation]
     split = {
-        "source": cfg.source,
-        "format": cfg.format,
-        "seed": cfg.seed,
-        "validation_fraction": cfg.validation_fraction,
-        "max_documents": cfg.max_documents,
-        "documents": {"total": len(docs), "train": len(train_docs), "validation": len(validation_docs)},
-        "validation_document_ids": [d["id"] for d in validation_docs],
-        "sequences": {"train": len(train), "validation": len(validation), "validation_before_cap": validation_total},
+        **split_record(cfg, tokenizer, docs, train_docs, validation_docs, train=len(train), validation=len(validation),
+                       validation_before_cap=validation_total),
         "labels": labels,
         "label_counts": {split: {name: c[name] for name in labels} for split, c in counts.items()},
         "tokens": {"train": sum(len(s["input_ids"]) for s in train),
                    "validation": sum(len(s["input_ids"]) for s in validation)},
         "truncated": sum(1 for n in lengths if n == cfg.max_seq_len),
         "prompts": 0,
-        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
-        "max_seq_len": cfg.max_seq_len,
-        "train_ids_hash": sha256_of(sorted(d["id"] for d in train_docs)),
-        "validation_ids_hash": sha256_of(sorted(d["id"] for d in validation_docs)),
     }
     logger.info("data: %d train / %d held-out examples, %d classes %s", len(train), len(validation), len(labels),
                 labels)

@@ -12,11 +12,10 @@ from typing import Any
 from alambic.config import DataConfig
 from alambic.data.classification import prepare_classification
 from alambic.data.cross import CROSS_COLUMNS, aligned_share, tokenize_chat_pair, tokenize_text_pair
-from alambic.data.prepared import PreparedData
+from alambic.data.prepared import PreparedData, split_record
 from alambic.data.prompts import build_prompts
 from alambic.data.sources import DataSourceError, load_documents
 from alambic.data.tokenize import IGNORE_INDEX, split_documents, tokenize_chat, tokenize_text
-from alambic.utils import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +70,12 @@ def prepare_datasets(cfg: DataConfig, tokenizer, teacher_tokenizer=None) -> Prep
     if cfg.max_validation_sequences is not None:
         validation = validation[: cfg.max_validation_sequences]  # the first ones: deterministic
     prompts = build_prompts(validation_docs, limit=cfg.max_validation_sequences) if cfg.format == "chat" else []
-    train_ids = [d["id"] for d in train_docs]
-    validation_ids = [d["id"] for d in validation_docs]
     split = {
-        "source": cfg.source,
-        "format": cfg.format,
-        "seed": cfg.seed,
-        "validation_fraction": cfg.validation_fraction,
-        "max_documents": cfg.max_documents,
-        "documents": {"total": len(docs), "train": len(train_docs), "validation": len(validation_docs)},
-        "validation_document_ids": validation_ids,
-        "sequences": {"train": len(train), "validation": len(validation), "validation_before_cap": validation_total},
+        **split_record(cfg, tokenizer, docs, train_docs, validation_docs, train=len(train), validation=len(validation),
+                       validation_before_cap=validation_total),
         "counted_tokens": {"train": _counted(train), "validation": _counted(validation)},
         "prompts": len(prompts),
-        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
         **(_cross_record(teacher_tokenizer, train, validation) if teacher_tokenizer is not None else {}),
-        "max_seq_len": cfg.max_seq_len,
-        "train_ids_hash": sha256_of(sorted(train_ids)),
-        "validation_ids_hash": sha256_of(sorted(validation_ids)),
     }
     logger.info(
         "data: %d train / %d held-out documents -> %d / %d sequences, %d / %d counted tokens",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alambic.data.prompts import PROMPTS_FILE, read_prompts, write_prompts
+from alambic.utils import sha256_of
 
 
 @dataclass
@@ -24,6 +25,28 @@ class PreparedData:
     split: dict[str, Any] = field(default_factory=dict)
     # held-out chat prompts {"id", "messages", "reference"} (data.prompts); text data has none
     prompts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def split_record(cfg: Any, tokenizer: Any, docs: list, train_docs: list, validation_docs: list, *, train: int,
+                 validation: int, validation_before_cap: int) -> dict[str, Any]:
+    """What every `split.json` records, whatever the data's format: how the documents were split (settings, counts,
+    the held-out ids and both id sets' hashes), the sequences made and the tokenizer. Callers add their own keys."""
+    train_ids = [d["id"] for d in train_docs]
+    validation_ids = [d["id"] for d in validation_docs]
+    return {
+        "source": cfg.source,
+        "format": cfg.format,
+        "seed": cfg.seed,
+        "validation_fraction": cfg.validation_fraction,
+        "max_documents": cfg.max_documents,
+        "documents": {"total": len(docs), "train": len(train_docs), "validation": len(validation_docs)},
+        "validation_document_ids": validation_ids,
+        "sequences": {"train": train, "validation": validation, "validation_before_cap": validation_before_cap},
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or "",
+        "max_seq_len": cfg.max_seq_len,
+        "train_ids_hash": sha256_of(sorted(train_ids)),
+        "validation_ids_hash": sha256_of(sorted(validation_ids)),
+    }
 
 
 def save_prepared(prepared: PreparedData, folder: str | Path) -> None:
