@@ -36,6 +36,20 @@ def mib(value: float | None) -> str:
     return "–" if value is None else f"{value / 2**20:.0f} MiB"
 
 
+def human_bytes(value: float | None) -> str:
+    """Bytes in the binary unit that keeps 3 significant figures ("805 MiB", "3.50 GiB"); None (not measured) -> –."""
+    if value is None:
+        return "–"
+    if value < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    decimals = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:.{decimals}f} {unit}"
+
+
 def with_interval(m: dict, key: str, fmt) -> str:
     """`value [low, high]` with the bootstrap interval where eval.json has one; a point interval (the
     teacher against itself) is left out, and so is a metric an older eval.json lacks."""

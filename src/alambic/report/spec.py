@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alambic.report.markdown import model_label, table
+from alambic.report.markdown import human_bytes, model_label, table
 
 ARCH_ROWS = [("model type", "model_type"), ("decoder layers", "num_layers"), ("hidden size", "hidden_size"),
              ("query heads", "num_attention_heads"), ("KV heads", "num_key_value_heads"), ("head dim", "head_dim"),
@@ -90,6 +90,8 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
         lines.append(f"- distillation: {train['global_step']} steps, {tokens:,} sequence tokens, in "
                      f"{train['train_seconds']:.0f} s on {train['device']} ({train['torch_threads']} threads)"
                      + (f", {hardware}" if hardware else ""))
+    if scale := scale_line((train or {}).get("scale")):
+        lines.append(scale)
     on_policy = (train or {}).get("on_policy") or {}
     if on_policy.get("steps"):
         lines.append(f"- on-policy: {on_policy['steps']} of the steps ({on_policy.get('share', 0):.0%}) sampled "
@@ -108,6 +110,33 @@ def training_section(config: dict[str, Any], train: dict[str, Any], control: dic
     if control:
         lines.append(f"- cross-entropy control: {control['global_step']} steps in {control['train_seconds']:.0f} s")
     return lines
+
+
+ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP", "fsdp2": "FSDP2", "deepspeed": "DeepSpeed"}
+LISTED_RANKS = 8  # beyond this many ranks, one line per rank stops being readable: their range instead
+
+
+def scale_line(scale: dict[str, Any] | None) -> str | None:
+    """How the distillation was scaled out (train_summary.json's `scale`): processes, engine, precision, and the
+    peak memory of each rank. None for a train_summary written before it was recorded."""
+    if not scale:
+        return None
+    n = scale.get("world_size", 1)
+    engine = str(scale.get("engine"))
+    line = (f"- scale: {n} process{'es' if n != 1 else ''}, {ENGINE_NAMES.get(engine.lower(), engine)}, "
+            f"{scale.get('precision')}")
+    peaks = scale.get("peak_memory_bytes_per_rank") or []
+    if not peaks:
+        return line
+    kind = f" ({scale['memory_kind']})" if scale.get("memory_kind") else ""
+    measured = [p for p in peaks if p is not None]
+    if len(peaks) <= LISTED_RANKS or not measured:
+        per_rank = ", ".join(f"rank {r} {human_bytes(p)}" for r, p in enumerate(peaks))
+    else:  # the heaviest rank is the one that runs out of memory first
+        heaviest = max(range(len(peaks)), key=lambda r: -1 if peaks[r] is None else peaks[r])
+        per_rank = (f"{human_bytes(min(measured))} to {human_bytes(max(measured))} over {len(peaks)} ranks, "
+                    f"the most on rank {heaviest}")
+    return f"{line}; peak memory per rank{kind}: {per_rank}"
 
 
 def _precision(training: dict[str, Any], train: dict[str, Any] | None) -> str:
