@@ -4,17 +4,23 @@ base for the LM and classifier trainers."""
 from dataclasses import replace
 
 import pytest
+import torch
 
 from alambic.combinations import DECLARED, ROWS
 from alambic.config import ConfigError, LossConfig, validate_config
 from alambic.teachers import (
     RULES,
     SOURCES,
+    Batches,
+    BatchSettings,
     CachedTopK,
     ClassifierTeacher,
     CrossTokenizerTeacher,
     LiveTeachers,
+    NoLiveTeacher,
     NoTeacher,
+    OfflineCache,
+    TokenBatches,
     choose,
     combination_table,
 )
@@ -125,3 +131,101 @@ def test_the_table_and_the_config_load_without_torch():
 
     code = "import sys, alambic.combinations, alambic.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- each source's batches
+
+
+def test_a_new_sources_columns_reach_its_soft_loss_through_train(tmp_path):
+    """A new kind of source brings its own column: `train` asks the source for its batches instead of choosing a
+    collator by kind, so what the source's collator adds is what its `soft_loss` reads."""
+    from alambic.config import TrainingConfig
+    from alambic.data import DistillationCollator
+    from alambic.training.run import train
+    from helpers import tiny_prepared, tiny_tokenizer
+
+    class Weighted(NoLiveTeacher):
+        name = "weighted examples"
+        requirements = replace(DECLARED["no teacher"], columns=("weight",))
+
+        def __init__(self):
+            self.seen: list[torch.Tensor] = []
+
+        def batches(self, data, settings):
+            pad = DistillationCollator(pad_token_id=settings.pad_token_id)
+
+            def collate(features):
+                return {**pad(features), "weight": torch.full((len(features),), 0.5)}
+            return Batches(data.train, data.validation, collate)
+
+        def soft_loss(self, step, loss):
+            self.seen.append(step.inputs["weight"])
+            return NoTeacher().soft_loss(step, loss)
+
+    source = Weighted()
+    summary = train(tiny_model(num_layers=1), tiny_tokenizer(), tiny_prepared(tmp_path), teacher=None,
+                    loss=LossConfig(alpha=0.0), training=TrainingConfig(max_steps=2, save_steps=100),
+                    output_dir=tmp_path / "run", source=source)
+    assert summary["global_step"] == 2
+    assert len(source.seen) == 2 and all(torch.equal(w, torch.full_like(w, 0.5)) for w in source.seen)
+
+
+def test_each_source_says_what_its_batches_need(tmp_path):
+    from alambic.data import DistillationCollator
+    from alambic.data.classification import ClassificationCollator
+    from alambic.data.prepared import PreparedData
+
+    data = PreparedData(train=[{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}], validation=[])
+    teacher = tiny_model(num_layers=1)
+    settings = BatchSettings(pad_token_id=3, prompt_lengths=True)
+    for source in (choose(LossConfig(alpha=0.5), teacher=teacher), choose(LossConfig(alpha=0.0))):
+        batches = source.batches(data, settings)
+        assert batches.train is data.train and batches.validation is data.validation
+        assert batches.collator == DistillationCollator(pad_token_id=3, prompt_lengths=True)
+    cross = choose(LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True,
+                   teacher_pad_token_id=9)
+    assert cross.batches(data, settings).collator == DistillationCollator(pad_token_id=3, prompt_lengths=True,
+                                                                          teacher_pad_token_id=9)
+    assert ClassifierTeacher(None).batches(data, BatchSettings(4)).collator == ClassificationCollator(4)
+    # a source made for the loss alone says what it lacks to make batches
+    with pytest.raises(ValueError, match=r"teachers.choose\(..., teacher_pad_token_id=...\)"):
+        choose(LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True).batches(data, settings)
+    with pytest.raises(ValueError, match=r"teachers.choose\(..., cached=OfflineCache"):
+        choose(LossConfig(alpha=0.5), cached=True).batches(data, settings)
+
+
+def test_the_cache_sources_batches_check_the_cache_first(tmp_path):
+    """The offline cache's fingerprint is checked when its batches are made (before any step), with the cache's own
+    messages; then every split brings its rows, collated for the trainer."""
+    from alambic.data.cache import CachedTeacherCollator, CacheMismatchError, cache_fingerprint, write_teacher_cache
+    from helpers import tiny_prepared, tiny_tokenizer
+
+    data, tokenizer, teacher = tiny_prepared(tmp_path, chat=True), tiny_tokenizer(), tiny_model(seed=0)
+
+    def fingerprint(dataset):
+        return cache_fingerprint(tokenizer, dataset, k=4, temperature=1.0, teacher_id="tiny")
+
+    for split in ("train", "validation"):
+        dataset = getattr(data, split)
+        write_teacher_cache(teacher, dataset, tmp_path / "cache" / split, k=4, temperature=1.0, dtype="float32",
+                            fingerprint=fingerprint(dataset), progress=False)
+    source = choose(LossConfig(alpha=1.0), cached=OfflineCache(tmp_path / "cache", fingerprint))
+    batches = source.batches(data, BatchSettings(pad_token_id=3))
+    assert isinstance(batches.collator, CachedTeacherCollator) and batches.collator.pad_token_id == 3
+    batch = batches.collator([batches.train[i] for i in range(2)])
+    assert set(CachedTopK.requirements.columns) <= set(batch)
+    assert len(batches.validation) == len(data.validation) and "teacher_ids" in batches.validation[0]
+
+    hotter = OfflineCache(tmp_path / "cache", lambda d: {**fingerprint(d), "temperature": 2.0})
+    with pytest.raises(CacheMismatchError, match=r"teacher cache .*train was made for another temperature"):
+        choose(LossConfig(alpha=1.0), cached=hotter).batches(data, BatchSettings(pad_token_id=3))
+    with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
+        choose(LossConfig(alpha=1.0), cached=OfflineCache(tmp_path / "nowhere", fingerprint)).batches(
+            data, BatchSettings(pad_token_id=3))
+
+
+def test_the_sources_without_a_live_teacher_share_one_base():
+    for cls in (CachedTopK, NoTeacher):
+        assert issubclass(cls, NoLiveTeacher) and cls.teacher_core is None
+        assert cls.models is NoLiveTeacher.models and cls.setup is NoLiveTeacher.setup
+    assert LiveTeachers.batches is NoTeacher.batches is TokenBatches.batches

@@ -4,11 +4,12 @@ same student trained with plain cross-entropy; language models and classifiers a
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from alambic.config import LossConfig, RunConfig
-from alambic.layout import CONTROL_DIR, DATA_DIR, SPLITS, STUDENT_DIR, STUDENT_FILE, TRAIN_SUMMARY_FILE
+from alambic.layout import CONTROL_DIR, DATA_DIR, STUDENT_DIR, STUDENT_FILE, TRAIN_SUMMARY_FILE
 from alambic.pipeline import StageContext
 from alambic.stages.data import _cache_fingerprint, cache_folder, distill_train_set
 from alambic.stages.run_models import RunModels
@@ -20,8 +21,8 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     models = RunModels(config, ctx.run_dir)  # each model, tokenizer and fact about them resolved once, passed down
     if config.task == "sequence_classification":
         return _train_classifier(config, ctx, models, loss=loss, out=out, with_teacher=with_teacher)
-    from alambic.data import DistillationCollator, load_prepared
-    from alambic.teachers import choose
+    from alambic.data import load_prepared
+    from alambic.teachers import OfflineCache, choose
     from alambic.training.run import train
 
     kept_layers = None
@@ -33,26 +34,19 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     student, tokenizer = models.student(), models.student_tokenizer
     if not with_teacher:  # the CE control trains on the data's answers only
         loss = loss.model_copy(update={"on_policy": None})
-    # A teacher with another tokenizer reads its own tokens of the same texts (data.cross): the batches carry them.
-    cross = with_teacher and bool(data.split.get("teacher_tokenizer"))
-    collator = DistillationCollator(pad_token_id=tokenizer.pad_token_id, prompt_lengths=loss.on_policy is not None,
-                                    teacher_pad_token_id=models.teacher_tokenizer.pad_token_id if cross else None,
-                                    padding_free=config.training.packing == "padding_free")
-    signal = None  # the teacher source, chosen here once (none: plain cross-entropy)
-    if with_teacher and config.data.teacher_cache is not None:
-        from alambic.data.cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
-
-        for split in SPLITS:
-            cache = TeacherCache(cache_folder(config, ctx.run_dir) / split)
-            cache.check_compatible(_cache_fingerprint(config, models.teacher_tokenizer, getattr(data, split)))
-            setattr(data, split, CachedTeacherDataset(getattr(data, split), cache))
-        collator = CachedTeacherCollator(pad_token_id=tokenizer.pad_token_id)
-        signal = choose(loss, cached=True)
+    # The teacher source, chosen here once (none: plain cross-entropy); it makes the batches it reads (train asks it).
+    signal = None
+    if with_teacher and config.data.teacher_cache is not None:  # checked against the data before any step
+        fingerprint = partial(_cache_fingerprint, config, models.teacher_tokenizer)
+        signal = choose(loss, cached=OfflineCache(cache_folder(config, ctx.run_dir), fingerprint))
     elif with_teacher:
+        # A teacher with another tokenizer reads its own tokens of the same texts (data.cross): the batches carry them.
+        cross = bool(data.split.get("teacher_tokenizer"))
         signal = choose(loss, teacher=models.teacher(), cross_tokenizer=cross, additional=models.additional_teachers(),
+                        teacher_pad_token_id=models.teacher_tokenizer.pad_token_id if cross else None,
                         teacher_weight=config.teacher_weight)
     summary = train(student, tokenizer, data, teacher=None, loss=loss, training=config.training,
-                    output_dir=out, resume=ctx.resume, collator=collator, kept_layers=kept_layers, source=signal)
+                    output_dir=out, resume=ctx.resume, kept_layers=kept_layers, source=signal)
     atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 

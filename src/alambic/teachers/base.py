@@ -1,5 +1,6 @@
 """The one interface every kind of teacher signal implements (`TeacherSource`), what a source declares it needs
-(`Requirements`), and the two values that cross it (`StudentStep` in, `SoftLoss` out).
+(`Requirements`), the values that cross it (`BatchSettings` in and `Batches` out before training, `StudentStep` in
+and `SoftLoss` out at each step), and what the sources share (`TokenBatches`, `NoLiveTeacher`).
 
 A trainer runs the student's forward, hands the result to its source's `soft_loss`, adds the feature terms, logs:
 it never looks at the batch's keys to find out which teacher it has. The source is chosen once, from the config
@@ -9,18 +10,52 @@ it never looks at the batch's keys to find out which teacher it has. The source 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
 from alambic.combinations import Requirements
+from alambic.data.tokenize import DistillationCollator
 from alambic.losses.divergences import LossParts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from alambic.config import LossConfig
+    from alambic.config import LossConfig, TrainingConfig
+    from alambic.data import PreparedData
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What the run asks of every source's batches, whatever the source.
+
+    Attributes:
+        pad_token_id: the student's pad id (a classifier: its config's, which its head reads to find each example's
+            last token).
+        prompt_lengths: each row's prompt length too (`prompt_length`): loss.on_policy answers the prompts.
+        padding_free: the sequences end to end in one row (training.packing: padding_free).
+    """
+
+    pad_token_id: int
+    prompt_lengths: bool = False
+    padding_free: bool = False
+
+    @classmethod
+    def of(cls, pad_token_id: int, loss: LossConfig, training: TrainingConfig) -> BatchSettings:
+        return cls(pad_token_id, prompt_lengths=loss.on_policy is not None,
+                   padding_free=training.packing == "padding_free")
+
+
+@dataclass
+class Batches:
+    """What a trainer is given to iterate: the training and held-out sets as the source reads them, and the collator
+    that makes their batches (input_ids, attention_mask, labels, and the source's `requirements.columns`)."""
+
+    train: Any
+    validation: Any
+    collator: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
 
 
 @dataclass
@@ -63,6 +98,8 @@ class TeacherSource(Protocol):
     """One kind of teacher signal: live, cached top-k, cross-tokenizer (ULD), classifier.
 
     A new kind is one module of `alambic.teachers` with a class like this, and one line in `teachers.choose`.
+    Before training, `batches` gives the trainer its sets and collator; at each step, `soft_loss` reads what that
+    collator put in the batch.
     """
 
     name: ClassVar[str]  # as the refusals name it ("live teacher", "offline teacher cache", ...)
@@ -78,5 +115,32 @@ class TeacherSource(Protocol):
     def setup(self, trainer: Any) -> None:
         """Place its teachers as the trainer places models (accelerate, DeepSpeed), before the first step."""
 
+    def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
+        """The sets and the collator its `soft_loss` reads (the collator adds `requirements.columns`). A source whose
+        rows must match the data checks them here, before any step (the offline cache: its fingerprint)."""
+
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         """The loss of one micro-batch: alpha * T^2 * soft + (1 - alpha) * hard, as `LossParts`."""
+
+
+class TokenBatches:
+    """The batches of a source that reads the student's own tokens and nothing more (live teachers, no teacher):
+    the prepared sets as they are, padded by `DistillationCollator`."""
+
+    def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
+        return Batches(data.train, data.validation, DistillationCollator(
+            pad_token_id=settings.pad_token_id, prompt_lengths=settings.prompt_lengths,
+            padding_free=settings.padding_free))
+
+
+class NoLiveTeacher:
+    """A source that runs no teacher model while the student trains (the offline cache, plain cross-entropy):
+    nothing to compile, place or give back its forward."""
+
+    teacher_core = None
+
+    def models(self) -> tuple[nn.Module, ...]:
+        return ()
+
+    def setup(self, trainer: Any) -> None:
+        pass  # no teacher to place beside the student

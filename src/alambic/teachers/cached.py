@@ -1,6 +1,7 @@
 """The offline teacher (`data.teacher_cache`): its top-k log-probabilities and the tail's mass at each counted
 position, read from the cache written before training and brought by the batches (`data.cache.CachedTeacherCollator`);
-the source `CachedTopK`, and the student's loss against those rows, walked over token chunks.
+the source `CachedTopK` (its batches check the cache against the data before any step), and the student's loss
+against those rows, walked over token chunks.
 
 The teacher side is already small, (N, k) per batch; the student's logits are the (N, V) problem. Each
 chunk of `chunk_size` counted positions is projected through the student's head and scored by
@@ -15,25 +16,27 @@ count of counted tokens), so the chunks' parts add up to the unchunked loss.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from alambic.combinations import CACHED, DECLARED
+from alambic.data.cache.read import TEACHER_KEYS, CachedTeacherCollator, with_cached_rows
+from alambic.layout import SPLITS
 from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import check_teacher_rows, check_topk_options, topk_loss_and_logit_grad
-from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.base import Batches, BatchSettings, NoLiveTeacher, Requirements, SoftLoss, StudentStep
 
 if TYPE_CHECKING:
     from alambic.config import LossConfig
+    from alambic.data import PreparedData
 
-__all__ = ["TEACHER_KEYS", "CachedTopK", "cached_teacher_loss"]
-
-# The batch keys `CachedTeacherCollator` adds.
-TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+__all__ = ["TEACHER_KEYS", "CachedTopK", "OfflineCache", "cached_teacher_loss"]
 
 
 def cached_teacher_loss(
@@ -106,19 +109,49 @@ def cached_teacher_loss(
                              chunk_size=chunk_size)
 
 
-class CachedTopK:
+@dataclass(frozen=True)
+class OfflineCache:
+    """Where an offline cache is, and what each split's cache must have been made from.
+
+    Attributes:
+        folder: one cache per split (`train/`, `validation/`), as the cache stage writes them.
+        fingerprint: a split's dataset -> the fingerprint its cache must carry (`data.cache.cache_fingerprint` of
+            the run's teacher, tokenizer, k and temperature).
+    """
+
+    folder: Path
+    fingerprint: Callable[[Any], dict[str, Any]]
+
+
+class CachedTopK(NoLiveTeacher):
     """The offline teacher as a source: `cached_teacher_loss` on the rows the batches bring (`CachedTeacherCollator`);
-    no teacher model is loaded while the student trains."""
+    no teacher model is loaded while the student trains.
+
+    Args:
+        cache: where its batches read the rows from; None: a source for the loss alone (a trainer given batches that
+            already carry the rows), which cannot make batches.
+    """
 
     name: ClassVar[str] = CACHED
     requirements: ClassVar[Requirements] = replace(DECLARED[CACHED], columns=TEACHER_KEYS)
-    teacher_core = None
 
-    def models(self) -> tuple[nn.Module, ...]:
-        return ()
+    def __init__(self, cache: OfflineCache | None = None):
+        self.cache = cache
 
-    def setup(self, trainer: Any) -> None:
-        pass
+    def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
+        """Each split with its cached rows, the cache checked against the split first (complete, made from this
+        teacher, tokenizer, data, k and temperature: `data.cache.with_cached_rows`).
+
+        Raises:
+            ValueError: no `cache` was given.
+            FileNotFoundError, CacheMismatchError: a split's cache is incomplete, or was made for something else.
+        """
+        if self.cache is None:
+            raise ValueError("CachedTopK() was made without its cache, so it cannot bring the teacher's rows to the "
+                             "batches: pass teachers.choose(..., cached=OfflineCache(folder, fingerprint))")
+        train, validation = (with_cached_rows(getattr(data, split), Path(self.cache.folder) / split,
+                                              self.cache.fingerprint(getattr(data, split))) for split in SPLITS)
+        return Batches(train, validation, CachedTeacherCollator(pad_token_id=settings.pad_token_id))
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         # The rows came with the batch, in counted-position order.

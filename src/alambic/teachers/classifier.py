@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from alambic.combinations import CLASSIFIER, DECLARED
+from alambic.data.classification import ClassificationCollator
 from alambic.losses import distillation_loss
-from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.base import Batches, BatchSettings, Requirements, SoftLoss, StudentStep
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from alambic.config import LossConfig
+    from alambic.data import PreparedData
 
 
 class ClassifierTeacher:
@@ -36,6 +38,11 @@ class ClassifierTeacher:
     def setup(self, trainer: Any) -> None:
         if self._given is not None:
             self.teacher = trainer.prepare_teacher(self._given)
+
+    def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
+        """The labelled examples as they are, padded with the student config's pad id (`settings.pad_token_id`):
+        one label per example (B,)."""
+        return Batches(data.train, data.validation, ClassificationCollator(pad_token_id=settings.pad_token_id))
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         teacher_logits = None

@@ -10,30 +10,38 @@ import torch
 from torch import nn
 
 from alambic.combinations import CROSS, DECLARED
+from alambic.data.tokenize import DistillationCollator
 from alambic.divergence import DivergenceSpec
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.divergences import LossParts, mix_soft_and_hard
 from alambic.modeling import final_hidden_states
-from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.base import Batches, BatchSettings, Requirements, SoftLoss, StudentStep
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from alambic.config import LossConfig
+    from alambic.data import PreparedData
 
 # The teacher's own tokens of each sequence, and for each student position its partner there (-1: none).
 CROSS_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions")
 
 
 class CrossTokenizerTeacher:
-    """The live teacher on its own tokens; the soft term only at the student positions with a partner."""
+    """The live teacher on its own tokens; the soft term only at the student positions with a partner.
+
+    Args:
+        pad_token_id: the teacher tokenizer's pad id, which pads its tokens in the batches; None: a source for the
+            loss alone (a trainer given batches that already carry the teacher's tokens), which cannot make batches.
+    """
 
     name: ClassVar[str] = CROSS
     requirements: ClassVar[Requirements] = replace(DECLARED[CROSS], columns=CROSS_KEYS)
 
-    def __init__(self, teacher: PreTrainedModel):
+    def __init__(self, teacher: PreTrainedModel, pad_token_id: int | None = None):
         self._given = teacher
         self.teacher: nn.Module = teacher
+        self.pad_token_id = pad_token_id
 
     @property
     def teacher_core(self) -> PreTrainedModel:
@@ -44,6 +52,16 @@ class CrossTokenizerTeacher:
 
     def setup(self, trainer: Any) -> None:
         self.teacher = trainer.prepare_teacher(self._given)
+
+    def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
+        """The prepared pairs (`data.cross`) as they are; the collator pads the teacher's tokens with its own pad id
+        beside the student's (`CROSS_KEYS`)."""
+        if self.pad_token_id is None:
+            raise ValueError("CrossTokenizerTeacher(teacher) was made without the teacher tokenizer's pad id, so it "
+                             "cannot pad the teacher's tokens: pass teachers.choose(..., teacher_pad_token_id=...)")
+        return Batches(data.train, data.validation, DistillationCollator(
+            pad_token_id=settings.pad_token_id, prompt_lengths=settings.prompt_lengths,
+            teacher_pad_token_id=self.pad_token_id, padding_free=settings.padding_free))
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         """Hard CE on every counted student token, and ULD at the counted positions lined up with a teacher

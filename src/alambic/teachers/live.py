@@ -18,7 +18,7 @@ from alambic.combinations import DECLARED, LIVE
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.modeling import final_hidden_states, project
-from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.base import Requirements, SoftLoss, StudentStep, TokenBatches
 from alambic.teachers.ensemble import TeacherEnsemble, WeightedTeacher, vocab_size_of
 
 if TYPE_CHECKING:
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from alambic.config import LossConfig
 
 
-class LiveTeachers:
-    """The teacher (and the additional ones) run on the batch's tokens; `setup` places them beside the student."""
+class LiveTeachers(TokenBatches):
+    """The teacher (and the additional ones) run on the batch's tokens; `setup` places them beside the student; its
+    batches are the student's tokens alone (`TokenBatches`)."""
 
     name: ClassVar[str] = LIVE
     requirements: ClassVar[Requirements] = DECLARED[LIVE]

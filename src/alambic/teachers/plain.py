@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
-
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from alambic.combinations import DECLARED, PLAIN
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.mixture import multi_teacher_distillation_loss
 from alambic.modeling import project
-from alambic.teachers.base import Requirements, SoftLoss, StudentStep
+from alambic.teachers.base import NoLiveTeacher, Requirements, SoftLoss, StudentStep, TokenBatches
 
 if TYPE_CHECKING:
     from alambic.config import LossConfig
 
 
-class NoTeacher:
+class NoTeacher(NoLiveTeacher, TokenBatches):
     """The hard term alone, through the same loss functions as a teacher's (so that alpha = 0 is exactly their
-    edge case)."""
+    edge case), on the student's own tokens."""
 
     name: ClassVar[str] = PLAIN
     requirements: ClassVar[Requirements] = DECLARED[PLAIN]
-    teacher_core = None
-
-    def models(self) -> tuple[nn.Module, ...]:
-        return ()
-
-    def setup(self, trainer: Any) -> None:
-        pass
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)

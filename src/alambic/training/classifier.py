@@ -20,8 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 
 from alambic.config import FineTuneConfig, LossConfig, TrainingConfig
 from alambic.data import PreparedData
-from alambic.data.classification import ClassificationCollator
-from alambic.teachers import ClassifierTeacher, StudentStep
+from alambic.teachers import BatchSettings, ClassifierTeacher, StudentStep
 from alambic.training.base import AlambicTrainer
 from alambic.training.run import fit_and_export
 
@@ -99,11 +98,14 @@ def train_classifier(
     Returns:
         A summary: steps, wall time, resumed-from step, final training loss, examples and tokens per step, log history.
     """
+    # The classifier source's batches: one label per example, padded with the pad id the student's head reads.
+    batches = ClassifierTeacher(teacher).batches(data, BatchSettings(pad_token_id=student.config.pad_token_id))
+
     def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> ClassifierDistillationTrainer:
         return ClassifierDistillationTrainer(
-            model=student, args=args, train_dataset=data.train,
-            eval_dataset=data.validation if len(data.validation) else None,
-            data_collator=ClassificationCollator(pad_token_id=student.config.pad_token_id),
+            model=student, args=args, train_dataset=batches.train,
+            eval_dataset=batches.validation if len(batches.validation) else None,
+            data_collator=batches.collator,
             processing_class=tokenizer, teacher=teacher, loss_config=loss, callbacks=all_callbacks,
         )
 

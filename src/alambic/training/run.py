@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from alambic.config import ConfigError, LossConfig, TrainingConfig
-from alambic.data import DistillationCollator, PreparedData
+from alambic.data import PreparedData
 from alambic.modeling import compile_layers
-from alambic.teachers import TeacherSource, choose
+from alambic.teachers import BatchSettings, TeacherSource, choose
 from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.base import AlambicTrainer
 from alambic.training.checkpoints import (
@@ -136,7 +136,6 @@ def train(
     output_dir: Path,
     resume: bool = True,
     callbacks: list[TrainerCallback] | None = None,
-    collator: Any = None,
     kept_layers: list[int] | None = None,
     additional_teachers: Sequence[WeightedTeacher] = (),
     teacher_weight: float = 1.0,
@@ -144,10 +143,12 @@ def train(
 ) -> dict[str, Any]:
     """Train `student` and export it to `output_dir/final` (HF format, tokenizer included).
 
-    `source`: where the soft loss's teacher signal comes from (`teachers.choose`: live, an offline top-k cache with
-    its `collator`, a teacher with another tokenizer); None: chosen from `teacher`, `additional_teachers` and
-    `teacher_weight` (a live teacher, or none at loss.alpha = 0). Checkpoints go to `output_dir/checkpoints`; with
-    `resume`, training continues from the newest complete one. Metrics stream to `output_dir/metrics.jsonl`.
+    `source`: where the soft loss's teacher signal comes from (`teachers.choose`: live, an offline top-k cache, a
+    teacher with another tokenizer); None: chosen from `teacher`, `additional_teachers` and `teacher_weight` (a live
+    teacher, or none at loss.alpha = 0). The source makes the batches it reads (`source.batches`: the sets and the
+    collator; the offline cache is checked against the data there, before any step). Checkpoints go to
+    `output_dir/checkpoints`; with `resume`, training continues from the newest complete one. Metrics stream to
+    `output_dir/metrics.jsonl`.
     `kept_layers`: the teacher layer each student layer was copied from (`student/student.json`), which
     `loss.features.layer_map: auto` pairs up. A feature projector (`loss.features.hidden_states` across widths) is
     saved in each checkpoint and restored on resume, but is not part of `final/`, which stays an ordinary HF model.
@@ -159,6 +160,8 @@ def train(
     """
     if source is None:
         source = choose(loss, teacher=teacher, additional=additional_teachers, teacher_weight=teacher_weight)
+    # loss.on_policy answers each sequence's prompt: the batches carry its length
+    batches = source.batches(data, BatchSettings.of(tokenizer.pad_token_id, loss, training))
     if training.torch_compile:  # the teachers' layers go back to eager after training (restore_forward)
         for model in (student, *source.models()):
             compile_layers(model)
@@ -167,12 +170,9 @@ def train(
         return DistillationTrainer(
             model=student,
             args=args,
-            train_dataset=data.train,
-            eval_dataset=data.validation if len(data.validation) else None,
-            # loss.on_policy answers each sequence's prompt: the batches carry its length
-            data_collator=collator or DistillationCollator(pad_token_id=tokenizer.pad_token_id,
-                                                           prompt_lengths=loss.on_policy is not None,
-                                                           padding_free=training.packing == "padding_free"),
+            train_dataset=batches.train,
+            eval_dataset=batches.validation if len(batches.validation) else None,
+            data_collator=batches.collator,
             processing_class=tokenizer,
             source=source,
             loss_config=loss,

@@ -29,10 +29,17 @@ from alambic.data.cache.fingerprint import (
     dataset_fingerprint,
     tokenizer_fingerprint,
 )
-from alambic.data.cache.read import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
+from alambic.data.cache.read import (
+    TEACHER_KEYS,
+    CachedTeacherCollator,
+    CachedTeacherDataset,
+    TeacherCache,
+    with_cached_rows,
+)
 from alambic.data.cache.write import write_teacher_cache
 
 __all__ = [
+    "TEACHER_KEYS",
     "CacheMismatchError",
     "CachedTeacherCollator",
     "CachedTeacherDataset",
@@ -40,5 +47,6 @@ __all__ = [
     "cache_fingerprint",
     "dataset_fingerprint",
     "tokenizer_fingerprint",
+    "with_cached_rows",
     "write_teacher_cache",
 ]

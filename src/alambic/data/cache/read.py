@@ -1,5 +1,5 @@
 """Reading a teacher cache: `TeacherCache` (lazy, memory-mapped shards, checked against a fingerprint), and
-the dataset and collator that hand its rows to training."""
+the dataset and collator that hand its rows to training (`with_cached_rows`: a dataset with its checked cache)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import torch
 from alambic.data.cache.fingerprint import _COMPATIBILITY, FORMAT, MANIFEST, CacheMismatchError
 from alambic.data.tokenize import IGNORE_INDEX, DistillationCollator
 
-__all__ = ["CachedTeacherCollator", "CachedTeacherDataset", "TeacherCache"]
+__all__ = ["TEACHER_KEYS", "CachedTeacherCollator", "CachedTeacherDataset", "TeacherCache", "with_cached_rows"]
+
+# The keys of a sample's (and a batch's) cached teacher rows: ids (n, k), log-probs (n, k), tail (n,).
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
 
 
 class TeacherCache:
@@ -152,10 +155,22 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
                 f"has {_counted_in(labels)} counted positions: the cache was made for other data or masking; "
                 "rebuild it with `alambic cache CONFIG`"
             )
-        sample["teacher_ids"] = rows["ids"]
-        sample["teacher_logprobs"] = rows["logprobs"]
-        sample["teacher_tail"] = rows["tail"]
+        for key, part in zip(TEACHER_KEYS, ("ids", "logprobs", "tail")):
+            sample[key] = rows[part]
         return sample
+
+
+def with_cached_rows(dataset, folder: str | Path, fingerprint: dict[str, Any]) -> CachedTeacherDataset:
+    """`dataset` with the rows of the cache in `folder`, once that cache is found complete and made from what
+    `fingerprint` describes (the run's teacher, tokenizer, data, k and temperature).
+
+    Raises:
+        FileNotFoundError: no complete cache in `folder`.
+        CacheMismatchError: the cache was made for something else, or holds another number of sequences.
+    """
+    cache = TeacherCache(folder)
+    cache.check_compatible(fingerprint)
+    return CachedTeacherDataset(dataset, cache)
 
 
 @dataclass
@@ -181,7 +196,7 @@ class CachedTeacherCollator:
         if missing:
             raise ValueError(f"samples {missing[:5]} have no teacher rows: wrap the dataset in CachedTeacherDataset")
         batch = self._pad([{k: v for k, v in f.items() if not k.startswith("teacher_")} for f in features])
-        for key in ("teacher_ids", "teacher_logprobs", "teacher_tail"):
+        for key in TEACHER_KEYS:
             batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features])
         counted = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1), the trainer's mask
         rows = [len(f["teacher_ids"]) for f in features]
