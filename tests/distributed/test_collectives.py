@@ -129,3 +129,13 @@ def test_rank_0_killed_stops_the_waiting_rank_at_once_where_it_hosts_the_store(t
     assert seen["failure"]["type"] == "RankFailure"
     assert "rank 0 failed during the frozen job" in seen["failure"]["message"]
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine's default state is distributed")
+def test_a_world_of_two_whose_accelerate_state_is_not_distributed_is_refused_by_name(tmp_path):
+    seen = _torchrun(tmp_path, 2, "undistributed")
+    for r, mine in enumerate(seen):
+        assert mine["failure"]["type"] == "DistributedSetupError"
+        assert mine["failure"]["message"].startswith(
+            f"WORLD_SIZE=2: the launcher started 2 processes, but accelerate's state on rank {r} is not distributed "
+            "(distributed_type NO, num_processes 1)")
