@@ -32,8 +32,10 @@ def test_the_training_section_gives_world_size_engine_precision_and_each_ranks_p
     assert ("- scale: 2 processes, FSDP, bf16; peak memory per rank (cuda max allocated): "
             "rank 0 3.50 GiB, rank 1 805 MiB") in text
     one = scale_line({"world_size": 1, "engine": "single", "precision": "fp32",
-                      "peak_memory_bytes_per_rank": [123 * 2**20], "memory_kind": "peak RSS"})
-    assert one == "- scale: 1 process, single, fp32; peak memory per rank (peak RSS): rank 0 123 MiB"
+                      "peak_memory_bytes_per_rank": [123 * 2**20], "memory_kind": "process peak RSS"})
+    assert one == "- scale: 1 process, fp32; peak memory per rank (process peak RSS): rank 0 123 MiB"
+    zero3 = scale_line(_scale(engine="deepspeed-zero3"))
+    assert zero3.startswith("- scale: 2 processes, DeepSpeed ZeRO-3, bf16;")
     # a rank that could not measure its memory, and an engine alambic has no display name for: shown as recorded
     odd = scale_line(_scale(engine="megatron", peak_memory_bytes_per_rank=[2**30, None]))
     assert odd.startswith("- scale: 2 processes, megatron, bf16;") and odd.endswith("rank 0 1.00 GiB, rank 1 –")

@@ -116,15 +116,23 @@ ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP", "fsdp2": "FSDP2", "deepspeed": "De
 LISTED_RANKS = 8  # beyond this many ranks, one line per rank stops being readable: their range instead
 
 
+def engine_name(engine: str | None) -> str:
+    """The engine as its users name it ('deepspeed-zero3' -> 'DeepSpeed ZeRO-3'); an unknown one as recorded."""
+    engine = str(engine)
+    if engine.lower().startswith("deepspeed-zero"):
+        return f"DeepSpeed ZeRO-{engine[len('deepspeed-zero'):]}"
+    return ENGINE_NAMES.get(engine.lower(), engine)
+
+
 def scale_line(scale: dict[str, Any] | None) -> str | None:
     """How the distillation was scaled out (train_summary.json's `scale`): processes, engine, precision, and the
     peak memory of each rank. None for a train_summary written before it was recorded."""
     if not scale:
         return None
     n = scale.get("world_size", 1)
-    engine = str(scale.get("engine"))
-    line = (f"- scale: {n} process{'es' if n != 1 else ''}, {ENGINE_NAMES.get(engine.lower(), engine)}, "
-            f"{scale.get('precision')}")
+    engine = scale.get("engine")
+    line = (f"- scale: {n} process{'es' if n != 1 else ''}"  # one process has no engine to name
+            + (f", {engine_name(engine)}" if engine != "single" else "") + f", {scale.get('precision')}")
     peaks = scale.get("peak_memory_bytes_per_rank") or []
     if not peaks:
         return line
