@@ -10,6 +10,10 @@
 - The loss is divided by the whole accumulated batch's count (`num_items_in_batch`), so the Trainer does not divide it
   again for gradient accumulation; each micro-batch's loss parts (soft, hard, feature terms) are logged as means
   over the counted tokens (or examples) since the last log, with the throughput; evaluation returns the loss only.
+- Under several processes (DDP, FSDP, DeepSpeed) the global count divides every rank's loss, and the logged parts
+  and throughput are those of every rank's tokens, gathered at each log, not rank 0's share.
+- Each checkpoint records the world size and engine that wrote it (`checkpoints.SCALE_FILE`), which a resume on
+  another world size checks (`checkpoints.check_resume_scale`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.losses.divergences import LossParts
+from alambic.training.checkpoints import SCALE_FILE
 from alambic.utils import DiagnosedFailure
 
 OnNonFinite = Literal["stop", "skip"]
@@ -197,7 +203,8 @@ class AlambicTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        parts = self._parts[mode]
+        parts = self._all_ranks_parts(mode)
+        self._parts[mode] = defaultdict(list)
         if parts:
             counts = {key: parts.pop(key, []) for key in self.count_keys}
             if mode == "train":
@@ -212,7 +219,6 @@ class AlambicTrainer(Trainer):
                 value = finite_mean(values, weights if weights else None)
                 if value is not None:
                     logs[("eval_" if mode == "eval" else "") + key] = round(value, 6)
-            parts.clear()
         if "loss" in logs and "learning_rate" in logs:  # a training log (not the evaluation's, nor the final one)
             window = self._window
             if window["skipped"]:
@@ -230,6 +236,19 @@ class AlambicTrainer(Trainer):
                 logs["nonfinite_steps_skipped"] = self.totals["skipped"]
         super().log(logs, *args, **kwargs)
 
+    def _all_ranks_parts(self, mode: str) -> dict[str, list[float]]:
+        """The micro-batch parts and counts recorded since the last log, of every rank (rank order within each key):
+        each rank's are the means over its own tokens, so rank 0's alone would log its share of the batch. Every rank
+        logs at the same points (the Trainer gathers the loss there too), so this gather always meets."""
+        parts = self._parts[mode]
+        if self.accelerator.num_processes == 1:
+            return parts
+        merged: dict[str, list[float]] = defaultdict(list)
+        for rank_parts in gather_object([dict(parts)]):
+            for key, values in rank_parts.items():
+                merged[key].extend(values)
+        return merged
+
     def run_train_loss(self) -> float:
         """The mean training loss over every step of the run taken so far, across resumes (NaN if none)."""
         return self.totals["loss"] / self.totals["steps"] if self.totals["steps"] else float("nan")
@@ -241,6 +260,24 @@ class AlambicTrainer(Trainer):
         self._load_from_checkpoint(str(checkpoint))
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
 
+    # -- how the run is spread over processes ---------------------------------------------------------------------
+
+    @property
+    def engine(self) -> str:
+        """What spreads the training over processes: 'single', 'ddp', 'fsdp' or 'deepspeed-zero<stage>'."""
+        if self.is_deepspeed_enabled:
+            return f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        if self.is_fsdp_enabled:
+            return "fsdp"
+        return "ddp" if self.accelerator.num_processes > 1 else "single"
+
+    def scale_record(self) -> dict[str, Any]:
+        """What a checkpoint records of the processes that wrote it (`checkpoints.SCALE_FILE`): world size and engine,
+        which decide whether another world size can resume from it, and the batch that decides its data order."""
+        return {"world_size": self.accelerator.num_processes, "engine": self.engine,
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
     # -- the totals travel with each checkpoint -------------------------------------------------------------------
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -249,6 +286,7 @@ class AlambicTrainer(Trainer):
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / TOTALS_FILE).write_text(json.dumps(self.totals))
+            (folder / SCALE_FILE).write_text(json.dumps(self.scale_record()))
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

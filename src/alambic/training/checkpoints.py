@@ -7,6 +7,9 @@ reached the disk, a copy cut short). Each file is checked from its own structure
 - files of `torch.save` (`optimizer.pt`, `scheduler.pt`, `rng_state*.pth`, `training_args.bin`): zip archives, whose
   directory is the file's last bytes, so a truncated one does not open;
 - `trainer_state.json`: parses.
+
+Each checkpoint also records the world size and engine that wrote it (`SCALE_FILE`): a resume on another number of
+processes is checked against it (`check_resume_scale`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # A damaged checkpoint is renamed so, beside the others: out of the Trainer's rotation (it globs `checkpoint-*`) and
 # out of the resume, but there to look at. The next damaged checkpoint of the same step replaces it.
 DAMAGED_PREFIX = "damaged-"
+# The processes that wrote a checkpoint (world_size, engine, per-device batch, accumulation), beside the totals.
+SCALE_FILE = "alambic_scale.json"
+# Engines whose checkpoints hold each rank's shard of the weights or optimizer state (FSDP's sharded state dicts,
+# DeepSpeed ZeRO's global_step* folders): resumable only by as many processes under the same engine.
+SHARDED_ENGINES = ("fsdp", "deepspeed")
 
 
 class NonFiniteWeightsError(DiagnosedFailure):
     """Weights about to be exported hold NaN or inf values."""
+
+
+class ResumeScaleError(DiagnosedFailure):
+    """A checkpoint holds per-rank shards that this launch's number of processes or engine cannot read."""
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -140,3 +152,64 @@ def check_finite_weights(folder: Path) -> None:
         raise NonFiniteWeightsError(
             f"{len(bad)} of {total} tensors of the trained model hold NaN or inf values: {shown}. Refusing to export "
             "them. The training diverged: lower the learning rate, or train in float32 (bf16: false / fp16: false).")
+
+
+def read_scale_record(checkpoint: Path) -> tuple[dict, str | None]:
+    """The world size and engine that wrote `checkpoint` (`SCALE_FILE`), and a note when the checkpoint predates
+    the record: then it is taken as one process without sharding (world_size 1, engine 'single'), as every alambic
+    training was before several processes were supported."""
+    path = checkpoint / SCALE_FILE
+    if path.is_file():
+        return json.loads(path.read_text()), None
+    return {"world_size": 1, "engine": "single"}, (
+        f"{checkpoint.name} has no {SCALE_FILE} (written before alambic recorded it): taken as written by one "
+        "process without sharding")
+
+
+def global_batch(record: dict) -> int | None:
+    """Sequences per optimizer step of the training `record` describes (None if it does not say)."""
+    try:
+        return record["per_device_train_batch_size"] * record["gradient_accumulation_steps"] * record["world_size"]
+    except (KeyError, TypeError):
+        return None
+
+
+def check_resume_scale(checkpoint: Path, now: dict) -> str | None:
+    """May this launch (`now`: its `AlambicTrainer.scale_record()`) resume from `checkpoint`? A note to print, or
+    None when nothing changed.
+
+    - The same world size and engine: yes.
+    - A checkpoint of one process or DDP: yes, on any world size and engine: it holds the full weights and optimizer
+      state. Each rank's random state (`rng_state_<rank>.pth`) is restored where the checkpoint has that rank's,
+      the others start from the seed (dropout and on-policy sampling draw otherwise; the losses do not). The data
+      continues where it stopped only if the global batch is unchanged: the Trainer skips the batches of the steps
+      taken, counted in the new batch.
+    - A checkpoint of sharded state (FSDP, DeepSpeed ZeRO) on another world size or engine: refused, naming both.
+
+    Raises:
+        ResumeScaleError: the checkpoint is sharded for another world size or engine.
+    """
+    then, note = read_scale_record(checkpoint)
+    then_world, then_engine = int(then.get("world_size", 1)), str(then.get("engine", "single"))
+    world, engine = int(now["world_size"]), str(now["engine"])
+    if then_world == world and then_engine == engine:
+        return note
+    if then_engine.startswith(SHARDED_ENGINES):
+        raise ResumeScaleError(
+            f"{checkpoint} was written by {then_world} process{'es' if then_world != 1 else ''} under {then_engine}, "
+            f"whose checkpoints hold each rank's shard of the weights and optimizer state; this launch runs "
+            f"{world} process{'es' if world != 1 else ''} under {engine}, which cannot read those shards. Resume "
+            f"with {then_world} process{'es' if then_world != 1 else ''} under {then_engine} (`torchrun "
+            f"--nproc_per_node {then_world}` or `accelerate launch --num_processes {then_world}` with the same "
+            "accelerate config), or start afresh with --restart")
+    notes = [note] if note else []
+    notes.append(f"resuming {checkpoint.name}, written by {then_world} process(es) under {then_engine}, on {world} "
+                 f"under {engine}: it holds the full weights and optimizer state")
+    if world > then_world:
+        notes.append(f"ranks {then_world} to {world - 1} have no random state in it and start from the seed")
+    before, after = global_batch(then), global_batch(now)
+    if before is not None and after is not None and before != after:
+        notes.append(f"the global batch changes from {before} to {after} sequences per step (per-device batch x "
+                     "accumulation x processes): the data order does not continue exactly where it stopped (keep "
+                     f"{before} to continue it)")
+    return "; ".join(notes)

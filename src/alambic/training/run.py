@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -23,6 +25,7 @@ from alambic.training.checkpoints import (
     CHECKPOINT_NAME,
     NonFiniteWeightsError,
     check_finite_weights,
+    check_resume_scale,
     last_complete_checkpoint,
 )
 from alambic.training.trainer import DistillationTrainer
@@ -219,12 +222,14 @@ def fit_and_export(
 
     Returns:
         The trainer, and the summary every training reports: global_step, resumed_from, train_seconds,
-        train_loss (over the whole run, across resumes), nonfinite_steps_skipped, device, torch_threads.
+        train_loss (over the whole run, across resumes), nonfinite_steps_skipped, device, precision, torch_threads,
+        scale (`scale_summary`: world size, engine, precision, each rank's peak memory).
 
     Raises:
         NonFiniteTrainingError: a step's loss or gradient norm was not finite (and `on_nonfinite` is 'stop', or too
             many were in a row).
         NonFiniteWeightsError: the trained weights hold NaN or inf; nothing is exported.
+        ResumeScaleError: the checkpoint to resume holds shards (FSDP, DeepSpeed) of another world size or engine.
     """
     checkpoints = output_dir / "checkpoints"
     metrics_path = output_dir / "metrics.jsonl"
@@ -245,7 +250,12 @@ def fit_and_export(
     trainer.configure_nonfinite(training.on_nonfinite, settings)
     finished = last is not None and resumed_from >= args.max_steps
     if last is not None:
-        console.print(f"{last} ends the training: exporting it" if finished else f"resuming from {last}")
+        # every rank reads the same record, so every rank refuses alike (ResumeScaleError), before any collective
+        note = check_resume_scale(last, trainer.scale_record())
+        if is_main:
+            console.print(f"{last} ends the training: exporting it" if finished else f"resuming from {last}")
+            if note:
+                console.print(note, style="yellow", markup=False)
     t0 = time.perf_counter()
     try:
         if finished:
@@ -281,6 +291,7 @@ def fit_and_export(
             shutil.rmtree(final)
         tmp.rename(final)
     trainer.accelerator.wait_for_everyone()
+    precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
     return trainer, {
         "global_step": trainer.state.global_step,
         "resumed_from": resumed_from,
@@ -288,9 +299,33 @@ def fit_and_export(
         "train_loss": round(trainer.run_train_loss(), 6),
         "nonfinite_steps_skipped": trainer.totals["skipped"],
         "device": str(trainer.args.device),
-        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "precision": precision,
         "torch_threads": torch.get_num_threads(),
+        "scale": scale_summary(trainer, precision),
     }
+
+
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """This process's peak memory in bytes and what was measured: on CUDA, the most the allocator has held for
+    tensors; elsewhere, the process's peak resident set (models, data and Python included, since the process
+    started). None where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "process peak RSS"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process peak RSS"  # Linux counts KiB
+
+
+def scale_summary(trainer: AlambicTrainer, precision: str) -> dict[str, Any]:
+    """How the training was spread: world size, engine ('single', 'ddp', 'fsdp', 'deepspeed-zero<stage>'), precision
+    and each rank's peak memory in rank order (gathered on every rank, so every rank returns the same summary)."""
+    peak, kind = peak_memory(trainer.args.device)
+    peaks = gather_object([peak]) if trainer.accelerator.num_processes > 1 else [peak]
+    return {"world_size": trainer.accelerator.num_processes, "engine": trainer.engine, "precision": precision,
+            "peak_memory_bytes_per_rank": peaks, "memory_kind": kind}
 
 
 def on_policy_summary(trainer: DistillationTrainer) -> dict[str, Any]:
