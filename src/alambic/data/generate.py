@@ -19,6 +19,7 @@ Records made with other settings, another teacher or another prompt text are dis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from alambic import distributed
 from alambic.config import DataConfig, TeacherResponsesConfig
 from alambic.data.prepare import _to_dataset
 from alambic.data.prompts import build_prompts
@@ -170,6 +172,10 @@ def generate_teacher_responses(
     messages are kept and not generated again; others are discarded. When all are there, the file is
     rewritten atomically in prompt order.
 
+    Under a launcher every rank calls it with the same arguments (its own copy of the teacher): each answers its
+    share of the batches, rank 0 alone writes `path`, and every rank returns the same records and counts. The
+    responses are those of one process: each batch is the same and samples with its own seed, whoever answers it.
+
     Args:
         model, tokenizer: the teacher and its tokenizer (with a chat template).
         prompts: [{"id", "messages", "reference"?}] (`training_prompts`); ids must be distinct.
@@ -196,6 +202,81 @@ def generate_teacher_responses(
     batches = [items[b:b + settings.batch_size] for b in range(0, len(items), settings.batch_size)]
 
     wanted = {(p["id"], s): i for i, p in enumerate(prompts) for s in range(settings.num_samples)}
+    # Rank 0 alone reads the file back and tidies it; every rank learns which items are answered already.
+    done, discarded = distributed.on_main(f"teacher responses: read {path}",
+                                          lambda: _finished_records(path, prompts, wanted, teacher_id, sampling))
+    resumed = len(done)
+    todo = [b for b, batch in enumerate(batches) if any((ids[i], s) not in done for i, s in batch)]
+    # Every rank answers its share of the batches still to do, one batch a round; after each round rank 0 appends
+    # them all (the one writer), so a crash loses at most a round. Each batch samples with its own seed, so the
+    # responses do not depend on which rank, or how many, answered it.
+    mine = [todo[j] for j in distributed.my_share(len(todo))]
+    rounds = -(-len(todo) // distributed.world_size())  # my_share: no rank has more than this
+    started, new_tokens, written = time.perf_counter(), 0, 0
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar(disable=not todo or not distributed.is_main()))
+        out = stack.enter_context(path.open("a", encoding="utf-8")) if distributed.is_main() else None
+        task = bar.add_task("teacher answering", total=len(items), completed=len(items) - sum(
+            len(batches[b]) for b in todo), rate="-")
+        for round_ in range(rounds):
+            answered = None
+            if round_ < len(mine):
+                b = mine[round_]
+                answered = (b, generate_responses(
+                    model, tokenizer, [prompts[i]["messages"] for i, _ in batches[b]],
+                    max_new_tokens=settings.max_new_tokens, batch_size=len(batches[b]),
+                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                    seed=_batch_seed(settings.seed, b), with_tokens=True, show_progress=False,
+                ))
+            gathered = distributed.gather_to_main(answered)
+            if out is None:  # not rank 0: its answers are rank 0's to write
+                continue
+            for b, results in (a for a in gathered if a is not None):  # rank order: batch order
+                lines = []
+                for (i, s), result in zip(batches[b], results):
+                    if (ids[i], s) in done:  # answered before a crash that tore the rest of this batch
+                        continue
+                    record = _record(prompts[i], s, result, settings, sampling, teacher_id)
+                    done[(ids[i], s)] = record
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write("".join(lines))
+                out.flush()
+                os.fsync(out.fileno())  # a finished batch survives a crash of the process or the machine
+                written += 1
+                new_tokens += sum(r["num_tokens"] for r in results)
+                rate = new_tokens / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=len(batches[b]), rate=f"{rate:,.0f}")
+                if on_batch is not None:
+                    on_batch(written)
+    seconds = time.perf_counter() - started
+
+    def finish() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        records = [done[(ids[i], s)] for i in range(len(prompts)) for s in range(settings.num_samples)]
+        # The whole file in prompt order, replacing the append log at once: readers never see half of it.
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        flagged = {flag: sum(flag in r["flags"] for r in records) for flag in FLAGS}
+        counts = {
+            "prompts": len(prompts),
+            "responses": len(records),
+            "generated": len(records) - resumed,
+            "resumed": resumed,
+            "discarded": discarded,
+            "flagged": flagged,
+            "degenerate": sum(bool(r["flags"]) for r in records),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+            "response_tokens": sum(r["response_tokens"] for r in records),
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens and seconds > 0 else None,
+        }
+        return records, counts
+
+    return distributed.on_main(f"teacher responses: write {path}", finish)
+
+
+def _finished_records(path: Path, prompts: list[dict[str, Any]], wanted: dict[tuple[str, int], int], teacher_id: str,
+                      sampling: dict[str, Any]) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+    """({(prompt id, sample): record} of the records in `path` made for these prompts with these settings, how many
+    others were discarded); the file is made ready to append to (its folder created, a torn last line cut)."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
     discarded = 0
     for record in read_generations(path):
@@ -209,56 +290,9 @@ def generate_teacher_responses(
     if discarded:
         console.print(f"{discarded} response(s) in {path} were made with other settings, another teacher or "
                       "other prompts: discarded", style="yellow", markup=False)
-    resumed = len(done)
     _drop_torn_tail(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    todo = [b for b, batch in enumerate(batches) if any((ids[i], s) not in done for i, s in batch)]
-    started, new_tokens, written = time.perf_counter(), 0, 0
-    with progress_bar(disable=not todo) as bar, path.open("a", encoding="utf-8") as out:
-        task = bar.add_task("teacher answering", total=len(items), completed=len(items) - sum(
-            len(batches[b]) for b in todo), rate="-")
-        for b in todo:
-            batch = batches[b]
-            results = generate_responses(
-                model, tokenizer, [prompts[i]["messages"] for i, _ in batch], max_new_tokens=settings.max_new_tokens,
-                batch_size=len(batch), temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                seed=_batch_seed(settings.seed, b), with_tokens=True, show_progress=False,
-            )
-            lines = []
-            for (i, s), result in zip(batch, results):
-                if (ids[i], s) in done:  # answered before a crash that tore the rest of this batch
-                    continue
-                record = _record(prompts[i], s, result, settings, sampling, teacher_id)
-                done[(ids[i], s)] = record
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())  # a finished batch survives a crash of the process or the machine
-            written += 1
-            new_tokens += sum(r["num_tokens"] for r in results)
-            rate = new_tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=len(batch), rate=f"{rate:,.0f}")
-            if on_batch is not None:
-                on_batch(written)
-    seconds = time.perf_counter() - started
-    records = [done[(ids[i], s)] for i in range(len(prompts)) for s in range(settings.num_samples)]
-    # The whole file in prompt order, replacing the append log at once: readers never see half of it.
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    flagged = {flag: sum(flag in r["flags"] for r in records) for flag in FLAGS}
-    counts = {
-        "prompts": len(prompts),
-        "responses": len(records),
-        "generated": len(records) - resumed,
-        "resumed": resumed,
-        "discarded": discarded,
-        "flagged": flagged,
-        "degenerate": sum(bool(r["flags"]) for r in records),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in records),
-        "response_tokens": sum(r["response_tokens"] for r in records),
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens and seconds > 0 else None,
-    }
-    return records, counts
+    return done, discarded
 
 
 def _record(prompt: dict[str, Any], sample: int, result: dict[str, Any], settings: TeacherResponsesConfig,
@@ -341,6 +375,9 @@ def write_response_set(
     """Generate (or resume) the responses, tokenize the kept ones (with `train_tokenizer`, the student's, when it is
     not the teacher's `tokenizer`), write `folder`'s files; `summary.json` last.
 
+    Under a launcher every rank calls it: the ranks share the answering (`generate_teacher_responses`), rank 0 alone
+    tokenizes and writes, every rank returns the summary.
+
     Returns:
         The summary: the counts of `generate_teacher_responses`, "kept" responses, "training_sequences",
         "counted_tokens", the teacher id and the settings.
@@ -350,8 +387,16 @@ def write_response_set(
     folder = Path(folder)
     records, counts = generate_teacher_responses(model, tokenizer, prompts, folder / GENERATIONS_FILE,
                                                  settings=settings, teacher_id=teacher_id, on_batch=on_batch)
+    # Tokenizing and saving is rank 0's alone (the one writer); every rank gets the summary.
+    return distributed.on_main(f"teacher responses: write the training set in {folder}", lambda: _write_training_set(
+        records, counts, folder, tokenizer=train_tokenizer or tokenizer, settings=settings, teacher_id=teacher_id,
+        max_seq_len=max_seq_len))
+
+
+def _write_training_set(records: list[dict[str, Any]], counts: dict[str, Any], folder: Path, *, tokenizer,
+                        settings: TeacherResponsesConfig, teacher_id: str, max_seq_len: int) -> dict[str, Any]:
     docs = response_conversations(records, filter_degenerate=settings.filter_degenerate)
-    samples = tokenize_responses(docs, train_tokenizer or tokenizer, max_seq_len)
+    samples = tokenize_responses(docs, tokenizer, max_seq_len)
     if not samples:
         raise DataSourceError(
             f"no teacher response is left to train on: {counts['degenerate']} of {counts['responses']} flagged "

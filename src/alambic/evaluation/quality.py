@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import track
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedModel
 
+from alambic import distributed
 from alambic.data import DistillationCollator
 from alambic.evaluation.bootstrap import SUMS, bootstrap_intervals, metrics_from_sums
 from alambic.losses import forward_kl, token_cross_entropy
@@ -33,6 +34,7 @@ def evaluate_against_teacher(
     batch_size: int = 8,
     teacher_pad_token_id: int | None = None,
     description: str = "held-out data",
+    across_ranks: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Score the teacher and each model on the same held-out batches.
 
@@ -50,6 +52,11 @@ def evaluate_against_teacher(
 
     `dataset`: a `datasets.Dataset` or a list of tokenized samples; `description` names it in the progress bar.
 
+    `across_ranks`: under a launcher, every rank calls it and scores its share of the batches (the batches one process
+    would score, so the same sums); rank 0 puts the per-sequence sums together in order and computes the figures and
+    intervals over all of them, which every rank returns: the figures of one process. False (a caller that runs on
+    one rank alone): this process scores everything.
+
     Returns:
         {name: {"perplexity", "cross_entropy", "top1_agreement", "top5_agreement", "kl_to_teacher",
         "intervals": {metric: [low, high]}, "num_tokens", "num_sequences", "parameters", ...}},
@@ -57,6 +64,9 @@ def evaluate_against_teacher(
     """
     cross = teacher_pad_token_id is not None
     collator = DistillationCollator(pad_token_id, teacher_pad_token_id=teacher_pad_token_id)
+    if across_ranks:  # this rank's share of one process's batches: the same batches, so the same padding and sums
+        batches = distributed.my_share(-(-len(dataset) // batch_size))
+        dataset = Subset(dataset, range(batches.start * batch_size, min(batches.stop * batch_size, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     everyone = {"teacher": teacher, **models}
     # (models, the columns they read, the model they are compared with): one tokenizer, everyone against the teacher;
@@ -67,23 +77,42 @@ def evaluate_against_teacher(
     per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
-    for batch in track(loader, description=f"evaluating {len(everyone)} models on {description}", console=console):
+    for batch in track(loader, description=f"evaluating {len(everyone)} models on {description}", console=console,
+                       disable=across_ranks and not distributed.is_main()):
         for group, prefix, reference in groups:
             for name, sums in (_score_batch(group, batch, prefix, reference) if group else {}).items():
                 for key in SUMS:
                     per_seq[name][key].append(sums[key])
+    # {name: {sum: (S,)}}, S the sequences scored here
+    sums = {name: {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in by_key.items()}
+            for name, by_key in per_seq.items()}
+    if not across_ranks:
+        return _summarise(everyone, sums, cross=cross)
+    gathered = distributed.gather_to_main(sums)
+    return distributed.on_main(f"evaluation on {description}: the figures over every rank's sequences",
+                               lambda: _summarise(everyone, _concatenated(gathered), cross=cross))
+
+
+def _concatenated(shares: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """The ranks' per-sequence sums, one array per model and sum, in rank order: the sequences' own order."""
+    return {name: {k: np.concatenate([share[name][k] for share in shares]) for k in SUMS} for name in shares[0]}
+
+
+def _summarise(everyone: dict[str, PreTrainedModel], sums: dict[str, dict[str, np.ndarray]], *,
+               cross: bool) -> dict[str, dict[str, Any]]:
+    """The figures, intervals and counts of each model from its per-sequence sums ((S,) arrays)."""
+    models = [name for name in everyone if name != "teacher"]
     own_tokens = {}
     if cross and models:  # the teacher's cross-entropy per student token of the same texts
-        own_tokens = {name: int(sum(float(t.sum()) for t in per_seq[name]["tokens"])) for name in everyone}
-        per_seq["teacher"]["tokens"] = per_seq[next(iter(models))]["tokens"]
+        own_tokens = {name: int(sums[name]["tokens"].sum()) for name in everyone}
+        sums["teacher"] = {**sums["teacher"], "tokens": sums[models[0]]["tokens"]}
     results = {}
     for name, model in everyone.items():
-        sums = {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in per_seq[name].items()}  # (S,) each
-        totals = {k: float(v.sum()) for k, v in sums.items()}
+        totals = {k: float(v.sum()) for k, v in sums[name].items()}
         n_tokens = int(totals["tokens"])
         params = count_parameters(model)
         metrics = metrics_from_sums(**totals)
-        intervals = bootstrap_intervals(sums, resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
+        intervals = bootstrap_intervals(sums[name], resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
                                         seed=BOOTSTRAP_SEED)
         if cross:  # no common vocabulary: only the perplexity means something
             metrics.update(top1_agreement=None, top5_agreement=None, kl_to_teacher=None)
@@ -93,7 +122,7 @@ def evaluate_against_teacher(
             "cross_entropy": totals["ce"] / max(n_tokens, 1),
             "intervals": intervals,
             "num_tokens": n_tokens,
-            "num_sequences": len(sums["tokens"]),
+            "num_sequences": len(sums[name]["tokens"]),
             "parameters": params["total"],
             "non_embedding_parameters": params["non_embedding"],
             "num_layers": getattr(model.config, "num_hidden_layers", None),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alambic import distributed
 from alambic.config import RunConfig
 from alambic.layout import CACHE_DIR, DATA_DIR, GENERATIONS_DIR, SELECTION_DIR, SELECTION_FILE, SPLITS
 from alambic.pipeline import StageContext
@@ -40,7 +41,8 @@ def _cache_fingerprint(config: RunConfig, tokenizer, dataset) -> dict[str, Any]:
 
 
 def build_cache(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    """Run the teacher once over both splits and keep its top-k log-probs per counted token."""
+    """Run the teacher once over both splits and keep its top-k log-probs per counted token; on every rank of a
+    launch, each running its share of the sequences, rank 0 writing (write_teacher_cache)."""
     from alambic.data import load_prepared
     from alambic.data.cache import write_teacher_cache
     from alambic.models import load_model, load_tokenizer
@@ -69,13 +71,15 @@ def teacher_id(config: RunConfig) -> str:
 
 
 def generate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    """The teacher's responses to the training prompts (data.teacher_responses), resumable batch by batch."""
+    """The teacher's responses to the training prompts (data.teacher_responses), resumable batch by batch; on every
+    rank of a launch, each answering its share, rank 0 writing."""
     from alambic.data import load_prepared
     from alambic.data.generate import training_prompts, write_response_set
     from alambic.models import load_model, load_tokenizer
 
     split = load_prepared(ctx.run_dir / DATA_DIR).split
-    prompts = training_prompts(config.data, split)
+    # The documents are read once, on rank 0; every rank answers its share of the prompts (write_response_set).
+    prompts = distributed.on_main("generate: the training prompts", lambda: training_prompts(config.data, split))
     teacher, tokenizer = load_model(config.teacher, cache=True), load_tokenizer(config.teacher)
     # Finished batches are kept even when this stage's inputs changed: each record carries the teacher and the
     # sampling settings it was made with, and those that no longer match are discarded. The responses are

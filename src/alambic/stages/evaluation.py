@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alambic import distributed
 from alambic.config import ConfigError, RunConfig
 from alambic.layout import CONTROL_DIR, DATA_DIR, EVAL_FILE, FINAL_DIR, LM_EVAL_TASKS_DIR
 from alambic.pipeline import StageContext
@@ -52,7 +53,10 @@ def beyond_the_split(config: RunConfig, run_dir: Path, split: dict[str, Any], to
 
 def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Quality, generation and cost of the teacher, the student before and after distillation, the CE control
-    and the configured baselines, all on the held-out split, each model loaded once (eval.json)."""
+    and the configured baselines, all on the held-out split, each model loaded once (eval.json).
+
+    Runs on every rank of a launch: each loads the models and takes its share of what splits (`evaluate_models`);
+    rank 0 alone writes eval.json."""
     from alambic.data import load_prepared
     from alambic.evaluation.suite import evaluate_models
     from alambic.models import is_classifier, load_model, load_tokenizer, resolve_source
@@ -67,8 +71,9 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     cross = bool(data.split.get("teacher_tokenizer"))  # the student has its own tokenizer (data.cross)
     if cross:
         tokenizer = load_tokenizer(source)
-    extra_sets, lm_eval_include, local_tasks = beyond_the_split(config, ctx.run_dir, data.split, tokenizer,
-                                                                teacher_tokenizer if cross else None)
+    # Read once, on rank 0 (it writes the local lm-eval tasks into the run folder); every rank gets the sets.
+    extra_sets, lm_eval_include, local_tasks = distributed.on_main("evaluate: the extra held-out sets", lambda: (
+        beyond_the_split(config, ctx.run_dir, data.split, tokenizer, teacher_tokenizer if cross else None)))
     folders = {"student_before": None, "student_distilled": ctx.run_dir / FINAL_DIR}
     if config.evaluation.ce_control:
         folders["student_ce_control"] = ctx.run_dir / CONTROL_DIR / FINAL_DIR
@@ -89,7 +94,9 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     if labels is not None:
         from alambic.evaluation.classification import evaluate_classifier_models
 
-        results = evaluate_classifier_models(teacher, models, data, config.evaluation, labels=labels, sources=sources)
+        # Not split: the classifiers are scored on rank 0 alone (the cost runs need the device to themselves).
+        results = distributed.on_main("evaluate: the classifiers", lambda: evaluate_classifier_models(
+            teacher, models, data, config.evaluation, labels=labels, sources=sources))
         keep = ("accuracy", "macro_f1", "teacher_agreement", "kl_to_teacher", "num_examples", "parameters")
     else:
         results = evaluate_models(teacher, models, data, tokenizer, config.evaluation, sources=sources,
@@ -98,7 +105,7 @@ def evaluate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
         if local_tasks:
             results["lm_eval"]["local_tasks"] = local_tasks
         keep = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters")
-    atomic_write_json(ctx.run_dir / EVAL_FILE, results)
+    distributed.on_main(f"evaluate: write {EVAL_FILE}", lambda: atomic_write_json(ctx.run_dir / EVAL_FILE, results))
     return {name: {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep if k in r}
             for name, r in results["models"].items()}
 
