@@ -2,7 +2,11 @@
 process as if never interrupted; a checkpoint of per-rank shards (FSDP, DeepSpeed ZeRO) is refused by name."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +96,38 @@ def test_a_checkpoint_older_than_the_record_counts_as_one_process(tmp_path):
     note = check_resume_scale(folder, {"world_size": 1, "engine": "single"})
     assert SCALE_FILE in note and "one process without sharding" in note
     assert "on 2 under ddp" in check_resume_scale(folder, {"world_size": 2, "engine": "ddp"})
+
+
+ENGINE_SCRIPT = """
+import socket, sys, tempfile
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import TrainingArguments
+from alambic.training.base import AlambicTrainer
+from helpers import tiny_model
+model = tiny_model("llama", num_layers=2)
+args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none")
+print("before:", AlambicTrainer(model=model, args=args).scale_record()["engine"])
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+print("after:", AlambicTrainer(model=model, args=args).scale_record()["engine"])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_a_student_sharded_by_fully_shard_is_recorded_as_fsdp(tmp_path):
+    # (FSDP2 applied by the caller, as on CPU where the Trainer's own FSDP options fall back to DDP): its checkpoints
+    # must not be taken for DDP's full state
+    tests = str(Path(__file__).parents[1])  # for helpers
+    path = os.pathsep.join([tests, os.environ["PYTHONPATH"]]) if os.environ.get("PYTHONPATH") else tests
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before: single" in result.stdout and "after: fsdp" in result.stdout

@@ -61,6 +61,16 @@ def finite_mean(values: list[float], weights: list[float] | None = None) -> floa
     return sum(v * w for v, w in kept) / max(sum(w for _, w in kept), 1e-12)
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2's `fully_shard` was applied to `model` by its caller (the Trainer's FSDP options do not engage
+    on CPU: design.md, Scale-out facts): its parameters are DTensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no public DTensor, no FSDP2 outside the Trainer's options
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 class AlambicTrainer(Trainer):
     """A `transformers.Trainer` that never takes a non-finite step and keeps the whole run's loss across resumes.
 
@@ -267,7 +277,7 @@ class AlambicTrainer(Trainer):
         """What spreads the training over processes: 'single', 'ddp', 'fsdp' or 'deepspeed-zero<stage>'."""
         if self.is_deepspeed_enabled:
             return f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or _fully_sharded(self.model):
             return "fsdp"
         return "ddp" if self.accelerator.num_processes > 1 else "single"
 
