@@ -45,6 +45,7 @@ def test_two_ranks_train_as_one_process_with_their_global_batch(tmp_path, accumu
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), f"step {a['step']}: {key}"
         assert b["tokens_per_second"] > 0
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert ddp["tokens_per_step"] == single["tokens_per_step"]  # every rank's (the report's tokens trained)
     for key, value in single["student"].items():
         torch.testing.assert_close(ddp["student"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     start = tiny_model("llama", seed=2, num_layers=2).state_dict()  # the worker's student before training

@@ -112,7 +112,9 @@ def train_classifier(
     trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
                                       tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
                                       teachers=(teacher,), settings=settings)
-    examples = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    # every rank's examples make one optimizer step
+    examples = (training.per_device_train_batch_size * training.gradient_accumulation_steps
+                * summary["scale"]["world_size"])
     mean_length = sum(len(ids) for ids in data.train["input_ids"]) / max(len(data.train), 1)
     return {
         **summary,

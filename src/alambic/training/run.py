@@ -190,6 +190,7 @@ def train(
         **summary,
         "tokens_per_step": training.per_device_train_batch_size
         * training.gradient_accumulation_steps
+        * summary["scale"]["world_size"]  # every rank's sequences make one optimizer step
         * (len(data.train[0]["input_ids"]) if len(data.train) else 0),
         **({"on_policy": on_policy_summary(trainer)} if trainer.on_policy is not None else {}),
         "log_history": trainer.state.log_history,
