@@ -61,24 +61,27 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    from alambic.data import DistillationCollator
+    from alambic.teachers import Batches, LiveTeachers
 
-    class Counting(DistillationCollator):
-        def __call__(self, features):
-            batch = super().__call__(features)
-            seen["tokens"] += sum(len(f["input_ids"]) for f in features)
-            seen["slots"] += batch["input_ids"].numel()
-            return batch
+    class Counting(LiveTeachers):  # the live teacher, whose batches are counted as they are made
+        def batches(self, data, settings):
+            made = super().batches(data, settings)
+
+            def collate(features):
+                batch = made.collator(features)
+                seen["tokens"] += sum(len(f["input_ids"]) for f in features)
+                seen["slots"] += batch["input_ids"].numel()
+                return batch
+            return Batches(made.train, made.validation, collate)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        summary = train(student, tokenizer, data, teacher=teacher,
+        summary = train(student, tokenizer, data, teacher=None, source=Counting(teacher),
                         loss=LossConfig(divergence="forward_kl", alpha=1.0),
                         training=TrainingConfig(max_steps=warmup + steps, per_device_train_batch_size=batch_size,
                                                 bf16="auto", logging_steps=1, save_steps=10_000, packing=packing,
                                                 torch_compile=compiled),
-                        output_dir=Path(out), callbacks=[Clock()],
-                        collator=Counting(tokenizer.pad_token_id, padding_free=packing == "padding_free"))
+                        output_dir=Path(out), callbacks=[Clock()])
     timed = times[warmup:]
     history = [h for h in summary["log_history"] if "loss" in h]
     step_s = statistics.median(timed)
