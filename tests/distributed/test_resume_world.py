@@ -41,7 +41,9 @@ def test_a_two_rank_ddp_checkpoint_resumes_on_one_process_and_a_sharded_one_is_r
     resumed = run_worker({**SPEC, "chat": chat, "out": tmp_path / "resumed", "run": str(run), "per_device": 4,
                           "max_steps": 3}, processes=1)
     assert resumed["resumed_from"] == 2 and resumed["global_step"] == 3
-    assert "written by 2 process(es) under ddp, on 1 under single" in " ".join(resumed["output"].split())
+    note = " ".join(resumed["output"].split())
+    assert "written by 2 process(es) under ddp, on 1 under single" in note
+    assert "rank 0 finds no random state" in note  # (one process reads rng_state.pth, not rng_state_0.pth)
     assert resumed["scale"]["world_size"] == 1
 
     # as if never interrupted: one process trained for 3 steps from the start (the weights, the Adam moments and
@@ -83,9 +85,11 @@ def test_a_sharded_checkpoint_needs_its_own_engine_too(tmp_path):
 def test_full_state_checkpoints_resume_on_any_world_size_with_a_note(tmp_path):
     ddp = {"world_size": 2, "engine": "ddp", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}
     folder = _checkpoint(tmp_path, ddp)
+    for rank in (0, 1):  # what the Trainer saved under 2 processes
+        (folder / f"rng_state_{rank}.pth").write_bytes(b"")
     note = check_resume_scale(folder, {**ddp, "world_size": 4})
     assert "written by 2 process(es) under ddp, on 4 under ddp" in note
-    assert "ranks 2 to 3 have no random state" in note
+    assert "ranks 2, 3 find no random state" in note
     assert "global batch changes from 4 to 8" in note
     assert "global batch" not in check_resume_scale(folder, {**ddp, "world_size": 1, "engine": "single",
                                                              "per_device_train_batch_size": 4})

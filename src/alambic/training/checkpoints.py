@@ -180,10 +180,11 @@ def check_resume_scale(checkpoint: Path, now: dict) -> str | None:
 
     - The same world size and engine: yes.
     - A checkpoint of one process or DDP: yes, on any world size and engine: it holds the full weights and optimizer
-      state. Each rank's random state (`rng_state_<rank>.pth`) is restored where the checkpoint has that rank's,
-      the others start from the seed (dropout and on-policy sampling draw otherwise; the losses do not). The data
-      continues where it stopped only if the global batch is unchanged: the Trainer skips the batches of the steps
-      taken, counted in the new batch.
+      state. Each rank's random state is restored where the checkpoint has that rank's file (`rng_state_<rank>.pth`
+      under several processes, `rng_state.pth` under one), the others go on from the seed (dropout and on-policy
+      sampling draw otherwise; the data order has its own seeded sampler). The data continues where it stopped
+      only if the global batch is unchanged: the Trainer skips the batches of the steps taken, counted in the new
+      batch.
     - A checkpoint of sharded state (FSDP, DeepSpeed ZeRO) on another world size or engine: refused, naming both.
 
     Raises:
@@ -199,14 +200,22 @@ def check_resume_scale(checkpoint: Path, now: dict) -> str | None:
             f"{checkpoint} was written by {then_world} process{'es' if then_world != 1 else ''} under {then_engine}, "
             f"whose checkpoints hold each rank's shard of the weights and optimizer state; this launch runs "
             f"{world} process{'es' if world != 1 else ''} under {engine}, which cannot read those shards. Resume "
-            f"with {then_world} process{'es' if then_world != 1 else ''} under {then_engine} (`torchrun "
-            f"--nproc_per_node {then_world}` or `accelerate launch --num_processes {then_world}` with the same "
-            "accelerate config), or start afresh with --restart")
+            f"with {then_world} process{'es' if then_world != 1 else ''} in all under {then_engine} (on one machine "
+            f"`torchrun --nproc_per_node {then_world}`, or `accelerate launch --num_processes {then_world}` with the "
+            "same accelerate config), or start afresh with --restart")
     notes = [note] if note else []
     notes.append(f"resuming {checkpoint.name}, written by {then_world} process(es) under {then_engine}, on {world} "
                  f"under {engine}: it holds the full weights and optimizer state")
-    if world > then_world:
-        notes.append(f"ranks {then_world} to {world - 1} have no random state in it and start from the seed")
+    # The Trainer reads rng_state_<rank>.pth under several processes, rng_state.pth under one, and goes on without
+    # when its file is missing (it ignores the others).
+    missing = [r for r in range(world) if not (checkpoint / (f"rng_state_{r}.pth" if world > 1 else
+                                                             "rng_state.pth")).is_file()]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        several = len(missing) > 1
+        notes.append(f"rank{'s' if several else ''} {shown} find{'' if several else 's'} no random state of "
+                     f"{'their' if several else 'its'} own in it and go on from the seed (dropout and on-policy "
+                     "sampling draw otherwise than an uninterrupted run; the data order does not depend on it)")
     before, after = global_batch(then), global_batch(now)
     if before is not None and after is not None and before != after:
         notes.append(f"the global batch changes from {before} to {after} sequences per step (per-device batch x "
