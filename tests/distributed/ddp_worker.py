@@ -1,9 +1,10 @@
 """One distillation training through `alambic.training.run.train`, run alone or as one rank under torchrun (gloo).
 
 Usage: `python ddp_worker.py SPEC_JSON`, SPEC a JSON object: out (folder), chat (the chat jsonl every rank reads),
-per_device, accumulation, max_steps, save_steps; optional: run (the run folder, default out/run), restart (start
-afresh). Rank 0 writes out/result.json (the summary, log history included) and out/student.pt (the final weights);
-every rank writes out/counts{rank}.json, the counted tokens of each micro-batch it trained on.
+per_device (training and evaluation), accumulation, max_steps, save_steps; optional: eval_steps, run (the run
+folder, default out/run), restart (start afresh). Rank 0 writes out/result.json (the summary, log history included)
+and out/student.pt (the final weights); every rank writes out/counts{rank}.json, the counted tokens of each
+micro-batch it collated.
 """
 
 import json
@@ -45,6 +46,8 @@ student = tiny_model("llama", seed=2, num_layers=2)
 summary = train(student, tokenizer, data, teacher=tiny_model("llama", seed=1),
                 loss=LossConfig(alpha=0.5, divergence="forward_kl", temperature=2.0),
                 training=TrainingConfig(max_steps=spec["max_steps"], per_device_train_batch_size=spec["per_device"],
+                                        per_device_eval_batch_size=spec["per_device"],
+                                        eval_steps=spec.get("eval_steps"),
                                         gradient_accumulation_steps=spec["accumulation"], learning_rate=1e-2,
                                         warmup_ratio=0, lr_scheduler_type="constant", logging_steps=1,
                                         save_steps=spec["save_steps"], save_total_limit=5, bf16=False,

@@ -20,7 +20,7 @@ def step_logs(result: dict) -> list[dict]:
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_ranks_train_as_one_process_with_their_global_batch(tmp_path, accumulation):
     chat = write_chat(tmp_path / "chat.jsonl")
-    spec = {"chat": str(chat), "accumulation": accumulation, "max_steps": 3, "save_steps": 100}
+    spec = {"chat": str(chat), "accumulation": accumulation, "max_steps": 3, "save_steps": 100, "eval_steps": 3}
     single = run_worker({**spec, "out": tmp_path / "single", "per_device": 4}, processes=1)
     ddp = run_worker({**spec, "out": tmp_path / "ddp", "per_device": 2}, processes=2)
 
@@ -45,6 +45,11 @@ def test_two_ranks_train_as_one_process_with_their_global_batch(tmp_path, accumu
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), f"step {a['step']}: {key}"
         assert b["tokens_per_second"] > 0
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    # the held-out loss parts too (8 sequences: 2 batches of 4, or of 2 per rank), over every rank's tokens
+    one_eval, two_eval = ([r for r in result["log_history"] if "eval_loss" in r] for result in (single, ddp))
+    assert len(one_eval) == len(two_eval) == 1
+    for key in PARTS:
+        assert two_eval[0][f"eval_{key}"] == pytest.approx(one_eval[0][f"eval_{key}"], rel=1e-5, abs=1e-6), key
     assert ddp["tokens_per_step"] == single["tokens_per_step"]  # every rank's (the report's tokens trained)
     for key, value in single["student"].items():
         torch.testing.assert_close(ddp["student"][key], value, rtol=1e-4, atol=1e-6, msg=key)
