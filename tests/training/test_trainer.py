@@ -194,14 +194,19 @@ def test_torch_compile_trains_the_same_and_gives_the_teacher_back_eager(tmp_path
     assert all(layer._compiled_call_impl is None for layer in teachers[True].model.layers)
 
 
-def test_the_chunked_loss_is_refused_where_the_heads_are_sharded(tmp_path):
+def test_fsdp_version_1_is_refused_where_fsdp2_is_served(tmp_path, monkeypatch):
+    # FSDP2 and ZeRO-3 heads are gathered for the loss (alambic.sharding, tests/distributed/test_fsdp.py); FSDP1
+    # flattens them into a vector it alone can unflatten
     trainer = DistillationTrainer(model=tiny_model("llama", num_layers=1), args=TrainingArguments(
         str(tmp_path), use_cpu=True, report_to="none"), teacher=tiny_model("llama", seed=1), loss_config=LossConfig())
     trainer.is_fsdp_enabled = True  # as the Trainer sets it under an FSDP launcher
-    with pytest.raises(ValueError, match="chunked reads the output heads' weights .* FSDP keeps them sharded"):
-        trainer._check_unsharded_heads()
-    trainer.loss_config = LossConfig(implementation="full")
-    trainer._check_unsharded_heads()  # the full path runs the heads as modules
+    monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: False))
+    for implementation in ("chunked", "full"):
+        trainer.loss_config = LossConfig(implementation=implementation)
+        with pytest.raises(ValueError, match="FSDP version 1 .* set fsdp_version: 2"):
+            trainer._check_unsharded_heads()
+    monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: True))
+    trainer._check_unsharded_heads()
 
 
 @pytest.mark.parametrize("native", [True, False])

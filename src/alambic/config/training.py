@@ -61,6 +61,14 @@ class TrainingConfig(_Section):
         "in a row. Under fp16 the loss scaler skips overflowing gradients itself: there only the loss is judged. "
         "Whichever is chosen, weights holding NaN or inf are never exported.",
     )
+    shard_teacher: bool | Literal["auto"] = Field(
+        default="auto",
+        description="With several processes: shard the teachers' weights across them (true: a rank holds 1/N of each "
+        "teacher, gathered unit by unit as it runs; FSDP2 units, or ZeRO-3 under DeepSpeed) or keep a whole copy on "
+        "each (false: no gathering, N times the memory). 'auto': shard them when the student is sharded (FSDP2, "
+        "ZeRO-3). A large teacher's weights dominate the memory even without optimizer state. No effect on one "
+        "process; the losses and weights are the same either way.",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra `TrainingArguments` passed through as is (deepspeed, fsdp, gradient_checkpointing...).",

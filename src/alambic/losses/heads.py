@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OutputHead", "head_logits", "shared_vocab_size"]
+__all__ = ["OutputHead", "head_logits", "module_logits", "shared_vocab_size"]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == is not a bool
@@ -87,6 +87,18 @@ def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, head: Outpu
     # autocast would); the logits are upcast before scale, cap and softmax.
     logits = F.linear(hidden.to(weight.dtype), weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if head.logit_scale is not None:
+        logits = logits * head.logit_scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+def module_logits(hidden: Tensor, head: OutputHead) -> Tensor:
+    """(..., H) -> (..., V) logits as the model computes them itself (`alambic.modeling.project`): the linear layer
+    in the head's dtype, then the logit scale and the soft-cap, without `head_logits`' float32 upcast. The `full`
+    loss reads its logits this way where the head must be read as tensors (sharded, `alambic.sharding`)."""
+    logits = F.linear(hidden, head.weight, head.bias)
     if head.logit_scale is not None:
         logits = logits * head.logit_scale
     if head.softcap is not None:

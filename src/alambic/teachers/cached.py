@@ -27,9 +27,10 @@ from transformers import PreTrainedModel
 from alambic.combinations import CACHED, DECLARED
 from alambic.data.cache.read import TEACHER_KEYS, CachedTeacherCollator, with_cached_rows
 from alambic.layout import SPLITS
-from alambic.losses.chunked import OutputHead, check_counted_rows, chunked_head_loss, resolve_chunk_size
+from alambic.losses.chunked import check_counted_rows, chunked_head_loss, resolve_chunk_size
 from alambic.losses.divergences import IGNORE_INDEX, LossParts
 from alambic.losses.topk import check_teacher_rows, check_topk_options, topk_loss_and_logit_grad
+from alambic.sharding import head_rows, through_heads
 from alambic.teachers.base import Batches, BatchSettings, NoLiveTeacher, Requirements, SoftLoss, StudentStep
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def cached_teacher_loss(
     """
     cfg = loss_config
     check_topk_options(cfg.divergence, cfg.alpha, cfg.temperature)
-    head_vocab = core.get_output_embeddings().weight.shape[0]
+    head_vocab = head_rows(core)  # (a ZeRO-3 partition is empty: its full shape is kept aside)
     chunk_size = resolve_chunk_size(chunk_size, head_vocab)
     n = check_counted_rows(hidden, targets, chunk_size, names=("hidden", "targets"))
     if vocab_size is not None and not 1 <= vocab_size <= head_vocab:
@@ -105,8 +106,9 @@ def cached_teacher_loss(
             logits.detach(), *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows], **options)
         return parts.total, parts.soft, parts.hard, dlogits
 
-    return chunked_head_loss(hidden, OutputHead.of(core), targets, chunk_loss, vocab_size=vocab,
-                             chunk_size=chunk_size)
+    # run as the head's forward: FSDP / ZeRO-3 gather it where they shard it (`sharding.through_heads`)
+    return through_heads([core], lambda heads, rows: chunked_head_loss(
+        rows, heads[0], targets, chunk_loss, vocab_size=vocab, chunk_size=chunk_size), hidden)
 
 
 @dataclass(frozen=True)

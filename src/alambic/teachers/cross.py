@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from alambic.combinations import CROSS, DECLARED
 from alambic.data.tokenize import DistillationCollator
@@ -15,6 +14,7 @@ from alambic.divergence import DivergenceSpec
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
 from alambic.losses.divergences import LossParts, mix_soft_and_hard
 from alambic.modeling import final_hidden_states
+from alambic.sharding import frozen_forward, through_heads
 from alambic.teachers.base import Batches, BatchSettings, Requirements, SoftLoss, StudentStep
 
 if TYPE_CHECKING:
@@ -68,24 +68,29 @@ class CrossTokenizerTeacher:
         position. Both are divided by the count of counted student tokens, so a position without a partner adds
         nothing to the soft term (`aligned_share` in data/split.json says how many have one)."""
         cfg, mask, targets, inputs = loss, step.mask, step.targets, step.inputs
-        head = OutputHead.of(step.core)
         # The whole micro-batch's count: the soft term, over the lined-up rows only, must use the same divisor.
         count = step.num_items_in_batch if step.num_items_in_batch is not None else targets.shape[0]
-        hard = None
-        if cfg.alpha < 1:
-            hard = chunked_distillation_loss(step.hidden, head, None, None, targets, alpha=0.0,
-                                             num_items_in_batch=count, chunk_size=cfg.chunk_size)
         partner = inputs["teacher_positions"][:, 1:][mask]  # (N,): the teacher row of each counted row, or -1
         aligned = partner >= 0
         rows = mask.nonzero()[:, 0][aligned]  # (M,): their sequence in the batch
-        with torch.inference_mode():
+        with frozen_forward(self.teacher_core):  # inference mode (no_grad where FSDP2 shards it)
             states = final_hidden_states(self.teacher, self.teacher_core, inputs["teacher_input_ids"],
                                          inputs["teacher_attention_mask"])
             t_hidden = states[rows, partner[aligned]]  # (M, H_t)
-        soft = chunked_distillation_loss(
-            step.hidden[aligned], head, t_hidden.clone(), OutputHead.of(self.teacher_core), targets[aligned],
-            divergence=DivergenceSpec("uld", cfg.temperature), alpha=1.0, num_items_in_batch=count,
-            chunk_size=cfg.chunk_size)
-        zero = (hard if hard is not None else soft).total.detach().new_zeros(())
-        return SoftLoss(LossParts(total=mix_soft_and_hard(soft.total, None if hard is None else hard.total, cfg.alpha),
-                                  soft=soft.soft, hard=zero if hard is None else hard.hard, num_tokens=mask.sum()))
+
+        def fused(heads: list[OutputHead], hidden: Tensor, t_hidden: Tensor) -> LossParts:
+            head, t_head = heads
+            hard = None
+            if cfg.alpha < 1:
+                hard = chunked_distillation_loss(hidden, head, None, None, targets, alpha=0.0,
+                                                 num_items_in_batch=count, chunk_size=cfg.chunk_size)
+            soft = chunked_distillation_loss(
+                hidden[aligned], head, t_hidden, t_head, targets[aligned],
+                divergence=DivergenceSpec("uld", cfg.temperature), alpha=1.0, num_items_in_batch=count,
+                chunk_size=cfg.chunk_size)
+            zero = (hard if hard is not None else soft).total.detach().new_zeros(())
+            return LossParts(total=mix_soft_and_hard(soft.total, None if hard is None else hard.total, cfg.alpha),
+                             soft=soft.soft, hard=zero if hard is None else hard.hard, num_tokens=mask.sum())
+
+        # Run as the heads' forward, so FSDP / ZeRO-3 gather them where they shard them (`sharding.through_heads`).
+        return SoftLoss(through_heads([step.core, self.teacher_core], fused, step.hidden, t_hidden.clone()))

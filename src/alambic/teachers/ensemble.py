@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from alambic.losses.chunked import OutputHead
 from alambic.losses.mixture import normalize_weights
 from alambic.modeling import final_hidden_states, project
+from alambic.sharding import frozen_forward, head_rows
 
 __all__ = ["PRIMARY_NAME", "TeacherEnsemble", "WeightedTeacher"]
 
@@ -70,8 +71,8 @@ def _core_of(model: nn.Module) -> PreTrainedModel:
 
 
 def vocab_size_of(model: nn.Module) -> int:
-    """Rows of the output head (a padded vocabulary counts its padding)."""
-    return _core_of(model).get_output_embeddings().weight.shape[0]
+    """Rows of the output head (a padded vocabulary counts its padding), sharded or not."""
+    return head_rows(_core_of(model))
 
 
 class TeacherEnsemble:
@@ -106,7 +107,8 @@ class TeacherEnsemble:
         core = _core_of(model)
         device = next(core.parameters()).device
         head = None
-        if device != self.device:
+        # (a teacher that follows the student is placed beside it, possibly sharded: its head is read in place)
+        if not teacher.follow_student and device != self.device:
             # Once: a copy of the (frozen) head beside the student, so each chunk's logits are made there.
             live = OutputHead.of(core)
             head = OutputHead(live.weight.detach().to(self.device),
@@ -139,7 +141,7 @@ class TeacherEnsemble:
         """
         states = []
         for m in self._members:
-            with torch.inference_mode():
+            with frozen_forward(m.core):  # inference mode (no_grad where FSDP2 shards it)
                 ids = input_ids.to(m.device)
                 attn = None if attention_mask is None else attention_mask.to(m.device)
                 pos = None if position_ids is None else position_ids.to(m.device)
@@ -151,8 +153,13 @@ class TeacherEnsemble:
         return states
 
     def heads(self) -> list[OutputHead]:
-        """Each additional teacher's output head, on the loss device."""
+        """Each additional teacher's output head, on the loss device, as its model holds it (sharded or not)."""
         return [m.head if m.head is not None else OutputHead.of(m.core) for m in self._members]
+
+    def head_sources(self) -> list[nn.Module | OutputHead]:
+        """What `sharding.through_heads` reads each additional teacher's head from: the copy on the loss device, or
+        the teacher itself (its head read in place, gathered where it is sharded with the student)."""
+        return [m.head if m.head is not None else m.core for m in self._members]
 
     @torch.no_grad()
     def logits(self, states: Sequence[Tensor]) -> list[Tensor]:

@@ -12,12 +12,15 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from alambic.combinations import DECLARED, LIVE
 from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.divergences import LossParts
+from alambic.losses.heads import module_logits
 from alambic.losses.mixture import multi_teacher_distillation_loss
-from alambic.modeling import final_hidden_states, project
+from alambic.modeling import final_hidden_states
+from alambic.sharding import frozen_forward, through_heads
 from alambic.teachers.base import Requirements, SoftLoss, StudentStep, TokenBatches
 from alambic.teachers.ensemble import TeacherEnsemble, WeightedTeacher, vocab_size_of
 
@@ -63,7 +66,7 @@ class LiveTeachers(TokenBatches):
         inputs, feats = step.inputs, step.features
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         position_ids = inputs.get("position_ids")  # padding-free batches (training.packing): one row, no mask
-        with torch.inference_mode():
+        with frozen_forward(self.teacher_core):  # inference mode (no_grad where FSDP2 shards it)
             with feats.capture(self.teacher_core, "teacher") if feats else nullcontext() as t_capture:
                 t_hidden = final_hidden_states(self.teacher, self.teacher_core, input_ids, attention_mask,
                                                position_ids)
@@ -77,19 +80,22 @@ class LiveTeachers(TokenBatches):
 
         options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)
         weights = self.ensemble.weights
+        vocab = self.shared_vocab
         if loss.implementation == "chunked":
             # Heads and divergence fused, token chunk by token chunk: no (N, V) tensor is ever held.
             # Several teachers: each projected by its own head per chunk, then mixed or summed (loss.teachers).
-            heads = [OutputHead.of(self.teacher_core), *self.ensemble.heads()]
-            parts = chunked_distillation_loss(
-                step.hidden, OutputHead.of(step.core), t_hiddens, heads, step.targets, chunk_size=loss.chunk_size,
-                vocab_size=self.shared_vocab, teacher_weights=weights, teachers=loss.teachers, **options,
-            )
+            def objective(heads: list[OutputHead], hidden: Tensor, *t_hiddens: Tensor) -> LossParts:
+                return chunked_distillation_loss(
+                    hidden, heads[0], list(t_hiddens), heads[1:], step.targets, chunk_size=loss.chunk_size,
+                    vocab_size=vocab, teacher_weights=weights, teachers=loss.teachers, **options)
         else:
-            student_logits = project(step.core, step.hidden)[:, : self.shared_vocab]  # (N, V)
-            with torch.no_grad():
-                teacher_logits = [project(self.teacher_core, t_hidden), *self.ensemble.logits(t_hiddens[1:])]
-            teacher_logits = [z[:, : self.shared_vocab] for z in teacher_logits]  # (N, V) each
-            parts = multi_teacher_distillation_loss(student_logits, teacher_logits, step.targets, weights=weights,
-                                                    teachers=loss.teachers, **options)
+            def objective(heads: list[OutputHead], hidden: Tensor, *t_hiddens: Tensor) -> LossParts:
+                student_logits = module_logits(hidden, heads[0])[:, :vocab]  # (N, V)
+                with torch.no_grad():
+                    teacher_logits = [module_logits(t, head)[:, :vocab] for head, t in zip(heads[1:], t_hiddens)]
+                return multi_teacher_distillation_loss(student_logits, teacher_logits, step.targets, weights=weights,
+                                                       teachers=loss.teachers, **options)
+        # The heads are read as tensors: `sharding.through_heads` has FSDP / ZeRO-3 gather them where they shard them.
+        parts = through_heads([step.core, self.teacher_core, *self.ensemble.head_sources()], objective, step.hidden,
+                              *t_hiddens)
         return SoftLoss(parts, t_feats)

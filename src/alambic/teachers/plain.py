@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from torch import Tensor
+
 from alambic.combinations import DECLARED, PLAIN
-from alambic.losses.chunked import OutputHead, chunked_distillation_loss
+from alambic.losses.chunked import chunked_distillation_loss
+from alambic.losses.divergences import LossParts
+from alambic.losses.heads import OutputHead, module_logits
 from alambic.losses.mixture import multi_teacher_distillation_loss
-from alambic.modeling import project
+from alambic.sharding import through_heads
 from alambic.teachers.base import NoLiveTeacher, Requirements, SoftLoss, StudentStep, TokenBatches
 
 if TYPE_CHECKING:
@@ -24,9 +28,13 @@ class NoTeacher(NoLiveTeacher, TokenBatches):
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)
         if loss.implementation == "chunked":
-            parts = chunked_distillation_loss(step.hidden, OutputHead.of(step.core), None, None, step.targets,
-                                              chunk_size=loss.chunk_size, teachers=loss.teachers, **options)
+            def objective(heads: list[OutputHead], hidden: Tensor) -> LossParts:
+                return chunked_distillation_loss(hidden, heads[0], None, None, step.targets,
+                                                 chunk_size=loss.chunk_size, teachers=loss.teachers, **options)
         else:
-            parts = multi_teacher_distillation_loss(project(step.core, step.hidden), [], step.targets,
-                                                    teachers=loss.teachers, **options)
+            def objective(heads: list[OutputHead], hidden: Tensor) -> LossParts:
+                return multi_teacher_distillation_loss(module_logits(hidden, heads[0]), [], step.targets,
+                                                       teachers=loss.teachers, **options)
+        # The head is read as tensors: `sharding.through_heads` has FSDP / ZeRO-3 gather it where they shard it.
+        parts = through_heads([step.core], objective, step.hidden)
         return SoftLoss(parts)

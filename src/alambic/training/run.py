@@ -180,6 +180,7 @@ def train(
             source=source,
             loss_config=loss,
             kept_layers=kept_layers,
+            shard_teacher=training.shard_teacher,
             callbacks=all_callbacks,
         )
 

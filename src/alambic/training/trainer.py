@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alambic.config import LossConfig
 from alambic.modeling import counted_positions, final_hidden_states
+from alambic.sharding import is_sharded, shard_frozen, should_shard_teacher
 from alambic.teachers import StudentStep, TeacherSource, choose
 from alambic.teachers.ensemble import WeightedTeacher
 from alambic.training.base import AlambicTrainer
@@ -49,15 +50,18 @@ class DistillationTrainer(AlambicTrainer):
             (`losses.mixture`); they need the live primary teacher (not an offline cache).
         teacher_weight: the primary teacher's weight among several, before normalisation.
         source: the teacher source already chosen (then the teacher arguments above are not used).
+        shard_teacher: `training.shard_teacher`: under FSDP2 or DeepSpeed, shard the teachers (True), keep a whole
+            copy on each process (False), or "auto": shard them when the student is sharded.
         Remaining arguments go to `transformers.Trainer`.
     """
 
     def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, loss_config: LossConfig,
                  cached_teacher: bool = False, cross_tokenizer: bool = False, kept_layers: list[int] | None = None,
                  additional_teachers: Sequence[WeightedTeacher] = (), teacher_weight: float = 1.0,
-                 source: TeacherSource | None = None, **kwargs: Any):
+                 source: TeacherSource | None = None, shard_teacher: bool | Literal["auto"] = "auto", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
+        self.shard_teacher = shard_teacher
         self.source = source if source is not None else choose(
             loss_config, teacher=teacher, cached=cached_teacher, cross_tokenizer=cross_tokenizer,
             additional=additional_teachers, teacher_weight=teacher_weight)
@@ -69,11 +73,12 @@ class DistillationTrainer(AlambicTrainer):
     # -- set-up ---------------------------------------------------------------------------------------
 
     def prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
-        """The teacher frozen, in eval mode, placed as the student is (accelerate; DeepSpeed ZeRO-3 shards it)."""
+        """The teacher frozen, in eval mode, placed as the student is (accelerate), and sharded across the processes
+        where `shard_teacher` says so: FSDP2 units (`sharding.shard_frozen`) beside an FSDP student, ZeRO-3 beside a
+        DeepSpeed one. Its output head is read whole by the loss wherever it is sharded (`sharding.whole_head`)."""
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
-            # ZeRO-3 shards the teacher like the student; other stages keep a full copy per rank.
             import copy
 
             import deepspeed
@@ -81,23 +86,37 @@ class DistillationTrainer(AlambicTrainer):
             ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
             ds_config.pop("optimizer", None)
             ds_config.pop("scheduler", None)
-            if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
-                ds_config["zero_optimization"] = {"stage": 0}
+            zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+            if not should_shard_teacher(self.shard_teacher, zero3):
+                ds_config["zero_optimization"] = {"stage": 0}  # a whole copy per rank
+            elif not zero3:
+                ds_config["zero_optimization"] = {"stage": 3}  # (ZeRO-1/2 shard no weights: the teacher's would be)
             engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
             engine.eval()
             return engine
+        # An FSDP student is sharded by accelerate when training starts, after this; `is_sharded` covers a student
+        # given already sharded (fully_shard applied by the caller).
+        student_sharded = (self.is_fsdp_enabled and self.accelerator.is_fsdp2) or is_sharded(self.model)
+        several = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if several and should_shard_teacher(self.shard_teacher, student_sharded):
+            if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
+                raise ValueError("training.shard_teacher shards the teacher with FSDP2 (fully_shard); this run's FSDP "
+                                 "is version 1: set fsdp_version: 2 in the accelerate config (fsdp_config "
+                                 "{'version': 2}), or training.shard_teacher: false")
+            return shard_frozen(teacher, self.args.device)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _check_unsharded_heads(self) -> None:
-        """The chunked loss reads the output heads' weights between forwards, where DeepSpeed ZeRO-3 and FSDP keep
-        them sharded (an empty or flat shard, not the (V, H) matrix): refuse it there, before the first step."""
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if (zero3 or self.is_fsdp_enabled) and self.loss_config.implementation == "chunked":
+        """The losses read the output heads' weights as tensors, outside the models' forward; `sharding.through_heads`
+        gathers them where FSDP2 and ZeRO-3 shard them. FSDP version 1 flattens them into one sharded vector it alone
+        can unflatten: refuse it, before the first step."""
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
             raise ValueError(
-                f"loss.implementation: chunked reads the output heads' weights outside the models' forward, where "
-                f"{'DeepSpeed ZeRO-3' if zero3 else 'FSDP'} keeps them sharded. Train under DDP or DeepSpeed ZeRO-1/2 "
-                "(the chunked loss's memory savings stay), or set loss.implementation: full, whose heads run as "
-                "modules (ZeRO-3 gathers them; under FSDP wrap the output head as its own unit)")
+                "FSDP version 1 keeps the output heads flattened and sharded, and alambic's losses read them outside "
+                "the models' forward (the chunked loss fuses them with the divergence): set fsdp_version: 2 in the "
+                "accelerate config (or fsdp_config {'version': 2} in training.trainer_args), whose heads alambic "
+                "gathers for the loss, or train under DDP or DeepSpeed")
 
     def _prepare_features(self, cfg: LossConfig, kept_layers: list[int] | None) -> FeatureDistiller | None:
         if cfg.features is None:
