@@ -1,13 +1,17 @@
 """Output heads read whole where an engine shards them (FSDP2, DeepSpeed ZeRO-3), and a frozen teacher sharded.
 
-The fused chunked loss (`losses.chunked`) and the offline cache's loss read the output heads' weights themselves,
-outside the models' forward, where FSDP2 and ZeRO-3 keep them sharded: a DTensor shard of the (V, H) matrix, or an
-empty ZeRO-3 partition. `through_heads` is the one place every teacher source and the student's head are read
-through: it runs the loss as the forward of the head modules, so that each engine's own hooks on those modules
-gather the weights for it, gather them again when autograd accumulates the head's gradient, and then reduce that
-gradient across the processes, exactly as for a gradient made inside the model's forward (Liger's fused losses run
-inside the model's forward for the same reason). No engine-specific code: where nothing shards the heads it is a plain
-call.
+The fused chunked loss (`losses.chunked`), the `full` loss and the offline cache's loss read the output heads'
+weights as tensors, outside the models' forward, where FSDP2 and ZeRO-3 keep them sharded: a DTensor shard of the
+(V, H) matrix, or an empty ZeRO-3 partition. `through_heads` is the one place every teacher source and the student
+read their heads through. It has each engine gather the weights for the loss, and leaves the head's gradient where
+that engine reduces it across the processes, as for a gradient made inside the model's forward:
+
+- ZeRO-3: the loss runs as the forward of the head modules (Liger's fused losses run inside the model's forward for
+  the same reason), so ZeRO-3's own module hooks gather the weights, gather them again when autograd accumulates the
+  head's gradient, and reduce-scatter it.
+- FSDP2: the head's unit is gathered with `FSDPModule.unshard()` where it was resharded after forward (in the root
+  unit, or accelerate's unit of the final norm and head, it is still whole), and its post-backward reduce-scatters
+  the gradient the loss gave the unsharded parameter.
 
 Checked against one process with the same global batch (tests/distributed/test_fsdp.py, test_deepspeed.py): the
 losses of three steps and the final weights agree, the head's gradient included.
@@ -157,8 +161,8 @@ def shard_frozen(model: nn.Module, device: torch.device | str) -> nn.Module:
     """A frozen model (a teacher) sharded with FSDP2 across the processes, in place: each decoder layer is a unit, the
     output head (with the input embeddings it is tied to) another, the root holds the rest; every unit is resharded
     after its forward, so a rank holds 1/N of the weights plus one unit's at a time. (There is no backward to
-    prefetch for: the root's default would keep its weights whole for good.) The head's own unit gathers itself when
-    it is called (the `full` loss's logits); the chunked loss reads it through `whole_head`.
+    prefetch for: the root's default would keep its weights whole for good.) The losses read the head through
+    `through_heads`, which unshards its unit and reshards it after.
 
     Returns the model (FSDP2 changes its class in place, the object stays the same)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard

@@ -204,9 +204,9 @@ def test_fsdp_version_1_is_refused_where_fsdp2_is_served(tmp_path, monkeypatch):
     for implementation in ("chunked", "full"):
         trainer.loss_config = LossConfig(implementation=implementation)
         with pytest.raises(ValueError, match="FSDP version 1 .* set fsdp_version: 2"):
-            trainer._check_unsharded_heads()
+            trainer._check_fsdp_version()
     monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: True))
-    trainer._check_unsharded_heads()
+    trainer._check_fsdp_version()
 
 
 @pytest.mark.parametrize("native", [True, False])

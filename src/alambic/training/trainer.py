@@ -3,7 +3,7 @@
 Everything Trainer users rely on is kept (checkpoints and resume, gradient accumulation, mixed precision,
 evaluation, `report_to`, accelerate / DeepSpeed / FSDP launchers); only `compute_loss` is its own (logging,
 `prediction_step` and the scaling for gradient accumulation are `AlambicTrainer`'s). The teacher is frozen, in eval
-mode, and runs under `torch.inference_mode`.
+mode, and runs under `torch.inference_mode` (`torch.no_grad` where FSDP2 shards it).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DistillationTrainer(AlambicTrainer):
             loss_config, teacher=teacher, cached=cached_teacher, cross_tokenizer=cross_tokenizer,
             additional=additional_teachers, teacher_weight=teacher_weight)
         self.source.setup(self)
-        self._check_unsharded_heads()
+        self._check_fsdp_version()
         self.features = self._prepare_features(loss_config, kept_layers)
         self.on_policy = self._prepare_on_policy(loss_config)
 
@@ -75,7 +75,7 @@ class DistillationTrainer(AlambicTrainer):
     def prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         """The teacher frozen, in eval mode, placed as the student is (accelerate), and sharded across the processes
         where `shard_teacher` says so: FSDP2 units (`sharding.shard_frozen`) beside an FSDP student, ZeRO-3 beside a
-        DeepSpeed one. Its output head is read whole by the loss wherever it is sharded (`sharding.whole_head`)."""
+        DeepSpeed one. Its output head is read whole by the loss wherever it is sharded (`sharding.through_heads`)."""
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
@@ -107,7 +107,7 @@ class DistillationTrainer(AlambicTrainer):
             return shard_frozen(teacher, self.args.device)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _check_unsharded_heads(self) -> None:
+    def _check_fsdp_version(self) -> None:
         """The losses read the output heads' weights as tensors, outside the models' forward; `sharding.through_heads`
         gathers them where FSDP2 and ZeRO-3 shard them. FSDP version 1 flattens them into one sharded vector it alone
         can unflatten: refuse it, before the first step."""
