@@ -8,7 +8,8 @@ live teacher. Settings:
   the head (and tied embeddings) in one unit not resharded after forward. 'resharded': that unit resharded after
   forward, so the head is a DTensor when the loss reads it.
 - tie (tied embeddings), shard_teacher (training.shard_teacher), ensemble (a second teacher), features (attention
-  and hidden-state terms of the same width: no projector), implementation (loss.implementation, default chunked).
+  and hidden-state terms of the same width: no projector), implementation (loss.implementation, default chunked),
+  cached (the offline cache's source: the teacher's top-k rows come with the batch, no live teacher).
 A single process trains unsharded. Rank 0 writes out/<scenario>.json (the loss of each step, all ranks' mean) and
 out/<scenario>.pt (the final full weights).
 """
@@ -24,6 +25,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from alambic.config import LossConfig  # noqa: E402
+from alambic.losses.topk import topk_of_log_probs  # noqa: E402
+from alambic.teachers.cached import CachedTopK  # noqa: E402
 from alambic.teachers.ensemble import WeightedTeacher  # noqa: E402
 from alambic.training.trainer import DistillationTrainer  # noqa: E402
 from helpers import tiny_model  # noqa: E402
@@ -71,6 +74,15 @@ def full_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
             for name, p in student.named_parameters()}
 
 
+def cached_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The offline cache's rows of these sequences (top-8 log-probs at T = 1 and the tail), in counted-position
+    order, as `CachedTeacherCollator` brings them."""
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ids, logprobs, tail = topk_of_log_probs(torch.log_softmax(logits[batch["labels"][:, 1:] != -100], -1), 8)
+    return {"teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}
+
+
 def train(settings: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     tie = settings.get("tie", True)
     student = tiny_model("llama", seed=2, num_layers=2, tie=tie).train()
@@ -83,12 +95,14 @@ def train(settings: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     from transformers import TrainingArguments
 
     args = TrainingArguments(str(out / "args"), use_cpu=True, report_to=[], per_device_train_batch_size=ROWS // world)
+    cached = settings.get("cached", False)
     trainer = DistillationTrainer(
-        model=student, args=args, teacher=teacher, additional_teachers=additional,
+        model=student, args=args, teacher=None if cached else teacher, additional_teachers=additional,
+        source=CachedTopK() if cached else None,
         loss_config=LossConfig(alpha=0.5, implementation=settings.get("implementation", "chunked"), chunk_size=5,
                                features=features),
         shard_teacher=settings.get("shard_teacher", "auto"))
-    if world > 1:
+    if world > 1 and not cached:
         from alambic.sharding import is_sharded
 
         want = settings.get("shard_teacher", "auto") in ("auto", True)
@@ -99,7 +113,10 @@ def train(settings: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
         batch = global_batch(step)
         count = (batch["labels"][:, 1:] != -100).sum()  # the global count, as the Trainer gathers it
         share = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
-        loss = trainer.compute_loss(student, {k: v[share] for k, v in batch.items()}, num_items_in_batch=count)
+        local = {k: v[share] for k, v in batch.items()}
+        if cached:
+            local.update(cached_rows(teacher, local))
+        loss = trainer.compute_loss(student, local, num_items_in_batch=count)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

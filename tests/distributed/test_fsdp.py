@@ -26,6 +26,8 @@ SCENARIOS = {
     "ensemble_features": {"unit": "resharded", "shard_teacher": True, "ensemble": True, "features": True},
     # the full loss: the sharded teacher's head gathers itself when called (its own unit, sharding.shard_frozen)
     "full_sharded": {"unit": "tail", "shard_teacher": True, "implementation": "full"},
+    # the offline cache's fused loss: the student's head alone, resharded after forward
+    "cached_resharded": {"unit": "resharded", "tie": False, "cached": True},
 }
 
 
