@@ -398,10 +398,10 @@ def test_the_ranks_of_one_launch_share_the_folder_their_rank_0_holds(tmp_path):
             (ctx.run_dir / f"rank{os.environ['RANK']}.txt").write_text("done")
         cfg = validate_config({"name": "tiny", "output_dir": sys.argv[1], "teacher": {"model": "x"},
                                "student": {"from_teacher": {}}})
-        run_stages(cfg, [Stage("work", ("loss",), ("never.txt",), work)])
+        run_stages(cfg, [Stage("work", ("loss",), ("never.txt",), work, ranks="all")])  # on every rank
     """))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "0", str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
                           check=False, env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in (tmp_path / "runs" / "tiny").glob("rank*.txt")} == {"rank0.txt", "rank1.txt"}

@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 1 a stage failed, 2 bad input (config, files, options), 3 the run folder is in use by
 another process (nothing was done: try again once it ends), 130 interrupted.
+
+Under a launcher (`torchrun -m alambic run CONFIG`, `accelerate launch -m alambic run CONFIG`) every rank runs this
+command; rank 0 alone prints (stage headers, progress, the summary), and a failure is printed once, by rank 0 when it
+hears of it, else by the rank that failed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import typer
 import yaml
 from rich.markup import escape
 
+from alambic import distributed
 from alambic.config import ConfigError, RunConfig, apply_override, load_config, validate_config
 from alambic.runlock import RunFolderBusy, check_not_held, hold_folder
 from alambic.utils import DiagnosedFailure, console, disk_full_message
@@ -61,18 +66,47 @@ def _input_errors() -> tuple[type[Exception], ...]:
 
 
 def _busy(exc: RunFolderBusy) -> typer.Exit:
-    console.print(f"[red]error:[/] {escape(str(exc))}")
+    if _reports(exc):
+        console.print(f"[red]error:[/] {escape(str(exc))}")
     return typer.Exit(EXIT_BUSY)
+
+
+def _reports(exc: BaseException) -> bool:
+    """Whether this process prints the failure `exc`: always alone; under a launcher, one rank prints it
+    (`distributed.claim_failure_report`), its console turned back on if it was quiet (ranks other than 0)."""
+    if distributed.world_size() == 1:
+        return True
+    if isinstance(exc, KeyboardInterrupt):  # every rank got it (the launcher passes it on): rank 0 says so
+        return distributed.is_main()
+    if distributed.claim_failure_report(exc):
+        console.quiet = False
+        return True
+    return False
+
+
+def _relayed(exc: distributed.RankFailure) -> typer.Exit:
+    """Another rank's failure, seen on this one: printed once (rank 0, unless the failing rank printed it)."""
+    if _reports(exc):
+        console.print(f"[red]failed[/]: {escape(str(exc))}")
+    elif distributed.is_main():
+        console.print(f"[red]failed[/]: rank {exc.rank} failed during {escape(exc.what)}: its error is printed above")
+    return typer.Exit(EXIT_FAILED)
 
 
 @contextmanager
 def _holding(folder: Path) -> Iterator[None]:
-    """Hold `folder` for a command that writes it outside `run_stages` (which holds it too: re-entrant)."""
-    try:
-        with hold_folder(folder):
-            yield
-    except RunFolderBusy as exc:
-        raise _busy(exc) from None
+    """Hold `folder` for a command that writes it outside `run_stages` (which holds it too: re-entrant); under a
+    launcher rank 0 holds it, and its refusal reaches every rank."""
+    from contextlib import ExitStack
+
+    with ExitStack() as held:
+        try:
+            distributed.on_main("taking the folder", lambda: held.enter_context(hold_folder(folder)) and None)
+        except RunFolderBusy as exc:
+            raise _busy(exc) from None
+        except distributed.RankFailure as exc:
+            raise _relayed(exc) from None
+        yield
 
 
 def _failing_stage(run_dir: Path) -> str | None:
@@ -88,6 +122,8 @@ def _failed(folder: Path, advice: str, *, run_dir: Path | None = None) -> typer.
     """A failure in `folder`: one line when a full disk caused it or its message says cause and fix
     (`DiagnosedFailure`), else the traceback; then `advice`."""
     exc = sys.exc_info()[1]
+    if exc is not None and not _reports(exc):  # another rank prints it
+        return typer.Exit(EXIT_FAILED)
     line = disk_full_message(exc, folder) if exc is not None else None
     if isinstance(exc, DiagnosedFailure):
         stage = _failing_stage(run_dir) if run_dir is not None else None
@@ -123,13 +159,18 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
     try:
         check_inputs(config)  # what the models' own configs refuse, before any stage works
         run_stages(config, stages, resume=resume)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(config.run_dir))})")
+    except KeyboardInterrupt as exc:
+        if _reports(exc):
+            console.print(f"[yellow]interrupted[/]: run the same command again to resume "
+                          f"({escape(str(config.run_dir))})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except RunFolderBusy as exc:
         raise _busy(exc) from None
+    except distributed.RankFailure as exc:
+        raise _relayed(exc) from None
     except INPUT_ERRORS as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        if _reports(exc):
+            console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception:
         raise _failed(config.run_dir, f"the manifest records where: {config.run_dir / 'manifest.json'}. "
@@ -280,11 +321,18 @@ def evaluate(
     else:
         cfg = _load(target, set_)
     names = [s.name for s in STAGES]
-    with _holding(cfg.run_dir):  # from before the manifest is touched
+
+    def outdate() -> None:
         manifest = Manifest.for_run(cfg.run_dir / "manifest.json")
         for name in names[names.index("evaluate"):]:
             if name in manifest.stages:
                 manifest.update(name, status="outdated")
+
+    with _holding(cfg.run_dir):  # from before the manifest is touched
+        try:
+            distributed.on_main("marking the evaluation outdated", outdate)
+        except distributed.RankFailure as exc:
+            raise _relayed(exc) from None
         _run(cfg, None, resume=True)
 
 
@@ -345,20 +393,29 @@ def report(
         from alambic.report.chain import write_chain_report
 
         with _holding(run_dir):
-            write_chain_report(run_dir)
+            distributed.on_main("writing the chain report", lambda: write_chain_report(run_dir) and None)
         return
     if not (run_dir / "eval.json").is_file():
         console.print(f"[red]error:[/] {escape(str(run_dir / 'eval.json'))} not found: evaluate the run first "
                       "(`alambic run CONFIG`)")
         raise typer.Exit(EXIT_BAD_INPUT)
     with _holding(run_dir):
-        write_report(run_dir)
+        distributed.on_main("writing the report", lambda: write_report(run_dir) and None)
 
 
 def main() -> None:
     from alambic.utils import tune_allocator
 
     tune_allocator()
+    if distributed.rank() > 0:
+        console.quiet = True  # one console: rank 0's (a failure this rank reports turns it back on)
+    if distributed.world_size() > 1:
+        try:
+            distributed.init()  # before any stage: a launch that cannot run as one job is refused here
+        except distributed.DistributedSetupError as exc:
+            console.quiet = False
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            raise SystemExit(EXIT_BAD_INPUT) from None
     app()
 
 

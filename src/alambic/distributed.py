@@ -218,6 +218,30 @@ def peer_failure(wait: float = 0.0) -> RankFailure | None:
         time.sleep(POLL_SECONDS)
 
 
+def claim_failure_report(exc: BaseException, *, wait: float = 5.0) -> bool:
+    """Whether this rank is the one that prints the launch's failure `exc` (exactly one rank does, so that N ranks do
+    not print one failure N times): rank 0 when it hears of the failure, else the rank that failed.
+
+    A rank that failed on its own waits up to `wait` seconds for rank 0 to claim the report (rank 0 learns of it
+    at its next meeting); a rank 0 blocked in a collective with the failing rank cannot hear of it before that rank
+    exits, so the failing rank then prints it itself (and rank 0, which loses the claim, only says where).
+    """
+    if world_size() == 1 or "store" not in _state:
+        return True
+    try:
+        store = _state["store"]
+        relayed = isinstance(exc, RankFailure)
+        if is_main() or not relayed:
+            if not is_main():
+                deadline = time.monotonic() + wait
+                while store.add("failure/printer", 0) == 0 and time.monotonic() < deadline:
+                    time.sleep(POLL_SECONDS)
+            return store.add("failure/printer", 1) == 1
+        return False
+    except Exception:  # the store is gone (with rank 0, outside torchrun): nobody else can print it
+        return not isinstance(exc, RankFailure) or is_main()
+
+
 def _failure(store: Any) -> RankFailure | None:
     if not store.check([FAILURE_KEY]):
         return None

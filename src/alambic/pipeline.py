@@ -4,6 +4,10 @@ Each stage reads some config fields (its declared inputs), writes into the run f
 `manifest.json` (inputs hash, outputs, status, timings). Running again skips a stage that finished
 with the same inputs, resumes one that was interrupted (training continues from its last complete
 checkpoint) and redoes one whose inputs changed, and every stage after it.
+
+Under a launcher (several ranks), global rank 0 is the one writer: it holds the folder, writes config.yaml and the
+manifest, and decides each stage (skip, reuse, run, resume) for all ranks. A stage runs on rank 0 alone while the
+others wait (`Stage.ranks == "main"`), or on every rank (`"all"`: trainings, whose DDP needs them all).
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.markup import escape
 
+from alambic import distributed
 from alambic.config import RunConfig, save_config
 from alambic.layout import CONFIG_FILE, MANIFEST_FILE
 from alambic.runlock import hold_folder, wipe_held_folder
@@ -38,6 +44,10 @@ class Stage:
     # The earlier stages whose results this one reads, when not all of them: the CE control needs the data
     # and the student, not the distillation, so a loss sweep trains it once and reuses it.
     after: tuple[str, ...] | None = None
+    # Under a launcher: "main" runs it on rank 0 alone, the other ranks waiting (for as long as rank 0 is alive: data
+    # preparation or pruning may take hours); "all" runs it on every rank (a training: the Trainer's DDP needs every
+    # rank; a stage whose work splits across ranks with alambic.distributed.my_share). Rank 0 alone records it.
+    ranks: Literal["main", "all"] = "main"
 
 
 @dataclass
@@ -205,56 +215,111 @@ def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
         reuse_from: other run folders whose finished stages may be reused.
 
     The run folder is held (`runlock.hold_folder`) from before anything is written until the last stage ends:
-    another process running the same folder is refused at once.
+    another process running the same folder is refused at once. Under a launcher, rank 0 holds it, writes every
+    record and decides each stage for all ranks (`Stage.ranks` says which run it); the others never read the
+    manifest while it may be written. A failure on any rank stops every rank with that rank's message.
 
     Raises:
         RunFolderBusy: another process holds the run folder; nothing was written.
         Whatever a stage raises; the manifest then records the stage as failed.
+        distributed.RankFailure: on the ranks that did not fail, when another one did.
     """
-    with hold_folder(config.run_dir):
+    distributed.init()
+    with ExitStack() as held:
+        # rank 0 alone holds the folder (runlock skips the lock on other ranks); a refusal reaches them all
+        distributed.on_main("taking the run folder", lambda: held.enter_context(hold_folder(config.run_dir)) and None)
         return _run_held(config, stages, resume=resume, reuse_from=reuse_from)
 
 
 def _run_held(config: RunConfig, stages: list[Stage], *, resume: bool, reuse_from: Sequence[Path]) -> Manifest:
     run_dir = config.run_dir
-    if not resume:
-        wipe_held_folder(run_dir)  # everything but the lock we hold
-    save_config(config, run_dir / CONFIG_FILE)
-    manifest = Manifest.for_run(run_dir / MANIFEST_FILE)
+    records: list[Manifest] = []  # rank 0's manifest: the other ranks never read it while it may be written
+
+    def prepare() -> None:
+        if not resume:
+            wipe_held_folder(run_dir)  # everything but the lock we hold
+        save_config(config, run_dir / CONFIG_FILE)
+        records.append(Manifest.for_run(run_dir / MANIFEST_FILE))
+
+    distributed.on_main("preparing the run folder", prepare)
     active = [s for s in stages if s.enabled(config)]
     hashes = _stage_hashes(config, active)
     for i, stage in enumerate(active, 1):
-        entry = manifest.stages.get(stage.name, {})
-        same_inputs = entry.get("inputs_hash") == hashes[stage.name]
-        outputs_there = all((run_dir / o).exists() for o in stage.outputs)
         header = f"[bold]stage {i}/{len(active)}: {stage.name}[/]"
-        if same_inputs and entry.get("status") == "done" and outputs_there:
-            console.print(f"{header} [green]done already[/] (inputs unchanged), skipped")
+        what = f"stage {stage.name}"
+        if stage.ranks == "main" or distributed.world_size() == 1:
+            def alone(stage: Stage = stage, header: str = header) -> None:
+                resume_it = _begin(records[0], stage, hashes[stage.name], header, run_dir, reuse_from)
+                if resume_it is not None:
+                    _run_recorded(records[0], stage, config, StageContext(run_dir=run_dir, resume=resume_it), header)
+
+            distributed.on_main(what, alone)
             continue
-        found = _reusable(stage, hashes[stage.name], reuse_from, run_dir) if reuse_from else None
-        if found is not None:
-            started = time.time()
-            _copy_outputs(stage, found[0], run_dir)
-            manifest.stages[stage.name] = {**found[1], "reused_from": str(found[0]), "started": started,
-                                           "finished": time.time(), "seconds": round(time.time() - started, 2)}
-            manifest.save()
-            console.print(f"{header} [green]reused from {escape(str(found[0]))}[/] (same inputs), skipped")
+        # every rank: rank 0 decides and records, all of them run it
+        resume_it = distributed.on_main(
+            what, lambda stage=stage, header=header: _begin(records[0], stage, hashes[stage.name], header, run_dir,
+                                                           reuse_from))
+        if resume_it is None:
             continue
-        resuming = same_inputs and entry.get("status") in ("running", "failed")
-        console.rule(header + (" [yellow](resuming)[/]" if resuming else ""))
-        for name in _top_level(stage):
-            _unshare(run_dir / name)
+        _run_recorded(records[0] if records else None, stage, config,
+                      StageContext(run_dir=run_dir, resume=resume_it), header)
+    if records:
+        return records[0]
+    return Manifest(run_dir / MANIFEST_FILE)  # rank 0 has written its last record: the last meeting came after it
+
+
+def _begin(manifest: Manifest, stage: Stage, inputs_hash: str, header: str, run_dir: Path,
+           reuse_from: Sequence[Path]) -> bool | None:
+    """Rank 0's decision for `stage`: None when there is nothing to run (done already, or reused from a sibling run),
+    else whether it resumes (its inputs unchanged), its record set to running."""
+    entry = manifest.stages.get(stage.name, {})
+    same_inputs = entry.get("inputs_hash") == inputs_hash
+    outputs_there = all((run_dir / o).exists() for o in stage.outputs)
+    if same_inputs and entry.get("status") == "done" and outputs_there:
+        console.print(f"{header} [green]done already[/] (inputs unchanged), skipped")
+        return None
+    found = _reusable(stage, inputs_hash, reuse_from, run_dir) if reuse_from else None
+    if found is not None:
         started = time.time()
-        manifest.stages.get(stage.name, {}).pop("reused_from", None)  # run here now, whatever it was before
-        manifest.update(stage.name, inputs_hash=hashes[stage.name], status="running", started=started,
-                        outputs=list(stage.outputs))
-        try:
-            summary = stage.run(config, StageContext(run_dir=run_dir, resume=same_inputs))
-        except BaseException as exc:
-            manifest.update(stage.name, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+        _copy_outputs(stage, found[0], run_dir)
+        manifest.stages[stage.name] = {**found[1], "reused_from": str(found[0]), "started": started,
+                                       "finished": time.time(), "seconds": round(time.time() - started, 2)}
+        manifest.save()
+        console.print(f"{header} [green]reused from {escape(str(found[0]))}[/] (same inputs), skipped")
+        return None
+    resuming = same_inputs and entry.get("status") in ("running", "failed")
+    console.rule(header + (" [yellow](resuming)[/]" if resuming else ""))
+    for name in _top_level(stage):
+        _unshare(run_dir / name)
+    manifest.stages.get(stage.name, {}).pop("reused_from", None)  # run here now, whatever it was before
+    manifest.update(stage.name, inputs_hash=inputs_hash, status="running", started=time.time(),
+                    outputs=list(stage.outputs))
+    return same_inputs
+
+
+def _run_recorded(manifest: Manifest | None, stage: Stage, config: RunConfig, ctx: StageContext, header: str) -> None:
+    """Run `stage` on this rank, and record how it ended in `manifest` (rank 0's; None on the other ranks).
+
+    A stage on every rank ends with a meeting of all of them, so that rank 0 records it done only once every rank
+    is; a rank that fails tells the others (`distributed.publish_failure`), and rank 0 records the failing rank's
+    message, not the broken collective it saw."""
+    started = time.time()
+    what = f"stage {stage.name}"
+    try:
+        summary = stage.run(config, ctx)
+        if stage.ranks == "all":
+            distributed.barrier(what)
+    except BaseException as exc:
+        distributed.publish_failure(what, exc)
+        # a collective broken by another rank's failure: that failure is the cause (it publishes before it exits)
+        cause = exc if isinstance(exc, distributed.RankFailure) else distributed.peer_failure(wait=5) or exc
+        if manifest is not None:
+            manifest.update(stage.name, status="failed", error=f"{type(cause).__name__}: {cause}"[:2000],
                             seconds=round(time.time() - started, 2))
-            raise
+        if cause is not exc:
+            raise cause from exc
+        raise
+    if manifest is not None:
         manifest.update(stage.name, status="done", finished=time.time(), seconds=round(time.time() - started, 2),
                         summary=summary or {}, error=None)
         console.print(f"{header} [green]done[/] in {time.time() - started:.1f} s")
-    return manifest

@@ -55,6 +55,8 @@ __all__ = [
 # Each stage's inputs: the config field paths it reads, beside it (tests/test_stage_inputs.py checks them against the
 # code). A stage's hash also covers the hash of the stage before it (or of its `after` stages), so a field a stage
 # reads that an earlier stage already declares need not be declared again.
+# Under a launcher a stage runs on rank 0 alone, the other ranks waiting (`Stage.ranks`, "main" by default), or on
+# every rank (ranks="all"): the trainings, and a stage that splits its work across ranks.
 # The data: the corpus fields, not those of the stages that follow it (the cache, the responses, the selection).
 DATA_FIELDS = tuple(f"data.{name}" for name in DataConfig.model_fields
                     if name not in ("teacher_cache", "teacher_responses", "selection"))
@@ -64,8 +66,9 @@ STAGES: list[Stage] = [
     # pruned one, student.from_teacher, keeps the teacher's).
     Stage("data", ("teacher", *DATA_FIELDS, "student.model", "student.gguf_file", "student.from_teacher?"),
           (DATA_DIR,), prepare_data),
+    # A training on every rank (ranks="all"), as distill and control: the Trainer's DDP needs them all.
     Stage("teacher", ("teacher",), (f"{TEACHER_DIR}/{FINAL_DIR}/config.json",), fine_tune,
-          enabled=lambda c: c.teacher.fine_tune is not None),
+          enabled=lambda c: c.teacher.fine_tune is not None, ranks="all"),
     # Pruning measures importance in batches of evaluation.batch_size, under bf16 autocast where training.bf16 allows.
     Stage("student", ("teacher", "student", "task", "training.bf16", "evaluation.batch_size"),
           (f"{STUDENT_DIR}/{STUDENT_FILE}",), build_student),
@@ -78,11 +81,11 @@ STAGES: list[Stage] = [
     Stage("cache", ("teacher", "loss.temperature", "data.teacher_cache"), (f"{CACHE_DIR}/train/manifest.json",),
           build_cache, enabled=lambda c: c.data.teacher_cache is not None),
     Stage("distill", ("loss", "training", "teacher_weight", "additional_teachers"),
-          (f"{FINAL_DIR}/config.json", TRAIN_SUMMARY_FILE, METRICS_FILE), distill),
+          (f"{FINAL_DIR}/config.json", TRAIN_SUMMARY_FILE, METRICS_FILE), distill, ranks="all"),
     # Plain cross-entropy: of the loss section, only how it is computed (stages.training.control).
     Stage("control", ("training", "loss.implementation", "loss.chunk_size"),
           (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
-          enabled=lambda c: c.evaluation.ce_control, after=("data", "student")),
+          enabled=lambda c: c.evaluation.ce_control, after=("data", "student"), ranks="all"),
     Stage("evaluate", ("evaluation",), (EVAL_FILE,), evaluate),
     Stage("report", (), (REPORT_FILE, REPORT_HTML_FILE), report),
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alambic import distributed
 from alambic.combinations import two_vocabulary_refusals
 from alambic.config import ConfigError, RunConfig
 from alambic.layout import DATA_DIR, FINAL_DIR, PRUNING_FILE, STUDENT_DIR, STUDENT_FILE, TEACHER_DIR, TRAIN_SUMMARY_FILE
@@ -46,7 +47,8 @@ def fine_tune(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     summary = fine_tune_teacher(backbone, load_tokenizer(config.teacher), load_prepared(ctx.run_dir / DATA_DIR), cfg,
                                 out, resume=ctx.resume)
     forget_loaded(str(out / FINAL_DIR))  # a teacher loaded earlier in this process from there is outdated
-    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
+    if distributed.is_main():  # every rank trains (DDP); rank 0 alone writes the run folder
+        atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from alambic import distributed
 from alambic.config import LossConfig, RunConfig
 from alambic.layout import CONTROL_DIR, DATA_DIR, STUDENT_DIR, STUDENT_FILE, TRAIN_SUMMARY_FILE
 from alambic.pipeline import StageContext
@@ -47,7 +48,8 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
                         teacher_weight=config.teacher_weight)
     summary = train(student, tokenizer, data, teacher=None, loss=loss, training=config.training,
                     output_dir=out, resume=ctx.resume, kept_layers=kept_layers, source=signal)
-    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
+    if distributed.is_main():  # every rank trains (DDP); rank 0 alone writes the run folder
+        atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
@@ -62,7 +64,8 @@ def _train_classifier(config: RunConfig, ctx: StageContext, models: RunModels, *
     summary = train_classifier(student, models.student_tokenizer, load_prepared(ctx.run_dir / DATA_DIR),
                                teacher=teacher, loss=loss, training=config.training, output_dir=out,
                                resume=ctx.resume)
-    atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
+    if distributed.is_main():  # every rank trains (DDP); rank 0 alone writes the run folder
+        atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
