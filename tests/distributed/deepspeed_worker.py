@@ -3,10 +3,10 @@ run alone or as one rank under torchrun with DeepSpeed's CPU accelerator (DS_ACC
 test_deepspeed.py.
 
 Usage: `python deepspeed_worker.py SPEC_JSON`, SPEC: out (folder), stage (ZeRO stage; null: no DeepSpeed), tie (tied
-embeddings), shard_teacher (training.shard_teacher), implementation (loss.implementation). The global batch is 4
-sequences (per device 4 // world size) of chat data whose responses differ in length. Rank 0 writes out/result.json
-(the log history and whether the student and teacher were ZeRO-3 partitioned) and out/student.pt (the final full
-weights, gathered).
+embeddings), shard_teacher (training.shard_teacher), implementation (loss.implementation), accumulation (micro-batches
+per step). The global batch is 4 sequences (per device 4 // world size // accumulation) of chat data whose responses
+differ in length. Rank 0 writes out/result.json (the log history and whether the student and teacher were ZeRO-3
+partitioned) and out/student.pt (the final full weights, gathered).
 """
 
 import json
@@ -29,6 +29,7 @@ rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE",
 (out / f"data{rank}").mkdir(parents=True, exist_ok=True)  # each rank writes its own copy of the corpus
 data = tiny_prepared(out / f"data{rank}", chat=True)
 tie = spec.get("tie", True)
+accumulation = spec.get("accumulation", 1)
 student = tiny_model("llama", seed=2, num_layers=2, tie=tie)
 teacher = tiny_model("llama", seed=1, tie=tie)
 extra: dict = {}
@@ -50,7 +51,8 @@ class Probe(TrainerCallback):
 summary = train(student, tiny_tokenizer(), data, teacher=teacher,
                 loss=LossConfig(alpha=0.5, divergence="reverse_kl", implementation=spec.get("implementation",
                                                                                           "chunked"), chunk_size=7),
-                training=TrainingConfig(max_steps=3, per_device_train_batch_size=4 // world,
+                training=TrainingConfig(max_steps=3, per_device_train_batch_size=4 // world // accumulation,
+                                        gradient_accumulation_steps=accumulation,
                                         per_device_eval_batch_size=4 // world, learning_rate=0.5, warmup_ratio=0,
                                         lr_scheduler_type="constant", max_grad_norm=1e9, save_steps=100,
                                         logging_steps=1, eval_steps=3, shard_teacher=spec.get("shard_teacher", "auto"),

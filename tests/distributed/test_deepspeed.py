@@ -19,6 +19,8 @@ RUNS = {
     # ZeRO-3 with an untied head, the teacher a whole copy per rank (training.shard_teacher: false)
     "zero3_untied": {"stage": 3, "processes": 2, "tie": False, "shard_teacher": False},
     "zero2": {"stage": 2, "processes": 2},
+    # two micro-batches of one sequence per rank and step: the head's gradient accumulates across them
+    "zero3_accumulation": {"stage": 3, "processes": 2, "accumulation": 2},
     "single": {"stage": None, "processes": 1},
     "single_untied": {"stage": None, "processes": 1, "tie": False},
 }
@@ -40,6 +42,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     ("zero3", "single", {"student": True, "teacher": True}),
     ("zero3_untied", "single_untied", {"student": True, "teacher": False}),
     ("zero2", "single", {"student": False, "teacher": False}),
+    ("zero3_accumulation", "single", {"student": True, "teacher": True}),
 ])
 def test_two_deepspeed_ranks_train_as_one_process(runs, run, reference, partitioned):
     two, one = runs[run], runs[reference]
