@@ -74,19 +74,19 @@ STAGES: list[Stage] = [
           (f"{STUDENT_DIR}/{STUDENT_FILE}",), build_student),
     # generate and select read the data, not the student: `after` keeps a new student from redoing them.
     Stage("generate", ("data.teacher_responses",), (f"{GENERATIONS_DIR}/{SUMMARY_FILE}",), generate,
-          enabled=lambda c: c.data.teacher_responses is not None, after=("data",)),
+          enabled=lambda c: c.data.teacher_responses is not None, after=("data",), ranks="all"),
     Stage("select", ("data.selection",), (f"{SELECTION_DIR}/{SELECTION_FILE}",), select,
           enabled=lambda c: c.data.selection is not None, after=("data", "generate")),
     # The teacher's top-k log-probs at the distillation temperature: alpha and the divergence only weigh them later.
     Stage("cache", ("teacher", "loss.temperature", "data.teacher_cache"), (f"{CACHE_DIR}/train/manifest.json",),
-          build_cache, enabled=lambda c: c.data.teacher_cache is not None),
+          build_cache, enabled=lambda c: c.data.teacher_cache is not None, ranks="all"),
     Stage("distill", ("loss", "training", "teacher_weight", "additional_teachers"),
           (f"{FINAL_DIR}/config.json", TRAIN_SUMMARY_FILE, METRICS_FILE), distill, ranks="all"),
     # Plain cross-entropy: of the loss section, only how it is computed (stages.training.control).
     Stage("control", ("training", "loss.implementation", "loss.chunk_size"),
           (f"{CONTROL_DIR}/{FINAL_DIR}/config.json",), control,
           enabled=lambda c: c.evaluation.ce_control, after=("data", "student"), ranks="all"),
-    Stage("evaluate", ("evaluation",), (EVAL_FILE,), evaluate),
+    Stage("evaluate", ("evaluation",), (EVAL_FILE,), evaluate, ranks="all"),
     Stage("report", (), (REPORT_FILE, REPORT_HTML_FILE), report),
 ]
 
