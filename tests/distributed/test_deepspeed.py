@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from sharded_launch import launch
 
 pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
+EXAMPLES = Path(__file__).parents[2] / "examples" / "scale" / "accelerate"
 RUNS = {
     # ZeRO-3 partitions the student; the teacher follows it (auto), tied embeddings (the head is the embedding's)
     "zero3": {"stage": 3, "processes": 2},
@@ -21,6 +23,8 @@ RUNS = {
     "zero2": {"stage": 2, "processes": 2},
     # two micro-batches of one sequence per rank and step: the head's gradient accumulates across them
     "zero3_accumulation": {"stage": 3, "processes": 2, "accumulation": 2},
+    # the user's command: accelerate launch with the shipped ZeRO-3 config (its DeepSpeed plugin), on CPU here
+    "accelerate_zero3": {"stage": None, "processes": 2, "accelerate": "zero3.yaml"},
     "single": {"stage": None, "processes": 1},
     "single_untied": {"stage": None, "processes": 1, "tie": False},
 }
@@ -32,8 +36,13 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     results = {}
     for name, run in RUNS.items():
         out = tmp_path_factory.mktemp(name)
-        settings = {k: v for k, v in run.items() if k != "processes"}
-        launch(WORKER, {"out": str(out), **settings}, run["processes"], timeout=600, env=ENV)
+        settings = {k: v for k, v in run.items() if k not in ("processes", "accelerate")}
+        config = None
+        if "accelerate" in run:  # the shipped file, on CPU: use_cpu, no GPU ids
+            shipped = yaml.safe_load((EXAMPLES / run["accelerate"]).read_text())
+            config = out / run["accelerate"]
+            config.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "gpu_ids": None}))
+        launch(WORKER, {"out": str(out), **settings}, run["processes"], timeout=600, env=ENV, accelerate_config=config)
         results[name] = {**json.loads((out / "result.json").read_text()), "student": torch.load(out / "student.pt")}
     return results
 
@@ -43,6 +52,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     ("zero3_untied", "single_untied", {"student": True, "teacher": False}),
     ("zero2", "single", {"student": False, "teacher": False}),
     ("zero3_accumulation", "single", {"student": True, "teacher": True}),
+    ("accelerate_zero3", "single", {"student": True, "teacher": True}),
 ])
 def test_two_deepspeed_ranks_train_as_one_process(runs, run, reference, partitioned):
     two, one = runs[run], runs[reference]
