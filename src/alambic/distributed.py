@@ -48,21 +48,29 @@ class DistributedSetupError(RuntimeError):
     """The launch cannot run as one distributed job (the replicas would train apart, or cannot meet)."""
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name) or default)
-    except ValueError:
-        return default
+# Where the launchers put them: torchrun / accelerate / DeepSpeed (RANK), then MPI's (accelerate's multi-CPU launch
+# runs mpirun), in the order accelerate's own PartialState reads them.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return default
 
 
 def rank() -> int:
-    """This process's global rank (RANK, set by the launchers); 0 when not launched."""
-    return _env_int("RANK", 0)
+    """This process's global rank (RANK, or MPI's), set by the launchers; 0 when not launched."""
+    return _env_int(RANK_VARIABLES, 0)
 
 
 def world_size() -> int:
-    """How many processes the launch runs (WORLD_SIZE); 1 when not launched."""
-    return max(_env_int("WORLD_SIZE", 1), 1)
+    """How many processes the launch runs (WORLD_SIZE, or MPI's); 1 when not launched."""
+    return max(_env_int(WORLD_SIZE_VARIABLES, 1), 1)
 
 
 def is_main() -> bool:

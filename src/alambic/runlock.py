@@ -10,8 +10,8 @@ itself stays (it is never deleted: a process that opened the old file could lock
 one), and `--restart` wipes everything else in the folder.
 
 A launcher (`accelerate launch`, torchrun, DeepSpeed) starts one `alambic run` per rank on one folder: rank 0
-holds it for the launch, the other ranks (RANK > 0) take no lock. A second launch's rank 0 is refused, which stops
-that launch.
+holds it for the launch, the other ranks (RANK > 0) take no lock (alambic.pipeline keeps them from writing it).
+A second launch's rank 0 is refused, which stops that launch.
 
 Re-entrant within one process: `alambic evaluate` holds the run folder and then runs the stages, which take it
 again. Where `fcntl` does not exist (Windows), or the file system refuses locks (some network mounts), folders are
@@ -111,10 +111,9 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
 
 def _launch_rank() -> int:
     """This process's rank in a multi-process launch (the RANK the launchers set), 0 alone."""
-    try:
-        return int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return 0
+    from alambic.distributed import rank  # torch-free, like this module
+
+    return rank()
 
 
 def _lock(folder: Path, key: Path) -> int:

@@ -51,6 +51,17 @@ def test_single_process_is_identity(monkeypatch):
         distributed.on_main("x", lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
+def test_the_rank_is_read_where_each_launcher_puts_it(monkeypatch):
+    for name in (*distributed.RANK_VARIABLES, *distributed.WORLD_SIZE_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_RANK", "3")  # mpirun (accelerate's multi-CPU launch)
+    monkeypatch.setenv("PMI_SIZE", "4")
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (3, 4, False)
+    monkeypatch.setenv("RANK", "1")  # torchrun's, first
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (distributed.rank(), distributed.world_size()) == (1, 2)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_shares_are_contiguous_blocks_in_rank_order(monkeypatch, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))

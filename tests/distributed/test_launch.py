@@ -86,6 +86,12 @@ def _files(run: Path) -> set[str]:
             for p in run.rglob("*") if p.is_file()}
 
 
+def _two_ranks_trained(run: Path) -> bool:
+    """Whether the training ran on two ranks: the Trainer saves each rank's RNG state in a checkpoint."""
+    return {p.name for p in (run / "checkpoints").glob("checkpoint-*/rng_state*.pth")} == {"rng_state_0.pth",
+                                                                                       "rng_state_1.pth"}
+
+
 def _manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["stages"]
 
@@ -123,6 +129,7 @@ def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
     assert set(_manifest(run)) == set(_manifest(tmp_path / "runs" / "single"))
     assert all(entry["status"] == "done" for entry in _manifest(run).values())
     assert (run / "final" / "model.safetensors").is_file() and (run / "report.md").is_file()
+    assert _two_ranks_trained(run)
     # one console: rank 0's stage headers, once
     assert len(re.findall(r"stage \d+/\d+: distill done in", output)) == 1, output[-4000:]
     assert output.count("finished: ") == 1
@@ -130,7 +137,10 @@ def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
 
 def test_accelerate_launch_runs_a_config(tmp_path):
     config = _tiny_config(tmp_path)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # On a machine without GPUs, `--cpu --num_processes 2` starts ONE process (accelerate's simple launcher; its
+    # multi-CPU path is mpirun's); `--multi_gpu` is the flag that starts N ranks through torchrun, and alambic sets
+    # them up on CPU (gloo) itself.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", str(_free_port())]
     code, output, _ = _run([*launcher, "-m", "alambic", "run", str(config)], tmp_path, **_audited(tmp_path))
     assert code == 0, output[-6000:]
@@ -139,6 +149,7 @@ def test_accelerate_launch_runs_a_config(tmp_path):
     assert all(entry["status"] == "done" for entry in _manifest(run).values())
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["global_step"] == 4
+    assert _two_ranks_trained(run)
 
 
 @pytest.mark.parametrize(("rank", "stage"), [(1, "distill"), (0, "data")])
