@@ -163,7 +163,8 @@ class TeacherEnsemble:
 
     @torch.no_grad()
     def logits(self, states: Sequence[Tensor]) -> list[Tensor]:
-        """Full (N, V_i) logits of each additional teacher from its `hidden_states` (the `full` loss path).
+        """Full (N, V_i) logits of each additional teacher from its `hidden_states`, unsharded teachers only (the `full`
+        loss reads the heads through `sharding.through_heads` instead, `head_sources`).
 
         Made on the teacher's device with its own head, logit scale and soft-capping (`modeling.project`),
         then moved to the loss device.
