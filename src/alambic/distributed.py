@@ -37,10 +37,11 @@ class RankFailure(RuntimeError):
     """Another rank failed (or died) while this one waited for it: `rank` and its message.
 
     Raised on the ranks that did not fail themselves, so that all of them stop with the failing rank's message.
+    `lost`: the rank died or froze (no heartbeat, or the store it hosted is gone), so it cannot say so itself.
     """
 
-    def __init__(self, rank: int, what: str, message: str):
-        self.rank, self.what, self.message = rank, what, message
+    def __init__(self, rank: int, what: str, message: str, *, lost: bool = False):
+        self.rank, self.what, self.message, self.lost = rank, what, message, lost
         super().__init__(f"rank {rank} failed during {what}: {message}")
 
 
@@ -228,7 +229,8 @@ def peer_failure(wait: float = 0.0) -> RankFailure | None:
 
 def claim_failure_report(exc: BaseException, *, wait: float = 5.0) -> bool:
     """Whether this rank is the one that prints the launch's failure `exc` (exactly one rank does, so that N ranks do
-    not print one failure N times): rank 0 when it hears of the failure, else the rank that failed.
+    not print one failure N times): rank 0 when it hears of the failure, else the rank that failed, or, for a rank
+    that died or froze (`RankFailure.lost`), the first rank that noticed.
 
     A rank that failed on its own waits up to `wait` seconds for rank 0 to claim the report (rank 0 learns of it
     at its next meeting); a rank 0 blocked in a collective with the failing rank cannot hear of it before that rank
@@ -236,18 +238,19 @@ def claim_failure_report(exc: BaseException, *, wait: float = 5.0) -> bool:
     """
     if world_size() == 1 or "store" not in _state:
         return True
+    relayed = isinstance(exc, RankFailure)
+    lost = relayed and exc.lost
     try:
         store = _state["store"]
-        relayed = isinstance(exc, RankFailure)
-        if is_main() or not relayed:
-            if not is_main():
-                deadline = time.monotonic() + wait
-                while store.add("failure/printer", 0) == 0 and time.monotonic() < deadline:
-                    time.sleep(POLL_SECONDS)
-            return store.add("failure/printer", 1) == 1
-        return False
-    except Exception:  # the store is gone (with rank 0, outside torchrun): nobody else can print it
-        return not isinstance(exc, RankFailure) or is_main()
+        if relayed and not lost and not is_main():
+            return False  # rank 0, or the failing rank, prints it
+        if not relayed and not is_main():
+            deadline = time.monotonic() + wait
+            while store.add("failure/printer", 0) == 0 and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS)
+        return store.add("failure/printer", 1) == 1
+    except Exception:  # the store is gone (with rank 0, outside torchrun): no one can agree, so say it here
+        return not relayed or lost or is_main()
 
 
 def _failure(store: Any) -> RankFailure | None:
@@ -275,7 +278,7 @@ class _Liveness:
             elif now - last[1] > self.timeout:
                 raise RankFailure(r, what, f"it stopped answering: no heartbeat for {self.timeout:.0f} s while the "
                                   "other ranks waited for it (killed, crashed or frozen: its own output says which; "
-                                  "ALAMBIC_HEARTBEAT_TIMEOUT sets the limit)")
+                                  "ALAMBIC_HEARTBEAT_TIMEOUT sets the limit)", lost=True)
 
 
 def _meet(what: str) -> None:
@@ -311,7 +314,7 @@ def _meet(what: str) -> None:
         raise
     except Exception as exc:  # the store itself is gone: rank 0 (its host outside torchrun) or the agent died
         raise RankFailure(0, what, f"the launch's store stopped answering ({type(exc).__name__}: {exc}): rank 0 "
-                          "or the launcher ended") from None
+                          "or the launcher ended", lost=True) from None
 
 
 def barrier(what: str) -> None:

@@ -51,10 +51,10 @@ def _tiny_config(tmp_path: Path, **training) -> Path:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # the launchers set them; a single process must not think itself launched
-    return env
+    return {**env, **extra}
 
 
 def _start(command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
@@ -208,3 +208,49 @@ def test_a_rank_killed_mid_training_ends_the_launch_and_the_same_command_resumes
     assert summary["global_step"] == 8 and summary["resumed_from"] >= 2
     assert _manifest(run)["distill"]["status"] == "done"
     assert "stage 1/5: data done already" in output
+
+
+def _by_hand(command: list[str], cwd: Path, **env: str) -> list[subprocess.Popen]:
+    """Two ranks started as a launcher without torchrun's agent would (Slurm, a script): the variables only, the
+    store hosted by rank 0, and nothing that kills the others when one dies."""
+    port = str(_free_port())
+    return [_start(command, cwd, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r),
+                   LOCAL_RANK=str(r), **env) for r in range(2)]
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 200) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            raise AssertionError("\n".join(p.communicate()[0][-3000:] for p in procs))
+        time.sleep(0.2)
+
+
+def test_without_torchrun_rank_0_killed_while_the_other_waits_stops_it(tmp_path):
+    config = _tiny_config(tmp_path)
+    procs = _by_hand([sys.executable, FAULTY, "run", str(config)], tmp_path, SLEEP_STAGE="data", STAGE_SLEEP="60",
+                     SLEEP_MARK=str(tmp_path / "sleeping"))
+    _wait_for(tmp_path / "sleeping.0", procs)  # rank 0 prepares the data alone; rank 1 waits for it
+    killed = time.monotonic()
+    os.kill(procs[0].pid, signal.SIGKILL)
+    code, output = _finish(procs[1], timeout=60)
+    procs[0].wait()
+    assert code != 0
+    assert time.monotonic() - killed < 30, output[-4000:]
+    assert output.count("rank 0 failed during stage data: the launch's store stopped answering") == 1, output[-4000:]
+
+
+def test_without_torchrun_rank_1_killed_mid_training_stops_rank_0(tmp_path):
+    config = _tiny_config(tmp_path, max_steps=8, save_steps=2)
+    run = tmp_path / "runs" / "tiny"
+    procs = _by_hand([sys.executable, FAULTY, "run", str(config)], tmp_path, STEP_SLEEP="1")
+    _wait_for(run / "checkpoints" / "checkpoint-2" / "trainer_state.json", procs)
+    killed = time.monotonic()
+    os.kill(procs[1].pid, signal.SIGKILL)
+    code, output = _finish(procs[0], timeout=90)
+    procs[1].wait()
+    assert code != 0
+    assert time.monotonic() - killed < 60, output[-4000:]
+    assert _manifest(run)["distill"]["status"] == "failed"
