@@ -11,7 +11,9 @@ hears of it, else by the rank that failed.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -407,8 +409,14 @@ def main() -> None:
     from alambic.utils import tune_allocator
 
     tune_allocator()
-    if distributed.rank() > 0:
-        console.quiet = True  # one console: rank 0's (a failure this rank reports turns it back on)
+    if distributed.rank() > 0:  # one console, rank 0's: the others print only a failure they report
+        console.quiet = True
+        # Set before the libraries are imported, which read them then: their progress bars and warnings would repeat
+        # rank 0's once per rank.
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.simplefilter("ignore")
     if distributed.world_size() > 1:
         try:
             distributed.init()  # before any stage: a launch that cannot run as one job is refused here

@@ -119,10 +119,12 @@ def test_python_m_alambic_is_the_cli(tmp_path):
 
 def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
     config = _tiny_config(tmp_path)
-    code, output, _ = _run([sys.executable, "-m", "alambic", "run", str(config), "--set", "name=single"], tmp_path)
-    assert code == 0, output[-4000:]
+    code, single, _ = _run([sys.executable, "-m", "alambic", "run", str(config), "--set", "name=single"], tmp_path)
+    assert code == 0, single[-4000:]
     run = tmp_path / "runs" / "tiny"
-    code, output, seconds = _run([*TORCHRUN, "-m", "alambic", "run", str(config)], tmp_path, **_audited(tmp_path))
+    (run / "old").mkdir(parents=True)  # --restart: rank 0 empties the folder, the others wait
+    code, output, seconds = _run([*TORCHRUN, "-m", "alambic", "run", str(config), "--restart"], tmp_path,
+                                 **_audited(tmp_path))
     assert code == 0, output[-6000:]
     _assert_rank_0_alone_wrote(tmp_path)
     assert _files(run) == _files(tmp_path / "runs" / "single")
@@ -130,9 +132,10 @@ def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
     assert all(entry["status"] == "done" for entry in _manifest(run).values())
     assert (run / "final" / "model.safetensors").is_file() and (run / "report.md").is_file()
     assert _two_ranks_trained(run)
-    # one console: rank 0's stage headers, once
+    # one console: rank 0's stage headers and the libraries' progress bars, as many as one process shows
     assert len(re.findall(r"stage \d+/\d+: distill done in", output)) == 1, output[-4000:]
     assert output.count("finished: ") == 1
+    assert output.count("Loading weights: 100%") == single.count("Loading weights: 100%") > 0
 
 
 def test_accelerate_launch_runs_a_config(tmp_path):
