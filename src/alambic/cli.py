@@ -180,6 +180,19 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
     console.print(f"[green]finished[/]: {escape(str(config.run_dir))}")
 
 
+def _one_process(command: str, what: str) -> None:
+    """Refuse a command that runs several run folders in one process (a sweep's points, a chain's steps) under a
+    launcher: its records (sweep.json, chain.json), its --restart and its comparisons are written by every process
+    that runs it, so N ranks would write them N times at once."""
+    if distributed.world_size() == 1:
+        return
+    if distributed.is_main():
+        console.print(f"[red]error:[/] a {command} runs its {what} one after another in one process, and is not run "
+                      f"across ranks yet (WORLD_SIZE={distributed.world_size()}): run it without a launcher, or "
+                      f"launch `alambic run` on one {what[:-1]}'s config at a time")
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
 def _load(path: Path, overrides: list[str] | None) -> RunConfig:
     try:
         return load_config(path, overrides)
@@ -197,6 +210,7 @@ def run(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> Non
     """
     cfg = _load(config, set_)
     if cfg.chain is not None:
+        _one_process("chain", "steps")
         _run_chain(cfg, resume)
     else:
         _run(cfg, None, resume)
@@ -363,6 +377,7 @@ def sweep(
     """
     from alambic.sweep import plan_sweep, run_sweep
 
+    _one_process("sweep", "points")
     try:
         planned = plan_sweep(config, set_ or [])
         from alambic.stages.preflight import check_inputs

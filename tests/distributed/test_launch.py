@@ -127,6 +127,7 @@ def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
                                  **_audited(tmp_path))
     assert code == 0, output[-6000:]
     _assert_rank_0_alone_wrote(tmp_path)
+    assert not (run / "old").exists()
     assert _files(run) == _files(tmp_path / "runs" / "single")
     assert set(_manifest(run)) == set(_manifest(tmp_path / "runs" / "single"))
     assert all(entry["status"] == "done" for entry in _manifest(run).values())
@@ -257,3 +258,17 @@ def test_without_torchrun_rank_1_killed_mid_training_stops_rank_0(tmp_path):
     assert code != 0
     assert time.monotonic() - killed < 60, output[-4000:]
     assert _manifest(run)["distill"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("command", ["sweep", "chain"])
+def test_a_sweep_or_a_chain_under_a_launcher_is_refused_by_name(tmp_path, command):
+    base = {"name": "base", "output_dir": str(tmp_path / "runs"), "teacher": {"model": "x"},
+            "student": {"from_teacher": {}}}
+    if command == "chain":
+        base["chain"] = [{"name": "a"}, {"name": "b", "student": "previous"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base))
+    args = ["sweep", "c.yaml", "--set", "loss.temperature=1,2"] if command == "sweep" else ["run", "c.yaml"]
+    code, output, _ = _run([*TORCHRUN, "-m", "alambic", *args], tmp_path, timeout=120)
+    assert code != 0
+    assert output.count(f"error: a {command} runs its ") == 1, output[-3000:]  # said once, by rank 0
+    assert not (tmp_path / "runs").exists()
