@@ -6,10 +6,11 @@ on CUDA, every rank timing its own steps and measuring its own memory:
   ddp   alambic's own training path (`alambic.training.run.train`: the DistillationTrainer, the live teacher
         source, the chunked loss, checkpoints off, the final export after the timed steps); under the launcher the
         Trainer wraps the student in DistributedDataParallel. One process: the plain single-device run.
-  fsdp  FSDP2 applied directly (`fully_shard` on every decoder layer, then the root), the teacher sharded the same
-        way (`--teacher replicated` keeps a whole copy per rank), and alambic's chunked loss on the heads, in a
-        plain loop (AdamW, clipping at 1.0). The Trainer's and accelerate's FSDP do not engage on CPU (design.md,
-        "Scale-out facts"), so this is what FSDP means here; on GPUs the Trainer's FSDP runs the same sharding.
+  fsdp  FSDP2 applied directly (`fully_shard` as accelerate's FSDP2 does: every decoder layer, the final norm and
+        head, the root), the teacher sharded by alambic's `training.shard_teacher` (`--teacher replicated` keeps a
+        whole copy per rank), and alambic's own loss (`DistillationTrainer.compute_loss`: the live teacher, the
+        chunked loss reading the sharded heads) in a plain loop (AdamW, clipping at 1.0). The Trainer's and
+        accelerate's FSDP do not engage on CPU (design.md, "Scale-out facts"), so this is what FSDP means here.
 
 Models: the quickstart's teacher (SmolLM2-135M-Instruct, fp32) and student (its 15 layers chosen by importance,
 `runs/quickstart/student`, with the quickstart's tokenized BBC News in `runs/quickstart/data`). Without that run
@@ -21,8 +22,9 @@ step (the per-process work is constant; tokens/s counts every rank's tokens). St
 between consecutive optimizer steps after `--warmup` steps. Memory per rank: on CUDA the allocator's peak
 (`torch.cuda.max_memory_allocated`, reset once the models are placed); on CPU the peak resident set (RSS
 high-water mark reset once the models are loaded, sharded and freed memory trimmed), which includes Python and
-torch. "state" counts the tensors each rank holds for the step: its parameters (student and teacher, its shard
-under FSDP), the student's gradients and AdamW's moments, so FSDP's saving shows without allocator noise.
+torch; "held" is the RSS once the models are loaded (and sharded), before the first step. "state" counts the
+tensors each rank holds for the step: its parameters (student and teacher, its shard under FSDP), the student's
+gradients and AdamW's moments, so FSDP's saving shows without allocator noise.
 
     python benchmarks/scale.py                                        # CPU: 1 and 2 processes, ddp and fsdp
     python benchmarks/scale.py --device cuda --procs 1,2,8            # GPUs (one process per GPU)
@@ -126,17 +128,18 @@ def gib(n: int | None) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per configuration, then FSDP against DDP at each process count."""
     lines = ["| engine | processes | threads / process | step s | tokens/s | speed-up vs 1 process | "
-             "peak GiB per rank | state GiB per rank |", "|" + "---|" * 8]
+             "held GiB per rank | peak GiB per rank | state GiB per rank |", "|" + "---|" * 9]
     single = {r["engine"]: r["tokens_per_second"] for r in results if r["status"] == "ok" and r["processes"] == 1}
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['engine']} | {r['processes']} | {r['threads_per_process']} | failed "
-                         f"(exit {r['exit']}) | | | | |")
+                         f"(exit {r['exit']}) | | | | | |")
             continue
         base = single.get(r["engine"])
         lines.append(
             f"| {r['engine']} | {r['processes']} | {r['threads_per_process']} | {r['step_seconds']:.3f} | "
             f"{r['tokens_per_second']:,.0f} | " + (f"{r['tokens_per_second'] / base:.2f}×" if base else "–") + " | "
+            + ", ".join(gib(b) for b in r["held_bytes_per_rank"]) + " | "
             + ", ".join(gib(b) for b in r["peak_bytes_per_rank"]) + " | "
             + ", ".join(gib(b) for b in r["state_bytes_per_rank"]) + " |")
     savings = fsdp_savings(results)
@@ -376,25 +379,39 @@ def run_ddp(args, teacher, student, tokenizer, sequences, out: Path) -> dict[str
             "alambic_scale": summary.get("scale")}
 
 
-def run_fsdp(args, teacher, student, sequences, device) -> dict[str, Any]:
-    """FSDP2 by hand: every decoder layer its own unit, then the root; the same loss, optimizer and clipping."""
-    import torch
-    import torch.distributed as dist
+def shard_student(student) -> None:
+    """accelerate's FSDP2 layout: each decoder layer a unit, the final norm and the head (with the input embeddings
+    when tied) one unit kept whole after its forward, the root the rest."""
     from torch.distributed.fsdp import fully_shard
 
-    from alambic.losses.chunked import OutputHead, chunked_distillation_loss
-    from alambic.modeling import counted_positions, final_hidden_states
+    for layer in student.model.layers:
+        fully_shard(layer)
+    tied = student.get_input_embeddings().weight is student.get_output_embeddings().weight
+    fully_shard([student.model.norm, *([student.model.embed_tokens] if tied else []), student.lm_head],
+                reshard_after_forward=False)
+    fully_shard(student)
+
+
+def run_fsdp(args, teacher, student, sequences, device, out: Path) -> dict[str, Any]:
+    """FSDP2 by hand around alambic's own loss: the student sharded as accelerate shards it, the teacher sharded by
+    `training.shard_teacher` (or a whole copy per rank), `DistillationTrainer.compute_loss` (the live teacher
+    source, the chunked loss reading the heads through `alambic.sharding.through_heads`), then AdamW and clipping
+    at 1.0 as the Trainer's step does."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    from alambic.sharding import is_sharded
+    from alambic.training.trainer import DistillationTrainer
 
     if not dist.is_initialized():  # one process: FSDP still needs its (1-rank) group
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    for model in (student, teacher) if args.teacher == "sharded" else (student,):
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    teacher.requires_grad_(False).eval()
-    student.train()
-    loss_config = _loss_config()
+    shard_student(student)
+    training_args = TrainingArguments(str(out / f"fsdp_args{rank}"), use_cpu=device.type == "cpu", report_to=[],
+                                      per_device_train_batch_size=args.batch, bf16=args.bf16)
+    trainer = DistillationTrainer(model=student.train(), args=training_args, teacher=teacher,
+                                  loss_config=_loss_config(), shard_teacher=args.teacher == "sharded")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
     reset_peak_memory(device)
     held = memory_now(device)[0]
@@ -403,32 +420,26 @@ def run_fsdp(args, teacher, student, sequences, device) -> dict[str, Any]:
     for step in range(args.warmup + args.steps):
         start = (step * world + rank) * args.batch  # contiguous blocks: rank r takes the r-th of each step's batch
         rows = sequences[start: start + args.batch]
-        batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in ("input_ids", "attention_mask",
-                                                                               "labels")}
-        mask, targets = counted_positions(batch["labels"])  # (B, T-1), (N,)
-        count = mask.sum()
-        dist.all_reduce(count)  # the global count of counted tokens: the loss's denominator, as the Trainer's
+        batch = {k: torch.tensor([r[k] for r in rows], device=device)
+                 for k in ("input_ids", "attention_mask", "labels")}
+        count = (batch["labels"][:, 1:] != -100).sum()
+        dist.all_reduce(count)  # the global count of counted tokens divides the loss, as the Trainer gathers it
         with autocast:
-            with torch.no_grad():
-                t_hidden = final_hidden_states(teacher, teacher, batch["input_ids"], batch["attention_mask"])
-            s_hidden = final_hidden_states(student, student, batch["input_ids"], batch["attention_mask"])
-            parts = chunked_distillation_loss(
-                s_hidden[:, :-1][mask], OutputHead.of(student), t_hidden[:, :-1][mask], OutputHead.of(teacher),
-                targets, divergence=loss_config.divergence_spec, alpha=loss_config.alpha, num_items_in_batch=count,
-                chunk_size=loss_config.chunk_size)
-        if args.teacher == "sharded":
-            teacher.reshard()  # the root stays gathered after its forward: free the teacher's head now
-        # gradients are averaged over the ranks: scaled by the world size, the sum over the global batch's tokens
-        (parts.total * world).backward()
+            # scaled by the world size (FSDP averages the gradients over the ranks): the global batch's mean
+            loss = trainer.compute_loss(student, batch, num_items_in_batch=count)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(round(float(parts.total), 6))
+        total = loss.detach().clone()
+        dist.all_reduce(total)  # each rank's share of the global mean, times the world size: the mean is the sum / N
+        losses.append(round(float(total) / world, 6))
         ends.append(_clock(device))
         if state is None:
             state = state_bytes(student, teacher, optimizer)
     return {"step_seconds": [b - a for a, b in zip(ends, ends[1:])], "losses": losses, "state_bytes": state,
-            "precision": "bf16" if args.bf16 else "fp32", "held_bytes": held}
+            "precision": "bf16" if args.bf16 else "fp32", "held_bytes": held,
+            "teacher_sharded": is_sharded(trainer.source.teacher_core)}
 
 
 def _loss_config():
@@ -470,7 +481,7 @@ def worker(args: argparse.Namespace) -> None:
         record = {**run_ddp(args, teacher, student, tokenizer, sequences, out / f"rank{distributed.rank()}"),
                   "held_bytes": held}
     else:
-        record = run_fsdp(args, teacher, student, sequences, device)
+        record = run_fsdp(args, teacher, student, sequences, device, out)
     _, peak, kind = memory_now(device)
     rank = int(os.environ.get("RANK", "0"))
     record.update(rank=rank, peak_bytes=peak, memory_kind=kind, models=described, threads=torch.get_num_threads(),

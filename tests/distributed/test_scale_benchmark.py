@@ -31,6 +31,7 @@ def test_scale_benchmark_tiny_two_processes(tmp_path):
     # moments and the teacher (uneven splits of odd dimensions aside)
     ratio = max(results["fsdp"]["state_bytes_per_rank"]) / max(results["ddp"]["state_bytes_per_rank"])
     assert 0.45 < ratio < 0.6, ratio
+    assert all(rank["teacher_sharded"] for rank in results["fsdp"]["ranks"])  # training.shard_teacher: true
     # the DDP run is alambic's own training: its train summary records the scale the report shows
     scale = results["ddp"]["ranks"][0]["alambic_scale"]
     assert scale["world_size"] == 2 and scale["engine"] == "ddp"
