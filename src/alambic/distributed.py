@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 HEARTBEAT_SECONDS = 1.0  # how often each rank marks itself alive
-POLL_SECONDS = 0.1  # how often a waiting rank looks at the store
+POLL_SECONDS = 0.1  # how often a waiting rank looks at the store at first
+LONG_POLL_SECONDS = 1.0  # ... and once it has waited that long: hundreds of ranks waiting hours load it little
 STORE_TIMEOUT = timedelta(seconds=60)  # one store operation; a store that long silent is gone
 FAILURE_KEY = "failure"
 
@@ -292,7 +293,7 @@ def _meet(what: str) -> None:
     store.set(f"{key}/{rank()}", what)
     awaited = [r for r in range(world_size()) if r != rank()]
     alive = _Liveness(store)
-    last_beat_check = 0.0
+    last_beat_check, started = 0.0, time.monotonic()
     try:
         while awaited:
             failed = _failure(store)
@@ -304,7 +305,8 @@ def _meet(what: str) -> None:
             if time.monotonic() - last_beat_check >= HEARTBEAT_SECONDS:
                 alive.check(awaited, what)
                 last_beat_check = time.monotonic()
-            time.sleep(POLL_SECONDS)
+            waited = time.monotonic() - started
+            time.sleep(POLL_SECONDS if waited < LONG_POLL_SECONDS else LONG_POLL_SECONDS)
         for r in range(world_size()):
             theirs = store.get(f"{key}/{r}").decode()
             if theirs != what:
