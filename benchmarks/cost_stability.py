@@ -42,12 +42,20 @@ FALLBACK_TEXT = (
 
 # (label, how to read it from measure_cost's result, how to print it, judged against the tolerance)
 FIGURES = (
-    ("latency per token (median)", lambda r: r["latency_per_token_seconds"]["median"],
-     lambda v: f"{v * 1e3:.2f} ms", True),
+    (
+        "latency per token (median)",
+        lambda r: r["latency_per_token_seconds"]["median"],
+        lambda v: f"{v * 1e3:.2f} ms",
+        True,
+    ),
     ("prefill (median)", lambda r: r["prefill_seconds"]["median"], lambda v: f"{v * 1e3:.1f} ms", True),
     ("tokens/s batch 1 (median)", lambda r: r["tokens_per_second_batch1"]["median"], lambda v: f"{v:,.1f}", True),
-    ("throughput tokens/s batch B (median)", lambda r: r["throughput_tokens_per_second"]["median"],
-     lambda v: f"{v:,.1f}", True),
+    (
+        "throughput tokens/s batch B (median)",
+        lambda r: r["throughput_tokens_per_second"]["median"],
+        lambda v: f"{v:,.1f}",
+        True,
+    ),
     ("peak memory", lambda r: r["peak_memory_bytes"], lambda v: f"{v / 2**20:,.1f} MiB", True),
     ("working memory (info)", lambda r: r["working_memory_bytes"], lambda v: f"{v / 2**20:,.1f} MiB", False),
 )
@@ -108,10 +116,22 @@ def run_once(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     ids, source = prompt_ids(tokenizer, args.batch_size, args.prompt_tokens)
     t0 = time.perf_counter()
-    result = measure_cost(model, ids, new_tokens=args.new_tokens, batch_size=args.batch_size, warmup=args.warmup,
-                          repeats=args.repeats, pad_token_id=tokenizer.pad_token_id)
-    result.update(model=args.model[0], prompt_source=source, prompt_rows=int(ids.shape[0]), load_seconds=load_s,
-                  measure_seconds=time.perf_counter() - t0)
+    result = measure_cost(
+        model,
+        ids,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    result.update(
+        model=args.model[0],
+        prompt_source=source,
+        prompt_rows=int(ids.shape[0]),
+        load_seconds=load_s,
+        measure_seconds=time.perf_counter() - t0,
+    )
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 
@@ -122,10 +142,27 @@ def run_once(args: argparse.Namespace) -> None:
 def measure_in_subprocess(args: argparse.Namespace, model: str, run: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cost.json"
-        cmd = [sys.executable, os.path.abspath(__file__), "--once", "--out", str(out), "--model", model,
-               "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-               "--device", args.device]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--once",
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
+            "--batch-size",
+            str(args.batch_size),
+            "--repeats",
+            str(args.repeats),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         print(f"  {model}: run {run} ...", file=sys.stderr, flush=True)
@@ -137,9 +174,12 @@ def measure_in_subprocess(args: argparse.Namespace, model: str, run: int) -> dic
         if proc.returncode != 0 or not out.is_file():
             raise SystemExit(f"{model}: run {run} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads(out.read_text())
-    print(f"  {model}: run {run} done in {time.perf_counter() - t0:.0f} s (load {result['load_seconds']:.0f} s, "
-          f"measure {result['measure_seconds']:.0f} s, load average {result['load_average_1min']})",
-          file=sys.stderr, flush=True)
+    print(
+        f"  {model}: run {run} done in {time.perf_counter() - t0:.0f} s (load {result['load_seconds']:.0f} s, "
+        f"measure {result['measure_seconds']:.0f} s, load average {result['load_average_1min']})",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
@@ -183,25 +223,32 @@ def table(rows: list[dict[str, Any]], first: dict[str, Any], second: dict[str, A
 
 
 def describe(r: dict[str, Any]) -> str:
-    return (f"{r['parameters']:,} parameters, {r['dtype']}, {r['device']} ({r['device_name']}, "
-            f"{r['torch_threads']} torch threads), prompts {r['prompt_rows']} × {r['prompt_tokens']} tokens of "
-            f"{r['prompt_source']}, {r['new_tokens']} new tokens, batch B = {r['batch_size']}, "
-            f"{r['warmup']} warm-up + {r['repeats']} timed runs per figure, memory: {r['memory_method']}")
+    return (
+        f"{r['parameters']:,} parameters, {r['dtype']}, {r['device']} ({r['device_name']}, "
+        f"{r['torch_threads']} torch threads), prompts {r['prompt_rows']} × {r['prompt_tokens']} tokens of "
+        f"{r['prompt_source']}, {r['new_tokens']} new tokens, batch B = {r['batch_size']}, "
+        f"{r['warmup']} warm-up + {r['repeats']} timed runs per figure, memory: {r['memory_method']}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append",
-                   help=f"a saved model folder, a .gguf file or an alias; repeatable (default: {DEFAULT_MODEL})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        help=f"a saved model folder, a .gguf file or an alias; repeatable (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (greedy, EOS suppressed)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P, from real text")
     p.add_argument("--batch-size", type=int, default=8, help="batch B of the throughput figure")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is compared")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each figure's timed ones")
     p.add_argument("--threads", type=int, help="torch CPU threads in each run (default: torch's, one per core)")
-    p.add_argument("--device", default="cpu",
-                   help="where the model is loaded: cpu (the requirement's case), cuda, auto")
+    p.add_argument(
+        "--device", default="cpu", help="where the model is loaded: cpu (the requirement's case), cuda, auto"
+    )
     p.add_argument("--tolerance", type=float, default=0.10, help="largest relative difference that passes")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (subprocess)")
     p.add_argument("--json", help="also write both runs of every model and the comparison here")
@@ -209,10 +256,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = args.model or [DEFAULT_MODEL]
-    problems = [f"{name} must be >= {low}, got {value}" for name, value, low in (
-        ("--new-tokens", args.new_tokens, 2), ("--prompt-tokens", args.prompt_tokens, 1),
-        ("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
-    ) if value < low]
+    problems = [
+        f"{name} must be >= {low}, got {value}"
+        for name, value, low in (
+            ("--new-tokens", args.new_tokens, 2),
+            ("--prompt-tokens", args.prompt_tokens, 1),
+            ("--batch-size", args.batch_size, 1),
+            ("--repeats", args.repeats, 1),
+            ("--warmup", args.warmup, 0),
+        )
+        if value < low
+    ]
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads must be >= 1, got {args.threads}")
     if args.tolerance < 0:
@@ -244,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, first, second, args.tolerance))
         out["models"][model] = {"runs": [first, second], "comparison": rows}
     load_end = os.getloadavg()[0]
-    print(f"\n# load average at end {load_end:.2f} (1 min); spread = (max - min) / median of a run's "
-          f"{args.repeats} timed repeats")
+    print(
+        f"\n# load average at end {load_end:.2f} (1 min); spread = (max - min) / median of a run's "
+        f"{args.repeats} timed repeats"
+    )
     print("# result: " + ("FAIL: some figure moved by more than the tolerance between runs" if failed else "PASS"))
     if args.json:
         out["load_average"] = {"start": load_start, "end": load_end}

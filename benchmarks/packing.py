@@ -48,8 +48,9 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
     teacher_cfg = ModelConfig(model="smollm2-135m-instruct", dtype=teacher_dtype, device="cpu")
     tokenizer = load_tokenizer(teacher_cfg)
     data = prepare_datasets(DataConfig(source="chatterbot", format="chat", max_seq_len=max_seq_len), tokenizer)
-    student, _ = build_from_teacher(load_model(teacher_cfg.model_copy(update={"dtype": "float32"})),
-                                    FromTeacherConfig(layers="every_other"), None)
+    student, _ = build_from_teacher(
+        load_model(teacher_cfg.model_copy(update={"dtype": "float32"})), FromTeacherConfig(layers="every_other"), None
+    )
     teacher = load_model(teacher_cfg)
     times: list[float] = []
     seen = {"tokens": 0, "slots": 0}
@@ -72,25 +73,49 @@ def measure(name: str, steps: int, warmup: int, batch_size: int, max_seq_len: in
                 seen["tokens"] += sum(len(f["input_ids"]) for f in features)
                 seen["slots"] += batch["input_ids"].numel()
                 return batch
+
             return Batches(made.train, made.validation, collate)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        summary = train(student, tokenizer, data, teacher=None, source=Counting(teacher),
-                        loss=LossConfig(divergence="forward_kl", alpha=1.0),
-                        training=TrainingConfig(max_steps=warmup + steps, per_device_train_batch_size=batch_size,
-                                                bf16="auto", logging_steps=1, save_steps=10_000, packing=packing,
-                                                torch_compile=compiled),
-                        output_dir=Path(out), callbacks=[Clock()])
+        summary = train(
+            student,
+            tokenizer,
+            data,
+            teacher=None,
+            source=Counting(teacher),
+            loss=LossConfig(divergence="forward_kl", alpha=1.0),
+            training=TrainingConfig(
+                max_steps=warmup + steps,
+                per_device_train_batch_size=batch_size,
+                bf16="auto",
+                logging_steps=1,
+                save_steps=10_000,
+                packing=packing,
+                torch_compile=compiled,
+            ),
+            output_dir=Path(out),
+            callbacks=[Clock()],
+        )
     timed = times[warmup:]
     history = [h for h in summary["log_history"] if "loss" in h]
     step_s = statistics.median(timed)
     tokens_per_step = seen["tokens"] / len(times)
-    return {"config": name, "packing": packing, "teacher_dtype": teacher_dtype, "compiled": compiled, "steps": steps,
-            "first_steps_s": times[:warmup],
-            "step_s": step_s, "step_min_max": [min(timed), max(timed)], "tokens_per_s": tokens_per_step / step_s,
-            "padding_share": 1 - seen["tokens"] / seen["slots"], "first_loss": history[0]["loss"],
-            "precision": summary["precision"], "threads": torch.get_num_threads()}
+    return {
+        "config": name,
+        "packing": packing,
+        "teacher_dtype": teacher_dtype,
+        "compiled": compiled,
+        "steps": steps,
+        "first_steps_s": times[:warmup],
+        "step_s": step_s,
+        "step_min_max": [min(timed), max(timed)],
+        "tokens_per_s": tokens_per_step / step_s,
+        "padding_share": 1 - seen["tokens"] / seen["slots"],
+        "first_loss": history[0]["loss"],
+        "precision": summary["precision"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -113,8 +138,20 @@ def main() -> None:
         return
     results = []
     for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-seq-len",
+            str(args.max_seq_len),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -122,18 +159,24 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = results[0]
-    print(f"training precision: {base['precision']} (bf16 autocast where the device has it natively), "
-          f"torch threads: {base['threads']}\n")
-    print("| config | packing | teacher dtype | compiled | step s (min–max) | tokens/s | × first | padding share | "
-          "1st-step loss | warm-up steps s |")
+    print(
+        f"training precision: {base['precision']} (bf16 autocast where the device has it natively), "
+        f"torch threads: {base['threads']}\n"
+    )
+    print(
+        "| config | packing | teacher dtype | compiled | step s (min–max) | tokens/s | × first | padding share | "
+        "1st-step loss | warm-up steps s |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in results:
         lo, hi = r["step_min_max"]
         warm = ", ".join(f"{t:.1f}" for t in r["first_steps_s"])
-        print(f"| {r['config']} | {r['packing']} | {r['teacher_dtype']} | {'yes' if r['compiled'] else 'no'} | "
-              f"{r['step_s']:.2f} ({lo:.2f}–{hi:.2f}) | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× | {r['padding_share']:.1%} | {r['first_loss']:.4f} | "
-              f"{warm} |")
+        print(
+            f"| {r['config']} | {r['packing']} | {r['teacher_dtype']} | {'yes' if r['compiled'] else 'no'} | "
+            f"{r['step_s']:.2f} ({lo:.2f}–{hi:.2f}) | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× | {r['padding_share']:.1%} | {r['first_loss']:.4f} | "
+            f"{warm} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

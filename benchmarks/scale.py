@@ -76,10 +76,26 @@ def launch(args: argparse.Namespace, engine: str, processes: int) -> dict[str, A
     """Run one configuration under torch.distributed.run; its ranks' records, or the failure's last lines."""
     threads = threads_per_process(args, processes)
     with tempfile.TemporaryDirectory(prefix="alambic-scale-") as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__).resolve()),
-               "--worker", "--engine", engine, "--out", out, "--threads", str(threads),
-               *worker_options(args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--engine",
+            engine,
+            "--out",
+            out,
+            "--threads",
+            str(threads),
+            *worker_options(args),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         start = time.perf_counter()
         try:
@@ -89,8 +105,12 @@ def launch(args: argparse.Namespace, engine: str, processes: int) -> dict[str, A
             code = "timeout"
             output = f"timed out after {args.timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"), key=_rank_of)]
-    record = {"engine": engine, "processes": processes, "threads_per_process": threads,
-              "launch_seconds": round(time.perf_counter() - start, 1)}
+    record = {
+        "engine": engine,
+        "processes": processes,
+        "threads_per_process": threads,
+        "launch_seconds": round(time.perf_counter() - start, 1),
+    }
     if code != 0 or len(ranks) != processes:
         tail = output if isinstance(output, str) else output.decode(errors="replace")
         return {**record, "status": "failed", "exit": code, "output_tail": tail[-3000:]}
@@ -102,23 +122,43 @@ def _rank_of(path: Path) -> int:
 
 
 def worker_options(args: argparse.Namespace) -> list[str]:
-    options = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--teacher", args.teacher,
-               "--run-dir", str(args.run_dir)]
+    options = [
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--teacher",
+        args.teacher,
+        "--run-dir",
+        str(args.run_dir),
+    ]
     return options + (["--tiny"] if args.tiny else []) + (["--bf16"] if args.bf16 else [])
 
 
 def summarise(ranks: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """One configuration's figures from its ranks' records: the slowest rank sets the pace of a synchronous step."""
-    step = max(statistics.median(r["step_seconds"][args.warmup:]) for r in ranks)
+    step = max(statistics.median(r["step_seconds"][args.warmup :]) for r in ranks)
     tokens = sum(r["tokens_per_step"] for r in ranks)
     first = ranks[0]
-    return {"step_seconds": round(step, 4), "tokens_per_step": tokens, "tokens_per_second": round(tokens / step, 1),
-            "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks], "memory_kind": first["memory_kind"],
-            "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
-            "held_bytes_per_rank": [r["held_bytes"] for r in ranks],
-            "losses_rank0": first["losses"], "models": first["models"], "precision": first["precision"],
-            "ranks": ranks}
+    return {
+        "step_seconds": round(step, 4),
+        "tokens_per_step": tokens,
+        "tokens_per_second": round(tokens / step, 1),
+        "peak_bytes_per_rank": [r["peak_bytes"] for r in ranks],
+        "memory_kind": first["memory_kind"],
+        "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
+        "held_bytes_per_rank": [r["held_bytes"] for r in ranks],
+        "losses_rank0": first["losses"],
+        "models": first["models"],
+        "precision": first["precision"],
+        "ranks": ranks,
+    }
 
 
 def gib(n: int | None) -> str:
@@ -127,25 +167,39 @@ def gib(n: int | None) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per configuration, then FSDP against DDP at each process count."""
-    lines = ["| engine | processes | threads / process | step s | tokens/s | speed-up vs 1 process | "
-             "held GiB per rank | peak GiB per rank | state GiB per rank |", "|" + "---|" * 9]
+    lines = [
+        "| engine | processes | threads / process | step s | tokens/s | speed-up vs 1 process | "
+        "held GiB per rank | peak GiB per rank | state GiB per rank |",
+        "|" + "---|" * 9,
+    ]
     single = {r["engine"]: r["tokens_per_second"] for r in results if r["status"] == "ok" and r["processes"] == 1}
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['engine']} | {r['processes']} | {r['threads_per_process']} | failed "
-                         f"(exit {r['exit']}) | | | | | |")
+            lines.append(
+                f"| {r['engine']} | {r['processes']} | {r['threads_per_process']} | failed "
+                f"(exit {r['exit']}) | | | | | |"
+            )
             continue
         base = single.get(r["engine"])
         lines.append(
             f"| {r['engine']} | {r['processes']} | {r['threads_per_process']} | {r['step_seconds']:.3f} | "
-            f"{r['tokens_per_second']:,.0f} | " + (f"{r['tokens_per_second'] / base:.2f}×" if base else "–") + " | "
-            + ", ".join(gib(b) for b in r["held_bytes_per_rank"]) + " | "
-            + ", ".join(gib(b) for b in r["peak_bytes_per_rank"]) + " | "
-            + ", ".join(gib(b) for b in r["state_bytes_per_rank"]) + " |")
+            f"{r['tokens_per_second']:,.0f} | "
+            + (f"{r['tokens_per_second'] / base:.2f}×" if base else "–")
+            + " | "
+            + ", ".join(gib(b) for b in r["held_bytes_per_rank"])
+            + " | "
+            + ", ".join(gib(b) for b in r["peak_bytes_per_rank"])
+            + " | "
+            + ", ".join(gib(b) for b in r["state_bytes_per_rank"])
+            + " |"
+        )
     savings = fsdp_savings(results)
     if savings:
-        lines += ["", "| processes | FSDP ÷ DDP peak per rank (max over ranks) | FSDP ÷ DDP state per rank |",
-                  "|---|---|---|"]
+        lines += [
+            "",
+            "| processes | FSDP ÷ DDP peak per rank (max over ranks) | FSDP ÷ DDP state per rank |",
+            "|---|---|---|",
+        ]
         lines += [f"| {n} | {s['peak_ratio']:.2f} | {s['state_ratio']:.2f} |" for n, s in savings.items()]
     return "\n".join(lines)
 
@@ -157,8 +211,10 @@ def fsdp_savings(results: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     for (engine, n), fsdp in ok.items():
         ddp = ok.get(("ddp", n))
         if engine == "fsdp" and ddp:
-            out[n] = {"peak_ratio": max(fsdp["peak_bytes_per_rank"]) / max(ddp["peak_bytes_per_rank"]),
-                      "state_ratio": max(fsdp["state_bytes_per_rank"]) / max(ddp["state_bytes_per_rank"])}
+            out[n] = {
+                "peak_ratio": max(fsdp["peak_bytes_per_rank"]) / max(ddp["peak_bytes_per_rank"]),
+                "state_ratio": max(fsdp["state_bytes_per_rank"]) / max(ddp["state_bytes_per_rank"]),
+            }
     return out
 
 
@@ -167,13 +223,22 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "gpus": torch.cuda.device_count(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def load_average() -> list[float] | None:
@@ -184,13 +249,19 @@ def load_average() -> list[float] | None:
 
 
 def driver(args: argparse.Namespace) -> int:
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "load_average_before": load_average(),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    print(f"# {meta['date']} {meta['machine']['cpu']} ({meta['machine']['cores']} cores"
-          + (f", {meta['machine']['gpus']} x {meta['machine']['gpu']}" if meta['machine']['gpu'] else "")
-          + f"), torch {meta['machine']['torch']}; load average {meta['load_average_before']}", flush=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "load_average_before": load_average(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    print(
+        f"# {meta['date']} {meta['machine']['cpu']} ({meta['machine']['cores']} cores"
+        + (f", {meta['machine']['gpus']} x {meta['machine']['gpu']}" if meta["machine"]["gpu"] else "")
+        + f"), torch {meta['machine']['torch']}; load average {meta['load_average_before']}",
+        flush=True,
+    )
     results = []
     for engine in args.engines:
         for n in args.procs:
@@ -206,8 +277,9 @@ def driver(args: argparse.Namespace) -> int:
     print(table(results))
     print(f"# load average after: {meta['load_average_after']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**meta, "results": results, "fsdp_savings": fsdp_savings(results)},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps({**meta, "results": results, "fsdp_savings": fsdp_savings(results)}, indent=1)
+        )
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
@@ -248,8 +320,11 @@ def memory_now(device) -> tuple[int, int, str]:
     import torch
 
     if device.type == "cuda":
-        return (torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device),
-                "cuda max_memory_allocated")
+        return (
+            torch.cuda.memory_allocated(device),
+            torch.cuda.max_memory_allocated(device),
+            "cuda max_memory_allocated",
+        )
     rss = 0
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -298,9 +373,16 @@ def load_models(args: argparse.Namespace, device):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         # a 512-token vocabulary (the real tokenizer's first ids): the real 49,152 would make the loss the whole step
-        config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      tie_word_embeddings=True)
+        config = AutoConfig.for_model(
+            "llama",
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+        )
         torch.manual_seed(0)
         teacher = AutoModelForCausalLM.from_config(config)
         student, _ = build_from_teacher(teacher, FromTeacherConfig(layers="every_other"), None)
@@ -338,8 +420,10 @@ def training_sequences(args: argparse.Namespace, tokenizer, needed: int) -> list
         quickstart = yaml.safe_load(resources.files("alambic").joinpath("configs/quickstart.yaml").read_text())
         train = prepare_datasets(DataConfig(**quickstart["data"]), tokenizer).train
     if len(train) < needed or len(train[0]["input_ids"]) < args.seq:
-        raise SystemExit(f"the data have {len(train)} sequences of {len(train[0]['input_ids'])} tokens; {needed} of "
-                         f"{args.seq} are needed (fewer --steps, --batch or --seq)")
+        raise SystemExit(
+            f"the data have {len(train)} sequences of {len(train[0]['input_ids'])} tokens; {needed} of "
+            f"{args.seq} are needed (fewer --steps, --batch or --seq)"
+        )
     return [{k: v[: args.seq] for k, v in row.items()} for row in train.select(range(needed))]
 
 
@@ -365,18 +449,40 @@ def run_ddp(args, teacher, student, tokenizer, sequences, out: Path) -> dict[str
                 core = getattr(model, "module", model)
                 self.state = state_bytes(core, teacher, optimizer)
 
-    data = PreparedData(train=datasets.Dataset.from_list(sequences),
-                        validation=datasets.Dataset.from_list(sequences[:0]))
-    training = TrainingConfig(max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-                              learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1, save_steps=10**6,
-                              bf16=args.bf16, seed=0, trainer_args={"data_seed": 0})
+    data = PreparedData(
+        train=datasets.Dataset.from_list(sequences), validation=datasets.Dataset.from_list(sequences[:0])
+    )
+    training = TrainingConfig(
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        logging_steps=1,
+        save_steps=10**6,
+        bf16=args.bf16,
+        seed=0,
+        trainer_args={"data_seed": 0},
+    )
     clock = StepClock()
-    summary = train(student, tokenizer, data, teacher=teacher, loss=_loss_config(), training=training,
-                    output_dir=out / "ddp_run", resume=False, callbacks=[clock])
+    summary = train(
+        student,
+        tokenizer,
+        data,
+        teacher=teacher,
+        loss=_loss_config(),
+        training=training,
+        output_dir=out / "ddp_run",
+        resume=False,
+        callbacks=[clock],
+    )
     losses = [r["loss"] for r in summary["log_history"] if "loss" in r]
-    return {"step_seconds": [b - a for a, b in zip(clock.ends, clock.ends[1:])], "losses": losses,
-            "state_bytes": clock.state, "precision": summary.get("precision"),
-            "alambic_scale": summary.get("scale")}
+    return {
+        "step_seconds": [b - a for a, b in zip(clock.ends, clock.ends[1:])],
+        "losses": losses,
+        "state_bytes": clock.state,
+        "precision": summary.get("precision"),
+        "alambic_scale": summary.get("scale"),
+    }
 
 
 def shard_student(student) -> None:
@@ -387,8 +493,10 @@ def shard_student(student) -> None:
     for layer in student.model.layers:
         fully_shard(layer)
     tied = student.get_input_embeddings().weight is student.get_output_embeddings().weight
-    fully_shard([student.model.norm, *([student.model.embed_tokens] if tied else []), student.lm_head],
-                reshard_after_forward=False)
+    fully_shard(
+        [student.model.norm, *([student.model.embed_tokens] if tied else []), student.lm_head],
+        reshard_after_forward=False,
+    )
     fully_shard(student)
 
 
@@ -408,10 +516,20 @@ def run_fsdp(args, teacher, student, sequences, device, out: Path) -> dict[str, 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     shard_student(student)
-    training_args = TrainingArguments(str(out / f"fsdp_args{rank}"), use_cpu=device.type == "cpu", report_to=[],
-                                      per_device_train_batch_size=args.batch, bf16=args.bf16)
-    trainer = DistillationTrainer(model=student.train(), args=training_args, teacher=teacher,
-                                  loss_config=_loss_config(), shard_teacher=args.teacher == "sharded")
+    training_args = TrainingArguments(
+        str(out / f"fsdp_args{rank}"),
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        per_device_train_batch_size=args.batch,
+        bf16=args.bf16,
+    )
+    trainer = DistillationTrainer(
+        model=student.train(),
+        args=training_args,
+        teacher=teacher,
+        loss_config=_loss_config(),
+        shard_teacher=args.teacher == "sharded",
+    )
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
     reset_peak_memory(device)
     held = memory_now(device)[0]
@@ -419,9 +537,10 @@ def run_fsdp(args, teacher, student, sequences, device, out: Path) -> dict[str, 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(args.warmup + args.steps):
         start = (step * world + rank) * args.batch  # contiguous blocks: rank r takes the r-th of each step's batch
-        rows = sequences[start: start + args.batch]
-        batch = {k: torch.tensor([r[k] for r in rows], device=device)
-                 for k in ("input_ids", "attention_mask", "labels")}
+        rows = sequences[start : start + args.batch]
+        batch = {
+            k: torch.tensor([r[k] for r in rows], device=device) for k in ("input_ids", "attention_mask", "labels")
+        }
         count = (batch["labels"][:, 1:] != -100).sum()
         dist.all_reduce(count)  # the global count of counted tokens divides the loss, as the Trainer gathers it
         with autocast:
@@ -437,9 +556,14 @@ def run_fsdp(args, teacher, student, sequences, device, out: Path) -> dict[str, 
         ends.append(_clock(device))
         if state is None:
             state = state_bytes(student, teacher, optimizer)
-    return {"step_seconds": [b - a for a, b in zip(ends, ends[1:])], "losses": losses, "state_bytes": state,
-            "precision": "bf16" if args.bf16 else "fp32", "held_bytes": held,
-            "teacher_sharded": is_sharded(trainer.source.teacher_core)}
+    return {
+        "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
+        "losses": losses,
+        "state_bytes": state,
+        "precision": "bf16" if args.bf16 else "fp32",
+        "held_bytes": held,
+        "teacher_sharded": is_sharded(trainer.source.teacher_core),
+    }
 
 
 def _loss_config():
@@ -478,20 +602,29 @@ def worker(args: argparse.Namespace) -> None:
     if args.engine == "ddp":
         reset_peak_memory(device)
         held = memory_now(device)[0]
-        record = {**run_ddp(args, teacher, student, tokenizer, sequences, out / f"rank{distributed.rank()}"),
-                  "held_bytes": held}
+        record = {
+            **run_ddp(args, teacher, student, tokenizer, sequences, out / f"rank{distributed.rank()}"),
+            "held_bytes": held,
+        }
     else:
         record = run_fsdp(args, teacher, student, sequences, device, out)
     _, peak, kind = memory_now(device)
     rank = int(os.environ.get("RANK", "0"))
-    record.update(rank=rank, peak_bytes=peak, memory_kind=kind, models=described, threads=torch.get_num_threads(),
-                  tokens_per_step=args.batch * args.seq)
+    record.update(
+        rank=rank,
+        peak_bytes=peak,
+        memory_kind=kind,
+        models=described,
+        threads=torch.get_num_threads(),
+        tokens_per_step=args.batch * args.seq,
+    )
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--procs", default="1,2", help="process counts, e.g. 1,2,8 (one per GPU on CUDA)")
     p.add_argument("--engines", default="ddp,fsdp", help=f"comma-separated, of {', '.join(ENGINES)}")
@@ -499,8 +632,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--batch", type=int, default=4, help="sequences per process and step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (at most the data's 256)")
-    p.add_argument("--teacher", choices=("sharded", "replicated"), default="sharded",
-                   help="fsdp: shard the teacher like the student, or keep a whole copy on every rank")
+    p.add_argument(
+        "--teacher",
+        choices=("sharded", "replicated"),
+        default="sharded",
+        help="fsdp: shard the teacher like the student, or keep a whole copy on every rank",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores / processes)")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR, help="the quickstart run folder (student and data)")

@@ -54,32 +54,44 @@ _SMOLLM2 = {
     "model_type": "llama",
     "vocab_size": 49152,
     "full": (
-        dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
-             intermediate_size=8192),  # SmolLM2-1.7B
-        dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
-             intermediate_size=2560),  # SmolLM2-360M
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=8192,
+        ),  # SmolLM2-1.7B
+        dict(
+            hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560
+        ),  # SmolLM2-360M
     ),
     "cpu": (
-        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=1024),
-        dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
-             intermediate_size=512),
+        dict(
+            hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=1024
+        ),
+        dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1, intermediate_size=512),
     ),
 }
 _QWEN = {
     "model_type": "qwen2",
     "vocab_size": 151936,
     "full": (
-        dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-             intermediate_size=8960),  # Qwen2.5-1.5B
-        dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-             intermediate_size=4864),  # Qwen2.5-0.5B
+        dict(
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+        ),  # Qwen2.5-1.5B
+        dict(
+            hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
+        ),  # Qwen2.5-0.5B
     ),
     "cpu": (
-        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=1024),
-        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-             intermediate_size=512),
+        dict(
+            hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=1024
+        ),
+        dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=512),
     ),
 }
 PAIRS = {"smollm2": _SMOLLM2, "qwen": _QWEN}
@@ -187,8 +199,9 @@ class Skip(Exception):
 
 def _backbone_hidden(model, input_ids, attention_mask):
     """The backbone's last hidden states minus the last position, as TRL's and Liger's recipes take them."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                            use_cache=False).last_hidden_state[:, :-1]
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[
+        :, :-1
+    ]
 
 
 def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
@@ -207,8 +220,13 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
             v = s_logits.shape[-1]
             # (B, T, V) -> (B*(T-1), V): position t predicts token t+1
             parts = distillation_loss(
-                s_logits[:, :-1].reshape(-1, v), t_logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1),
-                divergence=spec.divergence, temperature=temp, alpha=spec.alpha, jsd_beta=spec.jsd_beta,
+                s_logits[:, :-1].reshape(-1, v),
+                t_logits[:, :-1].reshape(-1, v),
+                labels[:, 1:].reshape(-1),
+                divergence=spec.divergence,
+                temperature=temp,
+                alpha=spec.alpha,
+                jsd_beta=spec.jsd_beta,
                 skew=spec.skew,
             )
             parts.total.backward()
@@ -230,9 +248,17 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
             t_hidden = t_hidden.clone()  # inference tensors cannot be saved for backward
             s_hidden = final_hidden_states(student, student, input_ids, attention_mask)[:, :-1][mask]  # (N, H_s)
             parts = chunked_distillation_loss(
-                s_hidden, OutputHead.of(student), t_hidden, OutputHead.of(teacher), targets,
-                divergence=spec.divergence, temperature=temp, alpha=spec.alpha, jsd_beta=spec.jsd_beta,
-                skew=spec.skew, chunk_size=spec.chunk_size,
+                s_hidden,
+                OutputHead.of(student),
+                t_hidden,
+                OutputHead.of(teacher),
+                targets,
+                divergence=spec.divergence,
+                temperature=temp,
+                alpha=spec.alpha,
+                jsd_beta=spec.jsd_beta,
+                skew=spec.skew,
+                chunk_size=spec.chunk_size,
             )
             parts.total.backward()
             return parts.total.detach()
@@ -242,8 +268,10 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
     if method == "trl":
         beta = _divergence_beta(spec)
         if beta is None:
-            raise Skip(f"TRL's chunked loss is the generalised JSD family only (forward_kl, reverse_kl, jsd), "
-                       f"not {spec.divergence}")
+            raise Skip(
+                f"TRL's chunked loss is the generalised JSD family only (forward_kl, reverse_kl, jsd), "
+                f"not {spec.divergence}"
+            )
         if spec.alpha != 1.0:
             raise Skip(f"TRL's chunked loss has no hard-label term (alpha = {spec.alpha}; it needs alpha = 1)")
         try:
@@ -260,8 +288,15 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
                 t_hidden = _backbone_hidden(teacher, input_ids, attention_mask)
             s_hidden = _backbone_hidden(student, input_ids, attention_mask)
             loss, _entropy, _n = _chunked_divergence_loss(
-                s_hidden, t_hidden, s_head.weight, t_head.weight, completion_mask, beta,
-                student_lm_head_bias=s_head.bias, teacher_lm_head_bias=t_head.bias, temperature=temp,
+                s_hidden,
+                t_hidden,
+                s_head.weight,
+                t_head.weight,
+                completion_mask,
+                beta,
+                student_lm_head_bias=s_head.bias,
+                teacher_lm_head_bias=t_head.bias,
+                temperature=temp,
             )
             loss = loss * temp**2  # TRL leaves out the T² factor; scale it in so the losses compare
             loss.backward()
@@ -281,8 +316,11 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
             raise Skip(f"{type(e).__name__}: {e}") from e
         # Liger has no T² factor either: put it in the soft weight, so total = α·T²·soft + (1 − α)·hard.
         loss_fn = LigerFusedLinearJSDLoss(
-            weight_hard_loss=1.0 - spec.alpha, weight_soft_loss=spec.alpha * temp**2, beta=beta,
-            temperature=temp, compiled=True,
+            weight_hard_loss=1.0 - spec.alpha,
+            weight_soft_loss=spec.alpha * temp**2,
+            beta=beta,
+            temperature=temp,
+            compiled=True,
         )
         s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
         targets = labels[:, 1:].reshape(-1)
@@ -292,8 +330,13 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
                 t_hidden = _backbone_hidden(teacher, input_ids, attention_mask)
             s_hidden = _backbone_hidden(student, input_ids, attention_mask)
             loss = loss_fn(
-                s_hidden.reshape(-1, s_hidden.shape[-1]), s_head.weight,
-                t_hidden.reshape(-1, t_hidden.shape[-1]), t_head.weight, targets, s_head.bias, t_head.bias,
+                s_hidden.reshape(-1, s_hidden.shape[-1]),
+                s_head.weight,
+                t_hidden.reshape(-1, t_hidden.shape[-1]),
+                t_head.weight,
+                targets,
+                s_head.bias,
+                t_head.bias,
             )
             loss.backward()
             return loss.detach()
@@ -309,12 +352,15 @@ def _make_step(spec: Spec, teacher, student, input_ids, attention_mask, labels):
         mask, targets = counted_positions(labels)
         with torch.inference_mode():  # what `alambic cache` writes: top-k log-probs, ids and tail per counted token
             t_hidden = final_hidden_states(teacher, teacher, input_ids, attention_mask)[:, :-1][mask]
-            rows = [teacher_topk(project(teacher, t_hidden[i:i + 1024]), CACHE_K, temp)
-                    for i in range(0, len(t_hidden), 1024)]
+            rows = [
+                teacher_topk(project(teacher, t_hidden[i : i + 1024]), CACHE_K, temp)
+                for i in range(0, len(t_hidden), 1024)
+            ]
         ids, logprobs, tail = (torch.cat([r[j] for r in rows]).clone() for j in range(3))
         batch = {"teacher_ids": ids, "teacher_logprobs": logprobs, "teacher_tail": tail}
-        cfg = LossConfig(divergence=spec.divergence, temperature=temp, alpha=spec.alpha, jsd_beta=spec.jsd_beta,
-                         skew=spec.skew)
+        cfg = LossConfig(
+            divergence=spec.divergence, temperature=temp, alpha=spec.alpha, jsd_beta=spec.jsd_beta, skew=spec.skew
+        )
 
         def step():
             hidden = final_hidden_states(student, student, input_ids, attention_mask)[:, :-1][mask]
@@ -432,7 +478,7 @@ def run_method(spec: Spec) -> Result:
 
     result.peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
     result.step_bytes = max(result.peak_bytes - result.base_bytes, 0)
-    result.step_times_s = times[spec.warmup:]
+    result.step_times_s = times[spec.warmup :]
     result.step_s = statistics.median(result.step_times_s)
     result.tokens_per_s = spec.batch * spec.seq / result.step_s
     result.loss = float(losses[0])  # first step: same weights and batch for every method
@@ -461,7 +507,7 @@ def run_in_subprocess(spec: Spec, timeout_s: float) -> Result:
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            result = Result(**json.loads(line[len(RESULT_MARK):]))
+            result = Result(**json.loads(line[len(RESULT_MARK) :]))
             result.wall_s = wall
             return result
     err = (proc.stderr or proc.stdout).strip().splitlines()
@@ -490,8 +536,7 @@ def _ratio(a: float, b: float) -> str:
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     right = [i > 0 for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -499,28 +544,54 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 def pair_table(results: list[Result], cuda: bool) -> str:
     naive = next((r for r in results if r.method == "naive" and r.status == "ok"), None)
     mem = "peak GiB" + ("" if cuda else " (RSS)")
-    headers = ["method", "step s", "tokens/s", "×naive", mem, "×naive", "step Δ GiB", "×naive", "MFU",
-               "loss (1st step)"]
+    headers = [
+        "method",
+        "step s",
+        "tokens/s",
+        "×naive",
+        mem,
+        "×naive",
+        "step Δ GiB",
+        "×naive",
+        "MFU",
+        "loss (1st step)",
+    ]
     rows, notes = [], []
     for r in results:
         if r.status != "ok":
             rows.append([r.method] + ["-"] * (len(headers) - 1))
             notes.append(f"{r.method}: {'not available' if r.status == 'skipped' else 'failed'}: {r.reason}")
             continue
-        rows.append([
-            r.method, f"{r.step_s:.3f}", f"{r.tokens_per_s:,.0f}",
-            _ratio(r.tokens_per_s, naive.tokens_per_s) if naive else "-",
-            _gib(r.peak_bytes), _ratio(r.peak_bytes, naive.peak_bytes) if naive else "-",
-            _gib(r.step_bytes), _ratio(r.step_bytes, naive.step_bytes) if naive else "-",
-            f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a",
-            f"{r.loss:.6g}" + (" (CE)" if r.method == "sft_floor" else ""),
-        ])
+        rows.append(
+            [
+                r.method,
+                f"{r.step_s:.3f}",
+                f"{r.tokens_per_s:,.0f}",
+                _ratio(r.tokens_per_s, naive.tokens_per_s) if naive else "-",
+                _gib(r.peak_bytes),
+                _ratio(r.peak_bytes, naive.peak_bytes) if naive else "-",
+                _gib(r.step_bytes),
+                _ratio(r.step_bytes, naive.step_bytes) if naive else "-",
+                f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a",
+                f"{r.loss:.6g}" + (" (CE)" if r.method == "sft_floor" else ""),
+            ]
+        )
     return _md_table(headers, rows) + "".join(f"\n\n- {n}" for n in notes)
 
 
 def sweep_table(rows_by_vocab: dict[int, dict[str, Result]]) -> str:
-    headers = ["vocab", "naive tok/s", "naive peak GiB", "naive step Δ GiB", "alambic tok/s", "alambic peak GiB",
-               "alambic step Δ GiB", "tok/s ×naive", "peak ×naive", "step Δ ×naive"]
+    headers = [
+        "vocab",
+        "naive tok/s",
+        "naive peak GiB",
+        "naive step Δ GiB",
+        "alambic tok/s",
+        "alambic peak GiB",
+        "alambic step Δ GiB",
+        "tok/s ×naive",
+        "peak ×naive",
+        "step Δ ×naive",
+    ]
     rows, notes = [], []
     for vocab, res in rows_by_vocab.items():
         n, a = res.get("naive"), res.get("alambic")
@@ -533,8 +604,15 @@ def sweep_table(rows_by_vocab: dict[int, dict[str, Result]]) -> str:
                 if r is not None:
                     notes.append(f"V={vocab} {r.method}: {r.status}: {r.reason}")
         ok = n is not None and a is not None and n.status == a.status == "ok"
-        row += ([_ratio(a.tokens_per_s, n.tokens_per_s), _ratio(a.peak_bytes, n.peak_bytes),
-                 _ratio(a.step_bytes, n.step_bytes)] if ok else ["-", "-", "-"])
+        row += (
+            [
+                _ratio(a.tokens_per_s, n.tokens_per_s),
+                _ratio(a.peak_bytes, n.peak_bytes),
+                _ratio(a.step_bytes, n.step_bytes),
+            ]
+            if ok
+            else ["-", "-", "-"]
+        )
         rows.append(row)
     return _md_table(headers, rows) + "".join(f"\n\n- {x}" for x in notes)
 
@@ -582,20 +660,37 @@ def print_header(meta: dict[str, Any], args: argparse.Namespace) -> None:
     vs = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     print(f"# {meta['machine']} | {vs} | {meta['date']}")
     print(f"# command: python {meta['command']}")
-    print(f"# scale {args.scale}, batch {args.batch} × seq {args.seq} = {args.batch * args.seq} tokens/step, "
-          f"{args.dtype}, {args.device}, alambic chunk {args.chunk_size}"
-          f"{f' ({args.auto_elements} logits)' if args.auto_elements else ''}, divergence {args.divergence}, "
-          f"T {args.temperature}, alpha {args.alpha}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps (median), AdamW; "
-          f"load average at start {meta['load_average_start'][0]:.2f}")
+    print(
+        f"# scale {args.scale}, batch {args.batch} × seq {args.seq} = {args.batch * args.seq} tokens/step, "
+        f"{args.dtype}, {args.device}, alambic chunk {args.chunk_size}"
+        f"{f' ({args.auto_elements} logits)' if args.auto_elements else ''}, divergence {args.divergence}, "
+        f"T {args.temperature}, alpha {args.alpha}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps (median), AdamW; "
+        f"load average at start {meta['load_average_start'][0]:.2f}"
+    )
 
 
 def _spec(args: argparse.Namespace, method: str, pair: str, vocab: int) -> Spec:
     return Spec(
-        method=method, pair=pair, scale=args.scale, vocab=vocab, batch=args.batch, seq=args.seq, dtype=args.dtype,
-        device=args.device, steps=args.steps, warmup=args.warmup, divergence=args.divergence,
-        temperature=args.temperature, alpha=args.alpha, jsd_beta=args.jsd_beta, skew=args.skew,
-        chunk_size=args.chunk_size, lr=args.lr, seed=args.seed, threads=args.threads,
+        method=method,
+        pair=pair,
+        scale=args.scale,
+        vocab=vocab,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        divergence=args.divergence,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        jsd_beta=args.jsd_beta,
+        skew=args.skew,
+        chunk_size=args.chunk_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
         auto_elements=args.auto_elements,
     )
 
@@ -611,20 +706,30 @@ def _run(args: argparse.Namespace, method: str, pair: str, vocab: int, peak_flop
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=("full", "cpu", "tiny"), default="cpu",
-                   help="full: the real model sizes (GPU); cpu: 4 layers, hidden 128-256, real vocabularies; "
-                        "tiny: CI-sized, vocab 4096")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--scale",
+        choices=("full", "cpu", "tiny"),
+        default="cpu",
+        help="full: the real model sizes (GPU); cpu: 4 layers, hidden 128-256, real vocabularies; "
+        "tiny: CI-sized, vocab 4096",
+    )
     p.add_argument("--pair", choices=(*PAIRS, "all"), default="all")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(ALL_METHODS)} (default {', '.join(DEFAULT_METHODS)})")
-    p.add_argument("--batch", type=int,
-                   help="sequences per step (default: 8 full, 4 cpu (1 for --vocab-sweep), 2 tiny)")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from {', '.join(ALL_METHODS)} (default {', '.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument(
+        "--batch", type=int, help="sequences per step (default: 8 full, 4 cpu (1 for --vocab-sweep), 2 tiny)"
+    )
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 1024 full, 512 cpu, 32 tiny)")
     p.add_argument("--vocab", type=int, help="override the pair's vocabulary size (tiny: 4096)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="model dtype (default: bf16 full, fp32 cpu)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default: bf16 full, fp32 cpu)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda for full, else cpu)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocator, kernels, compilation)")
@@ -633,19 +738,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the soft loss (1: no hard CE term)")
     p.add_argument("--jsd-beta", type=float, default=0.5)
     p.add_argument("--skew", type=float, default=0.1)
-    p.add_argument("--chunk-size", type=lambda v: v if v == "auto" else int(v),
-                   help="alambic's token chunk, or 'auto' (rows sized to the vocabulary; default: 1024 full, 256 cpu, "
-                        "8 tiny: a batch is 8 chunks at every scale)")
-    p.add_argument("--auto-elements", type=int, help="logits per chunk under --chunk-size auto (default alambic's "
-                                                     "AUTO_CHUNK_ELEMENTS, 2^26); a smaller budget shows at CPU scale "
-                                                     "what 2^26 does at full scale")
+    p.add_argument(
+        "--chunk-size",
+        type=lambda v: v if v == "auto" else int(v),
+        help="alambic's token chunk, or 'auto' (rows sized to the vocabulary; default: 1024 full, 256 cpu, "
+        "8 tiny: a batch is 8 chunks at every scale)",
+    )
+    p.add_argument(
+        "--auto-elements",
+        type=int,
+        help="logits per chunk under --chunk-size auto (default alambic's "
+        "AUTO_CHUNK_ELEMENTS, 2^26); a smaller budget shows at CPU scale "
+        "what 2^26 does at full scale",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads per method (default: torch's, one per core)")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: bf16 dense peak of known GPUs)")
-    p.add_argument("--vocab-sweep", action="store_true",
-                   help=f"instead of the method table: naive vs alambic for V in {', '.join(map(str, SWEEP_VOCABS))} "
-                        "(on --pair, qwen shapes when 'all')")
+    p.add_argument(
+        "--vocab-sweep",
+        action="store_true",
+        help=f"instead of the method table: naive vs alambic for V in {', '.join(map(str, SWEEP_VOCABS))} "
+        "(on --pair, qwen shapes when 'all')",
+    )
     p.add_argument("--vocabs", help="comma-separated vocab sizes for --vocab-sweep")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per method subprocess")
     p.add_argument("--json", help="also write the results here as JSON")
@@ -663,8 +778,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or dtype
     args.device = args.device or device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    problems = [f"--methods: unknown {m!r} (choose from {', '.join(ALL_METHODS)})" for m in args.methods
-                if m not in ALL_METHODS]
+    problems = [
+        f"--methods: unknown {m!r} (choose from {', '.join(ALL_METHODS)})" for m in args.methods if m not in ALL_METHODS
+    ]
     if args.steps < 1:
         problems.append(f"--steps must be >= 1, got {args.steps}")
     if args.seq < 2:
@@ -701,8 +817,10 @@ def main(argv: list[str] | None = None) -> None:
             by_vocab[vocab] = {m: _run(args, m, pair, vocab, peak_flops) for m in ("naive", "alambic")}
         print(f"\n## vocabulary sweep: {pair} shapes at scale {args.scale}\n")
         print(sweep_table(by_vocab))
-        out["vocab_sweep"] = {"pair": pair, "rows": {str(v): {m: asdict(r) for m, r in res.items()}
-                                                     for v, res in by_vocab.items()}}
+        out["vocab_sweep"] = {
+            "pair": pair,
+            "rows": {str(v): {m: asdict(r) for m, r in res.items()} for v, res in by_vocab.items()},
+        }
     else:
         out["pairs"] = {}
         for pair in PAIRS if args.pair == "all" else [args.pair]:
@@ -710,13 +828,17 @@ def main(argv: list[str] | None = None) -> None:
             results = []
             for method in args.methods:
                 if method == "liger" and not cuda:
-                    results.append(Result("liger", status="skipped",
-                                          reason="needs CUDA (Liger-Kernel is a Triton library)"))
+                    results.append(
+                        Result("liger", status="skipped", reason="needs CUDA (Liger-Kernel is a Triton library)")
+                    )
                     continue
                 results.append(_run(args, method, pair, vocab, peak_flops))
             r0 = next((r for r in results if r.status == "ok"), None)
-            sizes = (f", teacher {r0.teacher_params / 1e6:.1f}M / student {r0.student_params / 1e6:.1f}M matmul params"
-                     if r0 else "")
+            sizes = (
+                f", teacher {r0.teacher_params / 1e6:.1f}M / student {r0.student_params / 1e6:.1f}M matmul params"
+                if r0
+                else ""
+            )
             print(f"\n## {pair} (V = {vocab:,}{sizes})\n")
             print(pair_table(results, cuda))
             out["pairs"][pair] = {"vocab": vocab, "results": [asdict(r) for r in results]}

@@ -63,9 +63,11 @@ def bos_tokenizer(*, template_renders_bos: bool = False) -> PreTrainedTokenizerF
     inner = Tokenizer.from_str(_tiny_tokenizer_json(320))
     bos = inner.token_to_id("<|endoftext|>")
     inner.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", bos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  pad_token="<pad>", unk_token=None)
+        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<pad>", unk_token=None
+    )
     tok.chat_template = ("{{ bos_token }}" if template_renders_bos else "") + CHATML_TEMPLATE
     return tok
 
@@ -83,8 +85,12 @@ def _other_tokenizer_json() -> str:
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=200, unk_token="<unk>", initial_alphabet=["\n"],
-                                      special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<pad>"])
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200,
+        unk_token="<unk>",
+        initial_alphabet=["\n"],
+        special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<pad>"],
+    )
     tok.train_from_iterator([*_CORPUS, *NEWS], trainer=trainer)
     return tok.to_str()
 
@@ -94,8 +100,13 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
     (Metaspace, as Llama 2's), other ids, another chat template (Zephyr's) and end-of-turn token (</s>)."""
     from tokenizers import Tokenizer
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_other_tokenizer_json()), bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_other_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
     tok.chat_template = ZEPHYR_TEMPLATE
     return tok
 
@@ -103,8 +114,18 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
-def tiny_config(arch: str = "llama", *, vocab_size: int = 320, hidden_size: int = 32, num_layers: int = 4,
-                heads: int = 4, kv_heads: int = 2, intermediate_size: int = 64, tie: bool = True, **extra):
+def tiny_config(
+    arch: str = "llama",
+    *,
+    vocab_size: int = 320,
+    hidden_size: int = 32,
+    num_layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 64,
+    tie: bool = True,
+    **extra,
+):
     """`extra`: further config fields of the family (head_dim, ...)."""
     return AutoConfig.for_model(
         arch,
@@ -167,11 +188,16 @@ def tiny_prepared(tmp_path, *, max_seq_len: int = 16, chat: bool = False):
         path = tmp_path / "chat.jsonl"
         rows = [{"prompt": NEWS[i % 6][:30], "response": NEWS[(i + 1) % 6]} for i in range(16)]
         path.write_text("\n".join(json.dumps(r) for r in rows))
-        cfg = DataConfig(source="files", format="chat", paths=[path], max_seq_len=max_seq_len * 3,
-                         validation_fraction=0.25)
+        cfg = DataConfig(
+            source="files", format="chat", paths=[path], max_seq_len=max_seq_len * 3, validation_fraction=0.25
+        )
     else:
-        cfg = DataConfig(source="files", paths=[write_text_corpus(tmp_path / "corpus")], max_seq_len=max_seq_len,
-                         validation_fraction=0.2)
+        cfg = DataConfig(
+            source="files",
+            paths=[write_text_corpus(tmp_path / "corpus")],
+            max_seq_len=max_seq_len,
+            validation_fraction=0.2,
+        )
     return prepare_datasets(cfg, tiny_tokenizer())
 
 
@@ -213,23 +239,40 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 F64 = TOLERANCES[torch.float64]
 
 
-def assert_verbose_close(got: torch.Tensor, want: torch.Tensor, *, what: str = "", dtype: torch.dtype | None = None,
-                         **tolerance: float) -> None:
+def assert_verbose_close(
+    got: torch.Tensor, want: torch.Tensor, *, what: str = "", dtype: torch.dtype | None = None, **tolerance: float
+) -> None:
     """`torch.testing.assert_close` at the tolerances of `dtype` (default: `got`'s, or pass rtol/atol), whose message
     also names the worst elements: their index, both values and the difference."""
     tol = tolerance or TOLERANCES[dtype or got.dtype]
     got, want = got.detach().double(), want.detach().double()
     diff = (got - want).abs()
     excess = (diff - tol["atol"] - tol["rtol"] * want.abs()).flatten()
-    worst = [(idx, got.flatten()[idx].item(), want.flatten()[idx].item()) for idx in
-             excess.topk(min(3, excess.numel())).indices.tolist() if excess[idx] > 0] if excess.numel() else []
+    worst = (
+        [
+            (idx, got.flatten()[idx].item(), want.flatten()[idx].item())
+            for idx in excess.topk(min(3, excess.numel())).indices.tolist()
+            if excess[idx] > 0
+        ]
+        if excess.numel()
+        else []
+    )
     detail = "; ".join(f"at flat index {i}: {g:.6g} vs {w:.6g} (diff {abs(g - w):.3g})" for i, g, w in worst)
-    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}\nworst: {detail}" if what else
-                               f"{m}\nworst: {detail}")
+    torch.testing.assert_close(
+        got, want, **tol, msg=lambda m: f"{what}: {m}\nworst: {detail}" if what else f"{m}\nworst: {detail}"
+    )
 
 
-def random_logits(shape, *, seed: int = 0, generator: torch.Generator | None = None, count: int = 1,
-                  scale: float = 3.0, dtype: torch.dtype = torch.float64, grad: bool = False) -> list[torch.Tensor]:
+def random_logits(
+    shape,
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    count: int = 1,
+    scale: float = 3.0,
+    dtype: torch.dtype = torch.float64,
+    grad: bool = False,
+) -> list[torch.Tensor]:
     """`count` random logit tensors (normal, times `scale`), drawn one after another in float64 from `generator` (or
     one seeded with `seed`), then cast to `dtype`: the same values in every dtype for one seed."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)

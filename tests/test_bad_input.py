@@ -30,13 +30,22 @@ def _tiny_run(tmp_path, *, from_teacher=None, student=None, data=None, **more):
     teacher = tmp_path / "teacher"
     if not teacher.is_dir():
         save_tiny_pair(tmp_path)
-    return _write(tmp_path / "c.yaml", {
-        "output_dir": str(tmp_path / "runs"), "teacher": {"model": str(teacher), "device": "cpu"},
-        "student": student or {"from_teacher": from_teacher or {"layers": "every_other", "calibration_sequences": 2}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 **(data or {})},
-        **more,
-    })
+    return _write(
+        tmp_path / "c.yaml",
+        {
+            "output_dir": str(tmp_path / "runs"),
+            "teacher": {"model": str(teacher), "device": "cpu"},
+            "student": student
+            or {"from_teacher": from_teacher or {"layers": "every_other", "calibration_sequences": 2}},
+            "data": {
+                "source": "files",
+                "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+                "max_seq_len": 16,
+                **(data or {}),
+            },
+            **more,
+        },
+    )
 
 
 def _refused_before_work(tmp_path, args, *needles):
@@ -52,11 +61,14 @@ def _refused_before_work(tmp_path, args, *needles):
 
 # -- models that are not what they say ----------------------------------------------------------------------------
 
+
 def test_a_gguf_file_that_is_not_gguf_exits_2_naming_it(tmp_path):
     fake = tmp_path / "teacher.gguf"
     fake.write_bytes(os.urandom(4096))
-    path = _write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(fake)},
-                                        "student": {"from_teacher": {}}})
+    path = _write(
+        tmp_path / "c.yaml",
+        {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(fake)}, "student": {"from_teacher": {}}},
+    )
     out = _refused_before_work(tmp_path, ["run", str(path)], str(fake), "not a GGUF file")
     assert "GGUF" in out
 
@@ -66,17 +78,20 @@ def test_a_teacher_folder_without_a_model_exits_2_listing_what_is_there(tmp_path
     folder.mkdir()
     (folder / "README.md").write_text("notes")
     (folder / "tokenizer.json").write_text("{}")
-    path = _write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(folder)},
-                                        "student": {"from_teacher": {}}})
-    _refused_before_work(tmp_path, ["run", str(path)], str(folder), "no model weights", "README.md",
-                         "tokenizer.json")
+    path = _write(
+        tmp_path / "c.yaml",
+        {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(folder)}, "student": {"from_teacher": {}}},
+    )
+    _refused_before_work(tmp_path, ["run", str(path)], str(folder), "no model weights", "README.md", "tokenizer.json")
 
 
 def test_an_empty_teacher_folder_exits_2_saying_it_is_empty(tmp_path):
     folder = tmp_path / "teacher"
     folder.mkdir()
-    path = _write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(folder)},
-                                        "student": {"from_teacher": {}}})
+    path = _write(
+        tmp_path / "c.yaml",
+        {"output_dir": str(tmp_path / "runs"), "teacher": {"model": str(folder)}, "student": {"from_teacher": {}}},
+    )
     _refused_before_work(tmp_path, ["run", str(path)], "no model weights", "empty")
 
 
@@ -93,6 +108,7 @@ def test_a_folder_holding_only_a_gguf_file_names_it():
 
 
 # -- the teacher's config, read cheaply ---------------------------------------------------------------------------
+
 
 def _write_gguf(path, arch="llama", **fields):
     """A metadata-only GGUF file (no tensors) with the `<arch>.<key>` fields given, and a string array, as a real
@@ -114,11 +130,23 @@ def test_the_shape_of_a_gguf_file_is_read_from_its_metadata(tmp_path):
     from alambic.config import ModelConfig
     from alambic.models import read_model_shape
 
-    path = _write_gguf(tmp_path / "t.gguf", block_count=30, context_length=8192, embedding_length=576,
-                       feed_forward_length=1536, **{"attention.head_count": 9, "attention.head_count_kv": 3})
+    path = _write_gguf(
+        tmp_path / "t.gguf",
+        block_count=30,
+        context_length=8192,
+        embedding_length=576,
+        feed_forward_length=1536,
+        **{"attention.head_count": 9, "attention.head_count_kv": 3},
+    )
     shape = read_model_shape(ModelConfig(model=str(path)))
-    assert (shape.num_hidden_layers, shape.max_position_embeddings, shape.hidden_size, shape.intermediate_size,
-            shape.num_attention_heads, shape.num_key_value_heads) == (30, 8192, 576, 1536, 9, 3)
+    assert (
+        shape.num_hidden_layers,
+        shape.max_position_embeddings,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_attention_heads,
+        shape.num_key_value_heads,
+    ) == (30, 8192, 576, 1536, 9, 3)
 
 
 def test_the_shape_of_a_model_folder_is_read_from_its_config(tmp_path):
@@ -127,8 +155,14 @@ def test_the_shape_of_a_model_folder_is_read_from_its_config(tmp_path):
     from helpers import save_tiny_pair
 
     shape = read_model_shape(ModelConfig(model=str(save_tiny_pair(tmp_path))))
-    assert (shape.num_hidden_layers, shape.max_position_embeddings, shape.hidden_size, shape.intermediate_size,
-            shape.num_attention_heads, shape.num_key_value_heads) == (4, 512, 32, 64, 4, 2)
+    assert (
+        shape.num_hidden_layers,
+        shape.max_position_embeddings,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_attention_heads,
+        shape.num_key_value_heads,
+    ) == (4, 512, 32, 64, 4, 2)
 
 
 def test_the_quickstart_teachers_shape_is_read_from_its_gguf_header():
@@ -165,6 +199,7 @@ def test_a_hub_id_not_on_this_machine_has_no_cheap_shape():
 
 # -- sequence length and memory -----------------------------------------------------------------------------------
 
+
 def test_a_sequence_longer_than_the_teachers_positions_exits_2_naming_both(tmp_path):
     path = _tiny_run(tmp_path, data={"max_seq_len": 10_000_000})
     _refused_before_work(tmp_path, ["run", str(path)], "data.max_seq_len 10000000", "max_position_embeddings 512")
@@ -180,15 +215,25 @@ def test_a_chain_is_checked_step_by_step_before_any_runs(tmp_path, monkeypatch):
     steps = [{"name": "a"}, {"name": "b", "teacher": "previous", "student": "first"}]
     path = _write(tmp_path / "chain.yaml", yaml.safe_load(chain_config(tmp_path, steps).to_yaml()))
     assert runner.invoke(app, ["run", str(path)]).exit_code == 0 and len(ran) == 1
-    out = _refused_before_work(tmp_path, ["run", str(path), "--set", "data.max_seq_len=1000"],
-                               "chain step 1/2 a", "data.max_seq_len 1000", "max_position_embeddings 512")
+    out = _refused_before_work(
+        tmp_path,
+        ["run", str(path), "--set", "data.max_seq_len=1000"],
+        "chain step 1/2 a",
+        "data.max_seq_len 1000",
+        "max_position_embeddings 512",
+    )
     assert "chain step 2/2" not in out and len(ran) == 1  # b's teacher is pending: only a's is read
 
 
 def test_a_sweep_is_checked_point_by_point_before_any_runs(tmp_path):
     path = _tiny_run(tmp_path)
-    _refused_before_work(tmp_path, ["sweep", str(path), "--set", "data.max_seq_len=16,1000"], "sweep point 2/2",
-                         "data.max_seq_len 1000", "max_position_embeddings 512")
+    _refused_before_work(
+        tmp_path,
+        ["sweep", str(path), "--set", "data.max_seq_len=16,1000"],
+        "sweep point 2/2",
+        "data.max_seq_len 1000",
+        "max_position_embeddings 512",
+    )
     assert not (tmp_path / "runs" / "run-sweep").exists()
 
 
@@ -202,8 +247,7 @@ def test_a_sequence_longer_than_a_given_students_positions_is_refused(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "student")
     tiny_tokenizer().save_pretrained(tmp_path / "student")
     path = _tiny_run(tmp_path, student={"model": str(tmp_path / "student")}, data={"max_seq_len": 256})
-    _refused_before_work(tmp_path, ["run", str(path)], "data.max_seq_len 256", "student",
-                         "max_position_embeddings 128")
+    _refused_before_work(tmp_path, ["run", str(path)], "data.max_seq_len 256", "student", "max_position_embeddings 128")
 
 
 def test_without_a_position_limit_the_named_bound_applies(tmp_path):
@@ -211,8 +255,13 @@ def test_without_a_position_limit_the_named_bound_applies(tmp_path):
     from alambic.stages.preflight import MAX_SEQ_LEN_WITHOUT_LIMIT, check_inputs
 
     teacher = _write_gguf(tmp_path / "t.gguf", block_count=4)  # no context_length
-    cfg = validate_config({"teacher": {"model": str(teacher)}, "student": {"from_teacher": {}},
-                           "data": {"max_seq_len": MAX_SEQ_LEN_WITHOUT_LIMIT + 1}})
+    cfg = validate_config(
+        {
+            "teacher": {"model": str(teacher)},
+            "student": {"from_teacher": {}},
+            "data": {"max_seq_len": MAX_SEQ_LEN_WITHOUT_LIMIT + 1},
+        }
+    )
     with pytest.raises(ConfigError, match=rf"gives no max_position_embeddings.*{MAX_SEQ_LEN_WITHOUT_LIMIT}"):
         check_inputs(cfg)
     check_inputs(cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_len": 4096})}))
@@ -221,15 +270,21 @@ def test_without_a_position_limit_the_named_bound_applies(tmp_path):
 def test_a_stage_that_cannot_fit_in_memory_is_refused_with_the_numbers(tmp_path, monkeypatch):
     from alambic.stages import preflight
 
-    path = _tiny_run(tmp_path, from_teacher={"layers": "importance", "num_layers": 2, "calibration_sequences": 8},
-                     data={"max_seq_len": 512}, evaluation={"batch_size": 8})
+    path = _tiny_run(
+        tmp_path,
+        from_teacher={"layers": "importance", "num_layers": 2, "calibration_sequences": 8},
+        data={"max_seq_len": 512},
+        evaluation={"batch_size": 8},
+    )
     # the importance pass holds a calibration batch's logits and log-probs: 2 x 8 x 512 x 320 x 4 bytes = 10.5 MB
     monkeypatch.setattr(preflight, "available_memory", lambda device: 4_000_000)
-    _refused_before_work(tmp_path, ["prune", str(path)], "10.5 MB", "4.0 MB", "evaluation.batch_size",
-                         "data.max_seq_len")
+    _refused_before_work(
+        tmp_path, ["prune", str(path)], "10.5 MB", "4.0 MB", "evaluation.batch_size", "data.max_seq_len"
+    )
 
 
 # -- training.trainer_args ----------------------------------------------------------------------------------------
+
 
 def test_unknown_trainer_args_are_refused_at_load_with_a_suggestion():
     data = {**BASE, "training": {"trainer_args": {"gradient_checkpointng": True, "optim": "adamw_torch"}}}
@@ -248,14 +303,18 @@ def test_known_trainer_args_are_accepted():
 
 # -- student shape against the teacher's ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("from_teacher,needles", [
-    ({"layers": [0, 99]}, ["layers [0, 99]", "99", "num_hidden_layers 4"]),
-    ({"layers": "importance", "num_layers": 10}, ["num_layers=10: keep between 1 and the teacher's 4"]),
-    ({"num_attention_heads": 8}, ["num_attention_heads=8: keep between 1 and the teacher's 4"]),
-    ({"num_key_value_heads": 3}, ["num_key_value_heads=3: keep between 1 and the teacher's 2"]),
-    ({"intermediate_size": 65}, ["intermediate_size=65: keep between 1 and the teacher's 64"]),
-    ({"hidden_size": 1000}, ["hidden_size=1000: keep between 1 and the teacher's 32"]),
-])
+
+@pytest.mark.parametrize(
+    "from_teacher,needles",
+    [
+        ({"layers": [0, 99]}, ["layers [0, 99]", "99", "num_hidden_layers 4"]),
+        ({"layers": "importance", "num_layers": 10}, ["num_layers=10: keep between 1 and the teacher's 4"]),
+        ({"num_attention_heads": 8}, ["num_attention_heads=8: keep between 1 and the teacher's 4"]),
+        ({"num_key_value_heads": 3}, ["num_key_value_heads=3: keep between 1 and the teacher's 2"]),
+        ({"intermediate_size": 65}, ["intermediate_size=65: keep between 1 and the teacher's 64"]),
+        ({"hidden_size": 1000}, ["hidden_size=1000: keep between 1 and the teacher's 32"]),
+    ],
+)
 def test_a_student_larger_than_the_teacher_is_refused_before_the_data(tmp_path, from_teacher, needles):
     path = _tiny_run(tmp_path, from_teacher={**from_teacher, "calibration_sequences": 2})
     _refused_before_work(tmp_path, ["prune", str(path)], "student.from_teacher", *needles)
@@ -263,18 +322,24 @@ def test_a_student_larger_than_the_teacher_is_refused_before_the_data(tmp_path, 
 
 # -- malformed files and overrides ---------------------------------------------------------------------------------
 
+
 def test_an_override_that_is_not_yaml_exits_2_naming_it(tmp_path):
     path = _write(tmp_path / "c.yaml", BASE)
-    out = _refused_before_work(tmp_path, ["run", str(path), "--set", "loss.temperature=[1, 2"],
-                               "--set loss.temperature=[1, 2", "not valid YAML")
+    out = _refused_before_work(
+        tmp_path,
+        ["run", str(path), "--set", "loss.temperature=[1, 2"],
+        "--set loss.temperature=[1, 2",
+        "not valid YAML",
+    )
     assert "ParserError" not in out
 
 
 def test_an_override_on_a_config_that_is_a_list_exits_2(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("- a\n- b\n")
-    out = _refused_before_work(tmp_path, ["run", str(path), "--set", "loss.temperature=2"], str(path), "mapping",
-                               "list")
+    out = _refused_before_work(
+        tmp_path, ["run", str(path), "--set", "loss.temperature=2"], str(path), "mapping", "list"
+    )
     assert "AttributeError" not in out
 
 
@@ -287,8 +352,10 @@ def test_a_binary_file_as_config_exits_2(tmp_path):
 
 def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("teacher:\n  model: smollm2-135m-instruct\nstudent:\n  from_teacher: {}\nloss:\n  alpha: 0.5\n"
-                    "  temperature: 2\n  alpha: 0.9\n")
+    path.write_text(
+        "teacher:\n  model: smollm2-135m-instruct\nstudent:\n  from_teacher: {}\nloss:\n  alpha: 0.5\n"
+        "  temperature: 2\n  alpha: 0.9\n"
+    )
     with pytest.raises(ConfigError, match=r"loss\.alpha.* lines? 6 and 8"):
         load_config(path)
     top = tmp_path / "top.yaml"

@@ -13,8 +13,22 @@ METHODS = ("naive", "alambic", "sft_floor", "alambic_cache", "sft")
 
 def test_step_benchmark_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(BENCH), "--scale", "tiny", "--pair", "smollm2", "--methods", ",".join(METHODS),
-           "--warmup", "1", "--steps", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--scale",
+        "tiny",
+        "--pair",
+        "smollm2",
+        "--methods",
+        ",".join(METHODS),
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"benchmark failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
@@ -38,8 +52,24 @@ def test_cost_stability_benchmark_tiny(tmp_path):
 
     folder = save_tiny_pair(tmp_path)
     out = tmp_path / "cost.json"
-    cmd = [sys.executable, str(BENCH.parent / "cost_stability.py"), "--model", str(folder), "--new-tokens", "4",
-           "--prompt-tokens", "8", "--batch-size", "2", "--repeats", "2", "--warmup", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH.parent / "cost_stability.py"),
+        "--model",
+        str(folder),
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode in (0, 1), f"benchmark crashed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert "| peak memory |" in proc.stdout and "# result:" in proc.stdout

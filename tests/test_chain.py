@@ -28,14 +28,16 @@ def chain_config(tmp_path, steps, **top):
     if not corpus.exists():
         write_text_corpus(corpus)
     data = {
-        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(teacher), "device": "cpu"},
         "student": {"from_teacher": {"layers": "every_other"}},
         "data": {"source": "files", "paths": [str(corpus)], "max_seq_len": 16, "validation_fraction": 0.2},
         "loss": {"divergence": "forward_kl", "alpha": 1.0},
         "training": {"max_steps": 2, "save_steps": 10, "logging_steps": 1, "learning_rate": 1e-3},
         "evaluation": {"ce_control": False, "batch_size": 4, "cost": None, "generation": None},
-        "chain": steps, **top,
+        "chain": steps,
+        **top,
     }
     return validate_config(data)
 
@@ -44,17 +46,28 @@ def chain_config(tmp_path, steps, **top):
 
 
 def test_overrides_nested_or_dotted_merge_into_the_base():
-    assert deep_merge({"a": {"x": 1, "y": [1, 2]}, "b": 2}, {"a": {"y": [3]}, "c": 4}) == \
-        {"a": {"x": 1, "y": [3]}, "b": 2, "c": 4}
+    assert deep_merge({"a": {"x": 1, "y": [1, 2]}, "b": 2}, {"a": {"y": [3]}, "c": 4}) == {
+        "a": {"x": 1, "y": [3]},
+        "b": 2,
+        "c": 4,
+    }
 
 
 def test_steps_apply_their_overrides_and_previous_points_at_folders_that_do_not_exist_yet(tmp_path):
-    cfg = chain_config(tmp_path, [
-        {"name": "a"},
-        {"name": "b", "teacher": "previous", "student": "first", "loss.divergence": "reverse_kl",
-         "training": {"max_steps": 5}},
-        {"name": "c", "student": "previous", "overrides": {"loss": {"alpha": 0.0}}, "teacher.dtype": "bfloat16"},
-    ])
+    cfg = chain_config(
+        tmp_path,
+        [
+            {"name": "a"},
+            {
+                "name": "b",
+                "teacher": "previous",
+                "student": "first",
+                "loss.divergence": "reverse_kl",
+                "training": {"max_steps": 5},
+            },
+            {"name": "c", "student": "previous", "overrides": {"loss": {"alpha": 0.0}}, "teacher.dtype": "bfloat16"},
+        ],
+    )
     chain = plan_chain(cfg)
     folder = tmp_path / "runs" / "tiny-chain"
     assert chain.folder == folder and not folder.exists()  # nothing written by planning
@@ -63,8 +76,12 @@ def test_steps_apply_their_overrides_and_previous_points_at_folders_that_do_not_
     # b: taught by a's final student, starting again from a's untrained (pruned) student: born-again
     assert b.teacher.model == str(folder / "a" / "final") and b.teacher.device == "cpu"
     assert b.student.model == str(folder / "a" / "student") and b.student.from_teacher is None
-    assert (b.loss.divergence, b.loss.alpha, b.training.max_steps, b.training.learning_rate) == \
-        ("reverse_kl", 1.0, 5, 1e-3)  # dotted and nested overrides, the rest from the base
+    assert (b.loss.divergence, b.loss.alpha, b.training.max_steps, b.training.learning_rate) == (
+        "reverse_kl",
+        1.0,
+        5,
+        1e-3,
+    )  # dotted and nested overrides, the rest from the base
     # c: fine-tunes b's final with plain CE; its teacher is the original one, in another dtype
     assert c.student.model == str(folder / "b" / "final") and c.loss.alpha == 0.0
     assert (c.teacher.model, c.teacher.dtype) == (str(tmp_path / "teacher"), "bfloat16")
@@ -77,29 +94,38 @@ def test_steps_apply_their_overrides_and_previous_points_at_folders_that_do_not_
 
 def test_student_first_of_a_given_student_is_that_student(tmp_path):
     teacher = save_tiny_pair(tmp_path)
-    cfg = chain_config(tmp_path, [{"name": "a"}, {"name": "b", "teacher": "previous", "student": "first"}],
-                       student={"model": str(teacher)})
+    cfg = chain_config(
+        tmp_path,
+        [{"name": "a"}, {"name": "b", "teacher": "previous", "student": "first"}],
+        student={"model": str(teacher)},
+    )
     b = plan_chain(cfg).steps[1]
     assert b.config.student.model == str(teacher) and "student" not in b.reads
 
 
-@pytest.mark.parametrize("steps, message", [
-    ([{"name": "a", "teacher": "previous"}], "the first step 'a' has no step before it"),
-    ([{"name": "a"}, {"name": "a"}], "step names ['a'] are used twice"),
-    ([{"name": "a"}, {"name": "b", "output_dir": "elsewhere"}], "['output_dir'] cannot be set per step"),
-    ([{"name": "a"}, {"name": "b", "student": "previous", "student.from_teacher.layers": "first_half"}],
-     "so ['student.from_teacher.layers'] cannot be set beside it"),
-    ([{"name": "a"}, {"name": "b", "teacher": "earlier"}], "chain.1.teacher"),
-    ([], "an empty chain runs nothing"),
-])
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        ([{"name": "a", "teacher": "previous"}], "the first step 'a' has no step before it"),
+        ([{"name": "a"}, {"name": "a"}], "step names ['a'] are used twice"),
+        ([{"name": "a"}, {"name": "b", "output_dir": "elsewhere"}], "['output_dir'] cannot be set per step"),
+        (
+            [{"name": "a"}, {"name": "b", "student": "previous", "student.from_teacher.layers": "first_half"}],
+            "so ['student.from_teacher.layers'] cannot be set beside it",
+        ),
+        ([{"name": "a"}, {"name": "b", "teacher": "earlier"}], "chain.1.teacher"),
+        ([], "an empty chain runs nothing"),
+    ],
+)
 def test_malformed_chains_are_refused_when_the_config_loads(tmp_path, steps, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         chain_config(tmp_path, steps)
 
 
 def test_every_invalid_step_is_named_with_its_field_before_anything_runs(tmp_path):
-    cfg = chain_config(tmp_path, [{"name": "a", "loss": {"alpah": 1}}, {"name": "b"},
-                                  {"name": "c", "loss.temperature": -1}])
+    cfg = chain_config(
+        tmp_path, [{"name": "a", "loss": {"alpah": 1}}, {"name": "b"}, {"name": "c", "loss.temperature": -1}]
+    )
     with pytest.raises(ConfigError) as err:
         plan_chain(cfg)
     text = str(err.value)
@@ -112,11 +138,20 @@ def test_relative_data_paths_of_a_step_are_read_from_the_config_files_folder(tmp
     chain_config(tmp_path, [{"name": "a"}])  # writes the tiny teacher and corpus
     write_text_corpus(tmp_path / "task")
     path = tmp_path / "chain.yaml"
-    path.write_text(yaml.safe_dump({
-        "teacher": {"model": str(tmp_path / "teacher")}, "student": {"from_teacher": {}},
-        "data": {"source": "files", "paths": ["corpus"]},
-        "chain": [{"name": "a"}, {"name": "b", "student": "previous", "data": {"paths": ["task"]}},
-                  {"name": "c", "data.paths": ["task"]}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": {"model": str(tmp_path / "teacher")},
+                "student": {"from_teacher": {}},
+                "data": {"source": "files", "paths": ["corpus"]},
+                "chain": [
+                    {"name": "a"},
+                    {"name": "b", "student": "previous", "data": {"paths": ["task"]}},
+                    {"name": "c", "data.paths": ["task"]},
+                ],
+            }
+        )
+    )
     steps = plan_chain(load_config(path)).steps
     assert [s.config.data.paths for s in steps] == [[tmp_path / "corpus"], [tmp_path / "task"], [tmp_path / "task"]]
 
@@ -154,7 +189,9 @@ def test_a_chain_runs_resumes_and_redoes_a_step_whose_teacher_changed(tmp_path, 
     # the report: one row per step, each scored against the original teacher on a's held-out split
     rows = chain_rows(folder)
     assert [(r["name"], r["teacher"], r["student"]) for r in rows] == [
-        ("a", "original", "pruned from its teacher"), ("b", "a final", "a student, untrained")]
+        ("a", "original", "pruned from its teacher"),
+        ("b", "a final", "a student, untrained"),
+    ]
     a, b = rows
     # a's own evaluation measures the same thing (same teacher, same split, same weights)
     assert a["original"]["kl_to_teacher"] == pytest.approx(a["own"]["kl_to_teacher"], rel=1e-4)
@@ -166,14 +203,17 @@ def test_a_chain_runs_resumes_and_redoes_a_step_whose_teacher_changed(tmp_path, 
     assert "<table>" in (folder / "chain.html").read_text()
 
     def stamps():
-        return {p: (folder / p).stat().st_mtime_ns for p in ("a/final/config.json", "b/final/config.json",
-                                                            "b/data/split.json", "chain_eval.json")}
+        return {
+            p: (folder / p).stat().st_mtime_ns
+            for p in ("a/final/config.json", "b/final/config.json", "b/data/split.json", "chain_eval.json")
+        }
 
     before = stamps()
     taught_by.clear()
     run_chain(plan_chain(chain_config(tmp_path, steps)))  # resume: nothing to do
-    assert taught_by == {} and {k: v for k, v in stamps().items() if k != "chain_eval.json"} == \
-        {k: v for k, v in before.items() if k != "chain_eval.json"}
+    assert taught_by == {} and {k: v for k, v in stamps().items() if k != "chain_eval.json"} == {
+        k: v for k, v in before.items() if k != "chain_eval.json"
+    }
     eval_before = json.loads((folder / "chain_eval.json").read_text())
 
     # a changes (another learning rate): a is redone, and b with it, although b's own config did not change

@@ -25,8 +25,9 @@ def test_a_depth_pruned_classifier_reloads_with_the_same_logits(tmp_path, one_th
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student").eval()
     ids = torch.tensor([[10, 11, 12, 13, 3, 3], [14, 15, 16, 17, 18, 19]])
     mask = (ids != 3).long()
-    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
-                               student(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(
+        reloaded(input_ids=ids, attention_mask=mask).logits, student(input_ids=ids, attention_mask=mask).logits
+    )
     assert reloaded.config.num_labels == 3 and reloaded.config.pad_token_id == 3
 
 
@@ -35,15 +36,27 @@ def _config(tmp_path, **overrides):
         "name": "cls",
         "output_dir": str(tmp_path / "runs"),
         "task": "sequence_classification",
-        "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu",
-                    "fine_tune": {"max_steps": 6, "learning_rate": 3e-3, "batch_size": 6, "warmup_ratio": 0.0}},
+        "teacher": {
+            "model": str(save_tiny_pair(tmp_path)),
+            "device": "cpu",
+            "fine_tune": {"max_steps": 6, "learning_rate": 3e-3, "batch_size": 6, "warmup_ratio": 0.0},
+        },
         "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "format": "classification",
-                 "paths": [str(write_labelled_corpus(tmp_path / "news.jsonl", 30))], "max_seq_len": 24,
-                 "validation_fraction": 0.2},
+        "data": {
+            "source": "files",
+            "format": "classification",
+            "paths": [str(write_labelled_corpus(tmp_path / "news.jsonl", 30))],
+            "max_seq_len": 24,
+            "validation_fraction": 0.2,
+        },
         "loss": {"divergence": "forward_kl", "alpha": 0.5, "temperature": 2.0},
-        "training": {"max_steps": 3, "per_device_train_batch_size": 4, "save_steps": 2, "logging_steps": 1,
-                     "learning_rate": 1e-3},
+        "training": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+        },
         "evaluation": {"ce_control": True, "batch_size": 4, "cost": {"batch_size": 2, "warmup": 0, "repeats": 1}},
     }
     for key, value in overrides.items():
@@ -101,20 +114,29 @@ def test_a_backbone_teacher_without_fine_tuning_is_refused(tmp_path, one_thread)
 
 def test_impossible_combinations_are_refused_together(tmp_path):
     with pytest.raises(ConfigError) as err:
-        _config(tmp_path, data={"format": "text", "teacher_cache": {"k": 8}},
-                student={"from_teacher": {"layers": "importance", "num_layers": 2}})
+        _config(
+            tmp_path,
+            data={"format": "text", "teacher_cache": {"k": 8}},
+            student={"from_teacher": {"layers": "importance", "num_layers": 2}},
+        )
     message = str(err.value)
-    for expected in ("set data.format: classification (got 'text')", "remove data.teacher_cache",
-                     "choose layers every_other"):
+    for expected in (
+        "set data.format: classification (got 'text')",
+        "remove data.teacher_cache",
+        "choose layers every_other",
+    ):
         assert expected in message, expected
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({"task": "causal_lm"}, "set task: sequence_classification"),
-    ({"data": {"format": "chat"}}, "set data.format: classification (got 'chat')"),
-    ({"student": {"from_teacher": {"intermediate_size": 32}}}, "importance"),
-    ({"loss": {"features": {"hidden_states": {"weight": 0.5}}}}, "remove loss.features"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"task": "causal_lm"}, "set task: sequence_classification"),
+        ({"data": {"format": "chat"}}, "set data.format: classification (got 'chat')"),
+        ({"student": {"from_teacher": {"intermediate_size": 32}}}, "importance"),
+        ({"loss": {"features": {"hidden_states": {"weight": 0.5}}}}, "remove loss.features"),
+    ],
+)
 def test_each_refusal_names_the_fields(tmp_path, changes, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, **changes)

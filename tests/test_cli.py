@@ -38,8 +38,15 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path):
 
 def test_a_missing_model_exits_2_and_says_what_to_do(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "teacher": {"model": str(tmp_path / "nowhere")},
-                                    "student": {"from_teacher": {}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path),
+                "teacher": {"model": str(tmp_path / "nowhere")},
+                "student": {"from_teacher": {}},
+            }
+        )
+    )
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2
     assert "no such folder" in " ".join(result.output.split())
@@ -62,11 +69,16 @@ def test_prune_to_an_impossible_shape_exits_2_naming_the_size(tmp_path):
     from helpers import save_tiny_pair, write_text_corpus
 
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "runs"), "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
-        "student": {"from_teacher": {"hidden_size": 1000, "calibration_sequences": 2}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "runs"),
+                "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
+                "student": {"from_teacher": {"hidden_size": 1000, "calibration_sequences": 2}},
+                "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16},
+            }
+        )
+    )
     result = runner.invoke(app, ["prune", str(path)])
     assert result.exit_code == 2, result.output
     assert "hidden_size=1000: keep between 1 and the teacher's 32" in " ".join(result.output.split())
@@ -74,8 +86,16 @@ def test_prune_to_an_impossible_shape_exits_2_naming_the_size(tmp_path):
 
 def _sweep_config(tmp_path):
     path = tmp_path / "base.yaml"
-    path.write_text(yaml.safe_dump({"name": "base", "output_dir": str(tmp_path / "runs"), "teacher": {"model": "x"},
-                                    "student": {"from_teacher": {}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "base",
+                "output_dir": str(tmp_path / "runs"),
+                "teacher": {"model": "x"},
+                "student": {"from_teacher": {}},
+            }
+        )
+    )
     return str(path)
 
 
@@ -84,11 +104,14 @@ def test_sweep_help_shows_the_grid_syntax():
     assert result.exit_code == 0 and "loss.temperature=1,2,4" in result.output
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["loss.temperature=1,2", "loss.alpha=0.5,3"], "sweep point 2/4 temperature-1_alpha-3"),
-    (["loss.temperature=2"], "nothing to sweep"),
-    (["loss.temperature=1,,2"], "empty value"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["loss.temperature=1,2", "loss.alpha=0.5,3"], "sweep point 2/4 temperature-1_alpha-3"),
+        (["loss.temperature=2"], "nothing to sweep"),
+        (["loss.temperature=1,,2"], "empty value"),
+    ],
+)
 def test_a_bad_sweep_exits_2_before_running_anything(tmp_path, sets, message):
     result = runner.invoke(app, ["sweep", _sweep_config(tmp_path), *(f"--set={s}" for s in sets)])
     assert result.exit_code == 2, result.output

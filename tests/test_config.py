@@ -95,28 +95,36 @@ def test_quickstart_config_is_valid():
     assert cfg.student.from_teacher.resolved_layers() == "importance" and cfg.student.from_teacher.num_layers == 15
 
 
-@pytest.mark.parametrize("from_teacher,resolved", [
-    ({}, "every_other"),
-    ({"hidden_size": 16}, "all"),
-    ({"layers": "importance", "num_layers": 2}, "importance"),
-    ({"target_parameters": 5e4}, "importance"),
-    ({"target_parameters": 5e4, "target_axis": "width"}, "all"),
-    ({"layers": [0, 2], "intermediate_size": 32}, [0, 2]),
-])
+@pytest.mark.parametrize(
+    "from_teacher,resolved",
+    [
+        ({}, "every_other"),
+        ({"hidden_size": 16}, "all"),
+        ({"layers": "importance", "num_layers": 2}, "importance"),
+        ({"target_parameters": 5e4}, "importance"),
+        ({"target_parameters": 5e4, "target_axis": "width"}, "all"),
+        ({"layers": [0, 2], "intermediate_size": 32}, [0, 2]),
+    ],
+)
 def test_from_teacher_resolves_which_layers_to_keep(from_teacher, resolved):
     ft = validate_config(_with(student={"from_teacher": from_teacher})).student.from_teacher
     assert ft.resolved_layers() == resolved
     assert ft.needs_importance == (resolved in ("all", "importance") or "intermediate_size" in from_teacher)
 
 
-@pytest.mark.parametrize("from_teacher,message", [
-    ({"layers": "importance"}, "layers: importance needs num_layers"),
-    ({"num_layers": 3}, "num_layers is used with layers: importance"),
-    ({"target_parameters": 5e4, "hidden_size": 16},
-     r"target_parameters chooses the shape itself: remove \['hidden_size'\]"),
-    ({"target_parameters": 5e4, "layers": "every_other"}, "layers are chosen by importance"),
-    ({"hidden_size": 0}, "student.from_teacher.hidden_size: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "from_teacher,message",
+    [
+        ({"layers": "importance"}, "layers: importance needs num_layers"),
+        ({"num_layers": 3}, "num_layers is used with layers: importance"),
+        (
+            {"target_parameters": 5e4, "hidden_size": 16},
+            r"target_parameters chooses the shape itself: remove \['hidden_size'\]",
+        ),
+        ({"target_parameters": 5e4, "layers": "every_other"}, "layers are chosen by importance"),
+        ({"hidden_size": 0}, "student.from_teacher.hidden_size: Input should be greater than 0"),
+    ],
+)
 def test_from_teacher_rejects_contradictions(from_teacher, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(_with(student={"from_teacher": from_teacher}))

@@ -15,8 +15,11 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hello, how are you?"}],
     [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. What is your name?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Markets"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-     {"role": "user", "content": "Parliament?"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Parliament?"},
+    ],
     [{"role": "user", "content": "A new phone was released with a faster chip."}],
 ]
 
@@ -33,8 +36,9 @@ def model():
 
 
 def _prompt_ids(tok, conversation) -> list[int]:
-    return tok(tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"]
+    return tok(
+        tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
 
 
 def _reference_greedy(model, tok, conversation, max_new_tokens: int) -> dict:
@@ -44,13 +48,19 @@ def _reference_greedy(model, tok, conversation, max_new_tokens: int) -> dict:
     new = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1, :len(tok)]
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1, : len(tok)]
             new.append(int(logits.argmax()))
             if new[-1] in stops:
-                return {"response": tok.decode(new[:-1], skip_special_tokens=True).strip(), "num_tokens": len(new),
-                        "finish_reason": "stop"}
-    return {"response": tok.decode(new, skip_special_tokens=True).strip(), "num_tokens": len(new),
-            "finish_reason": "length"}
+                return {
+                    "response": tok.decode(new[:-1], skip_special_tokens=True).strip(),
+                    "num_tokens": len(new),
+                    "finish_reason": "stop",
+                }
+    return {
+        "response": tok.decode(new, skip_special_tokens=True).strip(),
+        "num_tokens": len(new),
+        "finish_reason": "length",
+    }
 
 
 class _ForcedStop(torch.nn.Module):

@@ -18,15 +18,20 @@ from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu
 
 SCALE = Path(__file__).parents[1] / "examples" / "scale"
 CONFIGS = sorted((SCALE / "accelerate").glob("*.yaml"))
-NAMES = {"ddp": DistributedType.MULTI_GPU, "two_node_ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
-         "zero3": DistributedType.DEEPSPEED}
+NAMES = {
+    "ddp": DistributedType.MULTI_GPU,
+    "two_node_ddp": DistributedType.MULTI_GPU,
+    "fsdp": DistributedType.FSDP,
+    "zero3": DistributedType.DEEPSPEED,
+}
 
 
 def _launch_args(path: Path):
     """The arguments `accelerate launch --config_file path -m alambic run ...` ends up with, the file's values
     merged in as the launcher merges them."""
     args = launch_command_parser().parse_args(
-        ["--config_file", str(path), "-m", "alambic", "run", str(SCALE / "quickstart.yaml")])
+        ["--config_file", str(path), "-m", "alambic", "run", str(SCALE / "quickstart.yaml")]
+    )
     args, defaults, precision_from_file = _validate_launch_command(args)
     if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
         fields = [*defaults.deepspeed_config, *(["mixed_precision"] if precision_from_file else [])]
@@ -94,8 +99,18 @@ def test_two_node_ddp_places_two_machines_of_eight_at_the_main_address():
     prepare_multi_gpu_env(args)
     assert args.nnodes == "2" and args.nproc_per_node == "8" and args.rdzv_endpoint == "10.0.0.1:29500"
     # the other machine: the same file, --machine_rank 1 on its command line
-    other = launch_command_parser().parse_args(["--config_file", str(SCALE / "accelerate" / "two_node_ddp.yaml"),
-                                                "--machine_rank", "1", "-m", "alambic", "run", "x.yaml"])
+    other = launch_command_parser().parse_args(
+        [
+            "--config_file",
+            str(SCALE / "accelerate" / "two_node_ddp.yaml"),
+            "--machine_rank",
+            "1",
+            "-m",
+            "alambic",
+            "run",
+            "x.yaml",
+        ]
+    )
     _validate_launch_command(other)
     assert other.machine_rank == 1
 

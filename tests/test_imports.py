@@ -182,18 +182,28 @@ def test_no_cycle_between_packages():
         if module == "alambic":
             continue
         parts.setdefault(_part(module), set()).update(
-            _part(t) for t in targets if t != "alambic" and _part(t) != _part(module))
+            _part(t) for t in targets if t != "alambic" and _part(t) != _part(module)
+        )
     for targets in list(parts.values()):
         for target in targets:
             parts.setdefault(target, set())
     cycles = _cycles(parts)
-    links = {(a, b): sorted(f"{m} -> {t}" for m, ts in _graph().items() for t in ts
-                            if m != "alambic" and t != "alambic" and (_part(m), _part(t)) == (a, b))
-             for cycle in cycles for a, b in zip(cycle, cycle[1:])}
+    links = {
+        (a, b): sorted(
+            f"{m} -> {t}"
+            for m, ts in _graph().items()
+            for t in ts
+            if m != "alambic" and t != "alambic" and (_part(m), _part(t)) == (a, b)
+        )
+        for cycle in cycles
+        for a, b in zip(cycle, cycle[1:])
+    }
     assert not cycles, "import cycles between the parts of src/alambic:\n" + "\n".join(
-        " -> ".join(cycle) + "\n" + "\n".join(f"    {a} -> {b}: {', '.join(links[(a, b)])}"
-                                             for a, b in zip(cycle, cycle[1:]))
-        for cycle in cycles)
+        " -> ".join(cycle)
+        + "\n"
+        + "\n".join(f"    {a} -> {b}: {', '.join(links[(a, b)])}" for a, b in zip(cycle, cycle[1:]))
+        for cycle in cycles
+    )
 
 
 def test_no_private_name_imported_across_packages():
@@ -212,6 +222,7 @@ def test_no_private_name_imported_across_packages():
                 continue
             private_module = any(part.startswith("_") and part != "__init__" for part in target.split("."))
             if (name is not None and name.startswith("_")) or private_module:
-                found.append(f"{MODULES[module].relative_to(ROOT.parent)}:{line} imports {name or target}"
-                             f" from {target}")
+                found.append(
+                    f"{MODULES[module].relative_to(ROOT.parent)}:{line} imports {name or target} from {target}"
+                )
     assert not found, "private names imported across packages:\n" + "\n".join(found)

@@ -20,13 +20,23 @@ def _package(tmp_path, monkeypatch, body: str) -> str:
 
 
 def _alias(package: str) -> Alias:
-    return Alias(package=package, pip_name="fake-gguf", gguf_file="fake.gguf", description="a test alias",
-                 install="pip install fake-gguf gguf", extra="fake", assembled=True)
+    return Alias(
+        package=package,
+        pip_name="fake-gguf",
+        gguf_file="fake.gguf",
+        description="a test alias",
+        install="pip install fake-gguf gguf",
+        extra="fake",
+        assembled=True,
+    )
 
 
 def test_an_assembled_alias_resolves_to_the_file_its_package_writes_once(tmp_path, monkeypatch):
     target = tmp_path / "cache" / "fake.gguf"
-    package = _package(tmp_path, monkeypatch, f"""
+    package = _package(
+        tmp_path,
+        monkeypatch,
+        f"""
 from pathlib import Path
 CALLS = []
 def assemble():
@@ -35,7 +45,8 @@ def assemble():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"GGUF" + bytes(8))
     return path
-""")
+""",
+    )
     monkeypatch.setitem(models.ALIASES, "fake", _alias(package))
     monkeypatch.setattr(models, "_ASSEMBLED", {})
     assert resolve_source("fake") == ModelSource(str(target.parent), "fake.gguf")
@@ -47,8 +58,11 @@ def test_an_alias_that_cannot_assemble_says_what_to_reinstall(tmp_path, monkeypa
     package = _package(tmp_path, monkeypatch, "def assemble():\n    raise ValueError('sha256 did not match')\n")
     monkeypatch.setitem(models.ALIASES, "fake", _alias(package))
     monkeypatch.setattr(models, "_ASSEMBLED", {})
-    with pytest.raises(ModelLoadError, match=r"fake-gguf could not assemble fake.gguf: sha256 did not match.*"
-                                             r"pip install fake-gguf gguf"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"fake-gguf could not assemble fake.gguf: sha256 did not match.*"
+        r"pip install fake-gguf gguf",
+    ):
         resolve_source("fake")
 
 

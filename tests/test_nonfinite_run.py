@@ -12,11 +12,16 @@ from helpers import save_tiny_pair, write_text_corpus
 def test_a_diverging_run_exits_1_and_exports_nothing(tmp_path):
     teacher = save_tiny_pair(tmp_path)
     config = {
-        "name": "nan", "output_dir": str(tmp_path / "runs"),
+        "name": "nan",
+        "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(teacher), "device": "cpu"},
         "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 "validation_fraction": 0.2},
+        "data": {
+            "source": "files",
+            "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+            "max_seq_len": 16,
+            "validation_fraction": 0.2,
+        },
         "loss": {"alpha": 0.8},
         "training": {"max_steps": 12, "save_steps": 100, "logging_steps": 1, "learning_rate": 1e30},
         "evaluation": {"ce_control": False},

@@ -22,13 +22,20 @@ def tiny_run_config(tmp_path, **overrides):
         "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(teacher), "device": "cpu"},
         "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 "validation_fraction": 0.2},
+        "data": {
+            "source": "files",
+            "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+            "max_seq_len": 16,
+            "validation_fraction": 0.2,
+        },
         "loss": {"divergence": "forward_kl", "alpha": 0.8, "temperature": 2.0},
         "training": {"max_steps": 3, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
         # cost measured on every run, but as little of it as still exercises each figure
-        "evaluation": {"ce_control": True, "batch_size": 4,
-                       "cost": {"prompt_tokens": 8, "new_tokens": 3, "batch_size": 2, "warmup": 0, "repeats": 1}},
+        "evaluation": {
+            "ce_control": True,
+            "batch_size": 4,
+            "cost": {"prompt_tokens": 8, "new_tokens": 3, "batch_size": 2, "warmup": 0, "repeats": 1},
+        },
     }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -39,8 +46,18 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     cfg = tiny_run_config(tmp_path)
     run_stages(cfg, STAGES)
     run = cfg.run_dir
-    for path in ("config.yaml", "manifest.json", "student/config.json", "student/student.json", "data/split.json",
-                 "final/config.json", "control/final/config.json", "eval.json", "report.md", "metrics.jsonl"):
+    for path in (
+        "config.yaml",
+        "manifest.json",
+        "student/config.json",
+        "student/student.json",
+        "data/split.json",
+        "final/config.json",
+        "control/final/config.json",
+        "eval.json",
+        "report.md",
+        "metrics.jsonl",
+    ):
         assert (run / path).exists(), path
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
     active = [s for s in STAGES if s.enabled(cfg)]
@@ -64,8 +81,10 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
     assert retained["size_reduction"] > 1 and retained["speedup"] is not None
     assert "## Cost" in (run / "report.md").read_text()
 
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "final" / "config.json", run / "eval.json",
-                                                run / "control" / "final" / "config.json")}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in (run / "final" / "config.json", run / "eval.json", run / "control" / "final" / "config.json")
+    }
     run_stages(cfg, STAGES)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing redone
 
@@ -81,14 +100,31 @@ def test_a_whole_run_writes_every_artifact_and_reruns_nothing(tmp_path):
 
 def test_a_pruned_student_gets_its_pruning_report(tmp_path):
     """Depth by importance and width at once, on the tiny teacher: pruning.json, the report section, plots."""
-    cfg = tiny_run_config(tmp_path, student={"from_teacher": {
-        "layers": "importance", "num_layers": 3, "num_attention_heads": 2, "intermediate_size": 48,
-        "hidden_size": 24, "calibration_sequences": 4}}, evaluation={"ce_control": False})
+    cfg = tiny_run_config(
+        tmp_path,
+        student={
+            "from_teacher": {
+                "layers": "importance",
+                "num_layers": 3,
+                "num_attention_heads": 2,
+                "intermediate_size": 48,
+                "hidden_size": 24,
+                "calibration_sequences": 4,
+            }
+        },
+        evaluation={"ce_control": False},
+    )
     run_stages(cfg, STAGES)
     run = cfg.run_dir
     pruning = json.loads((run / "student" / "pruning.json").read_text())
-    assert pruning["student_shape"] == {"num_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                        "intermediate_size": 48, "hidden_size": 24, "head_dim": 8}
+    assert pruning["student_shape"] == {
+        "num_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 48,
+        "hidden_size": 24,
+        "head_dim": 8,
+    }
     assert len(pruning["kept_layers"]) == 3 and pruning["layer_ranking"] == "skip_loss"
     assert len(pruning["importance"]["skip_loss_increase"]) == 4
     assert pruning["importance"]["num_sequences"] == 4
@@ -101,7 +137,8 @@ def test_a_pruned_student_gets_its_pruning_report(tmp_path):
         assert f"plots/{plot}" in report and (run / "plots" / plot).stat().st_size > 1000
     evaluation = json.loads((run / "eval.json").read_text())["models"]
     assert evaluation["student_before"]["kl_to_teacher"] == pytest.approx(
-        pruning["after_pruning"]["student_pruned"]["kl_to_teacher"], rel=1e-4)
+        pruning["after_pruning"]["student_pruned"]["kl_to_teacher"], rel=1e-4
+    )
 
 
 def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
@@ -129,9 +166,13 @@ def test_an_interrupted_run_resumes_its_training(tmp_path, monkeypatch):
 
 
 def test_a_run_from_the_offline_teacher_cache(tmp_path):
-    cfg = tiny_run_config(tmp_path, data={"teacher_cache": {"k": 8, "sequences_per_shard": 4}},
-                          loss={"alpha": 1.0, "temperature": 1.0}, evaluation={"ce_control": False},
-                          training={"max_steps": 4, "learning_rate": 3e-3})
+    cfg = tiny_run_config(
+        tmp_path,
+        data={"teacher_cache": {"k": 8, "sequences_per_shard": 4}},
+        loss={"alpha": 1.0, "temperature": 1.0},
+        evaluation={"ce_control": False},
+        training={"max_steps": 4, "learning_rate": 3e-3},
+    )
     run_stages(cfg, STAGES)
     manifest = json.loads((cfg.run_dir / "manifest.json").read_text())["stages"]
     assert manifest["cache"]["status"] == "done"
@@ -147,12 +188,23 @@ def test_a_run_from_the_offline_teacher_cache(tmp_path):
 def test_a_cache_made_for_other_data_is_refused(tmp_path):
     from alambic.data.cache import CacheMismatchError
 
-    cfg = tiny_run_config(tmp_path, data={"teacher_cache": {"k": 8}}, loss={"alpha": 1.0},
-                          evaluation={"ce_control": False})
+    cfg = tiny_run_config(
+        tmp_path, data={"teacher_cache": {"k": 8}}, loss={"alpha": 1.0}, evaluation={"ce_control": False}
+    )
     run_stages(cfg, stages_until("cache"))
-    other = cfg.model_copy(update={"name": "other", "data": cfg.data.model_copy(update={
-        "max_seq_len": 12, "teacher_cache": cfg.data.teacher_cache.model_copy(
-            update={"folder": cfg.run_dir / "teacher_cache"})})})
+    other = cfg.model_copy(
+        update={
+            "name": "other",
+            "data": cfg.data.model_copy(
+                update={
+                    "max_seq_len": 12,
+                    "teacher_cache": cfg.data.teacher_cache.model_copy(
+                        update={"folder": cfg.run_dir / "teacher_cache"}
+                    ),
+                }
+            ),
+        }
+    )
     with pytest.raises(CacheMismatchError, match="dataset"):
         run_stages(other, [s for s in stages_until("distill") if s.name != "cache"])
 
@@ -190,8 +242,9 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
         tiny_tokenizer().save_pretrained(folder)
         extra.update(model=str(folder), gguf_file=None, device="cpu", dtype="float32")
     data["training"].update(max_steps=2, bf16=False, save_steps=10)
-    data["evaluation"].update(ce_control=False, cost=tiny.evaluation.cost.model_dump(),
-                              generation={"max_new_tokens": 4})
+    data["evaluation"].update(
+        ce_control=False, cost=tiny.evaluation.cost.model_dump(), generation={"max_new_tokens": 4}
+    )
     if data["evaluation"].get("lm_eval"):  # standard tasks need the Hub: the tiny run keeps alambic's local ones
         local = [t for t in data["evaluation"]["lm_eval"]["tasks"] if t.startswith("alambic_")]
         data["evaluation"]["lm_eval"] = {**data["evaluation"]["lm_eval"], "tasks": local, "limit": 2} if local else None
@@ -203,8 +256,9 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     if pruning.get("num_layers"):
         pruning["num_layers"] = 2
     if shipped.data.format == "chat":
-        rows = [{"messages": [{"role": "user", "content": "hello there"},
-                              {"role": "assistant", "content": "hi, fine"}]}] * 12
+        rows = [
+            {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]}
+        ] * 12
         path = tmp_path / "chat.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows))
         data["data"].update(source="files", paths=[str(path)], max_seq_len=32)
@@ -213,8 +267,9 @@ def test_every_example_config_runs_on_a_tiny_model(example, tmp_path):
     elif shipped.task == "sequence_classification":  # labelled rows; a short fine-tune gives the tiny teacher its head
         from helpers import write_labelled_corpus
 
-        data["data"].update(source="files", paths=[str(write_labelled_corpus(tmp_path / "labelled.jsonl"))],
-                            max_seq_len=32)
+        data["data"].update(
+            source="files", paths=[str(write_labelled_corpus(tmp_path / "labelled.jsonl"))], max_seq_len=32
+        )
         if shipped.teacher.fine_tune is not None:
             data["teacher"]["fine_tune"] = {**shipped.teacher.fine_tune.model_dump(), "max_steps": 2, "bf16": False}
     else:
@@ -256,8 +311,10 @@ def test_a_run_reuses_only_the_identical_prefix_of_a_siblings_stages(tmp_path):
     second = first.model_copy(update={"name": "second", "loss": first.loss.model_copy(update={"temperature": 1.0})})
     stages = run_stages(second, stages_until("distill"), reuse_from=[first.run_dir]).stages
     assert stages["data"]["reused_from"] == stages["student"]["reused_from"] == str(first.run_dir)
-    assert stages["student"]["inputs_hash"] == json.loads((first.run_dir / "manifest.json").read_text())[
-        "stages"]["student"]["inputs_hash"]
+    assert (
+        stages["student"]["inputs_hash"]
+        == json.loads((first.run_dir / "manifest.json").read_text())["stages"]["student"]["inputs_hash"]
+    )
     assert "reused_from" not in stages["distill"] and stages["distill"]["status"] == "done"
     weights = Path("student") / "model.safetensors"
     assert os.path.samefile(first.run_dir / weights, second.run_dir / weights)
@@ -324,16 +381,29 @@ def test_response_distillation_with_entropy_selection(tmp_path):
     from alambic.stages import distill_train_set
     from helpers import NEWS
 
-    rows = [{"messages": [{"role": "user", "content": NEWS[i % 6][: 20 + i]},
-                          {"role": "assistant", "content": NEWS[(i + 1) % 6]}]} for i in range(16)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": NEWS[i % 6][: 20 + i]},
+                {"role": "assistant", "content": NEWS[(i + 1) % 6]},
+            ]
+        }
+        for i in range(16)
+    ]
     chat = tmp_path / "chat.jsonl"
     chat.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = tiny_run_config(
-        tmp_path, loss={"alpha": 0.0}, evaluation={"ce_control": False, "generation": {"max_new_tokens": 4}},
-        data={"paths": [str(chat)], "format": "chat", "max_seq_len": 96,
-              "teacher_responses": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 4,
-                                    "filter_degenerate": False},
-              "selection": {"keep_fraction": 0.5, "band": "lowest", "batch_size": 4}})
+        tmp_path,
+        loss={"alpha": 0.0},
+        evaluation={"ce_control": False, "generation": {"max_new_tokens": 4}},
+        data={
+            "paths": [str(chat)],
+            "format": "chat",
+            "max_seq_len": 96,
+            "teacher_responses": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 4, "filter_degenerate": False},
+            "selection": {"keep_fraction": 0.5, "band": "lowest", "batch_size": 4},
+        },
+    )
     run_stages(cfg, STAGES)
     run = cfg.run_dir
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
@@ -361,22 +431,40 @@ def test_response_distillation_with_entropy_selection(tmp_path):
     assert (run / "plots" / "selection_entropy.png").stat().st_size > 1000
 
     def stamps():
-        paths = ("data/split.json", "student/config.json", "generations/summary.json", "selection/selection.json",
-                 "final/config.json")
+        paths = (
+            "data/split.json",
+            "student/config.json",
+            "generations/summary.json",
+            "selection/selection.json",
+            "final/config.json",
+        )
         return {p: (run / p).stat().st_mtime_ns for p in paths}
 
     before = stamps()
-    wider = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-        "selection": cfg.data.selection.model_copy(update={"keep_fraction": 0.75})})})
+    wider = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"selection": cfg.data.selection.model_copy(update={"keep_fraction": 0.75})}
+            )
+        }
+    )
     run_stages(wider, stages_until("distill"))
     after = stamps()
     assert [p for p in before if before[p] != after[p]] == ["selection/selection.json", "final/config.json"]
 
-    hotter = wider.model_copy(update={"data": wider.data.model_copy(update={
-        "teacher_responses": wider.data.teacher_responses.model_copy(update={"temperature": 2.0})})})
+    hotter = wider.model_copy(
+        update={
+            "data": wider.data.model_copy(
+                update={"teacher_responses": wider.data.teacher_responses.model_copy(update={"temperature": 2.0})}
+            )
+        }
+    )
     run_stages(hotter, stages_until("distill"))
     again = stamps()
-    assert [p for p in after if after[p] != again[p]] == ["generations/summary.json", "selection/selection.json",
-                                                          "final/config.json"]
+    assert [p for p in after if after[p] != again[p]] == [
+        "generations/summary.json",
+        "selection/selection.json",
+        "final/config.json",
+    ]
     summary = json.loads((run / "generations" / "summary.json").read_text())
     assert summary["discarded"] == summary["generated"] == 13  # other settings: all answered anew

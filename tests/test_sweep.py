@@ -21,34 +21,52 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def test_values_are_parsed_as_yaml_and_one_value_is_a_fixed_override():
-    sets = parse_sets(["loss.temperature=1,2.5", "loss.divergence=forward_kl,reverse_kl", "training.bf16=true,false",
-                       "training.max_steps=7"])
-    assert sets == [("loss.temperature", [1, 2.5]), ("loss.divergence", ["forward_kl", "reverse_kl"]),
-                    ("training.bf16", [True, False]), ("training.max_steps", [7])]
+    sets = parse_sets(
+        [
+            "loss.temperature=1,2.5",
+            "loss.divergence=forward_kl,reverse_kl",
+            "training.bf16=true,false",
+            "training.max_steps=7",
+        ]
+    )
+    assert sets == [
+        ("loss.temperature", [1, 2.5]),
+        ("loss.divergence", ["forward_kl", "reverse_kl"]),
+        ("training.bf16", [True, False]),
+        ("training.max_steps", [7]),
+    ]
     assert type(sets[0][1][0]) is int and type(sets[0][1][1]) is float
     assert swept_keys(sets) == ["loss.temperature", "loss.divergence", "training.bf16"]
 
 
 def test_commas_inside_brackets_braces_or_quotes_do_not_split():
-    sets = parse_sets(["student.from_teacher.layers=[0, 3],[1,2],every_other", 'data.hub_name="a,b",\'c,d\',e',
-                       "training.trainer_args={x: 1, y: 2},{}"])
+    sets = parse_sets(
+        [
+            "student.from_teacher.layers=[0, 3],[1,2],every_other",
+            "data.hub_name=\"a,b\",'c,d',e",
+            "training.trainer_args={x: 1, y: 2},{}",
+        ]
+    )
     assert sets[0][1] == [[0, 3], [1, 2], "every_other"]
     assert sets[1][1] == ["a,b", "c,d", "e"]
     assert sets[2][1] == [{"x": 1, "y": 2}, {}]
 
 
-@pytest.mark.parametrize("item, message", [
-    ("loss.temperature", "expected KEY=VALUE"),
-    ("=1,2", "key before '=' is empty"),
-    ("loss.temperature=1,,2", "empty value"),
-    ("loss.temperature=1,2,", "empty value"),
-    ("student.from_teacher.layers=[0,1", "unclosed"),
-    ("student.from_teacher.layers=0],1", "unbalanced ']'"),
-    ('data.hub_name="a,b', "unclosed"),
-    ("loss.temperature=1,2,1", "listed twice"),
-    ("name=a,b", "name cannot be swept"),
-    ("output_dir=a,b", "output_dir cannot be swept"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("loss.temperature", "expected KEY=VALUE"),
+        ("=1,2", "key before '=' is empty"),
+        ("loss.temperature=1,,2", "empty value"),
+        ("loss.temperature=1,2,", "empty value"),
+        ("student.from_teacher.layers=[0,1", "unclosed"),
+        ("student.from_teacher.layers=0],1", "unbalanced ']'"),
+        ('data.hub_name="a,b', "unclosed"),
+        ("loss.temperature=1,2,1", "listed twice"),
+        ("name=a,b", "name cannot be swept"),
+        ("output_dir=a,b", "output_dir cannot be swept"),
+    ],
+)
 def test_malformed_sets_are_refused_with_the_reason(item, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_sets([item])
@@ -62,16 +80,26 @@ def test_a_key_given_twice_and_values_equal_only_in_python_are_told_apart():
 
 def test_the_grid_is_the_cartesian_product_in_the_order_given():
     grid = expand_grid([("a", [1, 2]), ("b", ["x"]), ("c", [3, 4])])
-    assert grid == [{"a": 1, "b": "x", "c": 3}, {"a": 1, "b": "x", "c": 4},
-                    {"a": 2, "b": "x", "c": 3}, {"a": 2, "b": "x", "c": 4}]
+    assert grid == [
+        {"a": 1, "b": "x", "c": 3},
+        {"a": 1, "b": "x", "c": 4},
+        {"a": 2, "b": "x", "c": 3},
+        {"a": 2, "b": "x", "c": 4},
+    ]
 
 
 def test_point_names_are_readable_safe_and_unique():
     assert point_name({"loss.temperature": 2, "loss.alpha": 0.5}) == "temperature-2_alpha-0.5"
     assert point_name({"training.bf16": True}) == "bf16-true"
     # each key's values look alike once made file-name safe, or as text: `[0, 3]` and `"0-3"`, `1` and `"1"`
-    sets = parse_sets(['student.from_teacher.layers=[0, 3],"0-3",every_other', 'data.hub_name="a/b","a b",a-b',
-                       'loss.temperature=1,1.0,"1"', 'training.bf16=true,"true"'])
+    sets = parse_sets(
+        [
+            'student.from_teacher.layers=[0, 3],"0-3",every_other',
+            'data.hub_name="a/b","a b",a-b',
+            'loss.temperature=1,1.0,"1"',
+            'training.bf16=true,"true"',
+        ]
+    )
     points = expand_grid(sets)
     names = [point_name(p) for p in points]
     assert len(set(names)) == len(points) == 3 * 3 * 3 * 2
@@ -84,8 +112,13 @@ def test_point_names_are_readable_safe_and_unique():
 
 
 def _config_file(tmp_path, **sections) -> str:
-    data = {"name": "base", "output_dir": str(tmp_path / "runs"), "teacher": {"model": "teacher-x"},
-            "student": {"from_teacher": {"layers": "every_other"}}, **sections}
+    data = {
+        "name": "base",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": "teacher-x"},
+        "student": {"from_teacher": {"layers": "every_other"}},
+        **sections,
+    }
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -96,8 +129,12 @@ def test_plan_builds_one_named_validated_config_per_point(tmp_path):
     assert sweep.folder == tmp_path / "runs" / "base-sweep"
     assert sweep.grid == {"loss.temperature": [1, 4], "loss.alpha": [0.5, 0.9]}
     assert sweep.fixed == {"training.max_steps": 3}
-    assert [p.name for p in sweep.points] == ["temperature-1_alpha-0.5", "temperature-1_alpha-0.9",
-                                              "temperature-4_alpha-0.5", "temperature-4_alpha-0.9"]
+    assert [p.name for p in sweep.points] == [
+        "temperature-1_alpha-0.5",
+        "temperature-1_alpha-0.9",
+        "temperature-4_alpha-0.5",
+        "temperature-4_alpha-0.9",
+    ]
     last = sweep.points[-1].config
     assert (last.loss.temperature, last.loss.alpha, last.training.max_steps) == (4.0, 0.9, 3)
     assert last.run_dir == sweep.folder / "temperature-4_alpha-0.9"
@@ -125,16 +162,24 @@ def test_no_swept_key_says_how_to_write_a_grid(tmp_path, items):
 
 def _fake_evaluate(fail_at: float | None = None, interrupt_at: float | None = None) -> list[Stage]:
     """One stage that writes an eval.json whose KL is the temperature, failing at the temperature given."""
+
     def run(cfg, ctx):
         if cfg.loss.temperature == fail_at:
             raise RuntimeError("out of memory at this temperature")
         if cfg.loss.temperature == interrupt_at:
             raise KeyboardInterrupt
         kl = cfg.loss.temperature
-        m = {"perplexity": 10.0, "top1_agreement": 0.5, "top5_agreement": 0.8, "kl_to_teacher": kl,
-             "intervals": {"kl_to_teacher": [kl - 0.1, kl + 0.1]}, "parameters": 1000}
+        m = {
+            "perplexity": 10.0,
+            "top1_agreement": 0.5,
+            "top5_agreement": 0.8,
+            "kl_to_teacher": kl,
+            "intervals": {"kl_to_teacher": [kl - 0.1, kl + 0.1]},
+            "parameters": 1000,
+        }
         (ctx.run_dir / "eval.json").write_text(json.dumps({"models": {"student_distilled": m}}))
         return {}
+
     return [Stage("evaluate", ("loss",), ("eval.json",), run)]
 
 
@@ -176,15 +221,25 @@ def test_restart_wipes_the_sweep_folder(tmp_path):
 def test_a_loss_sweep_on_the_tiny_teacher_reuses_data_and_student_and_reruns_nothing(tmp_path, one_thread):
     teacher = save_tiny_pair(tmp_path)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny", "output_dir": str(tmp_path / "runs"), "teacher": {"model": str(teacher), "device": "cpu"},
-        "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 "validation_fraction": 0.2},
-        "loss": {"divergence": "forward_kl", "alpha": 0.8},
-        "training": {"max_steps": 2, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
-        "evaluation": {"ce_control": False, "batch_size": 4, "cost": None, "generation": None},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "output_dir": str(tmp_path / "runs"),
+                "teacher": {"model": str(teacher), "device": "cpu"},
+                "student": {"from_teacher": {"layers": "every_other"}},
+                "data": {
+                    "source": "files",
+                    "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+                    "max_seq_len": 16,
+                    "validation_fraction": 0.2,
+                },
+                "loss": {"divergence": "forward_kl", "alpha": 0.8},
+                "training": {"max_steps": 2, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
+                "evaluation": {"ce_control": False, "batch_size": 4, "cost": None, "generation": None},
+            }
+        )
+    )
     sweep = plan_sweep(path, ["loss.temperature=1,2"])
     record = run_sweep(sweep)
     first, second = (sweep.folder / p.name for p in sweep.points)
@@ -207,8 +262,11 @@ def test_a_loss_sweep_on_the_tiny_teacher_reuses_data_and_student_and_reruns_not
     assert f"Best point (lowest KL to teacher): **{best}**" in report
     assert (sweep.folder / "sweep.html").stat().st_size > 1000 and (sweep.folder / "plots" / "sweep.png").is_file()
 
-    stamps = {p: p.stat().st_mtime_ns for run in (first, second)
-              for p in (run / "eval.json", run / "final" / "model.safetensors")}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for run in (first, second)
+        for p in (run / "eval.json", run / "final" / "model.safetensors")
+    }
     manifest_before = (second / "manifest.json").read_text()
     rerun = run_sweep(sweep)
     assert [p["status"] for p in rerun["points"]] == ["done", "done"]

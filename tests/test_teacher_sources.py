@@ -35,8 +35,9 @@ def test_the_source_is_chosen_from_the_declarations():
     teacher = tiny_model(num_layers=1)
     assert isinstance(choose(LossConfig(alpha=0.5), teacher=teacher), LiveTeachers)
     assert isinstance(choose(LossConfig(alpha=0.5), cached=True), CachedTopK)
-    assert isinstance(choose(LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True),
-                      CrossTokenizerTeacher)
+    assert isinstance(
+        choose(LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True), CrossTokenizerTeacher
+    )
     assert isinstance(choose(LossConfig(alpha=0.0), teacher=teacher), NoTeacher)
     assert isinstance(choose(LossConfig(alpha=0.0)), NoTeacher)
 
@@ -48,17 +49,30 @@ def test_alpha_without_a_teacher_or_a_cache_is_refused():
 
 def test_every_rule_is_read_off_the_declared_requirements():
     rows = dict(combination_table())
-    assert list(rows) == ["loss.features", "loss.on_policy", "data.teacher_cache", "data.selection",
-                          "additional_teachers", "data.teacher_responses with loss.alpha > 0",
-                          "training.packing: padding_free", "loss.divergence: logit_mse"]
-    assert rows["additional_teachers"] == {"live teacher": True, "offline teacher cache": False,
-                                           "teacher with another tokenizer": False, "classifier teacher": False,
-                                           "no teacher": False}
+    assert list(rows) == [
+        "loss.features",
+        "loss.on_policy",
+        "data.teacher_cache",
+        "data.selection",
+        "additional_teachers",
+        "data.teacher_responses with loss.alpha > 0",
+        "training.packing: padding_free",
+        "loss.divergence: logit_mse",
+    ]
+    assert rows["additional_teachers"] == {
+        "live teacher": True,
+        "offline teacher cache": False,
+        "teacher with another tokenizer": False,
+        "classifier teacher": False,
+        "no teacher": False,
+    }
     for feature in ("loss.features", "loss.on_policy"):
         assert [name for name, ok in rows[feature].items() if ok] == ["live teacher"]
     for feature in ("data.teacher_cache", "data.selection"):  # a classifier has no next-token rows
-        assert [name for name, ok in rows[feature].items() if not ok] == ["teacher with another tokenizer",
-                                                                          "classifier teacher"]
+        assert [name for name, ok in rows[feature].items() if not ok] == [
+            "teacher with another tokenizer",
+            "classifier teacher",
+        ]
     assert [name for name, ok in rows["loss.divergence: logit_mse"].items() if not ok] == ["offline teacher cache"]
     assert {rule.needs for rule in RULES} <= set(SOURCES[0].requirements.__dataclass_fields__)
     # the classes declare what the torch-free table reads (the config checks the same declarations)
@@ -77,38 +91,62 @@ def test_every_refusal_the_table_derives_has_its_words():
 def test_the_config_refuses_every_feature_its_sources_cannot_serve_at_once():
     """One table at config load: the cache's three refusals in one ConfigError (each validator used to stop at its
     first), each naming both features and the way round."""
-    data = {"teacher": {"model": "smollm2-135m-instruct"}, "student": {"from_teacher": {"layers": "every_other"}},
-            "data": {"teacher_cache": {}}, "loss": {"features": {"attention": {}}, "on_policy": {}},
-            "additional_teachers": [{"model": "smollm2-135m-instruct"}]}
+    data = {
+        "teacher": {"model": "smollm2-135m-instruct"},
+        "student": {"from_teacher": {"layers": "every_other"}},
+        "data": {"teacher_cache": {}},
+        "loss": {"features": {"attention": {}}, "on_policy": {}},
+        "additional_teachers": [{"model": "smollm2-135m-instruct"}],
+    }
     data["data"]["format"] = "chat"
     with pytest.raises(ConfigError) as err:
         validate_config(data)
     msg = str(err.value)
-    for words in ("loss.features needs the live teacher's hidden states and attention, which data.teacher_cache",
-                  "loss.on_policy has the live teacher score the student's fresh responses, which "
-                  "data.teacher_cache", "data.teacher_cache holds the top-k log-probs of `teacher` alone: several "
-                  "teachers cannot use it; remove data.teacher_cache or additional_teachers"):
+    for words in (
+        "loss.features needs the live teacher's hidden states and attention, which data.teacher_cache",
+        "loss.on_policy has the live teacher score the student's fresh responses, which data.teacher_cache",
+        "data.teacher_cache holds the top-k log-probs of `teacher` alone: several "
+        "teachers cannot use it; remove data.teacher_cache or additional_teachers",
+    ):
         assert words in msg
-    data = {"teacher": {"model": "smollm2-135m-instruct"}, "student": {"from_teacher": {"layers": "every_other"}},
-            "task": "sequence_classification", "data": {"format": "classification", "selection": {}},
-            "loss": {"features": {"attention": {}}}, "additional_teachers": [{"model": "smollm2-135m-instruct"}]}
+    data = {
+        "teacher": {"model": "smollm2-135m-instruct"},
+        "student": {"from_teacher": {"layers": "every_other"}},
+        "task": "sequence_classification",
+        "data": {"format": "classification", "selection": {}},
+        "loss": {"features": {"attention": {}}},
+        "additional_teachers": [{"model": "smollm2-135m-instruct"}],
+    }
     with pytest.raises(ConfigError) as err:
         validate_config(data)
     msg = str(err.value)
-    for words in ("loss.features (hidden states, attention) is not supported for classifiers",
-                  "data.selection ranks sequences by the teacher's next-token entropy, which a classifier",
-                  "additional_teachers (teacher ensembles) are not supported for classifiers"):
+    for words in (
+        "loss.features (hidden states, attention) is not supported for classifiers",
+        "data.selection ranks sequences by the teacher's next-token entropy, which a classifier",
+        "additional_teachers (teacher ensembles) are not supported for classifiers",
+    ):
         assert words in msg
 
 
-@pytest.mark.parametrize("declared, match", [
-    (dict(cached=True, loss=LossConfig(alpha=1.0, features={"attention": {}})), "loss.features needs a live teacher"),
-    (dict(cached=True, loss=LossConfig(alpha=1.0, on_policy={})), "loss.on_policy needs a live teacher"),
-    (dict(cached=True, loss=LossConfig(alpha=1.0), extra=True), r"additional teachers \['additional_0'\] need the "
-     r"live primary teacher .*teacher=None, alpha = 1.0, an offline teacher cache"),
-    (dict(cross_tokenizer=True, loss=LossConfig(alpha=1.0, divergence="uld", features={"attention": {}})),
-     "loss.features needs a live teacher"),
-])
+@pytest.mark.parametrize(
+    "declared, match",
+    [
+        (
+            dict(cached=True, loss=LossConfig(alpha=1.0, features={"attention": {}})),
+            "loss.features needs a live teacher",
+        ),
+        (dict(cached=True, loss=LossConfig(alpha=1.0, on_policy={})), "loss.on_policy needs a live teacher"),
+        (
+            dict(cached=True, loss=LossConfig(alpha=1.0), extra=True),
+            r"additional teachers \['additional_0'\] need the "
+            r"live primary teacher .*teacher=None, alpha = 1.0, an offline teacher cache",
+        ),
+        (
+            dict(cross_tokenizer=True, loss=LossConfig(alpha=1.0, divergence="uld", features={"attention": {}})),
+            "loss.features needs a live teacher",
+        ),
+    ],
+)
 def test_a_feature_the_source_cannot_serve_is_refused_by_name(declared, match):
     extra = [WeightedTeacher("additional_0", tiny_model(num_layers=1))] if declared.pop("extra", False) else []
     teacher = None if declared.get("cached") else tiny_model(num_layers=1)
@@ -156,6 +194,7 @@ def test_a_new_sources_columns_reach_its_soft_loss_through_train(tmp_path):
 
             def collate(features):
                 return {**pad(features), "weight": torch.full((len(features),), 0.5)}
+
             return Batches(data.train, data.validation, collate)
 
         def soft_loss(self, step, loss):
@@ -163,9 +202,16 @@ def test_a_new_sources_columns_reach_its_soft_loss_through_train(tmp_path):
             return NoTeacher().soft_loss(step, loss)
 
     source = Weighted()
-    summary = train(tiny_model(num_layers=1), tiny_tokenizer(), tiny_prepared(tmp_path), teacher=None,
-                    loss=LossConfig(alpha=0.0), training=TrainingConfig(max_steps=2, save_steps=100),
-                    output_dir=tmp_path / "run", source=source)
+    summary = train(
+        tiny_model(num_layers=1),
+        tiny_tokenizer(),
+        tiny_prepared(tmp_path),
+        teacher=None,
+        loss=LossConfig(alpha=0.0),
+        training=TrainingConfig(max_steps=2, save_steps=100),
+        output_dir=tmp_path / "run",
+        source=source,
+    )
     assert summary["global_step"] == 2
     assert len(source.seen) == 2 and all(torch.equal(w, torch.full_like(w, 0.5)) for w in source.seen)
 
@@ -182,10 +228,12 @@ def test_each_source_says_what_its_batches_need(tmp_path):
         batches = source.batches(data, settings)
         assert batches.train is data.train and batches.validation is data.validation
         assert batches.collator == DistillationCollator(pad_token_id=3, prompt_lengths=True)
-    cross = choose(LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True,
-                   teacher_pad_token_id=9)
-    assert cross.batches(data, settings).collator == DistillationCollator(pad_token_id=3, prompt_lengths=True,
-                                                                          teacher_pad_token_id=9)
+    cross = choose(
+        LossConfig(alpha=0.5, divergence="uld"), teacher=teacher, cross_tokenizer=True, teacher_pad_token_id=9
+    )
+    assert cross.batches(data, settings).collator == DistillationCollator(
+        pad_token_id=3, prompt_lengths=True, teacher_pad_token_id=9
+    )
     assert ClassifierTeacher(None).batches(data, BatchSettings(4)).collator == ClassificationCollator(4)
     # a source made for the loss alone says what it lacks to make batches
     with pytest.raises(ValueError, match=r"teachers.choose\(..., teacher_pad_token_id=...\)"):
@@ -207,8 +255,16 @@ def test_the_cache_sources_batches_check_the_cache_first(tmp_path):
 
     for split in ("train", "validation"):
         dataset = getattr(data, split)
-        write_teacher_cache(teacher, dataset, tmp_path / "cache" / split, k=4, temperature=1.0, dtype="float32",
-                            fingerprint=fingerprint(dataset), progress=False)
+        write_teacher_cache(
+            teacher,
+            dataset,
+            tmp_path / "cache" / split,
+            k=4,
+            temperature=1.0,
+            dtype="float32",
+            fingerprint=fingerprint(dataset),
+            progress=False,
+        )
     source = choose(LossConfig(alpha=1.0), cached=OfflineCache(tmp_path / "cache", fingerprint))
     batches = source.batches(data, BatchSettings(pad_token_id=3))
     assert isinstance(batches.collator, CachedTeacherCollator) and batches.collator.pad_token_id == 3
@@ -221,7 +277,8 @@ def test_the_cache_sources_batches_check_the_cache_first(tmp_path):
         choose(LossConfig(alpha=1.0), cached=hotter).batches(data, BatchSettings(pad_token_id=3))
     with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
         choose(LossConfig(alpha=1.0), cached=OfflineCache(tmp_path / "nowhere", fingerprint)).batches(
-            data, BatchSettings(pad_token_id=3))
+            data, BatchSettings(pad_token_id=3)
+        )
 
 
 def test_the_sources_without_a_live_teacher_share_one_base():

@@ -15,10 +15,13 @@ from alambic.models import load_model, load_tokenizer
 def main(n: int) -> None:
     cfg = ModelConfig(model="gemma3-270m", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)
-    data = prepare_datasets(DataConfig(source="bbc_news", max_seq_len=256, validation_fraction=0.05,
-                                       max_validation_sequences=n), tokenizer).validation
-    rows = {"with BOS": list(data),
-            "without BOS": [{k: r[k][1:] for k in ("input_ids", "attention_mask", "labels")} for r in data]}
+    data = prepare_datasets(
+        DataConfig(source="bbc_news", max_seq_len=256, validation_fraction=0.05, max_validation_sequences=n), tokenizer
+    ).validation
+    rows = {
+        "with BOS": list(data),
+        "without BOS": [{k: r[k][1:] for k in ("input_ids", "attention_mask", "labels")} for r in data],
+    }
     for name, dataset in rows.items():
         r = evaluate_against_teacher(model, {}, dataset, pad_token_id=tokenizer.pad_token_id, batch_size=4)["teacher"]
         low, high = r["intervals"]["perplexity"]

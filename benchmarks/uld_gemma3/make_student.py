@@ -29,8 +29,12 @@ def main(out: Path) -> None:
     source = ModelConfig(model="smollm2-135m-instruct", dtype="float32", device="cpu")
     teacher, tokenizer = load_model(source), load_tokenizer(source)
     # the quickstart's data section at 128 tokens: the ULD runs hold out the same documents (same seed)
-    data = prepare_datasets(DataConfig(source="bbc_news", format="text", max_seq_len=128, validation_fraction=0.05,
-                                       max_validation_sequences=64), tokenizer)
+    data = prepare_datasets(
+        DataConfig(
+            source="bbc_news", format="text", max_seq_len=128, validation_fraction=0.05, max_validation_sequences=64
+        ),
+        tokenizer,
+    )
     cfg = FromTeacherConfig(layers="importance", num_layers=15, layer_importance="skip_loss", calibration_sequences=8)
     calibration = calibration_batches(data.train, num_sequences=8, batch_size=8, pad_token_id=tokenizer.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16("cpu")):

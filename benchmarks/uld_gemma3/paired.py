@@ -36,5 +36,7 @@ for _ in range(1000):
     pick = rng.integers(0, len(uld), len(uld))  # the same resampled sequences for both students
     diffs.append(mean_ce(uld[pick]) - mean_ce(ce[pick]))
 d, low, high = mean_ce(uld) - mean_ce(ce), np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)
-print(f"ppl ULD {np.exp(mean_ce(uld)):.2f} CE {np.exp(mean_ce(ce)):.2f}; mean CE diff (ULD - CE) {d:.4f} nats/token, "
-      f"95% paired [{low:.4f}, {high:.4f}]; ratio {np.exp(d):.4f} [{np.exp(low):.4f}, {np.exp(high):.4f}]")
+print(
+    f"ppl ULD {np.exp(mean_ce(uld)):.2f} CE {np.exp(mean_ce(ce)):.2f}; mean CE diff (ULD - CE) {d:.4f} nats/token, "
+    f"95% paired [{low:.4f}, {high:.4f}]; ratio {np.exp(d):.4f} [{np.exp(low):.4f}, {np.exp(high):.4f}]"
+)

@@ -11,8 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {"teacher": "Gemma 3 270M teacher", "student_before": "student before training",
-         "student_distilled": "ULD + CE (alpha 0.5)", "student_ce_control": "CE alone (control)"}
+NAMES = {
+    "teacher": "Gemma 3 270M teacher",
+    "student_before": "student before training",
+    "student_distilled": "ULD + CE (alpha 0.5)",
+    "student_ce_control": "CE alone (control)",
+}
 
 
 def main(run: Path) -> None:

@@ -40,8 +40,12 @@ class ModelDims:
 
     def full_sizes(self) -> dict[Unit, int | None]:
         """Entries along a tensor dimension of each unit when nothing is pruned."""
-        return {"channel": self.hidden_size, "query_head": self.num_heads * self.head_dim,
-                "kv_head": self.num_kv_heads * self.head_dim, "neuron": self.intermediate_size}
+        return {
+            "channel": self.hidden_size,
+            "query_head": self.num_heads * self.head_dim,
+            "kv_head": self.num_kv_heads * self.head_dim,
+            "neuron": self.intermediate_size,
+        }
 
 
 def model_dims(model: PreTrainedModel) -> ModelDims:
@@ -49,10 +53,12 @@ def model_dims(model: PreTrainedModel) -> ModelDims:
     c = model.config
     heads = c.num_attention_heads
     return ModelDims(
-        num_layers=c.num_hidden_layers, num_heads=heads,
+        num_layers=c.num_hidden_layers,
+        num_heads=heads,
         num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-        hidden_size=c.hidden_size, intermediate_size=getattr(c, "intermediate_size", None),
+        hidden_size=c.hidden_size,
+        intermediate_size=getattr(c, "intermediate_size", None),
     )
 
 

@@ -35,8 +35,10 @@ from alambic.utils import atomic_write_json, console, sha256_of
 
 CHAIN_FILE, COMPARISON_FILE = "chain.json", "chain_eval.json"
 # (stage, file that exists once it is done) of what a step can read from an earlier one
-_WRITTEN_BY = {FINAL_DIR: ("distill", f"{FINAL_DIR}/config.json"),
-               STUDENT_DIR: ("student", f"{STUDENT_DIR}/student.json")}
+_WRITTEN_BY = {
+    FINAL_DIR: ("distill", f"{FINAL_DIR}/config.json"),
+    STUDENT_DIR: ("student", f"{STUDENT_DIR}/student.json"),
+}
 _KEPT = ("perplexity", "top1_agreement", "top5_agreement", "kl_to_teacher", "num_tokens", "parameters", "intervals")
 
 
@@ -90,8 +92,10 @@ def plan_chain(config: RunConfig) -> Chain:
         ConfigError: no `chain`, or steps whose config is invalid, all of them listed, each named with its fields.
     """
     if not config.chain:
-        raise ConfigError("the config has no `chain`: give a list of steps, e.g. [{name: distil}, {name: finetune, "
-                          "student: previous, loss: {alpha: 0}}], or run it as one run")
+        raise ConfigError(
+            "the config has no `chain`: give a list of steps, e.g. [{name: distil}, {name: finetune, "
+            "student: previous, loss: {alpha: 0}}], or run it as one run"
+        )
     folder = Path(config.output_dir) / f"{config.name}-chain"
     base = config.model_dump(mode="json")
     base["chain"] = None
@@ -106,8 +110,9 @@ def plan_chain(config: RunConfig) -> Chain:
             # With a shorthand the section is still the base's mapping: the step may only set its dtype / device.
             reads, teacher_label, student_label = {}, None, None
             if step.teacher == "previous":
-                data["teacher"].update(model=str(folder / prev / FINAL_DIR), gguf_file=None, revision=None,
-                                       fine_tune=None)
+                data["teacher"].update(
+                    model=str(folder / prev / FINAL_DIR), gguf_file=None, revision=None, fine_tune=None
+                )
                 reads["teacher"], teacher_label = (prev, FINAL_DIR), f"{prev} final"
             dtype = data["student"]["dtype"] if isinstance(data["student"], dict) else None
             if step.student == "previous":
@@ -128,8 +133,9 @@ def plan_chain(config: RunConfig) -> Chain:
             if teacher_label is None:
                 teacher_label = "original" if cfg.teacher.model == config.teacher.model else cfg.teacher.model
             if student_label is None:
-                student_label = ("pruned from its teacher" if cfg.student.from_teacher is not None
-                                 else f"given {cfg.student.model}")
+                student_label = (
+                    "pruned from its teacher" if cfg.student.from_teacher is not None else f"given {cfg.student.model}"
+                )
             planned.append(PlannedStep(step.name, cfg, reads, teacher_label, student_label))
         except ConfigError as exc:
             message = str(exc)
@@ -153,7 +159,8 @@ def _identity(chain: Chain, step: str, kind: str, *, needed_by: str) -> str:
         raise FileNotFoundError(
             f"chain step {needed_by!r} starts from {run_dir / kind}, which step {step!r} has not finished (its "
             f"{stage} stage is {entry.get('status', 'not run')}): run the whole chain, `alambic run CONFIG`, so that "
-            f"{step!r} runs first")
+            f"{step!r} runs first"
+        )
     return sha256_of([step, stage, entry.get("inputs_hash"), entry.get("finished")])
 
 
@@ -173,9 +180,16 @@ def step_config(chain: Chain, index: int) -> RunConfig:
 
 def _step_record(chain: Chain, step: PlannedStep) -> dict[str, Any]:
     distill = Manifest(step.config.run_dir / "manifest.json").stages.get("distill", {})
-    return {"name": step.name, "run_dir": step.name, "teacher": step.teacher_label, "student": step.student_label,
-            "reads": {k: list(v) for k, v in step.reads.items()}, "status": "pending", "error": None,
-            "distill_seconds": (distill.get("summary") or {}).get("train_seconds", distill.get("seconds"))}
+    return {
+        "name": step.name,
+        "run_dir": step.name,
+        "teacher": step.teacher_label,
+        "student": step.student_label,
+        "reads": {k: list(v) for k, v in step.reads.items()},
+        "status": "pending",
+        "error": None,
+        "distill_seconds": (distill.get("summary") or {}).get("train_seconds", distill.get("seconds")),
+    }
 
 
 def run_chain(chain: Chain, *, resume: bool = True, stages: list[Stage] | None = None) -> dict[str, Any]:
@@ -212,8 +226,10 @@ def _run_held(chain: Chain, *, resume: bool, stages: list[Stage] | None) -> dict
     path = chain.folder / CHAIN_FILE
     n = len(chain.steps)
     for i, (step, entry) in enumerate(zip(chain.steps, record["steps"])):
-        console.rule(f"[bold]chain step {i + 1}/{n}: {step.name}[/] (teacher: {escape(step.teacher_label)}; "
-                     f"student: {escape(step.student_label)})")
+        console.rule(
+            f"[bold]chain step {i + 1}/{n}: {step.name}[/] (teacher: {escape(step.teacher_label)}; "
+            f"student: {escape(step.student_label)})"
+        )
         entry.update(status="running", error=None)
         atomic_write_json(path, record)
         try:
@@ -227,8 +243,11 @@ def _run_held(chain: Chain, *, resume: bool, stages: list[Stage] | None) -> dict
                 forget_loaded(config.teacher.model)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
-            entry.update(_step_record(chain, step), status="interrupted" if interrupted else "failed",
-                         error=None if interrupted else f"{type(exc).__name__}: {exc}"[:2000])
+            entry.update(
+                _step_record(chain, step),
+                status="interrupted" if interrupted else "failed",
+                error=None if interrupted else f"{type(exc).__name__}: {exc}"[:2000],
+            )
             atomic_write_json(path, record)
             if not interrupted:
                 _report_quietly(chain.folder)
@@ -265,15 +284,19 @@ def compare_steps(chain: Chain) -> dict[str, Any]:
     first = chain.steps[0].config
     path = chain.folder / COMPARISON_FILE
     if first.task != "causal_lm":
-        result = {"skipped": "the comparison against the original teacher measures next-token figures; a classifier "
-                  "chain is compared by each step's own evaluation"}
+        result = {
+            "skipped": "the comparison against the original teacher measures next-token figures; a classifier "
+            "chain is compared by each step's own evaluation"
+        }
         atomic_write_json(path, result)
         return result
     cached = json.loads(path.read_text()) if path.is_file() else {}
     stages = Manifest(first.run_dir / "manifest.json").stages
     device = first.evaluation.device or first.teacher.device
-    reference = sha256_of([stages.get(s, {}).get(k) for s in ("data", "teacher") for k in ("inputs_hash", "finished")]
-                          + [first.evaluation.batch_size, device])
+    reference = sha256_of(
+        [stages.get(s, {}).get(k) for s in ("data", "teacher") for k in ("inputs_hash", "finished")]
+        + [first.evaluation.batch_size, device]
+    )
     kept = cached.get("steps", {}) if cached.get("reference") == reference else {}
     ids = {}
     for step in chain.steps:
@@ -282,8 +305,11 @@ def compare_steps(chain: Chain) -> dict[str, Any]:
         except FileNotFoundError:
             continue  # not finished: left out
     todo = [s for s in chain.steps if s.name in ids and kept.get(s.name, {}).get("weights_id") != ids[s.name]]
-    result = {"reference": reference, "teacher": cached.get("teacher") if kept else None,
-              "steps": {name: kept[name] for name in ids if name in kept and name not in {s.name for s in todo}}}
+    result = {
+        "reference": reference,
+        "teacher": cached.get("teacher") if kept else None,
+        "steps": {name: kept[name] for name in ids if name in kept and name not in {s.name for s in todo}},
+    }
     if todo:
         from alambic.config import ModelConfig
         from alambic.data import load_prepared
@@ -295,14 +321,21 @@ def compare_steps(chain: Chain) -> dict[str, Any]:
         teacher, tokenizer = load_model(teacher_cfg, cache=True), load_tokenizer(first.teacher)
         validation = load_prepared(first.run_dir / DATA_DIR).validation
         for step in todo:
-            student = load_model(ModelConfig(model=str(step.config.run_dir / FINAL_DIR),
-                                             dtype=step.config.student.dtype, device=device))
-            scores = evaluate_against_teacher(teacher, {step.name: student}, validation,
-                                              pad_token_id=tokenizer.pad_token_id,
-                                              batch_size=first.evaluation.batch_size)
+            student = load_model(
+                ModelConfig(model=str(step.config.run_dir / FINAL_DIR), dtype=step.config.student.dtype, device=device)
+            )
+            scores = evaluate_against_teacher(
+                teacher,
+                {step.name: student},
+                validation,
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=first.evaluation.batch_size,
+            )
             result["teacher"] = {k: v for k, v in scores["teacher"].items() if k in _KEPT}
-            result["steps"][step.name] = {"weights_id": ids[step.name],
-                                          **{k: v for k, v in scores[step.name].items() if k in _KEPT}}
+            result["steps"][step.name] = {
+                "weights_id": ids[step.name],
+                **{k: v for k, v in scores[step.name].items() if k in _KEPT},
+            }
             del student
     result["steps"] = {s.name: result["steps"][s.name] for s in chain.steps if s.name in result["steps"]}  # chain order
     atomic_write_json(path, result)

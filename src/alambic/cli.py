@@ -115,8 +115,11 @@ def _failing_stage(run_dir: Path) -> str | None:
     from alambic.pipeline import Manifest
 
     stages = Manifest(run_dir / "manifest.json").stages
-    failing = [(entry.get("started") or 0, name) for name, entry in stages.items()
-               if entry.get("status") in ("failed", "running")]
+    failing = [
+        (entry.get("started") or 0, name)
+        for name, entry in stages.items()
+        if entry.get("status") in ("failed", "running")
+    ]
     return max(failing)[1] if failing else None
 
 
@@ -135,8 +138,10 @@ def _failed(folder: Path, advice: str, *, run_dir: Path | None = None) -> typer.
         console.print(f"[red]failed[/]; {escape(advice)}")
     else:
         stage = _failing_stage(run_dir) if run_dir is not None else None
-        console.print(f"[red]failed[/]: {escape(f'stage {stage}: ' if stage else '')}{escape(line)}. Free some space "
-                      "(or give output_dir another disk) and run the same command again: it resumes where it stopped")
+        console.print(
+            f"[red]failed[/]: {escape(f'stage {stage}: ' if stage else '')}{escape(line)}. Free some space "
+            "(or give output_dir another disk) and run the same command again: it resumes where it stopped"
+        )
     return typer.Exit(EXIT_FAILED)
 
 
@@ -150,9 +155,11 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
     from alambic.stages.preflight import check_inputs
 
     if config.chain is not None:  # its top-level sections are a base for the steps, not a run of their own
-        console.print("[red]error:[/] this config is a chain (`chain` is set): `alambic run` runs its steps in order. "
-                      "The other commands work on one run: give them a step's config, "
-                      f"{escape(str(config.output_dir))}/{config.name}-chain/<step>/config.yaml, or remove `chain`")
+        console.print(
+            "[red]error:[/] this config is a chain (`chain` is set): `alambic run` runs its steps in order. "
+            "The other commands work on one run: give them a step's config, "
+            f"{escape(str(config.output_dir))}/{config.name}-chain/<step>/config.yaml, or remove `chain`"
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     stages = stages_until(until) if until else STAGES
     if only:  # a command that needs some stages, not all those before it (generate needs no student)
@@ -163,8 +170,9 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
         run_stages(config, stages, resume=resume)
     except KeyboardInterrupt as exc:
         if _reports(exc):
-            console.print(f"[yellow]interrupted[/]: run the same command again to resume "
-                          f"({escape(str(config.run_dir))})")
+            console.print(
+                f"[yellow]interrupted[/]: run the same command again to resume ({escape(str(config.run_dir))})"
+            )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except RunFolderBusy as exc:
         raise _busy(exc) from None
@@ -175,8 +183,12 @@ def _run(config: RunConfig, until: str | None, resume: bool, only: tuple[str, ..
             console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception:
-        raise _failed(config.run_dir, f"the manifest records where: {config.run_dir / 'manifest.json'}. "
-                      "Fix the cause and run the same command again to resume.", run_dir=config.run_dir) from None
+        raise _failed(
+            config.run_dir,
+            f"the manifest records where: {config.run_dir / 'manifest.json'}. "
+            "Fix the cause and run the same command again to resume.",
+            run_dir=config.run_dir,
+        ) from None
     console.print(f"[green]finished[/]: {escape(str(config.run_dir))}")
 
 
@@ -187,9 +199,11 @@ def _one_process(command: str, what: str) -> None:
     if distributed.world_size() == 1:
         return
     if distributed.is_main():
-        console.print(f"[red]error:[/] a {command} runs its {what} one after another in one process, and is not run "
-                      f"across ranks yet (WORLD_SIZE={distributed.world_size()}): run it without a launcher, or "
-                      f"launch `alambic run` on one {what[:-1]}'s config at a time")
+        console.print(
+            f"[red]error:[/] a {command} runs its {what} one after another in one process, and is not run "
+            f"across ranks yet (WORLD_SIZE={distributed.world_size()}): run it without a launcher, or "
+            f"launch `alambic run` on one {what[:-1]}'s config at a time"
+        )
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -240,8 +254,11 @@ def _run_chain(config: RunConfig, resume: bool) -> None:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception:
-        raise _failed(planned.folder, f"{planned.folder / 'chain.json'} records which step, its manifest where. "
-                      "Fix the cause and run the same command again: finished steps are skipped.") from None
+        raise _failed(
+            planned.folder,
+            f"{planned.folder / 'chain.json'} records which step, its manifest where. "
+            "Fix the cause and run the same command again: finished steps are skipped.",
+        ) from None
     console.print(f"[green]finished[/]: {escape(str(planned.folder))}")
 
 
@@ -250,8 +267,10 @@ def prune(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -> N
     """Prepare the data and build the student (student.from_teacher): importance, pruning, pruning.json."""
     cfg = _load(config, set_)
     if cfg.student.from_teacher is None:
-        console.print("[red]error:[/] student.from_teacher is not set: the config brings its own student "
-                      f"({escape(repr(cfg.student.model))}); add a student.from_teacher section to prune the teacher")
+        console.print(
+            "[red]error:[/] student.from_teacher is not set: the config brings its own student "
+            f"({escape(repr(cfg.student.model))}); add a student.from_teacher section to prune the teacher"
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     _run(cfg, "student", resume)
 
@@ -281,8 +300,10 @@ def generate(config: ConfigArg, set_: SetOpt = None, resume: ResumeOpt = True) -
     """
     cfg = _load(config, set_)
     if cfg.data.teacher_responses is None:
-        console.print("[red]error:[/] the config has no data.teacher_responses section: add one (max_new_tokens, "
-                      "temperature, ...) to generate")
+        console.print(
+            "[red]error:[/] the config has no data.teacher_responses section: add one (max_new_tokens, "
+            "temperature, ...) to generate"
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     _run(cfg, "generate", resume, only=("data", "generate"))
 
@@ -328,19 +349,23 @@ def evaluate(
 
     if target.is_dir():
         if not (target / "config.yaml").is_file():
-            console.print(f"[red]error:[/] {escape(str(target))} is not a run folder (no config.yaml): give a run "
-                          "folder or a config")
+            console.print(
+                f"[red]error:[/] {escape(str(target))} is not a run folder (no config.yaml): give a run "
+                "folder or a config"
+            )
             raise typer.Exit(EXIT_BAD_INPUT)
         # the folder may have moved since it was run: it is where it is now
-        cfg = _load(target / "config.yaml", [*(set_ or []), f"output_dir={json.dumps(str(target.parent))}",
-                                                 f"name={json.dumps(target.name)}"])
+        cfg = _load(
+            target / "config.yaml",
+            [*(set_ or []), f"output_dir={json.dumps(str(target.parent))}", f"name={json.dumps(target.name)}"],
+        )
     else:
         cfg = _load(target, set_)
     names = [s.name for s in STAGES]
 
     def outdate() -> None:
         manifest = Manifest.for_run(cfg.run_dir / "manifest.json")
-        for name in names[names.index("evaluate"):]:
+        for name in names[names.index("evaluate") :]:
             if name in manifest.stages:
                 manifest.update(name, status="outdated")
 
@@ -357,13 +382,19 @@ def sweep(
     config: ConfigArg,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="KEY=V1,V2,...: values to sweep (each parsed as YAML; commas inside [], {} or "
-                     "quotes do not split). One value: applied to every point. Repeatable."),
+        typer.Option(
+            "--set",
+            help="KEY=V1,V2,...: values to sweep (each parsed as YAML; commas inside [], {} or "
+            "quotes do not split). One value: applied to every point. Repeatable.",
+        ),
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option("--resume/--restart", help="--resume (default): skip finished points and stages, continue an "
-                     "interrupted one. --restart: wipe the sweep folder first."),
+        typer.Option(
+            "--resume/--restart",
+            help="--resume (default): skip finished points and stages, continue an "
+            "interrupted one. --restart: wipe the sweep folder first.",
+        ),
     ] = True,
 ) -> None:
     """Run every point of a grid of config values, each an ordinary resumable run, and compare them.
@@ -413,8 +444,10 @@ def report(
             distributed.on_main("writing the chain report", lambda: write_chain_report(run_dir) and None)
         return
     if not (run_dir / "eval.json").is_file():
-        console.print(f"[red]error:[/] {escape(str(run_dir / 'eval.json'))} not found: evaluate the run first "
-                      "(`alambic run CONFIG`)")
+        console.print(
+            f"[red]error:[/] {escape(str(run_dir / 'eval.json'))} not found: evaluate the run first "
+            "(`alambic run CONFIG`)"
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     with _holding(run_dir):
         distributed.on_main("writing the report", lambda: write_report(run_dir) and None)

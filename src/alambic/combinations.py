@@ -41,21 +41,35 @@ class Requirements:
         return not self.one_row_per_sequence
 
 
-LIVE, CACHED, CROSS, CLASSIFIER, PLAIN = ("live teacher", "offline teacher cache", "teacher with another tokenizer",
-                                          "classifier teacher", "no teacher")
+LIVE, CACHED, CROSS, CLASSIFIER, PLAIN = (
+    "live teacher",
+    "offline teacher cache",
+    "teacher with another tokenizer",
+    "classifier teacher",
+    "no teacher",
+)
 
 # Each kind's declaration (its class in alambic.teachers adds the batch columns its collator brings).
 DECLARED: dict[str, Requirements] = {
-    LIVE: Requirements(shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=True,
-                       several_teachers=True),
-    CACHED: Requirements(shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=False,
-                         several_teachers=False, logits=False),
-    CROSS: Requirements(shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False,
-                        several_teachers=False),
-    CLASSIFIER: Requirements(shared_vocabulary=True, one_row_per_sequence=True, live_hidden_states=False,
-                             several_teachers=False),
-    PLAIN: Requirements(shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False,
-                        several_teachers=False),
+    LIVE: Requirements(
+        shared_vocabulary=True, one_row_per_sequence=False, live_hidden_states=True, several_teachers=True
+    ),
+    CACHED: Requirements(
+        shared_vocabulary=True,
+        one_row_per_sequence=False,
+        live_hidden_states=False,
+        several_teachers=False,
+        logits=False,
+    ),
+    CROSS: Requirements(
+        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False
+    ),
+    CLASSIFIER: Requirements(
+        shared_vocabulary=True, one_row_per_sequence=True, live_hidden_states=False, several_teachers=False
+    ),
+    PLAIN: Requirements(
+        shared_vocabulary=False, one_row_per_sequence=False, live_hidden_states=False, several_teachers=False
+    ),
 }
 
 
@@ -86,54 +100,106 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("loss.features", lambda c: c.loss.features is not None, "live_hidden_states", True, {
-        CACHED: "loss.features needs the live teacher's hidden states and attention, which data.teacher_cache does "
-                "not keep: remove one of them",
-        PLAIN: "loss.features needs the live teacher, which alpha = 0 (plain cross-entropy) does not load: raise "
-               "loss.alpha above 0 or remove loss.features",
-        CLASSIFIER: "loss.features (hidden states, attention) is not supported for classifiers: remove loss.features",
-    }),
-    Row("loss.on_policy", lambda c: c.loss.on_policy is not None, "live_hidden_states", True, {
-        CACHED: "loss.on_policy has the live teacher score the student's fresh responses, which data.teacher_cache "
-                "(written for the corpus sequences) cannot: remove one of them",
-        PLAIN: "loss.on_policy has the teacher score the student's own responses, which alpha = 0 (plain "
-               "cross-entropy, no teacher) would only imitate: raise loss.alpha above 0 (1 is GKD's objective) or "
-               "remove loss.on_policy",
-        CLASSIFIER: "loss.on_policy samples responses from a language model: task 'sequence_classification' has "
-                    "none; remove loss.on_policy",
-    }),
-    Row("data.teacher_cache", lambda c: c.data.teacher_cache is not None, "next_token_rows", True, {
-        CLASSIFIER: "data.teacher_cache keeps next-token log-probs: a classifier's teacher runs live; remove "
-                    "data.teacher_cache",
-    }, sections=("data",)),
-    Row("data.selection", lambda c: c.data.selection is not None, "next_token_rows", True, {
-        CLASSIFIER: "data.selection ranks sequences by the teacher's next-token entropy, which a classifier does not "
-                    "give: remove data.selection",
-    }, sections=("data",)),
-    Row("additional_teachers", lambda c: bool(c.additional_teachers), "several_teachers", True, {
-        CACHED: "data.teacher_cache holds the top-k log-probs of `teacher` alone: several teachers cannot use it; "
-                "remove data.teacher_cache or additional_teachers",
-        PLAIN: "additional_teachers weigh the soft loss, which loss.alpha = 0 (plain cross-entropy) does not "
-               "compute: raise loss.alpha above 0 or remove additional_teachers",
-        CLASSIFIER: "additional_teachers (teacher ensembles) are not supported for classifiers: remove them",
-    }, sections=("additional_teachers",)),
+    Row(
+        "loss.features",
+        lambda c: c.loss.features is not None,
+        "live_hidden_states",
+        True,
+        {
+            CACHED: "loss.features needs the live teacher's hidden states and attention, which data.teacher_cache does "
+            "not keep: remove one of them",
+            PLAIN: "loss.features needs the live teacher, which alpha = 0 (plain cross-entropy) does not load: raise "
+            "loss.alpha above 0 or remove loss.features",
+            CLASSIFIER: "loss.features (hidden states, attention) is not supported for classifiers: "
+            "remove loss.features",
+        },
+    ),
+    Row(
+        "loss.on_policy",
+        lambda c: c.loss.on_policy is not None,
+        "live_hidden_states",
+        True,
+        {
+            CACHED: "loss.on_policy has the live teacher score the student's fresh responses, which data.teacher_cache "
+            "(written for the corpus sequences) cannot: remove one of them",
+            PLAIN: "loss.on_policy has the teacher score the student's own responses, which alpha = 0 (plain "
+            "cross-entropy, no teacher) would only imitate: raise loss.alpha above 0 (1 is GKD's objective) or "
+            "remove loss.on_policy",
+            CLASSIFIER: "loss.on_policy samples responses from a language model: task 'sequence_classification' has "
+            "none; remove loss.on_policy",
+        },
+    ),
+    Row(
+        "data.teacher_cache",
+        lambda c: c.data.teacher_cache is not None,
+        "next_token_rows",
+        True,
+        {
+            CLASSIFIER: "data.teacher_cache keeps next-token log-probs: a classifier's teacher runs live; remove "
+            "data.teacher_cache",
+        },
+        sections=("data",),
+    ),
+    Row(
+        "data.selection",
+        lambda c: c.data.selection is not None,
+        "next_token_rows",
+        True,
+        {
+            CLASSIFIER: "data.selection ranks sequences by the teacher's next-token entropy, which a classifier "
+            "does not give: remove data.selection",
+        },
+        sections=("data",),
+    ),
+    Row(
+        "additional_teachers",
+        lambda c: bool(c.additional_teachers),
+        "several_teachers",
+        True,
+        {
+            CACHED: "data.teacher_cache holds the top-k log-probs of `teacher` alone: several teachers cannot use it; "
+            "remove data.teacher_cache or additional_teachers",
+            PLAIN: "additional_teachers weigh the soft loss, which loss.alpha = 0 (plain cross-entropy) does not "
+            "compute: raise loss.alpha above 0 or remove additional_teachers",
+            CLASSIFIER: "additional_teachers (teacher ensembles) are not supported for classifiers: remove them",
+        },
+        sections=("additional_teachers",),
+    ),
     # at alpha 0 with another tokenizer the responses are the whole signal (response distillation): no logits
-    Row("data.teacher_responses with loss.alpha > 0",
-        lambda c: c.loss.alpha > 0 and c.data.teacher_responses is not None, None, True, sections=("loss", "data")),
-    Row("training.packing: padding_free", lambda c: c.loss.alpha > 0 and c.training.packing == "padding_free",
-        None, True, sections=("loss", "training")),
-    Row("loss.divergence: logit_mse", lambda c: c.loss.divergence == "logit_mse", "logits", False, {
-        CACHED: "data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; choose another "
-                "loss.divergence or remove data.teacher_cache",
-    }),
+    Row(
+        "data.teacher_responses with loss.alpha > 0",
+        lambda c: c.loss.alpha > 0 and c.data.teacher_responses is not None,
+        None,
+        True,
+        sections=("loss", "data"),
+    ),
+    Row(
+        "training.packing: padding_free",
+        lambda c: c.loss.alpha > 0 and c.training.packing == "padding_free",
+        None,
+        True,
+        sections=("loss", "training"),
+    ),
+    Row(
+        "loss.divergence: logit_mse",
+        lambda c: c.loss.divergence == "logit_mse",
+        "logits",
+        False,
+        {
+            CACHED: "data.teacher_cache keeps log-probs, not logits: logit_mse cannot use it; choose another "
+            "loss.divergence or remove data.teacher_cache",
+        },
+    ),
 )
 
 # Every refusal the table derives has its words (tests/test_teacher_sources.py checks it both ways).
 for _row in ROWS:
     _refused = {kind for kind in DECLARED if kind != CROSS and not _row.serves(kind)}
     if _refused != set(_row.refusals):
-        raise RuntimeError(f"{_row.feature}: the kinds it refuses {sorted(_refused)} and the refusals written "
-                           f"{sorted(_row.refusals)} differ: write the missing refusal")
+        raise RuntimeError(
+            f"{_row.feature}: the kinds it refuses {sorted(_refused)} and the refusals written "
+            f"{sorted(_row.refusals)} differ: write the missing refusal"
+        )
 
 
 def kinds_of(config: Any) -> list[str]:
@@ -162,8 +228,11 @@ def config_refusals(config: Any, kinds: list[str] | None = None, sections: set[s
             continue
         if not row.on(config):
             continue
-        problems += [row.refusals[kind] for kind in (kinds_of(config) if kinds is None else kinds)
-                     if kind in row.refusals and not row.serves(kind)]
+        problems += [
+            row.refusals[kind]
+            for kind in (kinds_of(config) if kinds is None else kinds)
+            if kind in row.refusals and not row.serves(kind)
+        ]
     return problems
 
 
@@ -175,5 +244,7 @@ def two_vocabulary_refusals(config: Any) -> list[str]:
 
 def combination_table() -> list[tuple[str, dict[str, bool]]]:
     """Each feature and, for each kind of source, whether it combines (docs/architecture.md shows it)."""
-    return [(row.feature, {kind: row.serves(kind) and not (kind == CROSS and row.one_vocabulary)
-                           for kind in DECLARED}) for row in ROWS]
+    return [
+        (row.feature, {kind: row.serves(kind) and not (kind == CROSS and row.one_vocabulary) for kind in DECLARED})
+        for row in ROWS
+    ]

@@ -129,11 +129,19 @@ def generate_responses(
                 bar.update(task, rate=f"{generated / max(time.perf_counter() - started, 1e-9):,.0f}")
 
             for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 ids, attention = _left_pad([prompts[i] for i in rows], pad_id)
-                new = _decode(model, ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
-                              stop_ids=stop_tensor, pad_id=pad_id, vocab_size=len(tokenizer), on_step=on_step,
-                              **sampling)
+                new = _decode(
+                    model,
+                    ids.to(device),
+                    attention.to(device),
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=stop_tensor,
+                    pad_id=pad_id,
+                    vocab_size=len(tokenizer),
+                    on_step=on_step,
+                    **sampling,
+                )
                 for row, index in zip(new.tolist(), rows):
                     results[index] = _response(row, stop_set, tokenizer)
                     if with_tokens:
@@ -182,18 +190,27 @@ def generate_token_responses(
     empty = [i for i, p in enumerate(prompts) if not p]
     if not prompts or empty:
         which = "no prompt" if not prompts else f"empty prompts at rows {empty}"
-        raise ValueError(f"generate_token_responses: {which}; "
-                         "every row needs at least one token to continue")
+        raise ValueError(f"generate_token_responses: {which}; every row needs at least one token to continue")
     device = next(model.parameters()).device
     ids, attention = _left_pad(prompts, pad_id)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     was_training = model.training
     model.eval()
     try:
-        new = _decode(model, ids.to(device), attention.to(device), max_new_tokens=max_new_tokens,
-                      stop_ids=torch.tensor(stop_ids, device=device), pad_id=pad_id, vocab_size=vocab_size,
-                      temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                      on_step=lambda _rows: None)
+        new = _decode(
+            model,
+            ids.to(device),
+            attention.to(device),
+            max_new_tokens=max_new_tokens,
+            stop_ids=torch.tensor(stop_ids, device=device),
+            pad_id=pad_id,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            on_step=lambda _rows: None,
+        )
     finally:
         model.train(was_training)
     stops = set(stop_ids)
@@ -204,8 +221,7 @@ def generate_token_responses(
     return responses
 
 
-def _check_generation_args(max_new_tokens: int, batch_size: int, temperature: float, top_p: float,
-                           top_k: int) -> None:
+def _check_generation_args(max_new_tokens: int, batch_size: int, temperature: float, top_p: float, top_k: int) -> None:
     problems = [
         f"{name} = {value!r} {rule}"
         for name, value, ok, rule in (
@@ -250,14 +266,26 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     attention = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attention[row, length - len(seq):] = 1
+            ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention[row, length - len(seq) :] = 1
     return ids, attention
 
 
-def _decode(model, ids: torch.Tensor, attention: torch.Tensor, *, max_new_tokens: int, stop_ids: torch.Tensor,
-            pad_id: int, vocab_size: int, temperature: float, top_p: float, top_k: int,
-            generator: torch.Generator | None, on_step) -> torch.Tensor:
+def _decode(
+    model,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: torch.Tensor,
+    pad_id: int,
+    vocab_size: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+    on_step,
+) -> torch.Tensor:
     """(B, L) left-padded prompts -> (B, n) new tokens, n <= max_new_tokens; `pad_id` after a row's stop token."""
     # Positions count real tokens only: a left-padded prompt starts at position 0, as it would alone.
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -276,13 +304,20 @@ def _decode(model, ids: torch.Tensor, attention: torch.Tensor, *, max_new_tokens
             break
         attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True, **extra)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            **extra,
+        )
     return torch.stack(tokens, dim=1)
 
 
-def _choose(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
-            generator: torch.Generator | None) -> torch.Tensor:
+def _choose(
+    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """(B, V) logits -> (B,) next tokens: argmax at temperature 0, else a draw after the top-k and top-p filters."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -316,7 +351,13 @@ def progress_bar(disable: bool = False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-        TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("prompts"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
         disable=disable,
     )

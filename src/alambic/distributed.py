@@ -120,7 +120,8 @@ def check_state(distributed_type: object, num_processes: int) -> None:
             f"not distributed (distributed_type {kind}, num_processes {num_processes}): each rank would train its "
             "own copy, unsynchronised. On a CPU-only machine the state must be created with cpu=True (`accelerate "
             "launch --cpu ...`, or `use_cpu: true` in training.trainer_args), which alambic does itself unless "
-            "something created accelerate's state first; on GPUs, check that every rank sees a GPU")
+            "something created accelerate's state first; on GPUs, check that every rank sees a GPU"
+        )
 
 
 def init() -> None:
@@ -162,7 +163,8 @@ def _connect() -> Any:
     if not addr or not port:
         raise DistributedSetupError(
             f"WORLD_SIZE={world_size()} but MASTER_ADDR / MASTER_PORT are not set: launch with `torchrun` or "
-            "`accelerate launch`, or set them as the launcher's env:// rendezvous expects")
+            "`accelerate launch`, or set them as the launcher's env:// rendezvous expects"
+        )
     store = dist.TCPStore(addr, int(port), is_master=False, timeout=STORE_TIMEOUT)
     # torchrun's agent keeps its store across restarts of the workers: a restart must not read the last one's keys
     prefix = f"alambic/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
@@ -192,6 +194,7 @@ def _next_meeting(what: str) -> str:
 
 
 # --- failures -----------------------------------------------------------------------------------------------------
+
 
 def publish_failure(what: str, exc: BaseException) -> None:
     """Tell the other ranks this rank failed during `what` (the first failure of the launch is kept).
@@ -263,6 +266,7 @@ def _failure(store: Any) -> RankFailure | None:
 
 # --- meetings -----------------------------------------------------------------------------------------------------
 
+
 class _Liveness:
     """When each awaited rank's heartbeat last moved, by this rank's own clock (hosts' clocks may disagree)."""
 
@@ -277,9 +281,14 @@ class _Liveness:
             if last is None or last[0] != count:
                 self.seen[r] = (count, now)
             elif now - last[1] > self.timeout:
-                raise RankFailure(r, what, f"it stopped answering: no heartbeat for {self.timeout:.0f} s while the "
-                                  "other ranks waited for it (killed, crashed or frozen: its own output says which; "
-                                  "ALAMBIC_HEARTBEAT_TIMEOUT sets the limit)", lost=True)
+                raise RankFailure(
+                    r,
+                    what,
+                    f"it stopped answering: no heartbeat for {self.timeout:.0f} s while the "
+                    "other ranks waited for it (killed, crashed or frozen: its own output says which; "
+                    "ALAMBIC_HEARTBEAT_TIMEOUT sets the limit)",
+                    lost=True,
+                )
 
 
 def _meet(what: str) -> None:
@@ -310,13 +319,19 @@ def _meet(what: str) -> None:
         for r in range(world_size()):
             theirs = store.get(f"{key}/{r}").decode()
             if theirs != what:
-                raise DistributedSetupError(f"ranks out of step: rank {rank()} is at {what!r} while rank {r} is at "
-                                            f"{theirs!r} (a bug: every rank must meet in the same order)")
+                raise DistributedSetupError(
+                    f"ranks out of step: rank {rank()} is at {what!r} while rank {r} is at "
+                    f"{theirs!r} (a bug: every rank must meet in the same order)"
+                )
     except (RankFailure, DistributedSetupError):
         raise
     except Exception as exc:  # the store itself is gone: rank 0 (its host outside torchrun) or the agent died
-        raise RankFailure(0, what, f"the launch's store stopped answering ({type(exc).__name__}: {exc}): rank 0 "
-                          "or the launcher ended", lost=True) from None
+        raise RankFailure(
+            0,
+            what,
+            f"the launch's store stopped answering ({type(exc).__name__}: {exc}): rank 0 or the launcher ended",
+            lost=True,
+        ) from None
 
 
 def barrier(what: str) -> None:

@@ -58,8 +58,12 @@ class DivergenceSpec:
         return DivergenceSpec(self.name, temperature, self.jsd_beta, self.skew)
 
 
-def resolve_spec(divergence: str | DivergenceSpec, temperature: float | None = None, jsd_beta: float | None = None,
-                 skew: float | None = None) -> DivergenceSpec:
+def resolve_spec(
+    divergence: str | DivergenceSpec,
+    temperature: float | None = None,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
+) -> DivergenceSpec:
     """The `DivergenceSpec` of a loss function's arguments: a spec as it is, or a name with its parameters (the
     defaults T = 1, jsd_beta = 0.5, skew = 0.1 where they are None).
 
@@ -69,8 +73,10 @@ def resolve_spec(divergence: str | DivergenceSpec, temperature: float | None = N
     if isinstance(divergence, DivergenceSpec):
         given = {k: v for k, v in dict(temperature=temperature, jsd_beta=jsd_beta, skew=skew).items() if v is not None}
         if given:
-            raise ValueError(f"divergence is a DivergenceSpec ({divergence}) and {sorted(given)} are given besides it: "
-                             "put them in the spec")
+            raise ValueError(
+                f"divergence is a DivergenceSpec ({divergence}) and {sorted(given)} are given besides it: "
+                "put them in the spec"
+            )
         return divergence
     base = DivergenceSpec(str(divergence))
     values: dict[str, Any] = dict(temperature=temperature, jsd_beta=jsd_beta, skew=skew)

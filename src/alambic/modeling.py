@@ -20,8 +20,13 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def final_hidden_states(model: nn.Module, core: PreTrainedModel, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def final_hidden_states(
+    model: nn.Module,
+    core: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, T, H) hidden states the output head would see, keeping the autograd graph.
 
     Args:
@@ -79,4 +84,3 @@ def compile_layers(model: nn.Module, compiled: bool = True) -> int:
             layer._compiled_call_impl = None
     model._alambic_compiled_layers = compiled  # read by `training.run.restore_forward`
     return len(layers)
-

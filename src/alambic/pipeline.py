@@ -99,12 +99,16 @@ class Manifest:
         os.replace(path, aside)
         what = f"{path} is damaged ({manifest.damage}), set aside as {aside.name}"
         if manifest.copy_intact:
-            console.print(f"[yellow]warning:[/] {escape(what)}; its copy {escape(manifest.backup.name)} is intact and "
-                          f"is used: no stage is redone")
+            console.print(
+                f"[yellow]warning:[/] {escape(what)}; its copy {escape(manifest.backup.name)} is intact and "
+                f"is used: no stage is redone"
+            )
         else:
-            console.print(f"[yellow]warning:[/] {escape(what)}, and it has no intact copy: what each stage finished "
-                          "cannot be verified, so every stage runs again from scratch (as with `--restart`, which "
-                          "also empties the folder)")
+            console.print(
+                f"[yellow]warning:[/] {escape(what)}, and it has no intact copy: what each stage finished "
+                "cannot be verified, so every stage runs again from scratch (as with `--restart`, which "
+                "also empties the folder)"
+            )
         manifest.save()
         return manifest
 
@@ -142,8 +146,11 @@ def _stage_hashes(config: RunConfig, stages: list[Stage]) -> dict[str, str]:
     for stage in stages:
         own = config.inputs_hash(*stage.inputs)
         chain[stage.name] = previous = sha256_of([previous, own, stage.name])
-        hashes[stage.name] = previous if stage.after is None else sha256_of(
-            [*(chain[name] for name in stage.after if name in chain), own, stage.name])
+        hashes[stage.name] = (
+            previous
+            if stage.after is None
+            else sha256_of([*(chain[name] for name in stage.after if name in chain), own, stage.name])
+        )
     return hashes
 
 
@@ -177,8 +184,11 @@ def _reusable(stage: Stage, inputs_hash: str, siblings: Sequence[Path], run_dir:
         if Path(sibling).resolve() == run_dir.resolve():
             continue
         entry = Manifest(Path(sibling) / MANIFEST_FILE).stages.get(stage.name, {})
-        if (entry.get("status") == "done" and entry.get("inputs_hash") == inputs_hash
-                and all((Path(sibling) / o).exists() for o in stage.outputs)):
+        if (
+            entry.get("status") == "done"
+            and entry.get("inputs_hash") == inputs_hash
+            and all((Path(sibling) / o).exists() for o in stage.outputs)
+        ):
             return Path(sibling), entry
     return None
 
@@ -196,8 +206,9 @@ def _copy_outputs(stage: Stage, source: Path, run_dir: Path) -> None:
             _link_or_copy(str(src), str(dst))
 
 
-def run_stages(config: RunConfig, stages: list[Stage], *, resume: bool = True,
-               reuse_from: Sequence[Path] = ()) -> Manifest:
+def run_stages(
+    config: RunConfig, stages: list[Stage], *, resume: bool = True, reuse_from: Sequence[Path] = ()
+) -> Manifest:
     """Run `stages` in order into `config.run_dir`, skipping finished ones whose inputs are unchanged.
 
     Reuse: before running a stage that is not done here, the run folders in `reuse_from` (e.g. the other
@@ -248,6 +259,7 @@ def _run_held(config: RunConfig, stages: list[Stage], *, resume: bool, reuse_fro
         header = f"[bold]stage {i}/{len(active)}: {stage.name}[/]"
         what = f"stage {stage.name}"
         if stage.ranks == "main" or distributed.world_size() == 1:
+
             def alone(stage: Stage = stage, header: str = header) -> None:
                 resume_it = _begin(records[0], stage, hashes[stage.name], header, run_dir, reuse_from)
                 if resume_it is not None:
@@ -257,19 +269,24 @@ def _run_held(config: RunConfig, stages: list[Stage], *, resume: bool, reuse_fro
             continue
         # every rank: rank 0 decides and records, all of them run it
         resume_it = distributed.on_main(
-            what, lambda stage=stage, header=header: _begin(records[0], stage, hashes[stage.name], header, run_dir,
-                                                           reuse_from))
+            what,
+            lambda stage=stage, header=header: _begin(
+                records[0], stage, hashes[stage.name], header, run_dir, reuse_from
+            ),
+        )
         if resume_it is None:
             continue
-        _run_recorded(records[0] if records else None, stage, config,
-                      StageContext(run_dir=run_dir, resume=resume_it), header)
+        _run_recorded(
+            records[0] if records else None, stage, config, StageContext(run_dir=run_dir, resume=resume_it), header
+        )
     if records:
         return records[0]
     return Manifest(run_dir / MANIFEST_FILE)  # rank 0 has written its last record: the last meeting came after it
 
 
-def _begin(manifest: Manifest, stage: Stage, inputs_hash: str, header: str, run_dir: Path,
-           reuse_from: Sequence[Path]) -> bool | None:
+def _begin(
+    manifest: Manifest, stage: Stage, inputs_hash: str, header: str, run_dir: Path, reuse_from: Sequence[Path]
+) -> bool | None:
     """Rank 0's decision for `stage`: None when there is nothing to run (done already, or reused from a sibling run),
     else whether it resumes (its inputs unchanged), its record set to running."""
     entry = manifest.stages.get(stage.name, {})
@@ -282,8 +299,13 @@ def _begin(manifest: Manifest, stage: Stage, inputs_hash: str, header: str, run_
     if found is not None:
         started = time.time()
         _copy_outputs(stage, found[0], run_dir)
-        manifest.stages[stage.name] = {**found[1], "reused_from": str(found[0]), "started": started,
-                                       "finished": time.time(), "seconds": round(time.time() - started, 2)}
+        manifest.stages[stage.name] = {
+            **found[1],
+            "reused_from": str(found[0]),
+            "started": started,
+            "finished": time.time(),
+            "seconds": round(time.time() - started, 2),
+        }
         manifest.save()
         console.print(f"{header} [green]reused from {escape(str(found[0]))}[/] (same inputs), skipped")
         return None
@@ -292,8 +314,9 @@ def _begin(manifest: Manifest, stage: Stage, inputs_hash: str, header: str, run_
     for name in _top_level(stage):
         _unshare(run_dir / name)
     manifest.stages.get(stage.name, {}).pop("reused_from", None)  # run here now, whatever it was before
-    manifest.update(stage.name, inputs_hash=inputs_hash, status="running", started=time.time(),
-                    outputs=list(stage.outputs))
+    manifest.update(
+        stage.name, inputs_hash=inputs_hash, status="running", started=time.time(), outputs=list(stage.outputs)
+    )
     return same_inputs
 
 
@@ -314,12 +337,22 @@ def _run_recorded(manifest: Manifest | None, stage: Stage, config: RunConfig, ct
         # a collective broken by another rank's failure: that failure is the cause (it publishes before it exits)
         cause = exc if isinstance(exc, distributed.RankFailure) else distributed.peer_failure(wait=5) or exc
         if manifest is not None:
-            manifest.update(stage.name, status="failed", error=f"{type(cause).__name__}: {cause}"[:2000],
-                            seconds=round(time.time() - started, 2))
+            manifest.update(
+                stage.name,
+                status="failed",
+                error=f"{type(cause).__name__}: {cause}"[:2000],
+                seconds=round(time.time() - started, 2),
+            )
         if cause is not exc:
             raise cause from exc
         raise
     if manifest is not None:
-        manifest.update(stage.name, status="done", finished=time.time(), seconds=round(time.time() - started, 2),
-                        summary=summary or {}, error=None)
+        manifest.update(
+            stage.name,
+            status="done",
+            finished=time.time(),
+            seconds=round(time.time() - started, 2),
+            summary=summary or {},
+            error=None,
+        )
         console.print(f"{header} [green]done[/] in {time.time() - started:.1f} s")

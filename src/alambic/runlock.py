@@ -64,9 +64,11 @@ class RunFolderBusy(RuntimeError):
             details.append(f"`{holder['command']}`")
         stop = f" or stop it (`kill {pid}`{' there' if elsewhere else ''})" if pid else ""
         super().__init__(
-            f"{folder} is in use by {who}" + (f" ({', '.join(details)})" if details else "")
+            f"{folder} is in use by {who}"
+            + (f" ({', '.join(details)})" if details else "")
             + f": a run folder takes one command at a time. Wait for it to finish{stop}; its lock "
-            f"({folder / LOCK_FILE}) goes with the process, even a killed one, so nothing needs cleaning up")
+            f"({folder / LOCK_FILE}) goes with the process, even a killed one, so nothing needs cleaning up"
+        )
 
 
 def _holder(fd: int) -> dict[str, Any]:
@@ -131,12 +133,17 @@ def _lock(folder: Path, key: Path) -> int:
         # imported here: the lock itself needs no torch, which alambic.utils imports
         from alambic.utils import console
 
-        console.print(f"[yellow]warning:[/] {escape(str(folder))} cannot be locked ({escape(exc.strerror or '')}): "
-                      "nothing stops another command from writing it at the same time")
+        console.print(
+            f"[yellow]warning:[/] {escape(str(folder))} cannot be locked ({escape(exc.strerror or '')}): "
+            "nothing stops another command from writing it at the same time"
+        )
         return -1
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)

@@ -42,7 +42,8 @@ def _head_module(core: nn.Module) -> nn.Module:
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(
             f"{type(core).__name__} has no output head with a weight (get_output_embeddings() -> "
-            f"{type(head).__name__}): load the model with its LM head (AutoModelForCausalLM)")
+            f"{type(head).__name__}): load the model with its LM head (AutoModelForCausalLM)"
+        )
     return head
 
 
@@ -131,11 +132,16 @@ def _fsdp_unit(core: nn.Module, head: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule
 
     name = next(n for n, m in core.named_modules() if m is head)
-    units = [(n, m) for n, m in core.named_modules()
-             if isinstance(m, FSDPModule) and (n in ("", name) or name.startswith(n + "."))]
+    units = [
+        (n, m)
+        for n, m in core.named_modules()
+        if isinstance(m, FSDPModule) and (n in ("", name) or name.startswith(n + "."))
+    ]
     if not units:
-        raise ValueError(f"{type(core).__name__}'s output head {name!r} is sharded (DTensor) but no module holding it "
-                         "is an FSDP2 unit: shard the model with torch.distributed.fsdp.fully_shard, its root included")
+        raise ValueError(
+            f"{type(core).__name__}'s output head {name!r} is sharded (DTensor) but no module holding it "
+            "is an FSDP2 unit: shard the model with torch.distributed.fsdp.fully_shard, its root included"
+        )
     return max(units, key=lambda unit: len(unit[0]))[1]
 
 
@@ -178,7 +184,8 @@ def shard_frozen(model: nn.Module, device: torch.device | str) -> nn.Module:
     head = _head_module(model)
     embed = model.get_input_embeddings()
     # a parameter shared by two units is refused: tied embeddings go with the head
-    fully_shard([head, *([embed] if embed is not None and embed.weight is head.weight else [])],
-                reshard_after_forward=True)
+    fully_shard(
+        [head, *([embed] if embed is not None and embed.weight is head.weight else [])], reshard_after_forward=True
+    )
     fully_shard(model, reshard_after_forward=True)
     return model

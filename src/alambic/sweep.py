@@ -53,8 +53,9 @@ def _split_values(raw: str, item: str) -> list[str]:
             continue
         current.append(char)
     if quote or depth:
-        raise ConfigError(f"--set {item!r}: unclosed {quote or '[ or {'}; quote a value that holds a comma, "
-                          "e.g. data.hub_name='a,b'")
+        raise ConfigError(
+            f"--set {item!r}: unclosed {quote or '[ or {'}; quote a value that holds a comma, e.g. data.hub_name='a,b'"
+        )
     return [*pieces, "".join(current)]
 
 
@@ -90,8 +91,10 @@ def parse_sets(items: list[str]) -> list[tuple[str, list[Any]]]:
         if repeated:
             raise ConfigError(f"--set {item!r}: value {repeated[0]!r} is listed twice for {key}")
         if len(values) > 1 and key in _NOT_SWEPT:
-            raise ConfigError(f"--set {item!r}: {key} cannot be swept: each point's run folder is named after its "
-                              "values inside <output_dir>/<name>-sweep; give one value")
+            raise ConfigError(
+                f"--set {item!r}: {key} cannot be swept: each point's run folder is named after its "
+                "values inside <output_dir>/<name>-sweep; give one value"
+            )
         sets.append((key, values))
     return sets
 
@@ -178,9 +181,11 @@ def plan_sweep(config_path: str | Path, items: list[str]) -> Sweep:
     sets = parse_sets(items)
     keys = swept_keys(sets)
     if not keys:
-        raise ConfigError("nothing to sweep: give at least one key several values, comma-separated, e.g. "
-                          "`alambic sweep my.yaml --set loss.temperature=1,2,4 --set loss.alpha=0.5,0.9` "
-                          "(a key with one value is applied to every point; for a single run use `alambic run`)")
+        raise ConfigError(
+            "nothing to sweep: give at least one key several values, comma-separated, e.g. "
+            "`alambic sweep my.yaml --set loss.temperature=1,2,4 --set loss.alpha=0.5,0.9` "
+            "(a key with one value is applied to every point; for a single run use `alambic run`)"
+        )
     combos = expand_grid(sets)
     names = [point_name({k: combo[k] for k in keys}) for combo in combos]
     for i, name in enumerate(names):  # values that contain the separators themselves ("x_alpha-1") could collide
@@ -198,9 +203,13 @@ def plan_sweep(config_path: str | Path, items: list[str]) -> Sweep:
     first = configs[0]  # name and output_dir cannot be swept: the same in every point
     folder = Path(first.output_dir) / f"{first.name}-sweep"
     points = [
-        SweepPoint(name, {k: combo[k] for k in keys},
-                   validate_config({**cfg.model_dump(mode="json"), "name": name, "output_dir": str(folder)},
-                                   origin=f"sweep point {name}"))
+        SweepPoint(
+            name,
+            {k: combo[k] for k in keys},
+            validate_config(
+                {**cfg.model_dump(mode="json"), "name": name, "output_dir": str(folder)}, origin=f"sweep point {name}"
+            ),
+        )
         for combo, name, cfg in zip(combos, names, configs)
     ]
     grid = {key: values for key, values in sets if key in keys}
@@ -214,8 +223,11 @@ def _point_record(point: SweepPoint, folder: Path) -> dict[str, Any]:
     manifest = Manifest(run_dir / "manifest.json").stages
     student = _read_json(run_dir / "eval.json").get("models", {}).get("student_distilled")
     # the figures and their intervals; eval.json keeps the rest (architecture, cost, responses)
-    metrics = None if student is None else {k: v for k, v in student.items()
-                                            if k == "intervals" or isinstance(v, (int, float))}
+    metrics = (
+        None
+        if student is None
+        else {k: v for k, v in student.items() if k == "intervals" or isinstance(v, (int, float))}
+    )
     distill = manifest.get("distill", {})
     return {
         "name": point.name,
@@ -264,8 +276,13 @@ def _run_held(sweep: Sweep, *, resume: bool, stages: list[Stage] | None) -> dict
     stages = STAGES if stages is None else stages
     if not resume:
         wipe_held_folder(sweep.folder)
-    record = {"config": str(sweep.config_path), "grid": sweep.grid, "fixed": sweep.fixed, "started": time.time(),
-              "points": [_point_record(p, sweep.folder) for p in sweep.points]}
+    record = {
+        "config": str(sweep.config_path),
+        "grid": sweep.grid,
+        "fixed": sweep.fixed,
+        "started": time.time(),
+        "points": [_point_record(p, sweep.folder) for p in sweep.points],
+    }
     path = sweep.folder / SWEEP_FILE
     atomic_write_json(path, record)
     n = len(sweep.points)
@@ -284,15 +301,18 @@ def _run_held(sweep: Sweep, *, resume: bool, stages: list[Stage] | None) -> dict
             error = f"{type(exc).__name__}: {exc}"[:2000]
             entry.update(_point_record(point, sweep.folder), status="failed", error=error)
             # A full disk or a folder in use is said in one line; anything else with its traceback.
-            said = (disk_full_message(exc, point.config.run_dir)
-                    or (str(exc) if isinstance(exc, RunFolderBusy) else None))
+            said = disk_full_message(exc, point.config.run_dir) or (
+                str(exc) if isinstance(exc, RunFolderBusy) else None
+            )
             if said is None:
                 console.print_exception(max_frames=8)
             else:
                 error = said
-            console.print(f"[red]point {i}/{n} {point.name} failed[/]: {escape(error.splitlines()[0])}; its "
-                          f"manifest says where ({escape(str(point.config.run_dir / 'manifest.json'))}); "
-                          "going on with the next")
+            console.print(
+                f"[red]point {i}/{n} {point.name} failed[/]: {escape(error.splitlines()[0])}; its "
+                f"manifest says where ({escape(str(point.config.run_dir / 'manifest.json'))}); "
+                "going on with the next"
+            )
         else:
             entry.update(_point_record(point, sweep.folder), status="done")
         atomic_write_json(path, record)
@@ -301,6 +321,8 @@ def _run_held(sweep: Sweep, *, resume: bool, stages: list[Stage] | None) -> dict
     write_sweep_report(sweep.folder)
     failed = [e["name"] for e in record["points"] if e["status"] != "done"]
     if failed:
-        console.print(f"[red]{len(failed)} of {n} points failed[/]: {', '.join(failed)}; fix the cause and run the "
-                      "same command again: finished points are skipped")
+        console.print(
+            f"[red]{len(failed)} of {n} points failed[/]: {', '.join(failed)}; fix the cause and run the "
+            "same command again: finished points are skipped"
+        )
     return record

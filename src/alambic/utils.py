@@ -64,8 +64,10 @@ def native_bf16(device: str | torch.device) -> bool:
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        return any(getattr(torch.cpu, probe, lambda: False)()
-                   for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        return any(
+            getattr(torch.cpu, probe, lambda: False)()
+            for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        )
     return False
 
 
@@ -164,8 +166,10 @@ def disk_full_message(exc: BaseException, folder: str | Path) -> str | None:
     if not said and not (opaque and free is not None and free < NEARLY_FULL):
         return None
     where = f"writing {oserror.filename}" if oserror is not None and oserror.filename else f"writing into {folder}"
-    parts = [f"no space left on device {where}",
-             f"{human_bytes(free)} free on that disk" if free is not None else "free space unknown"]
+    parts = [
+        f"no space left on device {where}",
+        f"{human_bytes(free)} free on that disk" if free is not None else "free space unknown",
+    ]
     estimate = _checkpoint_estimate(folder) if folder.is_dir() else None
     if estimate:
         parts.append(estimate)

@@ -44,8 +44,11 @@ def test_text_chunks_start_with_one_uncounted_bos_and_keep_their_length():
     assert all(_starts_with_one_bos(s["input_ids"], s["labels"]) for s in samples)
     assert all(s["labels"][1:] == s["input_ids"][1:] for s in samples)  # every other token counts
     # no text token lost or repeated between chunks: the chunks without their BOS are the stream
-    stream = [t for ids in tok([d["text"] for d in _docs(6)], add_special_tokens=False)["input_ids"]
-              for t in (*ids, tok.eos_token_id)]
+    stream = [
+        t
+        for ids in tok([d["text"] for d in _docs(6)], add_special_tokens=False)["input_ids"]
+        for t in (*ids, tok.eos_token_id)
+    ]
     body = [t for s in samples for t in s["input_ids"][1:]]
     assert body == stream[: len(body)] and len(stream) - len(body) < 15
 
@@ -53,9 +56,12 @@ def test_text_chunks_start_with_one_uncounted_bos_and_keep_their_length():
 def test_text_chunks_without_bos_are_the_stream_cut_as_before():
     tok = tiny_tokenizer()
     samples = tokenize_text(_docs(6), tok, max_seq_len=16)
-    stream = [t for ids in tok([d["text"] for d in _docs(6)], add_special_tokens=False)["input_ids"]
-              for t in (*ids, tok.eos_token_id)]
-    assert [s["input_ids"] for s in samples] == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
+    stream = [
+        t
+        for ids in tok([d["text"] for d in _docs(6)], add_special_tokens=False)["input_ids"]
+        for t in (*ids, tok.eos_token_id)
+    ]
+    assert [s["input_ids"] for s in samples] == [stream[i : i + 16] for i in range(0, len(stream) - 15, 16)]
     assert all(s["labels"] == s["input_ids"] for s in samples)
 
 
@@ -81,10 +87,18 @@ def test_generated_responses_are_answers_to_a_bos_prompt():
     from alambic.decoding import generate_responses
 
     # the tiny model answers what it is given; its prompt tokens are recorded: BOS + the rendered prompt
-    [result] = generate_responses(tiny_model(), bos_tokenizer(), [CHAT[:1]], max_new_tokens=2, with_tokens=True,
-                                  show_progress=False)
-    assert result["prompt_tokens"] == len(bos_tokenizer().apply_chat_template(
-        CHAT[:1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) + 1
+    [result] = generate_responses(
+        tiny_model(), bos_tokenizer(), [CHAT[:1]], max_new_tokens=2, with_tokens=True, show_progress=False
+    )
+    assert (
+        result["prompt_tokens"]
+        == len(
+            bos_tokenizer().apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        + 1
+    )
 
 
 def test_teacher_response_sequences_start_with_one_uncounted_bos():
@@ -107,8 +121,9 @@ def test_cross_pairs_follow_each_sides_convention_and_still_line_up(side):
     samples = tokenize_text_pair(_docs(4), student, teacher, max_seq_len=12)
     for s in samples:
         assert len(s["input_ids"]) <= 12 and len(s["teacher_positions"]) == len(s["input_ids"])
-        ids, labels = (s["teacher_input_ids"], s["teacher_labels"]) if side == "teacher" else (s["input_ids"],
-                                                                                               s["labels"])
+        ids, labels = (
+            (s["teacher_input_ids"], s["teacher_labels"]) if side == "teacher" else (s["input_ids"], s["labels"])
+        )
         other = s["input_ids"] if side == "teacher" else s["teacher_input_ids"]
         assert _starts_with_one_bos(ids, labels) and BOS not in other[:1]
     checked = 0
@@ -140,8 +155,12 @@ def test_classification_examples_start_with_bos_within_max_seq_len():
 
 @pytest.fixture(scope="module")
 def prepared_text(tmp_path_factory):
-    cfg = DataConfig(source="files", paths=[write_text_corpus(tmp_path_factory.mktemp("corpus"))], max_seq_len=16,
-                     validation_fraction=0.2)
+    cfg = DataConfig(
+        source="files",
+        paths=[write_text_corpus(tmp_path_factory.mktemp("corpus"))],
+        max_seq_len=16,
+        validation_fraction=0.2,
+    )
     return prepare_datasets(cfg, bos_tokenizer())
 
 
@@ -159,8 +178,18 @@ def test_offline_cache_scores_the_first_token_after_bos(prepared_text, tmp_path)
 
     teacher, rows = tiny_model(), [prepared_text.train[i] for i in range(3)]
     fp = cache_fingerprint(bos_tokenizer(), rows, k=4, temperature=1.0, teacher_id="tiny")
-    write_teacher_cache(teacher, rows, tmp_path / "cache", k=4, temperature=1.0, fingerprint=fp, dtype="float32",
-                        batch_size=3, sequences_per_shard=5, progress=False)
+    write_teacher_cache(
+        teacher,
+        rows,
+        tmp_path / "cache",
+        k=4,
+        temperature=1.0,
+        fingerprint=fp,
+        dtype="float32",
+        batch_size=3,
+        sequences_per_shard=5,
+        progress=False,
+    )
     with torch.no_grad():  # what the teacher predicts from BOS alone: the first text token's distribution
         after_bos = torch.log_softmax(teacher(input_ids=torch.tensor([[BOS]])).logits[0, 0].double(), -1).topk(4)
     assert torch.equal(TeacherCache(tmp_path / "cache")[0]["ids"][0], after_bos.indices)
@@ -172,8 +201,9 @@ def test_on_policy_prompts_cut_from_chat_data_start_with_bos(tmp_path):
     from alambic.training.on_policy import batch_prompts
 
     path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": NEWS[i % 6][:30], "response": NEWS[(i + 1) % 6]})
-                              for i in range(8)))
+    path.write_text(
+        "\n".join(json.dumps({"prompt": NEWS[i % 6][:30], "response": NEWS[(i + 1) % 6]}) for i in range(8))
+    )
     cfg = DataConfig(source="files", format="chat", paths=[path], max_seq_len=64, validation_fraction=0.25)
     prepared = prepare_datasets(cfg, bos_tokenizer())
     batch = DistillationCollator(3, prompt_lengths=True)([prepared.train[i] for i in range(3)])

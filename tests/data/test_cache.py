@@ -88,8 +88,9 @@ def direct_topk(teacher, row, k, temperature=1.0):
 @pytest.mark.parametrize("dtype, tol", [("float32", 2e-5), ("float16", 2e-3)])
 def test_round_trip_matches_the_teachers_topk(teacher, tokenizer, prepared, tmp_path, dtype, tol):
     data = ragged(prepared.train)
-    manifest = write(teacher, tokenizer, data, tmp_path / "cache", k=8, temperature=2.0, dtype=dtype,
-                     progress=dtype == "float16")
+    manifest = write(
+        teacher, tokenizer, data, tmp_path / "cache", k=8, temperature=2.0, dtype=dtype, progress=dtype == "float16"
+    )
     cache = TeacherCache(tmp_path / "cache")
     assert len(cache) == len(data) == 12 and cache.k == 8 and cache.temperature == 2.0
     assert [s["num_sequences"] for s in manifest["shards"]] == [5, 5, 2]
@@ -124,8 +125,7 @@ def test_resume_writes_only_missing_shards(teacher, tokenizer, prepared, tmp_pat
     (folder / ".shard-00001.safetensors.tmp").write_text("cut off mid-write")
 
     seen = []
-    hook = teacher.register_forward_hook(lambda _m, _a, kw, _o: seen.append(kw["input_ids"].shape[0]),
-                                         with_kwargs=True)
+    hook = teacher.register_forward_hook(lambda _m, _a, kw, _o: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
     try:
         again = write(teacher, tokenizer, prepared.train, folder)
         assert sum(seen) == 2  # the last shard's 2 sequences, nothing else
@@ -202,8 +202,9 @@ def test_collated_rows_line_up_with_the_students_positions(teacher, tokenizer, p
         hidden = final_hidden_states(teacher, teacher, batch["input_ids"], batch["attention_mask"])[:, :-1][mask]
         log_p = torch.log_softmax(project(teacher, hidden).double(), dim=-1)
     assert torch.equal(log_p.topk(8, dim=-1).indices, batch["teacher_ids"])
-    torch.testing.assert_close(log_p.gather(-1, batch["teacher_ids"]), batch["teacher_logprobs"].double(),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        log_p.gather(-1, batch["teacher_ids"]), batch["teacher_logprobs"].double(), atol=2e-5, rtol=2e-5
+    )
 
     broken = dataset[1]
     broken["teacher_ids"] = broken["teacher_ids"][1:]

@@ -23,7 +23,7 @@ def test_line_up_pairs_positions_whose_tokens_end_at_the_same_character():
 
 def test_text_pairs_line_up_where_both_models_have_read_the_same_text():
     student, teacher = tiny_tokenizer(), other_tokenizer()
-    docs = [{"id": str(i), "text": " ".join(NEWS[i:i + 2])} for i in range(4)]
+    docs = [{"id": str(i), "text": " ".join(NEWS[i : i + 2])} for i in range(4)]
     samples = tokenize_text_pair(docs, student, teacher, max_seq_len=12)
     assert all(len(s["input_ids"]) <= 12 and s["labels"] == s["input_ids"] for s in samples)
     checked = 0
@@ -43,14 +43,17 @@ def test_text_pairs_line_up_where_both_models_have_read_the_same_text():
 
 def test_chat_pairs_render_each_template_and_line_up_inside_the_assistant_turns():
     student, teacher = tiny_tokenizer(), other_tokenizer()
-    messages = [{"role": "user", "content": "Hello, how are you?"},
-                {"role": "assistant", "content": "I am fine, thank you."}]
+    messages = [
+        {"role": "user", "content": "Hello, how are you?"},
+        {"role": "assistant", "content": "I am fine, thank you."},
+    ]
     [s] = tokenize_chat_pair([{"messages": messages}], student, teacher, max_seq_len=64)
     assert teacher.decode(s["teacher_input_ids"]).startswith("<|user|>")
     counted = [t for t, label in enumerate(s["labels"]) if label != -100]
     assert student.decode([s["labels"][t] for t in counted]) == "I am fine, thank you.<|im_end|>"
     assert teacher.decode([x for x in s["teacher_labels"] if x != -100]).replace("▁", " ").strip() == (
-        "I am fine, thank you.</s>")
+        "I am fine, thank you.</s>"
+    )
     aligned = {t: s["teacher_positions"][t] for t in counted if s["teacher_positions"][t] >= 0}
     # the first answer token is predicted from the end of each role header: both have read exactly the prompt
     first = counted[0]
@@ -77,6 +80,6 @@ def test_the_collator_pads_the_teachers_columns_with_its_own_values():
     short = len(samples[1]["teacher_input_ids"])
     assert (batch["teacher_input_ids"][1, short:] == teacher.pad_token_id).all()
     assert (batch["teacher_labels"][1, short:] == -100).all() and batch["teacher_attention_mask"][1, short:].sum() == 0
-    assert (batch["teacher_positions"][1, len(samples[1]["input_ids"]):] == -1).all()
+    assert (batch["teacher_positions"][1, len(samples[1]["input_ids"]) :] == -1).all()
     # without the teacher's pad id (the CE control), the columns are not batched
     assert set(DistillationCollator(student.pad_token_id)(samples)) == {"input_ids", "attention_mask", "labels"}

@@ -30,8 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEACHER_ID = "tiny@None:None"
 SETTINGS = TeacherResponsesConfig(max_new_tokens=6, temperature=1.0, num_samples=2, batch_size=3, seed=1)
-PROMPTS = [{"id": f"p{i}", "messages": [{"role": "user", "content": NEWS[i % 6][: 12 + 9 * i]}], "reference": "ok"}
-           for i in range(7)]  # 7 prompts x 2 samples = 14 responses in batches of 3, 3, 3, 3, 2
+PROMPTS = [
+    {"id": f"p{i}", "messages": [{"role": "user", "content": NEWS[i % 6][: 12 + 9 * i]}], "reference": "ok"}
+    for i in range(7)
+]  # 7 prompts x 2 samples = 14 responses in batches of 3, 3, 3, 3, 2
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +54,16 @@ def _kill_after(batches: int):
     def on_batch(done: int) -> None:
         if done == batches:
             raise Killed
+
     return on_batch
 
 
 def test_an_interrupted_generation_resumes_without_duplicates_and_as_if_never_stopped(model, tok, tmp_path):
     path = tmp_path / "a" / "generations.jsonl"
     with pytest.raises(Killed):
-        generate_teacher_responses(model, tok, PROMPTS, path, settings=SETTINGS, teacher_id=TEACHER_ID,
-                                   on_batch=_kill_after(2))
+        generate_teacher_responses(
+            model, tok, PROMPTS, path, settings=SETTINGS, teacher_id=TEACHER_ID, on_batch=_kill_after(2)
+        )
     assert len(read_generations(path)) == 6  # two batches of 3 were flushed before the kill
     with path.open("a") as f:
         f.write('{"prompt_id": "p0", "sample": 1, "resp')  # a write torn by the crash
@@ -72,8 +76,9 @@ def test_an_interrupted_generation_resumes_without_duplicates_and_as_if_never_st
     assert keys == [(p["id"], s) for p in PROMPTS for s in (0, 1)]  # every one, once, in prompt order
     assert on_disk == records
 
-    uninterrupted, _ = generate_teacher_responses(model, tok, PROMPTS, tmp_path / "b.jsonl", settings=SETTINGS,
-                                                  teacher_id=TEACHER_ID)
+    uninterrupted, _ = generate_teacher_responses(
+        model, tok, PROMPTS, tmp_path / "b.jsonl", settings=SETTINGS, teacher_id=TEACHER_ID
+    )
     assert [r["response"] for r in uninterrupted] == [r["response"] for r in records]
     assert len({r["response"] for r in records}) > 1  # sampling at temperature 1 does vary
 
@@ -120,13 +125,16 @@ def test_repeated_ngram_share():
         repeated_ngram_share([1, 2], 0)
 
 
-@pytest.mark.parametrize("response, tokens, finish, expected", [
-    ("A fine answer.", list(range(12)), "stop", []),
-    ("   ", [], "stop", ["empty"]),
-    ("cut off in the mid", list(range(12)), "length", ["length"]),
-    ("la la la", [5, 6] * 10, "stop", ["repetition"]),
-    ("", [5] * 10, "length", ["empty", "length", "repetition"]),
-])
+@pytest.mark.parametrize(
+    "response, tokens, finish, expected",
+    [
+        ("A fine answer.", list(range(12)), "stop", []),
+        ("   ", [], "stop", ["empty"]),
+        ("cut off in the mid", list(range(12)), "length", ["length"]),
+        ("la la la", [5, 6] * 10, "stop", ["repetition"]),
+        ("", [5] * 10, "length", ["empty", "length", "repetition"]),
+    ],
+)
 def test_degenerate_flags(response, tokens, finish, expected):
     assert degenerate_flags(response, tokens, finish, ngram=4, threshold=0.5) == expected
 
@@ -137,8 +145,12 @@ def _record(prompt_messages, response, flags=()):
 
 def test_only_the_teachers_response_is_counted(tok):
     """A multi-turn prompt holds the corpus's earlier assistant turn: context, not a target."""
-    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"},
-              {"role": "assistant", "content": "I am fine, thank you."}, {"role": "user", "content": "Markets?"}]
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, how are you?"},
+        {"role": "assistant", "content": "I am fine, thank you."},
+        {"role": "user", "content": "Markets?"},
+    ]
     response = "Markets rallied as the central bank held interest rates steady."
     docs = response_conversations([_record(prompt, response)], filter_degenerate=True)
     [sample] = tokenize_responses(docs, tok, max_seq_len=256)
@@ -155,25 +167,42 @@ def test_only_the_teachers_response_is_counted(tok):
 
 def test_degenerate_responses_are_filtered_only_when_asked(tok):
     prompt = [{"role": "user", "content": "Hi"}]
-    records = [_record(prompt, "Hello there."), _record(prompt, "la la la la", ["repetition"]),
-               _record(prompt, "", ["empty"]), _record(prompt, "cut", ["length"])]
+    records = [
+        _record(prompt, "Hello there."),
+        _record(prompt, "la la la la", ["repetition"]),
+        _record(prompt, "", ["empty"]),
+        _record(prompt, "cut", ["length"]),
+    ]
     assert [d["messages"][-1]["content"] for d in response_conversations(records, filter_degenerate=True)] == [
-        "Hello there."]
+        "Hello there."
+    ]
     # unfiltered, an empty answer is still left out: it has no token to learn
     assert len(response_conversations(records, filter_degenerate=False)) == 3
 
 
 def _chat_file(tmp_path, n=20):
-    rows = [{"messages": [{"role": "user", "content": NEWS[i % 6][: 20 + i]},
-                          {"role": "assistant", "content": NEWS[(i + 1) % 6]}]} for i in range(n)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": NEWS[i % 6][: 20 + i]},
+                {"role": "assistant", "content": NEWS[(i + 1) % 6]},
+            ]
+        }
+        for i in range(n)
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
 
 def test_prompts_come_from_the_training_conversations_only(tmp_path):
-    cfg = DataConfig(source="files", format="chat", paths=[_chat_file(tmp_path)], validation_fraction=0.25,
-                     teacher_responses={"max_prompts": 10})
+    cfg = DataConfig(
+        source="files",
+        format="chat",
+        paths=[_chat_file(tmp_path)],
+        validation_fraction=0.25,
+        teacher_responses={"max_prompts": 10},
+    )
     from alambic.data.sources import load_documents
 
     train_docs, validation_docs = split_documents(load_documents(cfg), cfg)
@@ -186,8 +215,15 @@ def test_prompts_come_from_the_training_conversations_only(tmp_path):
 
 
 def test_the_response_set_is_written_and_reloads_and_an_empty_one_is_refused(model, tok, tmp_path):
-    summary = write_response_set(model, tok, PROMPTS, tmp_path / "g", settings=SETTINGS.model_copy(
-        update={"filter_degenerate": False}), teacher_id=TEACHER_ID, max_seq_len=64)
+    summary = write_response_set(
+        model,
+        tok,
+        PROMPTS,
+        tmp_path / "g",
+        settings=SETTINGS.model_copy(update={"filter_degenerate": False}),
+        teacher_id=TEACHER_ID,
+        max_seq_len=64,
+    )
     dataset = load_response_set(tmp_path / "g")
     assert len(dataset) == summary["training_sequences"] > 0
     assert summary["counted_tokens"] == sum(sum(t != IGNORE_INDEX for t in row) for row in dataset["labels"])
@@ -197,16 +233,29 @@ def test_the_response_set_is_written_and_reloads_and_an_empty_one_is_refused(mod
 
     # a 1-token cap: every answer is cut ("length") and, filtered, none is left
     with pytest.raises(DataSourceError, match="no teacher response is left to train on: 14 of 14 flagged"):
-        write_response_set(model, tok, PROMPTS, tmp_path / "h", settings=SETTINGS.model_copy(
-            update={"max_new_tokens": 1}), teacher_id=TEACHER_ID, max_seq_len=64)
+        write_response_set(
+            model,
+            tok,
+            PROMPTS,
+            tmp_path / "h",
+            settings=SETTINGS.model_copy(update={"max_new_tokens": 1}),
+            teacher_id=TEACHER_ID,
+            max_seq_len=64,
+        )
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"format": "text", "teacher_responses": {}}, "data.teacher_responses answers chat prompts: set data.format: chat"),
-    ({"teacher_responses": {"num_samples": 3, "temperature": 0}}, "num_samples = 3 with temperature 0"),
-    ({"teacher_responses": {"top_p": 0}}, "data.teacher_responses.top_p"),
-    ({"teacher_responses": {}, "teacher_cache": {}}, "remove data.teacher_cache or data.teacher_responses"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"format": "text", "teacher_responses": {}},
+            "data.teacher_responses answers chat prompts: set data.format: chat",
+        ),
+        ({"teacher_responses": {"num_samples": 3, "temperature": 0}}, "num_samples = 3 with temperature 0"),
+        ({"teacher_responses": {"top_p": 0}}, "data.teacher_responses.top_p"),
+        ({"teacher_responses": {}, "teacher_cache": {}}, "remove data.teacher_cache or data.teacher_responses"),
+    ],
+)
 def test_contradictory_settings_are_refused_naming_the_fields(tmp_path, data, message):
     base = {"source": "files", "format": "chat", "paths": [str(_chat_file(tmp_path))]}
     with pytest.raises(ConfigError) as err:
@@ -215,8 +264,11 @@ def test_contradictory_settings_are_refused_naming_the_fields(tmp_path, data, me
 
 
 def test_teacher_responses_leave_the_data_stage_hash_alone(tmp_path):
-    base = {"teacher": {"model": "x"}, "student": {"model": "y"},
-            "data": {"source": "files", "format": "chat", "paths": [str(_chat_file(tmp_path))]}}
+    base = {
+        "teacher": {"model": "x"},
+        "student": {"model": "y"},
+        "data": {"source": "files", "format": "chat", "paths": [str(_chat_file(tmp_path))]},
+    }
     plain = validate_config(base)
     generating = validate_config({**base, "data": {**base["data"], "teacher_responses": {"temperature": 0.3}}})
     from alambic.stages import DATA_FIELDS
@@ -230,12 +282,20 @@ def test_alambic_generate_answers_the_training_prompts_without_building_the_stud
 
     runner = CliRunner()
     assert "teacher answer" in " ".join(runner.invoke(app, ["generate", "--help"]).output.split())
-    config = {"name": "gen", "output_dir": str(tmp_path / "runs"),
-              "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
-              "student": {"from_teacher": {"layers": "every_other"}},
-              "data": {"source": "files", "format": "chat", "paths": [str(_chat_file(tmp_path, 12))],
-                       "max_seq_len": 64, "validation_fraction": 0.25,
-                       "teacher_responses": {"max_new_tokens": 4, "batch_size": 4, "filter_degenerate": False}}}
+    config = {
+        "name": "gen",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
+        "student": {"from_teacher": {"layers": "every_other"}},
+        "data": {
+            "source": "files",
+            "format": "chat",
+            "paths": [str(_chat_file(tmp_path, 12))],
+            "max_seq_len": 64,
+            "validation_fraction": 0.25,
+            "teacher_responses": {"max_new_tokens": 4, "batch_size": 4, "filter_degenerate": False},
+        },
+    }
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(config))
     result = runner.invoke(app, ["generate", str(path)])

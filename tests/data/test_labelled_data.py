@@ -17,8 +17,9 @@ def _cfg(path, **kw):
 
 
 def test_labels_are_numbered_in_sorted_order_and_recorded(tmp_path):
-    prepared = prepare_datasets(_cfg(write_labelled_corpus(tmp_path / "news.jsonl", 24), max_seq_len=6),
-                                tiny_tokenizer())
+    prepared = prepare_datasets(
+        _cfg(write_labelled_corpus(tmp_path / "news.jsonl", 24), max_seq_len=6), tiny_tokenizer()
+    )
     split = prepared.split
     assert class_labels(prepared) == split["labels"] == ["business", "sport", "tech"]
     assert split["documents"] == {"total": 24, "train": 18, "validation": 6}
@@ -46,8 +47,11 @@ def test_a_csv_with_a_label_column(tmp_path):
         writer.writerow(["body", "topic"])
         writer.writerows([["Markets rallied.", 1], ["The team won.", 0], ["", 1], ["Phones got faster.", 1]])
     docs = load_documents(_cfg(path, text_field="body", label_field="topic"))
-    assert [(d["text"], d["label"]) for d in docs] == [("Markets rallied.", "1"), ("The team won.", "0"),
-                                                      ("Phones got faster.", "1")]  # the empty text is skipped
+    assert [(d["text"], d["label"]) for d in docs] == [
+        ("Markets rallied.", "1"),
+        ("The team won.", "0"),
+        ("Phones got faster.", "1"),
+    ]  # the empty text is skipped
     with pytest.raises(DataSourceError, match=r"no column 'label' \(data.label_field\); columns found: body, topic"):
         load_documents(_cfg(path, text_field="body"))
 
@@ -66,8 +70,9 @@ def test_bbc_news_labels_are_its_folders():
 
 
 def test_the_collator_pads_right_and_keeps_one_label_per_example():
-    batch = ClassificationCollator(pad_token_id=3)([{"input_ids": [5, 6, 7], "labels": 2},
-                                                    {"input_ids": [8], "labels": 0}])
+    batch = ClassificationCollator(pad_token_id=3)(
+        [{"input_ids": [5, 6, 7], "labels": 2}, {"input_ids": [8], "labels": 0}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [2, 0]

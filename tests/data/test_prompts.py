@@ -18,8 +18,14 @@ def _chat(doc_id, *turns):
 
 
 def test_one_prompt_per_conversation_ending_with_an_assistant_turn():
-    system = {"id": "s", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                      {"role": "assistant", "content": "Hello."}]}
+    system = {
+        "id": "s",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    }
     docs = [
         _chat("a", "Hi", "Hello!"),
         _chat("b", "Hi", "Hello!", "Who are you?"),  # ends with the user: nothing to score against
@@ -83,10 +89,17 @@ def test_chat_preparation_builds_prompts_from_held_out_documents_only(tmp_path):
 
 def test_prompts_are_capped_like_the_validation_sequences(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n"
-                            for i in range(40)))
-    cfg = DataConfig(source="files", paths=[path], format="chat", max_seq_len=64, validation_fraction=0.25,
-                     max_validation_sequences=3)
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(40))
+    )
+    cfg = DataConfig(
+        source="files",
+        paths=[path],
+        format="chat",
+        max_seq_len=64,
+        validation_fraction=0.25,
+        max_validation_sequences=3,
+    )
     prepared = prepare_datasets(cfg, tiny_tokenizer())
     assert [p["id"] for p in prepared.prompts] == prepared.split["validation_document_ids"][:3]
     assert prepared.split["prompts"] == 3 and len(prepared.split["validation_document_ids"]) == 10

@@ -63,11 +63,14 @@ SCORES = np.array([0.9, 0.1, 0.3, 0.8, 0.2, 0.7, 0.3, 0.5])
 # ascending, ties by index: 1 (0.1), 4 (0.2), 2 (0.3), 6 (0.3), 7 (0.5), 5 (0.7), 3 (0.8), 0 (0.9)
 
 
-@pytest.mark.parametrize("band, kept", [
-    ("highest", [0, 3, 5]),  # 0.9, 0.8, 0.7: k = round(0.375 * 8) = 3
-    ("lowest", [1, 2, 4]),  # 0.1, 0.2 and the first of the tied 0.3
-    ("middle", [2, 6, 7]),  # ranks 2, 3, 4: start (8 - 3) // 2 = 2
-])
+@pytest.mark.parametrize(
+    "band, kept",
+    [
+        ("highest", [0, 3, 5]),  # 0.9, 0.8, 0.7: k = round(0.375 * 8) = 3
+        ("lowest", [1, 2, 4]),  # 0.1, 0.2 and the first of the tied 0.3
+        ("middle", [2, 6, 7]),  # ranks 2, 3, 4: start (8 - 3) // 2 = 2
+    ],
+)
 def test_the_chosen_band_is_kept(band, kept):
     assert select_band(SCORES, 0.375, band).tolist() == kept
     assert select_band(SCORES, 1.0, band).tolist() == list(range(8))
@@ -113,9 +116,14 @@ def test_the_record_describes_the_distribution_and_the_cut(tmp_path):
     assert path is not None and path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("selection, field", [({"keep_fraction": 0}, "data.selection.keep_fraction"),
-                                              ({"keep_fraction": 1.5}, "data.selection.keep_fraction"),
-                                              ({"band": "top"}, "data.selection.band")])
+@pytest.mark.parametrize(
+    "selection, field",
+    [
+        ({"keep_fraction": 0}, "data.selection.keep_fraction"),
+        ({"keep_fraction": 1.5}, "data.selection.keep_fraction"),
+        ({"band": "top"}, "data.selection.band"),
+    ],
+)
 def test_bad_selection_settings_are_refused_naming_the_field(selection, field):
     with pytest.raises(ConfigError, match=field):
         validate_config({"teacher": {"model": "x"}, "student": {"model": "y"}, "data": {"selection": selection}})

@@ -21,8 +21,11 @@ def _files_cfg(*paths, **kw) -> DataConfig:
 
 CHAT = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"},
-     {"role": "assistant", "content": "Bob."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name?"},
+        {"role": "assistant", "content": "Bob."},
+    ],
 ]
 
 
@@ -94,8 +97,11 @@ def test_empty_result_is_an_error(tmp_path):
 def test_jsonl_text_rows(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"body": "one"}, {"body": "two"}, {"body": "  "}, {"body": "three"}])
     docs = load_documents(_files_cfg(path, text_field="body"))
-    assert docs == [{"id": "d.jsonl:0", "text": "one"}, {"id": "d.jsonl:1", "text": "two"},
-                    {"id": "d.jsonl:3", "text": "three"}]
+    assert docs == [
+        {"id": "d.jsonl:0", "text": "one"},
+        {"id": "d.jsonl:1", "text": "two"},
+        {"id": "d.jsonl:3", "text": "three"},
+    ]
 
 
 def test_json_array_file(tmp_path):

@@ -33,8 +33,10 @@ def tok():
 
 
 def _docs(n):
-    return [{"id": f"d{i}", "text": f"Document {i}: the quick brown fox jumps over the lazy dog {i} times."}
-            for i in range(n)]
+    return [
+        {"id": f"d{i}", "text": f"Document {i}: the quick brown fox jumps over the lazy dog {i} times."}
+        for i in range(n)
+    ]
 
 
 def _counted_runs(ids, labels):
@@ -99,12 +101,20 @@ def test_text_shorter_than_one_sequence_is_kept(tok):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine, thank you."}],
-    [{"role": "system", "content": "You are a news bot."}, {"role": "user", "content": "What happened?"},
-     {"role": "assistant", "content": "Markets rallied."}, {"role": "user", "content": "And sport?"},
-     {"role": "assistant", "content": "The team won the cup final."}],
+    [
+        {"role": "system", "content": "You are a news bot."},
+        {"role": "user", "content": "What happened?"},
+        {"role": "assistant", "content": "Markets rallied."},
+        {"role": "user", "content": "And sport?"},
+        {"role": "assistant", "content": "The team won the cup final."},
+    ],
     # contents that also occur inside the role headers must not be found there
-    [{"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "a"},
-     {"role": "user", "content": "assistant"}, {"role": "assistant", "content": "assistant"}],
+    [
+        {"role": "user", "content": "Say a word."},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "assistant"},
+        {"role": "assistant", "content": "assistant"},
+    ],
 ]
 
 
@@ -132,8 +142,9 @@ def test_chat_counts_exactly_assistant_content_and_end_token(messages, template)
     (sample,) = tokenize_chat([{"id": "c", "messages": messages}], tok, max_seq_len=512)
     runs = [tok.decode(r, skip_special_tokens=False) for r in _counted_runs(sample["input_ids"], sample["labels"])]
     assert runs == [m["content"].strip() + "<|im_end|>" for m in messages if m["role"] == "assistant"]
-    uncounted = tok.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == IGNORE_INDEX],
-                           skip_special_tokens=False)
+    uncounted = tok.decode(
+        [t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == IGNORE_INDEX], skip_special_tokens=False
+    )
     for m in messages:
         if m["role"] != "assistant":
             assert m["content"].strip() in uncounted
@@ -187,8 +198,9 @@ def _write_text_corpus(tmp_path, n=40):
 
 def test_prepare_text_keeps_held_out_documents_out_of_training(tmp_path, tok):
     folder = _write_text_corpus(tmp_path)
-    cfg = DataConfig(source="files", paths=[folder], max_seq_len=16, validation_fraction=0.2,
-                     max_validation_sequences=3, seed=1)
+    cfg = DataConfig(
+        source="files", paths=[folder], max_seq_len=16, validation_fraction=0.2, max_validation_sequences=3, seed=1
+    )
     prepared = prepare_datasets(cfg, tok)
     split = prepared.split
     assert split["documents"] == {"total": 40, "train": 32, "validation": 8}
@@ -232,8 +244,9 @@ def test_prepare_chat_and_round_trip(tmp_path, tok):
 
 def test_prepare_fails_clearly_when_nothing_counts(tmp_path, tok):
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "The quick brown fox. " * 30, "response": "ok"}) + "\n"
-                            for _ in range(4)))
+    path.write_text(
+        "".join(json.dumps({"prompt": "The quick brown fox. " * 30, "response": "ok"}) + "\n" for _ in range(4))
+    )
     with pytest.raises(DataSourceError, match="no sequence with a counted token"):
         prepare_datasets(DataConfig(source="files", paths=[path], format="chat", max_seq_len=8), tok)
 
@@ -243,10 +256,12 @@ def test_prepare_fails_clearly_when_nothing_counts(tmp_path, tok):
 
 def test_collator_right_pads():
     collate = DistillationCollator(pad_token_id=3)
-    batch = collate([
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-        {"input_ids": torch.tensor([8]), "attention_mask": torch.tensor([1]), "labels": torch.tensor([8])},
-    ])
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": torch.tensor([8]), "attention_mask": torch.tensor([1]), "labels": torch.tensor([8])},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

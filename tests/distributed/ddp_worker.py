@@ -26,8 +26,10 @@ spec = json.loads(sys.argv[1])
 out = Path(spec["out"])
 rank = int(os.environ.get("RANK", "0"))
 tokenizer = tiny_tokenizer()
-data = prepare_datasets(DataConfig(source="files", format="chat", paths=[Path(spec["chat"])], max_seq_len=48,
-                                   validation_fraction=0.2), tokenizer)
+data = prepare_datasets(
+    DataConfig(source="files", format="chat", paths=[Path(spec["chat"])], max_seq_len=48, validation_fraction=0.2),
+    tokenizer,
+)
 counts: list[int] = []
 collate = DistillationCollator.__call__
 
@@ -43,16 +45,30 @@ DistillationCollator.__call__ = counting_collate
 
 
 student = tiny_model("llama", seed=2, num_layers=2)
-summary = train(student, tokenizer, data, teacher=tiny_model("llama", seed=1),
-                loss=LossConfig(alpha=0.5, divergence="forward_kl", temperature=2.0),
-                training=TrainingConfig(max_steps=spec["max_steps"], per_device_train_batch_size=spec["per_device"],
-                                        per_device_eval_batch_size=spec["per_device"],
-                                        eval_steps=spec.get("eval_steps"),
-                                        gradient_accumulation_steps=spec["accumulation"], learning_rate=1e-2,
-                                        warmup_ratio=0, lr_scheduler_type="constant", logging_steps=1,
-                                        save_steps=spec["save_steps"], save_total_limit=5, bf16=False,
-                                        trainer_args={"data_seed": 0}),
-                output_dir=Path(spec.get("run", out / "run")), resume=not spec.get("restart", False))
+summary = train(
+    student,
+    tokenizer,
+    data,
+    teacher=tiny_model("llama", seed=1),
+    loss=LossConfig(alpha=0.5, divergence="forward_kl", temperature=2.0),
+    training=TrainingConfig(
+        max_steps=spec["max_steps"],
+        per_device_train_batch_size=spec["per_device"],
+        per_device_eval_batch_size=spec["per_device"],
+        eval_steps=spec.get("eval_steps"),
+        gradient_accumulation_steps=spec["accumulation"],
+        learning_rate=1e-2,
+        warmup_ratio=0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_steps=spec["save_steps"],
+        save_total_limit=5,
+        bf16=False,
+        trainer_args={"data_seed": 0},
+    ),
+    output_dir=Path(spec.get("run", out / "run")),
+    resume=not spec.get("restart", False),
+)
 out.mkdir(parents=True, exist_ok=True)
 (out / f"counts{rank}.json").write_text(json.dumps(counts))
 if rank == 0:

@@ -34,9 +34,13 @@ student = tiny_model("llama", seed=2, num_layers=2, tie=tie)
 teacher = tiny_model("llama", seed=1, tie=tie)
 extra: dict = {}
 if spec.get("stage") is not None:
-    extra["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                          "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-                          "zero_optimization": {"stage": spec["stage"]}}
+    extra["deepspeed"] = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": spec["stage"]},
+    }
 seen: dict[str, bool] = {}
 
 
@@ -48,16 +52,32 @@ class Probe(TrainerCallback):
             seen.update(student=any(hasattr(p, "ds_id") for p in model.parameters()))
 
 
-summary = train(student, tiny_tokenizer(), data, teacher=teacher,
-                loss=LossConfig(alpha=0.5, divergence="reverse_kl", implementation=spec.get("implementation",
-                                                                                          "chunked"), chunk_size=7),
-                training=TrainingConfig(max_steps=3, per_device_train_batch_size=4 // world // accumulation,
-                                        gradient_accumulation_steps=accumulation,
-                                        per_device_eval_batch_size=4 // world, learning_rate=0.5, warmup_ratio=0,
-                                        lr_scheduler_type="constant", max_grad_norm=1e9, save_steps=100,
-                                        logging_steps=1, eval_steps=3, shard_teacher=spec.get("shard_teacher", "auto"),
-                                        trainer_args={"optim": "sgd", "data_seed": 0, **extra}),
-                output_dir=out / "run", callbacks=[Probe()])
+summary = train(
+    student,
+    tiny_tokenizer(),
+    data,
+    teacher=teacher,
+    loss=LossConfig(
+        alpha=0.5, divergence="reverse_kl", implementation=spec.get("implementation", "chunked"), chunk_size=7
+    ),
+    training=TrainingConfig(
+        max_steps=3,
+        per_device_train_batch_size=4 // world // accumulation,
+        gradient_accumulation_steps=accumulation,
+        per_device_eval_batch_size=4 // world,
+        learning_rate=0.5,
+        warmup_ratio=0,
+        lr_scheduler_type="constant",
+        max_grad_norm=1e9,
+        save_steps=100,
+        logging_steps=1,
+        eval_steps=3,
+        shard_teacher=spec.get("shard_teacher", "auto"),
+        trainer_args={"optim": "sgd", "data_seed": 0, **extra},
+    ),
+    output_dir=out / "run",
+    callbacks=[Probe()],
+)
 teacher_partitioned = any(hasattr(p, "ds_id") for p in teacher.parameters())
 params = list(student.parameters())
 if any(hasattr(p, "ds_id") for p in params):
@@ -69,6 +89,12 @@ else:
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
 if rank == 0:
     torch.save(state, out / "student.pt")
-    (out / "result.json").write_text(json.dumps({"log_history": summary["log_history"],
-                                                 "student_partitioned": seen.get("student", False),
-                                                 "teacher_partitioned": teacher_partitioned}))
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "log_history": summary["log_history"],
+                "student_partitioned": seen.get("student", False),
+                "teacher_partitioned": teacher_partitioned,
+            }
+        )
+    )

@@ -16,23 +16,29 @@ import alambic.stages
 rank = int(os.environ.get("RANK", "0"))
 
 if os.environ.get("FAIL_STAGE") and rank == int(os.environ.get("FAIL_RANK", "-1")):
+
     def fail(config, ctx):
         raise ValueError(f"injected failure on rank {rank}")
 
-    alambic.stages.STAGES[:] = [dataclasses.replace(s, run=fail) if s.name == os.environ["FAIL_STAGE"] else s
-                                for s in alambic.stages.STAGES]
+    alambic.stages.STAGES[:] = [
+        dataclasses.replace(s, run=fail) if s.name == os.environ["FAIL_STAGE"] else s for s in alambic.stages.STAGES
+    ]
 
 if os.environ.get("SLEEP_STAGE"):
+
     def sleeping(run):
         def sleep_first(config, ctx):
             if os.environ.get("SLEEP_MARK"):
                 open(f"{os.environ['SLEEP_MARK']}.{rank}", "w").close()
             time.sleep(float(os.environ["STAGE_SLEEP"]))
             return run(config, ctx)
+
         return sleep_first
 
-    alambic.stages.STAGES[:] = [dataclasses.replace(s, run=sleeping(s.run)) if s.name == os.environ["SLEEP_STAGE"]
-                                else s for s in alambic.stages.STAGES]
+    alambic.stages.STAGES[:] = [
+        dataclasses.replace(s, run=sleeping(s.run)) if s.name == os.environ["SLEEP_STAGE"] else s
+        for s in alambic.stages.STAGES
+    ]
 
 if os.environ.get("STEP_SLEEP"):
     from alambic.training.trainer import DistillationTrainer

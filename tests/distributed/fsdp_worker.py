@@ -70,8 +70,10 @@ def shard_student(student: torch.nn.Module, unit: str) -> None:
 def full_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for name, p in student.named_parameters()}
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in student.named_parameters()
+    }
 
 
 def cached_rows(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,8 +89,11 @@ def train(settings: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     tie = settings.get("tie", True)
     student = tiny_model("llama", seed=2, num_layers=2, tie=tie).train()
     teacher = tiny_model("llama", seed=1, tie=tie)
-    additional = [WeightedTeacher("second", tiny_model("llama", seed=3, tie=tie), weight=0.5)] \
-        if settings.get("ensemble") else []
+    additional = (
+        [WeightedTeacher("second", tiny_model("llama", seed=3, tie=tie), weight=0.5)]
+        if settings.get("ensemble")
+        else []
+    )
     features = {"attention": {}, "hidden_states": {}} if settings.get("features") else None
     if world > 1:
         shard_student(student, settings["unit"])
@@ -97,11 +102,16 @@ def train(settings: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     args = TrainingArguments(str(out / "args"), use_cpu=True, report_to=[], per_device_train_batch_size=ROWS // world)
     cached = settings.get("cached", False)
     trainer = DistillationTrainer(
-        model=student, args=args, teacher=None if cached else teacher, additional_teachers=additional,
+        model=student,
+        args=args,
+        teacher=None if cached else teacher,
+        additional_teachers=additional,
         source=CachedTopK() if cached else None,
-        loss_config=LossConfig(alpha=0.5, implementation=settings.get("implementation", "chunked"), chunk_size=5,
-                               features=features),
-        shard_teacher=settings.get("shard_teacher", "auto"))
+        loss_config=LossConfig(
+            alpha=0.5, implementation=settings.get("implementation", "chunked"), chunk_size=5, features=features
+        ),
+        shard_teacher=settings.get("shard_teacher", "auto"),
+    )
     if world > 1 and not cached:
         from alambic.sharding import is_sharded
 

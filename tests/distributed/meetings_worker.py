@@ -42,6 +42,7 @@ if scenario == "basics":
     except Exception as exc:
         seen["failure"] = {"type": type(exc).__name__, "message": str(exc)}
 elif scenario in ("freeze", "die"):
+
     def job():
         if scenario == "freeze":
             os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: its heartbeat stops

@@ -10,20 +10,39 @@ from pathlib import Path
 from typing import Any
 
 
-def launch(worker: Path, spec: dict[str, Any], processes: int, timeout: float = 300,
-           env: dict[str, str] | None = None, accelerate_config: Path | None = None) -> str:
+def launch(
+    worker: Path,
+    spec: dict[str, Any],
+    processes: int,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    accelerate_config: Path | None = None,
+) -> str:
     """Run `worker SPEC_JSON` on `processes` ranks, under torchrun, or under `accelerate launch` with
     `accelerate_config`; return its output. Raises AssertionError on failure or timeout."""
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                          "--nproc_per_node", str(processes)]
+    launcher = (
+        [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    )
     if accelerate_config is not None:
-        launcher = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                    "--num_processes", str(processes)]
+        launcher = [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_config),
+            "--num_processes",
+            str(processes),
+        ]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environ.pop(name, None)  # a single process must not think itself launched
-    proc = subprocess.Popen([sys.executable, *launcher, str(worker), json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=environ, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *launcher, str(worker), json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environ,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -38,21 +38,27 @@ def patched(module, name: str, wrapper):
 
 def counting_rows(seen: list[int]):
     """A final_hidden_states wrapper that adds the rows of each batch it runs to `seen`."""
+
     def wrapper(original):
         def run(model, core, input_ids, *args, **kwargs):
             seen.append(int(input_ids.shape[0]))
             return original(model, core, input_ids, *args, **kwargs)
+
         return run
+
     return wrapper
 
 
 def counting_prompts(seen: list[int]):
     """A generate_responses wrapper that adds the number of conversations of each call to `seen`."""
+
     def wrapper(original):
         def run(model, tokenizer, conversations, **kwargs):
             seen.append(len(conversations))
             return original(model, tokenizer, conversations, **kwargs)
+
         return run
+
     return wrapper
 
 
@@ -66,8 +72,18 @@ def cache_part(inputs: Path, out: Path) -> dict[str, int]:
     fingerprint = cache_fingerprint(tokenizer, rows, k=8, temperature=2.0, teacher_id="tiny-llama")
 
     def write() -> None:
-        write_teacher_cache(teacher, rows, out / "cache", k=8, temperature=2.0, fingerprint=fingerprint,
-                            dtype="float16", batch_size=3, sequences_per_shard=5, progress=distributed.is_main())
+        write_teacher_cache(
+            teacher,
+            rows,
+            out / "cache",
+            k=8,
+            temperature=2.0,
+            fingerprint=fingerprint,
+            dtype="float16",
+            batch_size=3,
+            sequences_per_shard=5,
+            progress=distributed.is_main(),
+        )
 
     first, resumed = [], []
     with patched(write_module, "final_hidden_states", counting_rows(first)):
@@ -91,10 +107,23 @@ def generate_part(inputs: Path, out: Path) -> dict[str, int]:
     model, tokenizer = tiny_model(tie=False), tiny_tokenizer()  # untied: a tied random model repeats its input
     seen: list[int] = []
     with patched(alambic.decoding, "generate_responses", counting_prompts(seen)):
-        write_response_set(model, tokenizer, prompts, out / "greedy", settings=TeacherResponsesConfig(**GREEDY),
-                           teacher_id="tiny", max_seq_len=64)
-        generate_teacher_responses(model, tokenizer, prompts, out / "sampled" / "generations.jsonl",
-                                   settings=TeacherResponsesConfig(**SAMPLED), teacher_id="tiny")
+        write_response_set(
+            model,
+            tokenizer,
+            prompts,
+            out / "greedy",
+            settings=TeacherResponsesConfig(**GREEDY),
+            teacher_id="tiny",
+            max_seq_len=64,
+        )
+        generate_teacher_responses(
+            model,
+            tokenizer,
+            prompts,
+            out / "sampled" / "generations.jsonl",
+            settings=TeacherResponsesConfig(**SAMPLED),
+            teacher_id="tiny",
+        )
     return {"generate_prompts": sum(seen)}
 
 
@@ -120,11 +149,14 @@ def evaluate_part(inputs: Path, out: Path) -> dict[str, int]:
         def run(*args, **kwargs):
             costs.append(1)
             return original(*args, **kwargs)
+
         return run
 
-    with (patched(quality, "final_hidden_states", counting_rows(rows)),
-          patched(alambic.decoding, "generate_responses", counting_prompts(prompts)),
-          patched(alambic.evaluation.cost, "measure_cost", counting_calls)):
+    with (
+        patched(quality, "final_hidden_states", counting_rows(rows)),
+        patched(alambic.decoding, "generate_responses", counting_prompts(prompts)),
+        patched(alambic.evaluation.cost, "measure_cost", counting_calls),
+    ):
         evaluate(config, StageContext(run_dir=run, resume=False))
     return {"evaluate_rows": sum(rows), "evaluate_prompts": sum(prompts), "cost_runs": sum(costs)}
 

@@ -31,8 +31,23 @@ def _free_port() -> int:
 
 def _torchrun(out: Path, n: int, scenario: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                             str(WORKER), str(out), scenario], capture_output=True, text=True, env=_env(), timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            str(WORKER),
+            str(out),
+            scenario,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
@@ -98,9 +113,16 @@ def _launch_by_hand(out: Path, scenario: str, *, agent_store: bool, **env: str) 
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", **env}
     if agent_store:  # like torchrun's agent: the store lives outside the ranks (here, in the test)
         common["TORCHELASTIC_USE_AGENT_STORE"] = "True"
-    return [subprocess.Popen([sys.executable, str(WORKER), str(out), scenario],
-                             env=_env(**common, RANK=str(r), LOCAL_RANK=str(r)),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)], port
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), scenario],
+            env=_env(**common, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ], port
 
 
 def _wait_rank1(procs: list[subprocess.Popen], out: Path) -> dict:
@@ -120,16 +142,29 @@ def test_a_frozen_rank_0_stops_the_waiting_rank_after_the_heartbeat_timeout(tmp_
 
     procs, port = None, _free_port()
     store = TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False)  # the agent's
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-              "TORCHELASTIC_USE_AGENT_STORE": "True", "ALAMBIC_HEARTBEAT_TIMEOUT": "3"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "freeze"],
-                              env=_env(**common, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    common = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "ALAMBIC_HEARTBEAT_TIMEOUT": "3",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), "freeze"],
+            env=_env(**common, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     seen = _wait_rank1(procs, tmp_path)
     del store
     assert seen["failure"]["type"] == "RankFailure"
-    assert seen["failure"]["message"].startswith("rank 0 failed during the frozen job: it stopped answering: "
-                                                 "no heartbeat for 3 s")
+    assert seen["failure"]["message"].startswith(
+        "rank 0 failed during the frozen job: it stopped answering: no heartbeat for 3 s"
+    )
     assert seen["waited"] < 30
 
 
@@ -149,4 +184,5 @@ def test_a_world_of_two_whose_accelerate_state_is_not_distributed_is_refused_by_
         assert mine["failure"]["type"] == "DistributedSetupError"
         assert mine["failure"]["message"].startswith(
             f"WORLD_SIZE=2: the launcher started 2 processes, but accelerate's state on rank {r} is not distributed "
-            "(distributed_type NO, num_processes 1)")
+            "(distributed_type NO, num_processes 1)"
+        )

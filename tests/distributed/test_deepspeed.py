@@ -47,13 +47,16 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize(("run", "reference", "partitioned"), [
-    ("zero3", "single", {"student": True, "teacher": True}),
-    ("zero3_untied", "single_untied", {"student": True, "teacher": False}),
-    ("zero2", "single", {"student": False, "teacher": False}),
-    ("zero3_accumulation", "single", {"student": True, "teacher": True}),
-    ("accelerate_zero3", "single", {"student": True, "teacher": True}),
-])
+@pytest.mark.parametrize(
+    ("run", "reference", "partitioned"),
+    [
+        ("zero3", "single", {"student": True, "teacher": True}),
+        ("zero3_untied", "single_untied", {"student": True, "teacher": False}),
+        ("zero2", "single", {"student": False, "teacher": False}),
+        ("zero3_accumulation", "single", {"student": True, "teacher": True}),
+        ("accelerate_zero3", "single", {"student": True, "teacher": True}),
+    ],
+)
 def test_two_deepspeed_ranks_train_as_one_process(runs, run, reference, partitioned):
     two, one = runs[run], runs[reference]
     assert {"student": two["student_partitioned"], "teacher": two["teacher_partitioned"]} == partitioned
@@ -70,8 +73,11 @@ def test_two_deepspeed_ranks_train_as_one_process(runs, run, reference, partitio
         assert evals[1][0][key] == pytest.approx(evals[0][0][key], rel=1e-5, abs=1.5e-6), key
     for key, value in one["student"].items():
         torch.testing.assert_close(two["student"][key], value, rtol=1e-4, atol=1e-6, msg=f"{run}: {key}")
-    head = "lm_head.weight" if "lm_head.weight" in one["student"] and reference.endswith("untied") \
+    head = (
+        "lm_head.weight"
+        if "lm_head.weight" in one["student"] and reference.endswith("untied")
         else "model.embed_tokens.weight"
+    )
     from helpers import tiny_model
 
     start = tiny_model("llama", seed=2, num_layers=2, tie=not reference.endswith("untied")).state_dict()

@@ -37,13 +37,26 @@ def _tiny_config(tmp_path: Path, **training) -> Path:
         "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
         "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 "validation_fraction": 0.2},
+        "data": {
+            "source": "files",
+            "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+            "max_seq_len": 16,
+            "validation_fraction": 0.2,
+        },
         "loss": {"divergence": "forward_kl", "alpha": 0.8, "temperature": 2.0},
-        "training": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3,
-                     "per_device_train_batch_size": 2, **training},
-        "evaluation": {"ce_control": False, "batch_size": 4,
-                       "cost": {"prompt_tokens": 8, "new_tokens": 3, "batch_size": 2, "warmup": 0, "repeats": 1}},
+        "training": {
+            "max_steps": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 2,
+            **training,
+        },
+        "evaluation": {
+            "ce_control": False,
+            "batch_size": 4,
+            "cost": {"prompt_tokens": 8, "new_tokens": 3, "batch_size": 2, "warmup": 0, "repeats": 1},
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -58,8 +71,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start(command: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
@@ -82,14 +102,17 @@ def _run(command: list[str], cwd: Path, timeout: float = 240, **env: str) -> tup
 def _files(run: Path) -> set[str]:
     """The run folder's files, by path; a DDP checkpoint's per-rank RNG states (the Trainer's own, one per rank:
     resuming needs each) read as the single process's one."""
-    return {re.sub(r"rng_state_\d+\.pth$", "rng_state.pth", str(p.relative_to(run)))
-            for p in run.rglob("*") if p.is_file()}
+    return {
+        re.sub(r"rng_state_\d+\.pth$", "rng_state.pth", str(p.relative_to(run))) for p in run.rglob("*") if p.is_file()
+    }
 
 
 def _two_ranks_trained(run: Path) -> bool:
     """Whether the training ran on two ranks: the Trainer saves each rank's RNG state in a checkpoint."""
-    return {p.name for p in (run / "checkpoints").glob("checkpoint-*/rng_state*.pth")} == {"rng_state_0.pth",
-                                                                                       "rng_state_1.pth"}
+    return {p.name for p in (run / "checkpoints").glob("checkpoint-*/rng_state*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
 
 
 def _manifest(run: Path) -> dict:
@@ -98,8 +121,11 @@ def _manifest(run: Path) -> dict:
 
 def _audited(tmp_path: Path) -> dict[str, str]:
     """The environment in which every rank but 0 logs its writes under the run folder (write_audit/)."""
-    return {"PYTHONPATH": f"{HERE / 'write_audit'}{os.pathsep}{SRC}", "WRITE_LOG": str(tmp_path / "writes"),
-            "RUN_DIR": str(tmp_path / "runs" / "tiny")}
+    return {
+        "PYTHONPATH": f"{HERE / 'write_audit'}{os.pathsep}{SRC}",
+        "WRITE_LOG": str(tmp_path / "writes"),
+        "RUN_DIR": str(tmp_path / "runs" / "tiny"),
+    }
 
 
 def _assert_rank_0_alone_wrote(tmp_path: Path) -> None:
@@ -123,8 +149,9 @@ def test_torchrun_two_ranks_write_one_run_folder_like_one_process(tmp_path):
     assert code == 0, single[-4000:]
     run = tmp_path / "runs" / "tiny"
     (run / "old").mkdir(parents=True)  # --restart: rank 0 empties the folder, the others wait
-    code, output, seconds = _run([*TORCHRUN, "-m", "alambic", "run", str(config), "--restart"], tmp_path,
-                                 **_audited(tmp_path))
+    code, output, seconds = _run(
+        [*TORCHRUN, "-m", "alambic", "run", str(config), "--restart"], tmp_path, **_audited(tmp_path)
+    )
     assert code == 0, output[-6000:]
     _assert_rank_0_alone_wrote(tmp_path)
     assert not (run / "old").exists()
@@ -144,8 +171,16 @@ def test_accelerate_launch_runs_a_config(tmp_path):
     # On a machine without GPUs, `--cpu --num_processes 2` starts ONE process (accelerate's simple launcher; its
     # multi-CPU path is mpirun's); `--multi_gpu` is the flag that starts N ranks through torchrun, and alambic sets
     # them up on CPU (gloo) itself.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", str(_free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     code, output, _ = _run([*launcher, "-m", "alambic", "run", str(config)], tmp_path, **_audited(tmp_path))
     assert code == 0, output[-6000:]
     _assert_rank_0_alone_wrote(tmp_path)
@@ -159,8 +194,14 @@ def test_accelerate_launch_runs_a_config(tmp_path):
 @pytest.mark.parametrize(("rank", "stage"), [(1, "distill"), (0, "data")])
 def test_a_failure_on_one_rank_stops_both_with_its_message(tmp_path, rank, stage):
     config = _tiny_config(tmp_path)
-    code, output, seconds = _run([*TORCHRUN, FAULTY, "run", str(config)], tmp_path, timeout=120,
-                                 FAIL_RANK=str(rank), FAIL_STAGE=stage, **_audited(tmp_path))
+    code, output, seconds = _run(
+        [*TORCHRUN, FAULTY, "run", str(config)],
+        tmp_path,
+        timeout=120,
+        FAIL_RANK=str(rank),
+        FAIL_STAGE=stage,
+        **_audited(tmp_path),
+    )
     assert code != 0
     _assert_rank_0_alone_wrote(tmp_path)
     assert seconds < 90, output[-4000:]
@@ -218,8 +259,19 @@ def _by_hand(command: list[str], cwd: Path, **env: str) -> list[subprocess.Popen
     """Two ranks started as a launcher without torchrun's agent would (Slurm, a script): the variables only, the
     store hosted by rank 0, and nothing that kills the others when one dies."""
     port = str(_free_port())
-    return [_start(command, cwd, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(r),
-                   LOCAL_RANK=str(r), **env) for r in range(2)]
+    return [
+        _start(
+            command,
+            cwd,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            WORLD_SIZE="2",
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            **env,
+        )
+        for r in range(2)
+    ]
 
 
 def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 200) -> None:
@@ -234,8 +286,13 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 200) -
 
 def test_without_torchrun_rank_0_killed_while_the_other_waits_stops_it(tmp_path):
     config = _tiny_config(tmp_path)
-    procs = _by_hand([sys.executable, FAULTY, "run", str(config)], tmp_path, SLEEP_STAGE="data", STAGE_SLEEP="60",
-                     SLEEP_MARK=str(tmp_path / "sleeping"))
+    procs = _by_hand(
+        [sys.executable, FAULTY, "run", str(config)],
+        tmp_path,
+        SLEEP_STAGE="data",
+        STAGE_SLEEP="60",
+        SLEEP_MARK=str(tmp_path / "sleeping"),
+    )
     _wait_for(tmp_path / "sleeping.0", procs)  # rank 0 prepares the data alone; rank 1 waits for it
     killed = time.monotonic()
     os.kill(procs[0].pid, signal.SIGKILL)
@@ -262,8 +319,12 @@ def test_without_torchrun_rank_1_killed_mid_training_stops_rank_0(tmp_path):
 
 @pytest.mark.parametrize("command", ["sweep", "chain"])
 def test_a_sweep_or_a_chain_under_a_launcher_is_refused_by_name(tmp_path, command):
-    base = {"name": "base", "output_dir": str(tmp_path / "runs"), "teacher": {"model": "x"},
-            "student": {"from_teacher": {}}}
+    base = {
+        "name": "base",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"model": "x"},
+        "student": {"from_teacher": {}},
+    }
     if command == "chain":
         base["chain"] = [{"name": "a"}, {"name": "b", "student": "previous"}]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base))

@@ -22,24 +22,36 @@ def test_a_two_rank_ddp_checkpoint_resumes_on_one_process_and_a_sharded_one_is_r
     chat = str(write_chat(tmp_path / "chat.jsonl"))
     run = tmp_path / "run"
     # 2 ranks x 2 sequences, checkpoints at steps 1 and 2; then 1 process x 4 (the same global batch) to step 3
-    run_worker({**SPEC, "chat": chat, "out": tmp_path / "ddp", "run": str(run), "per_device": 2, "max_steps": 2},
-               processes=2)
+    run_worker(
+        {**SPEC, "chat": chat, "out": tmp_path / "ddp", "run": str(run), "per_device": 2, "max_steps": 2}, processes=2
+    )
     record = json.loads((run / "checkpoints" / "checkpoint-2" / SCALE_FILE).read_text())
-    assert record == {"world_size": 2, "engine": "ddp", "per_device_train_batch_size": 2,
-                      "gradient_accumulation_steps": 1}
+    assert record == {
+        "world_size": 2,
+        "engine": "ddp",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+    }
 
     # the same checkpoints, as if FSDP had sharded them over the 2 ranks: one process cannot read them
     sharded = tmp_path / "sharded"
     shutil.copytree(run, sharded)
     for folder in (sharded / "checkpoints").glob("checkpoint-*"):
         (folder / SCALE_FILE).write_text(json.dumps({**record, "engine": "fsdp"}))
-    with pytest.raises(AssertionError, match=r"ResumeScaleError: .*checkpoint-2 was written by 2 processes under "
-                       r"fsdp.*this launch runs 1 process under single"):
-        run_worker({**SPEC, "chat": chat, "out": tmp_path / "refused", "run": str(sharded), "per_device": 4,
-                    "max_steps": 3}, processes=1)
+    with pytest.raises(
+        AssertionError,
+        match=r"ResumeScaleError: .*checkpoint-2 was written by 2 processes under "
+        r"fsdp.*this launch runs 1 process under single",
+    ):
+        run_worker(
+            {**SPEC, "chat": chat, "out": tmp_path / "refused", "run": str(sharded), "per_device": 4, "max_steps": 3},
+            processes=1,
+        )
 
-    resumed = run_worker({**SPEC, "chat": chat, "out": tmp_path / "resumed", "run": str(run), "per_device": 4,
-                          "max_steps": 3}, processes=1)
+    resumed = run_worker(
+        {**SPEC, "chat": chat, "out": tmp_path / "resumed", "run": str(run), "per_device": 4, "max_steps": 3},
+        processes=1,
+    )
     assert resumed["resumed_from"] == 2 and resumed["global_step"] == 3
     note = " ".join(resumed["output"].split())
     assert "written by 2 process(es) under ddp, on 1 under single" in note
@@ -48,8 +60,9 @@ def test_a_two_rank_ddp_checkpoint_resumes_on_one_process_and_a_sharded_one_is_r
 
     # as if never interrupted: one process trained for 3 steps from the start (the weights, the Adam moments and
     # the data order all continued)
-    straight = run_worker({**SPEC, "chat": chat, "out": tmp_path / "straight", "per_device": 4, "max_steps": 3},
-                          processes=1)
+    straight = run_worker(
+        {**SPEC, "chat": chat, "out": tmp_path / "straight", "per_device": 4, "max_steps": 3}, processes=1
+    )
     for key, value in straight["student"].items():
         torch.testing.assert_close(resumed["student"][key], value, rtol=1e-4, atol=1e-6, msg=key)
     # the whole run's mean loss covers the two ranks' steps and the resumed one
@@ -91,8 +104,9 @@ def test_full_state_checkpoints_resume_on_any_world_size_with_a_note(tmp_path):
     assert "written by 2 process(es) under ddp, on 4 under ddp" in note
     assert "ranks 2, 3 find no random state" in note
     assert "global batch changes from 4 to 8" in note
-    assert "global batch" not in check_resume_scale(folder, {**ddp, "world_size": 1, "engine": "single",
-                                                             "per_device_train_batch_size": 4})
+    assert "global batch" not in check_resume_scale(
+        folder, {**ddp, "world_size": 1, "engine": "single", "per_device_train_batch_size": 4}
+    )
 
 
 def test_a_checkpoint_older_than_the_record_counts_as_one_process(tmp_path):
@@ -131,7 +145,8 @@ def test_a_student_sharded_by_fully_shard_is_recorded_as_fsdp(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    result = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "before: single" in result.stdout and "after: fsdp" in result.stdout

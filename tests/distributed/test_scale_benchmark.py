@@ -13,12 +13,34 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 
 def test_scale_benchmark_tiny_two_processes(tmp_path):
     out = tmp_path / "scale.json"
-    cmd = [sys.executable, str(BENCH), "--tiny", "--procs", "2", "--engines", "ddp,fsdp", "--warmup", "1",
-           "--steps", "1", "--batch", "2", "--seq", "16", "--timeout", "240", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--tiny",
+        "--procs",
+        "2",
+        "--engines",
+        "ddp,fsdp",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--timeout",
+        "240",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"benchmark failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in proc.stdout.splitlines()
-            if line.startswith("| ddp") or line.startswith("| fsdp")}
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3])
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ddp") or line.startswith("| fsdp")
+    }
     assert rows == {("ddp", "2"), ("fsdp", "2")}, proc.stdout
 
     results = {r["engine"]: r for r in json.loads(out.read_text())["results"]}

@@ -30,8 +30,13 @@ TIMEOUT = 480  # seconds: a hung collective fails the test, it never hangs CI
 
 def write_chat(path: Path, rows: int, offset: int = 0) -> Path:
     """Chat rows of uneven lengths (batches pad, sequences count different numbers of tokens)."""
-    lines = [{"prompt": f"Q{offset + i}: {NEWS[i % 6][: 8 + 4 * (i % 5)]}",
-              "response": f"{NEWS[(i + 1) % 6][: 12 + 4 * (i % 7)]} {offset + i}."} for i in range(rows)]
+    lines = [
+        {
+            "prompt": f"Q{offset + i}: {NEWS[i % 6][: 8 + 4 * (i % 5)]}",
+            "response": f"{NEWS[(i + 1) % 6][: 12 + 4 * (i % 7)]} {offset + i}.",
+        }
+        for i in range(rows)
+    ]
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
 
@@ -52,8 +57,10 @@ def make_inputs(folder: Path) -> Path:
         cut = len(train[i]["input_ids"]) - 5 * (i % 4)
         rows.append({key: train[i][key][:cut] for key in ("input_ids", "attention_mask", "labels")})
     (folder / "cache_rows.json").write_text(json.dumps(rows))
-    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": NEWS[i % 6][: 12 + 9 * i]}],
-                "reference": "ok"} for i in range(7)]
+    prompts = [
+        {"id": f"p{i}", "messages": [{"role": "user", "content": NEWS[i % 6][: 12 + 9 * i]}], "reference": "ok"}
+        for i in range(7)
+    ]
     (folder / "prompts.json").write_text(json.dumps(prompts))
 
     teacher, student = folder / "teacher", folder / "student"
@@ -63,16 +70,30 @@ def make_inputs(folder: Path) -> Path:
     run = folder / "run"
     tiny_model(seed=3, num_layers=2, tie=False).save_pretrained(run / "final")
     config = {
-        "name": "split", "output_dir": str(folder / "runs"),
+        "name": "split",
+        "output_dir": str(folder / "runs"),
         "teacher": {"model": str(teacher), "device": "cpu"},
         "student": {"model": str(student)},
-        "data": {"source": "files", "format": "chat", "paths": [str(write_chat(folder / "chat.jsonl", 40))],
-                 "max_seq_len": 64, "validation_fraction": 0.25},
-        "evaluation": {"batch_size": 3, "ce_control": False,
-                       "cost": {"prompt_tokens": 4, "new_tokens": 2, "batch_size": 2, "warmup": 0, "repeats": 1},
-                       "generation": {"max_prompts": 7, "max_new_tokens": 4, "batch_size": 2},
-                       "datasets": {"extra": {"source": "files", "format": "chat",
-                                              "paths": [str(write_chat(folder / "extra.jsonl", 8, offset=100))]}}},
+        "data": {
+            "source": "files",
+            "format": "chat",
+            "paths": [str(write_chat(folder / "chat.jsonl", 40))],
+            "max_seq_len": 64,
+            "validation_fraction": 0.25,
+        },
+        "evaluation": {
+            "batch_size": 3,
+            "ce_control": False,
+            "cost": {"prompt_tokens": 4, "new_tokens": 2, "batch_size": 2, "warmup": 0, "repeats": 1},
+            "generation": {"max_prompts": 7, "max_new_tokens": 4, "batch_size": 2},
+            "datasets": {
+                "extra": {
+                    "source": "files",
+                    "format": "chat",
+                    "paths": [str(write_chat(folder / "extra.jsonl", 8, offset=100))],
+                }
+            },
+        },
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     save_prepared(prepare_datasets(validate_config(config).data, tiny_tokenizer()), run / "data")
@@ -80,11 +101,21 @@ def make_inputs(folder: Path) -> Path:
 
 
 def launch(inputs: Path, out: Path, processes: int) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(WORKER), str(inputs), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        str(WORKER),
+        str(inputs),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -148,8 +179,9 @@ def test_greedy_responses_of_two_ranks_are_those_of_one_process(runs):
     for name in ("greedy/generations.jsonl", "sampled/generations.jsonl"):
         assert (two / name).read_text() == (one / name).read_text(), name  # same records, same order, written once
     summaries = [json.loads((run / "greedy" / "summary.json").read_text()) for run in runs]
-    assert without(summaries[1], "seconds", "tokens_per_second") == without(summaries[0], "seconds",
-                                                                             "tokens_per_second")
+    assert without(summaries[1], "seconds", "tokens_per_second") == without(
+        summaries[0], "seconds", "tokens_per_second"
+    )
     assert summaries[0]["responses"] == 7 and summaries[0]["settings"]["temperature"] == GREEDY["temperature"]
     assert len({json.loads(line)["response"] for line in (one / "greedy/generations.jsonl").open()}) > 1
     for arrow in ("greedy/train",):  # the tokenized training set, saved once

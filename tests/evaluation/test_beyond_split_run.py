@@ -17,21 +17,31 @@ MODELS = {"teacher", "student_before", "student_distilled", "student_ce_control"
 def run(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("beyond")
     dialogue = tmp / "dialogue.jsonl"
-    dialogue.write_text("".join(json.dumps({"text": f"Hello {i}, how are you? I am fine, thank you."}) + "\n"
-                                for i in range(12)))
+    dialogue.write_text(
+        "".join(json.dumps({"text": f"Hello {i}, how are you? I am fine, thank you."}) + "\n" for i in range(12))
+    )
     corpus = write_text_corpus(tmp / "corpus")
-    cfg = validate_config({
-        "name": "beyond", "output_dir": str(tmp / "runs"),
-        "teacher": {"model": str(save_tiny_pair(tmp)), "device": "cpu"},
-        "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(corpus)], "max_seq_len": 16, "validation_fraction": 0.2},
-        "training": {"max_steps": 2, "save_steps": 10, "logging_steps": 1, "learning_rate": 1e-3, "bf16": False},
-        "evaluation": {"ce_control": True, "batch_size": 4, "cost": None, "datasets": {
-            "dialogue": {"source": "files", "paths": [str(dialogue)], "max_sequences": 6},
-            # the run's own corpus: its training documents overlap, flagged and scored
-            "news_again": {"source": "files", "paths": [str(corpus)], "overlap": "flag", "max_sequences": 4}},
-            "lm_eval": {"tasks": ["alambic_bbc_topic"], "limit": 2, "batch_size": 4}},
-    })
+    cfg = validate_config(
+        {
+            "name": "beyond",
+            "output_dir": str(tmp / "runs"),
+            "teacher": {"model": str(save_tiny_pair(tmp)), "device": "cpu"},
+            "student": {"from_teacher": {"layers": "every_other"}},
+            "data": {"source": "files", "paths": [str(corpus)], "max_seq_len": 16, "validation_fraction": 0.2},
+            "training": {"max_steps": 2, "save_steps": 10, "logging_steps": 1, "learning_rate": 1e-3, "bf16": False},
+            "evaluation": {
+                "ce_control": True,
+                "batch_size": 4,
+                "cost": None,
+                "datasets": {
+                    "dialogue": {"source": "files", "paths": [str(dialogue)], "max_sequences": 6},
+                    # the run's own corpus: its training documents overlap, flagged and scored
+                    "news_again": {"source": "files", "paths": [str(corpus)], "overlap": "flag", "max_sequences": 4},
+                },
+                "lm_eval": {"tasks": ["alambic_bbc_topic"], "limit": 2, "batch_size": 4},
+            },
+        }
+    )
     run_stages(cfg, STAGES)
     return cfg.run_dir
 

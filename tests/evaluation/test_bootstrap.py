@@ -14,9 +14,13 @@ def _fake_sums(n_seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     tokens = rng.integers(0, 40, size=n_seq).astype(float)
     difficulty = rng.gamma(4.0, 1.0, size=n_seq)  # per-sequence mean CE: tokens of one sequence correlate
     agree1 = rng.binomial(tokens.astype(int), 0.4).astype(float)
-    return {"ce": tokens * difficulty, "agree1": agree1,
-            "agree5": agree1 + rng.binomial((tokens - agree1).astype(int), 0.5),
-            "kl": tokens * rng.gamma(2.0, 0.5, size=n_seq), "tokens": tokens}
+    return {
+        "ce": tokens * difficulty,
+        "agree1": agree1,
+        "agree5": agree1 + rng.binomial((tokens - agree1).astype(int), 0.5),
+        "kl": tokens * rng.gamma(2.0, 0.5, size=n_seq),
+        "tokens": tokens,
+    }
 
 
 def _reference(sums, resamples, confidence, seed):
@@ -93,8 +97,12 @@ def test_perplexity_is_exp_of_the_mean_cross_entropy_of_each_resample():
 
 def test_edge_cases():
     empty = bootstrap_intervals({k: np.zeros(0) for k in SUMS})
-    assert empty == {"perplexity": [1.0, 1.0], "top1_agreement": [0.0, 0.0], "top5_agreement": [0.0, 0.0],
-                     "kl_to_teacher": [0.0, 0.0]}
+    assert empty == {
+        "perplexity": [1.0, 1.0],
+        "top1_agreement": [0.0, 0.0],
+        "top5_agreement": [0.0, 0.0],
+        "kl_to_teacher": [0.0, 0.0],
+    }
     no_tokens = bootstrap_intervals({k: np.zeros(5) for k in SUMS})  # all masked: 0, not NaN
     assert all(not math.isnan(x) for v in no_tokens.values() for x in v)
     with pytest.raises(ValueError, match=r"\['kl'\] missing"):

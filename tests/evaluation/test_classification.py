@@ -37,8 +37,9 @@ def test_accuracy_macro_f1_and_confusion_by_hand_with_a_class_never_predicted():
     # class 2: TP 0, predicted 0, actual 2 -> F1 = 0 (present in the labels: counts in the mean)
     assert confusion_matrix(np.array(Y), np.array(STUDENT), 3).tolist() == [[2, 0, 0], [1, 1, 0], [0, 2, 0]]
     assert macro_f1(np.array(Y), np.array(STUDENT), 3) == pytest.approx((0.8 + 0.4 + 0.0) / 3)
-    scores = score_classifiers({"teacher": _logits_predicting(TEACHER, 1), "student": _logits_predicting(STUDENT, 2)},
-                               torch.tensor(Y), LABELS)
+    scores = score_classifiers(
+        {"teacher": _logits_predicting(TEACHER, 1), "student": _logits_predicting(STUDENT, 2)}, torch.tensor(Y), LABELS
+    )
     s = scores["student"]
     assert s["accuracy"] == pytest.approx(3 / 6)
     assert s["macro_f1"] == pytest.approx(0.4)
@@ -81,8 +82,9 @@ def test_intervals_contain_the_point_and_pair_with_the_mean_bootstrap():
         low, high = s["intervals"][metric]
         assert low <= s[metric] <= high and low < high, metric
     correct = (noisy == y).double().numpy()
-    assert s["intervals"]["accuracy"] == bootstrap_mean_intervals({"accuracy": correct}, resamples=300,
-                                                                  seed=5)["accuracy"]
+    assert (
+        s["intervals"]["accuracy"] == bootstrap_mean_intervals({"accuracy": correct}, resamples=300, seed=5)["accuracy"]
+    )
 
 
 def test_macro_f1_interval_equals_a_plain_loop_over_the_same_draws():

@@ -18,8 +18,14 @@ from alambic.models import count_parameters
 from helpers import tiny_model
 
 P, N, B, WARMUP, REPEATS = 8, 4, 4, 1, 2
-TIMED = ("prefill_seconds", "latency_per_token_seconds", "tokens_per_second_batch1", "throughput_tokens_per_second",
-         "generate_seconds_batch1", "generate_seconds_batch")
+TIMED = (
+    "prefill_seconds",
+    "latency_per_token_seconds",
+    "tokens_per_second_batch1",
+    "throughput_tokens_per_second",
+    "generate_seconds_batch1",
+    "generate_seconds_batch",
+)
 
 
 def record_generate(model) -> list[tuple[torch.Tensor, int, tuple[int, ...]]]:
@@ -52,11 +58,22 @@ def test_keys_and_types(measured):
         assert len(stats["values"]) == REPEATS and all(isinstance(v, float) for v in stats["values"]), key
         assert stats["min"] <= stats["median"] <= stats["max"], key
         assert stats["spread"] == pytest.approx((stats["max"] - stats["min"]) / stats["median"]), key
-    for key in ("prefill_seconds", "generate_seconds_batch1", "generate_seconds_batch", "tokens_per_second_batch1",
-                "throughput_tokens_per_second"):
+    for key in (
+        "prefill_seconds",
+        "generate_seconds_batch1",
+        "generate_seconds_batch",
+        "tokens_per_second_batch1",
+        "throughput_tokens_per_second",
+    ):
         assert r[key]["min"] > 0, key
-    for key in ("weight_bytes", "working_memory_bytes", "peak_memory_bytes", "parameters", "non_embedding_parameters",
-                "torch_threads"):
+    for key in (
+        "weight_bytes",
+        "working_memory_bytes",
+        "peak_memory_bytes",
+        "parameters",
+        "non_embedding_parameters",
+        "torch_threads",
+    ):
         assert isinstance(r[key], int), key
     assert r["device"] == "cpu" and isinstance(r["device_name"], str) and r["device_name"]
     assert r["dtype"] == "float32"
@@ -217,8 +234,11 @@ def test_disk_size_of_a_saved_model(tmp_path):
     files = sorted((tmp_path / "m").glob("*.safetensors"))
     assert files
     size = disk_size(tmp_path / "m")
-    assert size == {"bytes": sum(f.stat().st_size for f in files), "format": "safetensors",
-                    "files": [f.name for f in files]}
+    assert size == {
+        "bytes": sum(f.stat().st_size for f in files),
+        "format": "safetensors",
+        "files": [f.name for f in files],
+    }
     # fp32 weights, tied embedding stored once: about weight_bytes minus the non-persistent buffers
     assert size["bytes"] >= sum(p.numel() * 4 for p in tiny_model("llama").parameters())
 

@@ -19,8 +19,12 @@ from alambic.evaluation.quality import evaluate_against_teacher
 from alambic.evaluation.suite import held_out_set_scores
 from helpers import tiny_model, tiny_tokenizer, write_text_corpus
 
-OTHER = ["Hello, how are you? I am fine, thank you.", "What is your name? My name is Ada.",
-         "Do you like music? Yes, I like jazz and old songs.", "Where do you live? In a small town by the sea."]
+OTHER = [
+    "Hello, how are you? I am fine, thank you.",
+    "What is your name? My name is Ada.",
+    "Do you like music? Yes, I like jazz and old songs.",
+    "Where do you live? In a small town by the sea.",
+]
 
 
 @pytest.fixture
@@ -40,8 +44,9 @@ def _dialogue_set(tmp_path, extra_rows=(), **kw):
 
 
 def test_document_key_is_the_content_whitespace_normalised():
-    assert document_key({"id": "a", "text": "Markets  rallied\non Monday."}) == \
-        document_key({"id": "b", "text": " Markets rallied on Monday. "})
+    assert document_key({"id": "a", "text": "Markets  rallied\non Monday."}) == document_key(
+        {"id": "b", "text": " Markets rallied on Monday. "}
+    )
     assert document_key({"id": "a", "text": "Markets rallied."}) != document_key({"id": "a", "text": "Markets fell."})
     chat = {"id": "c", "messages": [{"role": "user", "content": "hi  there"}, {"role": "assistant", "content": "hi"}]}
     swapped = {"id": "c", "messages": [{"role": "assistant", "content": "hi there"}, {"role": "user", "content": "hi"}]}
@@ -63,10 +68,12 @@ def test_a_set_sharing_training_documents_is_refused_by_name(tmp_path, corpus):
 def test_overlap_drop_leaves_them_out_and_flag_keeps_them_marked(tmp_path, corpus):
     data, keys = corpus
     shared = training_documents(data)[0]["text"]
-    dropped = prepare_held_out_set("d", _dialogue_set(tmp_path, [shared], overlap="drop"), tiny_tokenizer(),
-                                   training_keys=keys, max_seq_len=16)
-    flagged = prepare_held_out_set("d", _dialogue_set(tmp_path, [shared], overlap="flag"), tiny_tokenizer(),
-                                   training_keys=keys, max_seq_len=16)
+    dropped = prepare_held_out_set(
+        "d", _dialogue_set(tmp_path, [shared], overlap="drop"), tiny_tokenizer(), training_keys=keys, max_seq_len=16
+    )
+    flagged = prepare_held_out_set(
+        "d", _dialogue_set(tmp_path, [shared], overlap="flag"), tiny_tokenizer(), training_keys=keys, max_seq_len=16
+    )
     assert dropped.record["overlap"] == {"action": "drop", "documents": 1, "ids": ["dialogue.jsonl:12"]}
     assert dropped.record["documents"] == 12 and flagged.record["documents"] == 13
     assert flagged.record["overlap"]["action"] == "flag" and flagged.record["overlap"]["documents"] == 1
@@ -104,8 +111,11 @@ def test_an_extra_set_is_scored_for_every_model_with_intervals(tmp_path, corpus,
     tok = tiny_tokenizer()
     held = prepare_held_out_set("dialogue", _dialogue_set(tmp_path), tok, training_keys=keys, max_seq_len=16)
     teacher = tiny_model()
-    students = {"student_before": tiny_model(seed=1, num_layers=2), "student_distilled": tiny_model(seed=2),
-                "student_ce_control": tiny_model(seed=3, num_layers=2)}
+    students = {
+        "student_before": tiny_model(seed=1, num_layers=2),
+        "student_distilled": tiny_model(seed=2),
+        "student_ce_control": tiny_model(seed=3, num_layers=2),
+    }
     out = held_out_set_scores(teacher, students, [held], pad_token_id=tok.pad_token_id, batch_size=4)["dialogue"]
     assert set(out["models"]) == {"teacher", *students}
     direct = evaluate_against_teacher(teacher, students, held.samples, pad_token_id=tok.pad_token_id, batch_size=4)
@@ -117,7 +127,8 @@ def test_an_extra_set_is_scored_for_every_model_with_intervals(tmp_path, corpus,
         if name != "teacher":
             assert m["intervals"]["perplexity"][0] < m["intervals"]["perplexity"][1]
             assert out["retention"][name]["perplexity"] == pytest.approx(
-                out["models"]["teacher"]["perplexity"] / m["perplexity"])
+                out["models"]["teacher"]["perplexity"] / m["perplexity"]
+            )
     assert out["retention"]["teacher"]["perplexity"] == 1.0 and out["source"] == "files" and out["seconds"] > 0
     assert np.isfinite(out["models"]["student_before"]["kl_to_teacher"])
 

@@ -14,10 +14,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rouge_l_by_hand():
-    predictions = ["the cat sat on the mat", "completely different words", "the cat sat on the mat",
-                   "the cat was found under the bed", "cats running"]
-    references = ["the cat sat on the mat", "nothing shared here", "the cat lay on a mat",
-                  "the cat was under the bed", "cat run"]
+    predictions = [
+        "the cat sat on the mat",
+        "completely different words",
+        "the cat sat on the mat",
+        "the cat was found under the bed",
+        "cats running",
+    ]
+    references = [
+        "the cat sat on the mat",
+        "nothing shared here",
+        "the cat lay on a mat",
+        "the cat was under the bed",
+        "cat run",
+    ]
     # LCS("the cat sat on the mat", "the cat lay on a mat") = "the cat on mat": P = R = 4/6.
     # LCS = all 6 reference tokens of the 7 predicted: P = 6/7, R = 1, F = 2PR / (P + R) = 12/13.
     # Porter stemming: cats -> cat, running -> run.
@@ -47,8 +57,11 @@ def test_generation_metrics():
         low, high = m["intervals"][name]
         assert low < m[name] < high, (name, low, m[name], high)
     assert m["num_prompts"] == 40 and m["truncated_share"] == 0.25
-    assert m["response_tokens"] == {"mean": np.mean(num_tokens), "median": np.median(num_tokens),
-                                    "max": max(num_tokens)}
+    assert m["response_tokens"] == {
+        "mean": np.mean(num_tokens),
+        "median": np.median(num_tokens),
+        "max": max(num_tokens),
+    }
     bare = generation_metrics(predictions, references)
     assert bare["response_tokens"] is None and bare["truncated_share"] is None
     assert bare["intervals"] == m["intervals"]  # same seed, same prompts: the same resampled sets

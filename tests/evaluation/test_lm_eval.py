@@ -37,10 +37,21 @@ def test_a_missing_extra_is_named_when_the_stage_runs(monkeypatch):
 
 
 def test_task_metrics_keeps_values_and_standard_errors_by_metric():
-    raw = {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A",
-           "exact_match,strict-match": 0.3, "exact_match_stderr,strict-match": 0.02, "sample_len": 8}
-    assert task_metrics(raw) == {"acc": {"value": 0.5, "stderr": 0.1}, "acc_norm": {"value": 0.25, "stderr": None},
-                                 "exact_match (strict-match)": {"value": 0.3, "stderr": 0.02}}
+    raw = {
+        "alias": "x",
+        "acc,none": 0.5,
+        "acc_stderr,none": 0.1,
+        "acc_norm,none": 0.25,
+        "acc_norm_stderr,none": "N/A",
+        "exact_match,strict-match": 0.3,
+        "exact_match_stderr,strict-match": 0.02,
+        "sample_len": 8,
+    }
+    assert task_metrics(raw) == {
+        "acc": {"value": 0.5, "stderr": 0.1},
+        "acc_norm": {"value": 0.25, "stderr": None},
+        "exact_match (strict-match)": {"value": 0.3, "stderr": 0.02},
+    }
 
 
 def test_the_bbc_task_of_a_bbc_run_holds_only_its_held_out_articles_and_no_training_text():
@@ -61,8 +72,13 @@ def test_the_bbc_task_of_a_bbc_run_holds_only_its_held_out_articles_and_no_train
 
 
 def test_local_tasks_are_lm_eval_yaml_over_local_json(tmp_path):
-    records = write_local_tasks(["alambic_bbc_topic", "alambic_chatterbot_reply", "hellaswag"], tmp_path,
-                                data=DataConfig(source="hub", hub_name="x"), split={}, training_keys=set())
+    records = write_local_tasks(
+        ["alambic_bbc_topic", "alambic_chatterbot_reply", "hellaswag"],
+        tmp_path,
+        data=DataConfig(source="hub", hub_name="x"),
+        split={},
+        training_keys=set(),
+    )
     assert set(records) == {"alambic_bbc_topic", "alambic_chatterbot_reply"}  # a standard task is lm-eval's own
     spec = yaml.safe_load((tmp_path / "alambic_bbc_topic" / "alambic_bbc_topic.yaml").read_text())
     assert spec["output_type"] == "multiple_choice" and spec["doc_to_choice"] == list(BBC_TOPICS)
@@ -70,8 +86,10 @@ def test_local_tasks_are_lm_eval_yaml_over_local_json(tmp_path):
     assert len(rows) == records["alambic_bbc_topic"]["examples"] > 2000
     assert {r["label"] for r in rows[:20]} != {rows[0]["label"]}  # shuffled: `limit` takes a mix of topics
     assert all(len(r["text"].split()) <= 120 for r in rows)
-    chat = [json.loads(line) for line in
-            (tmp_path / "alambic_chatterbot_reply" / "alambic_chatterbot_reply.jsonl").read_text().splitlines()]
+    chat = [
+        json.loads(line)
+        for line in (tmp_path / "alambic_chatterbot_reply" / "alambic_chatterbot_reply.jsonl").read_text().splitlines()
+    ]
     assert all(len(set(r["choices"])) == REPLY_CHOICES for r in chat)
     from alambic.data import load_documents
 
@@ -85,11 +103,16 @@ def test_local_tasks_are_lm_eval_yaml_over_local_json(tmp_path):
 
 
 def test_a_local_task_runs_on_tiny_models_with_lm_eval_metrics(tmp_path, one_thread):
-    write_local_tasks(["alambic_bbc_topic"], tmp_path, data=DataConfig(source="hub", hub_name="x"), split={},
-                      training_keys=set())
+    write_local_tasks(
+        ["alambic_bbc_topic"], tmp_path, data=DataConfig(source="hub", hub_name="x"), split={}, training_keys=set()
+    )
     models = {"teacher": tiny_model(), "student_distilled": tiny_model(seed=1, num_layers=2)}
-    out = run_lm_eval(models, {n: tiny_tokenizer() for n in models},
-                      LmEvalConfig(tasks=["alambic_bbc_topic"], limit=3, batch_size=4), include_path=[tmp_path])
+    out = run_lm_eval(
+        models,
+        {n: tiny_tokenizer() for n in models},
+        LmEvalConfig(tasks=["alambic_bbc_topic"], limit=3, batch_size=4),
+        include_path=[tmp_path],
+    )
     assert out["tasks"]["alambic_bbc_topic"]["version"] == 1.0
     assert out["tasks"]["alambic_bbc_topic"]["samples"]["effective"] == 3
     assert out["lm_eval_version"] == __import__("lm_eval").__version__

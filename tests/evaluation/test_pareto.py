@@ -8,16 +8,21 @@ from alambic.evaluation.pareto import pareto_front, pareto_fronts, retention
 def _model(ppl, top1, params, latency=None, throughput=None, peak=None, rouge=None):
     m = {"perplexity": ppl, "top1_agreement": top1, "top5_agreement": top1, "parameters": params}
     if latency is not None:
-        m["cost"] = {"latency_per_token_seconds": {"median": latency, "min": latency, "max": latency},
-                     "throughput_tokens_per_second": {"median": throughput}, "peak_memory_bytes": peak}
+        m["cost"] = {
+            "latency_per_token_seconds": {"median": latency, "min": latency, "max": latency},
+            "throughput_tokens_per_second": {"median": throughput},
+            "peak_memory_bytes": peak,
+        }
     if rouge is not None:
         m["generation"] = {"reference": {"rouge_l": rouge, "exact_match": 0.0}}
     return m
 
 
 def test_retention_is_model_over_teacher_for_quality_and_teacher_over_model_for_cost():
-    models = {"teacher": _model(40.0, 1.0, 100, latency=0.02, throughput=400, peak=1000, rouge=0.5),
-              "student": _model(50.0, 0.6, 50, latency=0.01, throughput=1000, peak=400, rouge=0.4)}
+    models = {
+        "teacher": _model(40.0, 1.0, 100, latency=0.02, throughput=400, peak=1000, rouge=0.5),
+        "student": _model(50.0, 0.6, 50, latency=0.01, throughput=1000, peak=400, rouge=0.4),
+    }
     r = retention(models)
     assert r["teacher"]["perplexity"] == 1.0 and r["teacher"]["speedup"] == 1.0
     s = r["student"]
@@ -43,10 +48,12 @@ def test_pareto_front_drops_dominated_points_and_keeps_ties():
 
 
 def test_fronts_per_cost_saving_only_where_two_models_have_it():
-    models = {"teacher": _model(40.0, 1.0, 100, latency=0.02, throughput=400, peak=1000),
-              "small": _model(60.0, 0.5, 40, latency=0.008, throughput=900, peak=300),
-              "mid": _model(45.0, 0.7, 70, latency=0.015, throughput=500, peak=700),
-              "bad": _model(80.0, 0.4, 70, latency=0.015, throughput=450, peak=800)}
+    models = {
+        "teacher": _model(40.0, 1.0, 100, latency=0.02, throughput=400, peak=1000),
+        "small": _model(60.0, 0.5, 40, latency=0.008, throughput=900, peak=300),
+        "mid": _model(45.0, 0.7, 70, latency=0.015, throughput=500, peak=700),
+        "bad": _model(80.0, 0.4, 70, latency=0.015, throughput=450, peak=800),
+    }
     fronts = pareto_fronts(retention(models))
     assert set(fronts) == {"speedup", "throughput_gain", "size_reduction", "memory_reduction"}
     assert fronts["speedup"] == ["teacher", "mid", "small"] and "bad" not in fronts["size_reduction"]

@@ -70,5 +70,13 @@ def test_teacher_agrees_with_itself_and_intervals_bracket_the_estimates(tmp_path
         assert low <= s[m] <= high and low < high, (m, low, s[m], high)
     assert s["num_sequences"] == len(data) and s["num_tokens"] == t["num_tokens"]
     # keys earlier readers (report, stages, pruning record) depend on are all still there
-    assert {"perplexity", "cross_entropy", "top1_agreement", "kl_to_teacher", "num_tokens", "parameters",
-            "non_embedding_parameters", "num_layers"} <= set(s)
+    assert {
+        "perplexity",
+        "cross_entropy",
+        "top1_agreement",
+        "kl_to_teacher",
+        "num_tokens",
+        "parameters",
+        "non_embedding_parameters",
+        "num_layers",
+    } <= set(s)

@@ -30,8 +30,9 @@ def gemma_tokenizer():
 
 @pytest.fixture(scope="module")
 def held_out(gemma_tokenizer):
-    cfg = DataConfig(source="bbc_news", max_seq_len=128, max_documents=200, validation_fraction=0.05,
-                     max_validation_sequences=4)
+    cfg = DataConfig(
+        source="bbc_news", max_seq_len=128, max_documents=200, validation_fraction=0.05, max_validation_sequences=4
+    )
     return prepare_datasets(cfg, gemma_tokenizer).validation
 
 
@@ -45,15 +46,20 @@ def test_the_alias_loads_gemma3_text_with_sliding_window_layers_and_bos(gemma, g
 
 
 def test_held_out_bbc_news_perplexity_is_sane_with_bos(gemma, gemma_tokenizer, held_out):
-    assert all(row["input_ids"][0] == gemma_tokenizer.bos_token_id and row["labels"][0] == IGNORE_INDEX
-               for row in held_out)
-    with_bos = evaluate_against_teacher(gemma, {}, held_out, pad_token_id=gemma_tokenizer.pad_token_id,
-                                        batch_size=4)["teacher"]
+    assert all(
+        row["input_ids"][0] == gemma_tokenizer.bos_token_id and row["labels"][0] == IGNORE_INDEX for row in held_out
+    )
+    with_bos = evaluate_against_teacher(gemma, {}, held_out, pad_token_id=gemma_tokenizer.pad_token_id, batch_size=4)[
+        "teacher"
+    ]
     # the same text without its BOS: what alambic prepared before it followed the tokenizer's convention
-    rows = [{"input_ids": r["input_ids"][1:], "attention_mask": r["attention_mask"][1:], "labels": r["labels"][1:]}
-            for r in held_out]
-    without = evaluate_against_teacher(gemma, {}, rows, pad_token_id=gemma_tokenizer.pad_token_id,
-                                       batch_size=4)["teacher"]
+    rows = [
+        {"input_ids": r["input_ids"][1:], "attention_mask": r["attention_mask"][1:], "labels": r["labels"][1:]}
+        for r in held_out
+    ]
+    without = evaluate_against_teacher(gemma, {}, rows, pad_token_id=gemma_tokenizer.pad_token_id, batch_size=4)[
+        "teacher"
+    ]
     assert with_bos["num_sequences"] == 4
     assert with_bos["perplexity"] < 60, with_bos["perplexity"]
     assert without["perplexity"] > 3 * with_bos["perplexity"], (without["perplexity"], with_bos["perplexity"])

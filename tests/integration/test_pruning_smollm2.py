@@ -24,8 +24,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def data(tokenizer):
-    return prepare_datasets(DataConfig(source="bbc_news", max_seq_len=64, max_documents=60, validation_fraction=0.2,
-                                       max_validation_sequences=8), tokenizer)
+    return prepare_datasets(
+        DataConfig(
+            source="bbc_news", max_seq_len=64, max_documents=60, validation_fraction=0.2, max_validation_sequences=8
+        ),
+        tokenizer,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,9 @@ def test_layers_chosen_by_importance_keep_more_of_the_teacher_than_every_other(t
     # The first layers of SmolLM2 carry the most: skipping layer 0 or 1 costs nats of loss, middle layers little.
     skip = importance.skip_loss_increase
     assert min(skip[0], skip[1]) > 5 * sorted(skip)[len(skip) // 2]
-    ranked = plan_for_shape(teacher, search_shape(teacher, 82_000_000, "depth"),
-                            layer_scores=importance.layer_scores("skip_loss")).layers
+    ranked = plan_for_shape(
+        teacher, search_shape(teacher, 82_000_000, "depth"), layer_scores=importance.layer_scores("skip_loss")
+    ).layers
     assert len(ranked) == 15 and {0, 1} <= set(ranked)
     students = {"importance": keep_layers(teacher, ranked), "every_other": keep_layers(teacher, list(range(0, 30, 2)))}
     scores = evaluate_against_teacher(teacher, students, data.validation, pad_token_id=tokenizer.pad_token_id)
@@ -50,8 +55,13 @@ def test_layers_chosen_by_importance_keep_more_of_the_teacher_than_every_other(t
 
 def test_a_70m_width_budget_gives_a_valid_llama_that_reloads(teacher, tokenizer, importance, tmp_path):
     shape = search_shape(teacher, 70_000_000, "width")
-    plan = plan_for_shape(teacher, shape, head_scores=importance.head_activation,
-                          neuron_scores=importance.neuron_activation, channel_scores=importance.channel_activation)
+    plan = plan_for_shape(
+        teacher,
+        shape,
+        head_scores=importance.head_activation,
+        neuron_scores=importance.neuron_activation,
+        channel_scores=importance.channel_activation,
+    )
     student = apply_plan(teacher, plan)
     counted = count_parameters(student)
     assert counted["total"] == planned_parameters(teacher, plan)["total"] <= 70_000_000
@@ -61,7 +71,8 @@ def test_a_70m_width_budget_gives_a_valid_llama_that_reloads(teacher, tokenizer,
     with torch.no_grad():
         before = student(input_ids=ids).logits
     save_student(student, tokenizer, tmp_path / "student", {})
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student",
-                                                    attn_implementation=student.config._attn_implementation).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "student", attn_implementation=student.config._attn_implementation
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=0)

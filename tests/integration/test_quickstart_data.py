@@ -16,8 +16,10 @@ pytestmark = pytest.mark.integration
 
 QUICKSTART = Path(__file__).parents[2] / "src" / "alambic" / "configs" / "quickstart.yaml"
 # sha256 of the train / validation columns, computed with the code before BOS was followed (commit e4f260f)
-PINNED = {"train": "9772a6b7cbf7000b6c9b6d37b8cc726f8a3ba93415bd7d0e63bd92cdeeb7798a",
-          "validation": "ed9059f1850f5410f050250ff0dc85832a142c89a1753d7584fac7f9da538b3c"}
+PINNED = {
+    "train": "9772a6b7cbf7000b6c9b6d37b8cc726f8a3ba93415bd7d0e63bd92cdeeb7798a",
+    "validation": "ed9059f1850f5410f050250ff0dc85832a142c89a1753d7584fac7f9da538b3c",
+}
 
 
 def _digest(dataset) -> str:

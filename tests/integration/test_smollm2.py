@@ -36,16 +36,24 @@ def test_half_depth_student_reloads_with_the_same_logits(teacher, tokenizer, tmp
 
 def test_a_few_distillation_steps_on_bbc_news_bring_the_student_closer(teacher, tokenizer, tmp_path):
     data = prepare_datasets(
-        DataConfig(source="bbc_news", max_seq_len=64, max_documents=60, validation_fraction=0.2,
-                   max_validation_sequences=8),
+        DataConfig(
+            source="bbc_news", max_seq_len=64, max_documents=60, validation_fraction=0.2, max_validation_sequences=8
+        ),
         tokenizer,
     )
     student = keep_layers(teacher, layer_indices("every_other", 30))
     before = evaluate_against_teacher(teacher, {"s": student}, data.validation, pad_token_id=tokenizer.pad_token_id)
-    train(student, tokenizer, data, teacher=teacher, loss=LossConfig(alpha=1.0),
-          training=TrainingConfig(max_steps=8, per_device_train_batch_size=4, learning_rate=5e-4, save_steps=100,
-                                  logging_steps=4),
-          output_dir=tmp_path / "run")
+    train(
+        student,
+        tokenizer,
+        data,
+        teacher=teacher,
+        loss=LossConfig(alpha=1.0),
+        training=TrainingConfig(
+            max_steps=8, per_device_train_batch_size=4, learning_rate=5e-4, save_steps=100, logging_steps=4
+        ),
+        output_dir=tmp_path / "run",
+    )
     after = evaluate_against_teacher(teacher, {"s": student}, data.validation, pad_token_id=tokenizer.pad_token_id)
     assert after["s"]["kl_to_teacher"] < 0.8 * before["s"]["kl_to_teacher"], (before["s"], after["s"])
     assert after["s"]["perplexity"] < before["s"]["perplexity"]
@@ -53,8 +61,9 @@ def test_a_few_distillation_steps_on_bbc_news_bring_the_student_closer(teacher, 
 
 
 def test_chatterbot_conversations_count_only_assistant_tokens(tokenizer):
-    data = prepare_datasets(DataConfig(source="chatterbot", format="chat", max_seq_len=256, max_documents=40),
-                            tokenizer)
+    data = prepare_datasets(
+        DataConfig(source="chatterbot", format="chat", max_seq_len=256, max_documents=40), tokenizer
+    )
     sample = data.train[0]
     counted = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
     text = tokenizer.decode(sample["input_ids"])

@@ -34,9 +34,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # inputs and the reference
 
 
-def make_case(n=37, *, h_s=8, h_t=6, v_s=19, v_t=None, label_vocab=None, seed=0, dtype=torch.float64,
-              bias=True, student_scale=None, student_cap=None, teacher_scale=None, teacher_cap=None,
-              hidden_std=1.0, keep=0.7):
+def make_case(
+    n=37,
+    *,
+    h_s=8,
+    h_t=6,
+    v_s=19,
+    v_t=None,
+    label_vocab=None,
+    seed=0,
+    dtype=torch.float64,
+    bias=True,
+    student_scale=None,
+    student_cap=None,
+    teacher_scale=None,
+    teacher_cap=None,
+    hidden_std=1.0,
+    keep=0.7,
+):
     """Random student/teacher hidden states and heads (leaves that require grad), labels ~30% masked."""
     g = torch.Generator().manual_seed(seed)
     v_t = v_s if v_t is None else v_t
@@ -45,11 +60,18 @@ def make_case(n=37, *, h_s=8, h_t=6, v_s=19, v_t=None, label_vocab=None, seed=0,
         t = (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
         return t.requires_grad_(grad)
 
-    student = OutputHead(rand(v_s, h_s, std=h_s**-0.5 * 3), rand(v_s, std=0.5) if bias else None,
-                         logit_scale=student_scale, softcap=student_cap)
-    teacher = OutputHead(rand(v_t, h_t, std=h_t**-0.5 * 3, grad=False),
-                         rand(v_t, std=0.5, grad=False) if bias else None,
-                         logit_scale=teacher_scale, softcap=teacher_cap)
+    student = OutputHead(
+        rand(v_s, h_s, std=h_s**-0.5 * 3),
+        rand(v_s, std=0.5) if bias else None,
+        logit_scale=student_scale,
+        softcap=student_cap,
+    )
+    teacher = OutputHead(
+        rand(v_t, h_t, std=h_t**-0.5 * 3, grad=False),
+        rand(v_t, std=0.5, grad=False) if bias else None,
+        logit_scale=teacher_scale,
+        softcap=teacher_cap,
+    )
     student_hidden = rand(n, h_s, std=hidden_std)
     teacher_hidden = rand(n, h_t, std=hidden_std, grad=False)
     labels = torch.randint(0, label_vocab or min(v_s, v_t), (n,), generator=g)
@@ -98,8 +120,9 @@ def assert_same(got, want, tol=F64, what=""):
     (parts, grads), (ref_parts, ref_grads) = got, want
     for field in ("total", "soft", "hard"):
         value, ref_value = getattr(parts, field), getattr(ref_parts, field)
-        torch.testing.assert_close(value.double(), ref_value.double().detach(), **tol,
-                                   msg=lambda m, f=field: f"{what} {f}: {m}")
+        torch.testing.assert_close(
+            value.double(), ref_value.double().detach(), **tol, msg=lambda m, f=field: f"{what} {f}: {m}"
+        )
     assert not parts.soft.requires_grad and not parts.hard.requires_grad
     assert int(parts.num_tokens) == int(ref_parts.num_tokens)
     assert len(grads) == len(ref_grads)
@@ -164,9 +187,19 @@ def test_batch_split_into_calls_adds_up():
     kwargs = dict(divergence="reverse_kl", alpha=0.5, temperature=2.0)
     whole = chunked_distillation_loss(*case, chunk_size=16, **kwargs)
     count = int(whole.num_tokens)
-    halves = [chunked_distillation_loss(hidden[rows], student, t_hidden[rows], teacher, labels[rows],
-                                        chunk_size=16, num_items_in_batch=count, **kwargs)
-              for rows in (slice(0, 23), slice(23, 40))]
+    halves = [
+        chunked_distillation_loss(
+            hidden[rows],
+            student,
+            t_hidden[rows],
+            teacher,
+            labels[rows],
+            chunk_size=16,
+            num_items_in_batch=count,
+            **kwargs,
+        )
+        for rows in (slice(0, 23), slice(23, 40))
+    ]
     total = halves[0].total + halves[1].total
     torch.testing.assert_close(total, whole.total, **F64)
     got = torch.autograd.grad(total, [hidden, student.weight, student.bias])
@@ -203,8 +236,9 @@ def test_tied_embedding_accumulates_both_uses():
 
     kwargs = dict(divergence="forward_kl", alpha=0.5, temperature=2.0)
     got = run(lambda h, head: chunked_distillation_loss(h, head, t_hidden, teacher, labels, chunk_size=8, **kwargs))
-    want = run(lambda h, head: distillation_loss(ref_project(h, head), ref_project(t_hidden, teacher), labels,
-                                                 **kwargs))
+    want = run(
+        lambda h, head: distillation_loss(ref_project(h, head), ref_project(t_hidden, teacher), labels, **kwargs)
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **F64)
 
@@ -249,8 +283,14 @@ def test_bfloat16_inputs_against_float32_reference(name):
     # The reference sees the same bf16 values, exactly, in float64.
     hidden, student, t_hidden, teacher, labels = case
     up = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
-    want = reference(up(hidden), OutputHead(up(student.weight), up(student.bias)), up(t_hidden),
-                     OutputHead(up(teacher.weight), up(teacher.bias)), labels, **kwargs)
+    want = reference(
+        up(hidden),
+        OutputHead(up(student.weight), up(student.bias)),
+        up(t_hidden),
+        OutputHead(up(teacher.weight), up(teacher.bias)),
+        labels,
+        **kwargs,
+    )
     # bf16 logits (8 bits of mantissa) and bf16-rounded gradients.
     assert_same((parts, grads), want, tol={"rtol": 2e-2, "atol": 2e-3}, what="bf16")
 
@@ -330,8 +370,9 @@ def test_module_matches_function():
 )
 def test_bad_inputs_are_named(change, match):
     hidden, student, t_hidden, teacher, labels = make_case(seed=14)
-    args = dict(student_hidden=hidden, student_head=student, teacher_hidden=t_hidden, teacher_head=teacher,
-                labels=labels)
+    args = dict(
+        student_hidden=hidden, student_head=student, teacher_hidden=t_hidden, teacher_head=teacher, labels=labels
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         chunked_distillation_loss(**args)

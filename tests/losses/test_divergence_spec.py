@@ -24,13 +24,23 @@ def test_a_spec_gives_the_same_loss_as_its_parts(name):
     spec = cfg.divergence_spec
     assert spec == DivergenceSpec(name, 2.0, 0.3, 0.2)
     by_parts = distillation_loss(s, t, labels, divergence=name, temperature=2.0, alpha=0.7, jsd_beta=0.3, skew=0.2)
-    for parts in (distillation_loss(s, t, labels, divergence=spec, alpha=0.7),
-                  multi_teacher_distillation_loss(s, [t], labels, divergence=spec, alpha=0.7)):
+    for parts in (
+        distillation_loss(s, t, labels, divergence=spec, alpha=0.7),
+        multi_teacher_distillation_loss(s, [t], labels, divergence=spec, alpha=0.7),
+    ):
         torch.testing.assert_close(parts.total, by_parts.total)
     if name != "uld":
         head = OutputHead(weight=torch.eye(11, dtype=torch.float64), bias=None)
-        chunked = chunked_distillation_loss(s.reshape(10, 11), head, t.reshape(10, 11), head, labels.reshape(10),
-                                            divergence=spec, alpha=0.7, chunk_size=3)
+        chunked = chunked_distillation_loss(
+            s.reshape(10, 11),
+            head,
+            t.reshape(10, 11),
+            head,
+            labels.reshape(10),
+            divergence=spec,
+            alpha=0.7,
+            chunk_size=3,
+        )
         torch.testing.assert_close(chunked.total, by_parts.total)
 
 

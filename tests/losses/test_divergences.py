@@ -425,9 +425,9 @@ def test_gradient_accumulation_with_num_items_in_batch_equals_whole_batch(name):
     accumulated, naive = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for i in range(0, batch, 2):
         mb = slice(i, i + 2)
-        accumulated = accumulated + distillation_loss(
-            s[mb], t[mb], labels[mb], num_items_in_batch=num_items, **kwargs
-        ).total
+        accumulated = (
+            accumulated + distillation_loss(s[mb], t[mb], labels[mb], num_items_in_batch=num_items, **kwargs).total
+        )
         naive = naive + distillation_loss(s[mb], t[mb], labels[mb], **kwargs).total / 4
     (g_accumulated,) = torch.autograd.grad(accumulated, s)
 

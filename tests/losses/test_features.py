@@ -102,7 +102,7 @@ def ref_relations(student, teacher, mask, keys, heads):
                     rows = []
                     for x in (xs, xt):
                         d = x.shape[-1] // heads
-                        part = x[b, :, r * d:(r + 1) * d]
+                        part = x[b, :, r * d : (r + 1) * d]
                         rows.append(torch.softmax(torch.stack([part[i] @ part[j] / math.sqrt(d) for j in allowed]), 0))
                     q, p = rows
                     kl = sum(p[n] * (torch.log(p[n]) - torch.log(q[n])) for n in range(len(allowed)))
@@ -125,8 +125,9 @@ def test_hidden_state_loss_matches_the_reference(kind):
     torch.manual_seed(0)
     mask, _ = _masks()
     s, t = torch.randn(B, T, 5, dtype=torch.float64), torch.randn(B, T, 5, dtype=torch.float64)
-    _check_value_and_grads(lambda a, b: hidden_state_loss(a, b, mask, kind=kind),
-                           lambda a, b: ref_hidden(a, b, mask, kind), [s, t], kind)
+    _check_value_and_grads(
+        lambda a, b: hidden_state_loss(a, b, mask, kind=kind), lambda a, b: ref_hidden(a, b, mask, kind), [s, t], kind
+    )
     # flat (N, H) rows give the same value as (B, T, H) with their mask
     flat = hidden_state_loss(s[mask], t[mask], torch.ones(int(mask.sum()), dtype=torch.bool), kind=kind)
     torch.testing.assert_close(flat, hidden_state_loss(s, t, mask, kind=kind))
@@ -169,7 +170,10 @@ def test_attention_map_loss_matches_the_reference(kind):
     teacher = _probs(torch.randn(B, heads, T, T, dtype=torch.float64), keys)
     _check_value_and_grads(
         lambda z: attention_map_loss(_probs(z, keys), teacher, mask, kind=kind, key_mask=keys),
-        lambda z: ref_attention(z, teacher, mask, keys, kind), [student_logits], kind)
+        lambda z: ref_attention(z, teacher, mask, keys, kind),
+        [student_logits],
+        kind,
+    )
 
 
 def test_attention_map_loss_edge_cases():
@@ -207,7 +211,10 @@ def test_attention_relation_loss_matches_the_reference(heads):
     student, teacher = _qkv([6, 4, 4]), _qkv([10, 6, 8])
     _check_value_and_grads(
         lambda *x: attention_relation_loss(x[:3], x[3:], mask, num_relation_heads=heads, key_mask=keys),
-        lambda *x: ref_relations(x[:3], x[3:], mask, keys, heads), student + teacher, f"relations R={heads}")
+        lambda *x: ref_relations(x[:3], x[3:], mask, keys, heads),
+        student + teacher,
+        f"relations R={heads}",
+    )
 
 
 def test_attention_relation_loss_edge_cases():
@@ -237,8 +244,9 @@ def test_attention_relation_loss_without_causality_attends_every_key():
     causal = attention_relation_loss(student, teacher, mask, num_relation_heads=2)
     full = attention_relation_loss(student, teacher, mask, num_relation_heads=2, causal=False)
     # causal: the first query has one key, so its relation is exactly 1 in both models (KL 0)
-    first = attention_relation_loss(student, teacher, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), True),
-                                    num_relation_heads=2)
+    first = attention_relation_loss(
+        student, teacher, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), True), num_relation_heads=2
+    )
     assert first.abs().item() < 1e-12 and full.item() > 0 and not torch.isclose(causal, full)
 
 
@@ -246,12 +254,15 @@ def test_attention_relation_loss_without_causality_attends_every_key():
 # layer maps
 
 
-@pytest.mark.parametrize("ls, lt, expected", [
-    (4, 6, [(0, 1), (1, 2), (2, 4), (3, 5)]),  # halves (1.5, 4.5) round up
-    (3, 12, [(0, 3), (1, 7), (2, 11)]),
-    (4, 4, [(0, 0), (1, 1), (2, 2), (3, 3)]),
-    (1, 5, [(0, 4)]),
-])
+@pytest.mark.parametrize(
+    "ls, lt, expected",
+    [
+        (4, 6, [(0, 1), (1, 2), (2, 4), (3, 5)]),  # halves (1.5, 4.5) round up
+        (3, 12, [(0, 3), (1, 7), (2, 11)]),
+        (4, 4, [(0, 0), (1, 1), (2, 2), (3, 3)]),
+        (1, 5, [(0, 4)]),
+    ],
+)
 def test_uniform_layer_map(ls, lt, expected):
     assert layer_map(ls, lt, mode="uniform") == expected
 
@@ -273,15 +284,18 @@ def test_other_layer_maps():
     assert layer_map(3, 8, mode=[[2, 7], [0, 1]]) == [(0, 1), (2, 7)]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode=[[3, 1]]), r"out of range: student layers are 0\.\.2"),
-    (dict(mode=[[0, 8]]), r"teacher layers 0\.\.7"),
-    (dict(mode=[[0, 1], [0, 2]]), "pairs a student layer twice"),
-    (dict(mode=[]), "empty layer map"),
-    (dict(kept_layers=[0, 4]), "expected 3 teacher indices"),
-    (dict(kept_layers=[0, 4, 9]), r"in \[0, 8\)"),
-    (dict(mode="middle"), "'auto', 'uniform', 'last'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode=[[3, 1]]), r"out of range: student layers are 0\.\.2"),
+        (dict(mode=[[0, 8]]), r"teacher layers 0\.\.7"),
+        (dict(mode=[[0, 1], [0, 2]]), "pairs a student layer twice"),
+        (dict(mode=[]), "empty layer map"),
+        (dict(kept_layers=[0, 4]), "expected 3 teacher indices"),
+        (dict(kept_layers=[0, 4, 9]), r"in \[0, 8\)"),
+        (dict(mode="middle"), "'auto', 'uniform', 'last'"),
+    ],
+)
 def test_layer_map_refuses_what_cannot_be(kwargs, message):
     with pytest.raises(ValueError, match=message):
         layer_map(3, 8, **kwargs)

@@ -72,8 +72,9 @@ def reference(z_s, teachers, weights, labels, *, name, mode, temperature, alpha)
         soft = temperature**2 * mean(ref_divergence(name, z_s, p_mix, z_mix, temperature))
         per_teacher = None
     else:
-        per_teacher = [temperature**2 * mean(ref_divergence(name, z_s, p, z, temperature))
-                       for p, z in zip(probs, teachers)]
+        per_teacher = [
+            temperature**2 * mean(ref_divergence(name, z_s, p, z, temperature)) for p, z in zip(probs, teachers)
+        ]
         soft = sum(wi * s for wi, s in zip(w, per_teacher))
     log_q = torch.log_softmax(z_s, -1)
     hard = mean(-log_q.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1))
@@ -105,8 +106,9 @@ def test_matches_the_plain_reference(name, mode, alpha, temperature):
     z_s, teachers, labels = make_logits(seed=NAMES.index(name) + 10 * MODES.index(mode))
     options = dict(divergence=name, teachers=mode, temperature=temperature, alpha=alpha, jsd_beta=BETA, skew=SKEW)
     parts = multi_teacher_distillation_loss(z_s, teachers, labels, weights=WEIGHTS, **options)
-    total, soft, hard, per_teacher = reference(z_s, teachers, WEIGHTS, labels, name=name, mode=mode,
-                                               temperature=temperature, alpha=alpha)
+    total, soft, hard, per_teacher = reference(
+        z_s, teachers, WEIGHTS, labels, name=name, mode=mode, temperature=temperature, alpha=alpha
+    )
     close(parts.total, total, what="total")
     close(parts.soft, soft, what="soft")
     if alpha < 1:
@@ -116,8 +118,8 @@ def test_matches_the_plain_reference(name, mode, alpha, temperature):
         assert not parts.soft_per_teacher.requires_grad
     else:
         assert parts.soft_per_teacher is None
-    got, = torch.autograd.grad(parts.total * 1.7, z_s)
-    want, = torch.autograd.grad(total * 1.7, z_s)
+    (got,) = torch.autograd.grad(parts.total * 1.7, z_s)
+    (want,) = torch.autograd.grad(total * 1.7, z_s)
     close(got, want, what="gradient")
     assert int(parts.num_tokens) == int((labels != -100).sum())
 
@@ -149,13 +151,19 @@ def test_weights_are_normalised():
     assert normalize_weights([1, 3]) == (0.25, 0.75)
     z_s, teachers, labels = make_logits(k=2, seed=5)
     for mode in MODES:
-        runs = [multi_teacher_distillation_loss(z_s, teachers, labels, weights=w, teachers=mode, divergence="jsd",
-                                                alpha=1.0) for w in ([1, 3], [0.25, 0.75], [10, 30])]
+        runs = [
+            multi_teacher_distillation_loss(
+                z_s, teachers, labels, weights=w, teachers=mode, divergence="jsd", alpha=1.0
+            )
+            for w in ([1, 3], [0.25, 0.75], [10, 30])
+        ]
         assert all(torch.equal(r.total, runs[0].total) for r in runs), mode
     # None: equal weights
     equal = multi_teacher_distillation_loss(z_s, teachers, labels, divergence="jsd", alpha=1.0)
-    assert torch.equal(equal.total, multi_teacher_distillation_loss(z_s, teachers, labels, weights=[2, 2],
-                                                                    divergence="jsd", alpha=1.0).total)
+    assert torch.equal(
+        equal.total,
+        multi_teacher_distillation_loss(z_s, teachers, labels, weights=[2, 2], divergence="jsd", alpha=1.0).total,
+    )
 
 
 def test_mixture_logits_stay_finite_where_probabilities_underflow():
@@ -172,7 +180,7 @@ def test_mixture_logits_stay_finite_where_probabilities_underflow():
     student = torch.zeros(1, 3, requires_grad=True)
     for name in NAMES:
         parts = multi_teacher_distillation_loss(student, [z1, z2], torch.tensor([0]), divergence=name, alpha=1.0)
-        grad, = torch.autograd.grad(parts.total, student)
+        (grad,) = torch.autograd.grad(parts.total, student)
         assert torch.isfinite(parts.total) and torch.isfinite(grad).all(), name
 
 
@@ -184,7 +192,7 @@ def test_teachers_with_minus_infinity_logits():
     for mode in MODES:
         for name in ("forward_kl", "jsd", "tvd"):
             parts = multi_teacher_distillation_loss(z_s, teachers, labels, teachers=mode, divergence=name, alpha=1.0)
-            grad, = torch.autograd.grad(parts.total, z_s)
+            (grad,) = torch.autograd.grad(parts.total, z_s)
             assert torch.isfinite(parts.total) and torch.isfinite(grad).all(), (mode, name)
 
 
@@ -234,9 +242,15 @@ def make_heads(n=37, k=3, h_s=8, hidden_sizes=(6, 10, 4), v=19, seed=0, dtype=to
     student = OutputHead(rand(v, h_s, std=h_s**-0.5 * 3).requires_grad_(), rand(v, std=0.5).requires_grad_())
     hidden = rand(n, h_s).requires_grad_()
     # Teachers of different widths; the second with logit scale and soft-capping, the third without bias.
-    heads = [OutputHead(rand(v, h, std=h**-0.5 * 3), rand(v, std=0.5) if i != 2 else None,
-                        logit_scale=1.3 if i == 1 else None, softcap=4.0 if i == 1 else None)
-             for i, h in enumerate(hidden_sizes[:k])]
+    heads = [
+        OutputHead(
+            rand(v, h, std=h**-0.5 * 3),
+            rand(v, std=0.5) if i != 2 else None,
+            logit_scale=1.3 if i == 1 else None,
+            softcap=4.0 if i == 1 else None,
+        )
+        for i, h in enumerate(hidden_sizes[:k])
+    ]
     states = [rand(n, h, std=2.0) for h in hidden_sizes[:k]]
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.rand(n, generator=g) > 0.7] = -100
@@ -259,13 +273,28 @@ def project(hidden, head):
 def test_chunked_equals_full(name, mode):
     hidden, student, states, heads, labels = make_heads(seed=NAMES.index(name))
     options = dict(divergence=name, temperature=2.0, alpha=0.6, jsd_beta=BETA, skew=SKEW, num_items_in_batch=30)
-    full = multi_teacher_distillation_loss(project(hidden, student), [project(h, t) for h, t in zip(states, heads)],
-                                           labels, weights=WEIGHTS, teachers=mode, **options)
+    full = multi_teacher_distillation_loss(
+        project(hidden, student),
+        [project(h, t) for h, t in zip(states, heads)],
+        labels,
+        weights=WEIGHTS,
+        teachers=mode,
+        **options,
+    )
     wrt = [hidden, student.weight, student.bias]
     want = torch.autograd.grad(full.total, wrt)
     for chunk_size in (8, 37):  # 8 does not divide 37
-        parts = chunked_distillation_loss(hidden, student, states, heads, labels, chunk_size=chunk_size,
-                                          teacher_weights=WEIGHTS, teachers=mode, **options)
+        parts = chunked_distillation_loss(
+            hidden,
+            student,
+            states,
+            heads,
+            labels,
+            chunk_size=chunk_size,
+            teacher_weights=WEIGHTS,
+            teachers=mode,
+            **options,
+        )
         for field in ("total", "soft", "hard"):
             close(getattr(parts, field), getattr(full, field), what=f"chunk {chunk_size} {field}")
         if mode == "sum":
@@ -281,8 +310,9 @@ def test_chunked_with_one_teacher_in_a_list_is_the_single_teacher_call(mode):
     hidden, student, states, heads, labels = make_heads(k=1, seed=11)
     options = dict(divergence="skew_reverse_kl", temperature=2.0, alpha=0.6, skew=SKEW, chunk_size=8)
     single = chunked_distillation_loss(hidden, student, states[0], heads[0], labels, **options)
-    listed = chunked_distillation_loss(hidden, student, states, heads, labels, teacher_weights=[0.4], teachers=mode,
-                                       **options)
+    listed = chunked_distillation_loss(
+        hidden, student, states, heads, labels, teacher_weights=[0.4], teachers=mode, **options
+    )
     for field in ("total", "soft", "hard"):
         assert torch.equal(getattr(listed, field), getattr(single, field)), field
     wrt = [hidden, student.weight, student.bias]
@@ -293,15 +323,18 @@ def test_chunked_with_one_teacher_in_a_list_is_the_single_teacher_call(mode):
 def test_chunked_shared_vocabulary_smaller_than_the_heads():
     hidden, student, states, heads, labels = make_heads(seed=12, k=2)
     labels = labels.clamp_max(14)
-    heads[1] = OutputHead(torch.cat([heads[1].weight, torch.randn(5, heads[1].hidden_size, dtype=torch.float64)]),
-                          torch.cat([heads[1].bias, torch.zeros(5, dtype=torch.float64)]))  # padded to 24 rows
+    heads[1] = OutputHead(
+        torch.cat([heads[1].weight, torch.randn(5, heads[1].hidden_size, dtype=torch.float64)]),
+        torch.cat([heads[1].bias, torch.zeros(5, dtype=torch.float64)]),
+    )  # padded to 24 rows
     with pytest.raises(ValueError, match=r"student head vocab 19 != teacher 1 head vocab 24"):
         chunked_distillation_loss(hidden, student, states, heads, labels)
     with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 19\].*teacher head vocabs 19, 24"):
         chunked_distillation_loss(hidden, student, states, heads, labels, vocab_size=20)
     got = chunked_distillation_loss(hidden, student, states, heads, labels, vocab_size=15, chunk_size=8, alpha=1.0)
-    full = multi_teacher_distillation_loss(project(hidden, student)[:, :15],
-                                           [project(h, t)[:, :15] for h, t in zip(states, heads)], labels, alpha=1.0)
+    full = multi_teacher_distillation_loss(
+        project(hidden, student)[:, :15], [project(h, t)[:, :15] for h, t in zip(states, heads)], labels, alpha=1.0
+    )
     close(got.total, full.total)
 
 
@@ -318,8 +351,11 @@ def test_chunked_shared_vocabulary_smaller_than_the_heads():
 def test_chunked_bad_teachers_are_named(change, match):
     hidden, student, states, heads, labels = make_heads(seed=13)
     args = dict(student_hidden=hidden, student_head=student, teacher_hidden=states, teacher_head=heads, labels=labels)
-    edits = {"drop_one": states[:2], "short_second": [states[0], states[1][:36], states[2]],
-             "swap_widths": [heads[1], heads[0], heads[2]]}
+    edits = {
+        "drop_one": states[:2],
+        "short_second": [states[0], states[1][:36], states[2]],
+        "swap_widths": [heads[1], heads[0], heads[2]],
+    }
     args.update({k: edits.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
     with pytest.raises(ValueError, match=match):
         chunked_distillation_loss(**args)
@@ -343,11 +379,22 @@ class LargestAllocation(TorchDispatchMode):
 @pytest.mark.parametrize("mode", MODES)
 def test_chunked_peak_allocation_stays_flat_with_three_teachers(mode):
     n, h, v, chunk = 512, 64, 1024, 32
-    hidden, student, states, heads, labels = make_heads(n=n, h_s=h, hidden_sizes=(h, h, h), v=v, seed=14,
-                                                        dtype=torch.float32)
+    hidden, student, states, heads, labels = make_heads(
+        n=n, h_s=h, hidden_sizes=(h, h, h), v=v, seed=14, dtype=torch.float32
+    )
     with LargestAllocation() as spy:
-        parts = chunked_distillation_loss(hidden, student, states, heads, labels, chunk_size=chunk, teachers=mode,
-                                          divergence="jsd", alpha=0.5, temperature=2.0)
+        parts = chunked_distillation_loss(
+            hidden,
+            student,
+            states,
+            heads,
+            labels,
+            chunk_size=chunk,
+            teachers=mode,
+            divergence="jsd",
+            alpha=0.5,
+            temperature=2.0,
+        )
         parts.total.backward()
     # The (V, H) head gradient and (chunk, V) blocks, never an (N, V) tensor of any teacher or of the mixture.
     assert spy.largest <= max(v * h, chunk * v) * 4, f"{spy.largest} bytes from {spy.op}"

@@ -61,8 +61,12 @@ def value_and_grad(parts, x):
 def assert_parts_close(got, want, tol=F64, what=""):
     (parts, grad), (ref, ref_grad) = got, want
     for field in ("total", "soft", "hard"):
-        torch.testing.assert_close(getattr(parts, field).double(), getattr(ref, field).double().detach(), **tol,
-                                   msg=lambda m, f=field: f"{what} {f}: {m}")
+        torch.testing.assert_close(
+            getattr(parts, field).double(),
+            getattr(ref, field).double().detach(),
+            **tol,
+            msg=lambda m, f=field: f"{what} {f}: {m}",
+        )
     assert int(parts.num_tokens) == int(ref.num_tokens)
     torch.testing.assert_close(grad.double(), ref_grad.double(), **tol, msg=lambda m: f"{what} grad: {m}")
 
@@ -117,10 +121,13 @@ def test_full_k_equals_distillation_loss(name, alpha, temperature):
     ids, logprobs, tail = shuffled_full_topk(teacher, temperature)
     kwargs = dict(divergence=name, temperature=temperature, alpha=alpha, **OPTIONS)
     for num_items in (None, 40):
-        want = value_and_grad(distillation_loss(student, teacher, labels, num_items_in_batch=num_items, **kwargs),
-                              student)
-        got = value_and_grad(topk_distillation_loss(student, ids, logprobs, tail, labels,
-                                                    num_items_in_batch=num_items, **kwargs), student)
+        want = value_and_grad(
+            distillation_loss(student, teacher, labels, num_items_in_batch=num_items, **kwargs), student
+        )
+        got = value_and_grad(
+            topk_distillation_loss(student, ids, logprobs, tail, labels, num_items_in_batch=num_items, **kwargs),
+            student,
+        )
         assert_parts_close(got, want, what=f"{name} num_items={num_items}")
 
 
@@ -131,8 +138,9 @@ def test_truncation_loses_what_the_chain_rule_says():
     log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student.detach(), -1)
     in_tail = torch.ones_like(log_p, dtype=torch.bool).scatter(-1, ids, False)
     cond_p = torch.where(in_tail, log_p - tail[:, None], -torch.inf)
-    cond_q = torch.where(in_tail, log_q - log_q.masked_fill(~in_tail, -torch.inf).logsumexp(-1, keepdim=True),
-                         -torch.inf)
+    cond_q = torch.where(
+        in_tail, log_q - log_q.masked_fill(~in_tail, -torch.inf).logsumexp(-1, keepdim=True), -torch.inf
+    )
     inner = torch.where(in_tail, cond_p.exp() * (cond_p - cond_q), 0).sum(-1)
     full = (log_p.exp() * (log_p - log_q)).sum(-1)
     bucket = topk_distillation_loss(student.detach(), ids, logprobs, tail, labels, alpha=1.0).soft * len(labels)
@@ -151,8 +159,11 @@ def test_truncation_kl_falls_with_k_to_zero():
     assert values[-2] < 1e-12 and values[-1] == 0.0
     # = H(P~) − H(P), P~ = top-k exact, tail spread evenly
     ids, _, tail = teacher_topk(teacher, 5)
-    spread = torch.where(torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, ids, True), log_p,
-                         tail[:, None] - torch.log(torch.tensor(35.0, dtype=torch.float64)))
+    spread = torch.where(
+        torch.zeros_like(log_p, dtype=torch.bool).scatter(-1, ids, True),
+        log_p,
+        tail[:, None] - torch.log(torch.tensor(35.0, dtype=torch.float64)),
+    )
     expected = (log_p.exp() * (log_p - spread)).sum(-1)
     torch.testing.assert_close(truncation_kl(log_p, ids, tail), expected, **F64)
 
@@ -181,8 +192,17 @@ def test_edges_and_refusals():
 
 @pytest.fixture(scope="module")
 def student_model():
-    return tiny_model("qwen2", seed=3, vocab_size=50, hidden_size=16, num_layers=1, heads=2, kv_heads=1,
-                      intermediate_size=16, tie=False).double()
+    return tiny_model(
+        "qwen2",
+        seed=3,
+        vocab_size=50,
+        hidden_size=16,
+        num_layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate_size=16,
+        tie=False,
+    ).double()
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "jsd", "skew_reverse_kl"])
@@ -200,9 +220,18 @@ def test_cached_teacher_loss_chunks_equal_unchunked(student_model, name, num_ite
     wrt = [hidden, head, student_model.get_output_embeddings().bias]
     wrt = [t for t in wrt if t is not None]
 
-    ref = topk_distillation_loss(project(student_model, hidden), ids, batch["teacher_logprobs"], batch["teacher_tail"],
-                                 targets, divergence=name, temperature=2.0, alpha=0.6, num_items_in_batch=num_items,
-                                 **OPTIONS)
+    ref = topk_distillation_loss(
+        project(student_model, hidden),
+        ids,
+        batch["teacher_logprobs"],
+        batch["teacher_tail"],
+        targets,
+        divergence=name,
+        temperature=2.0,
+        alpha=0.6,
+        num_items_in_batch=num_items,
+        **OPTIONS,
+    )
     ref_grads = torch.autograd.grad(ref.total, wrt)
     for chunk_size in (5, 23, 64):  # 5 does not divide 23
         parts = cached_teacher_loss(student_model, hidden, batch, targets, cfg, num_items, chunk_size=chunk_size)
@@ -217,16 +246,23 @@ def test_cached_teacher_loss_chunks_equal_unchunked(student_model, name, num_ite
 def test_cached_teacher_loss_empty_and_no_grad(student_model):
     cfg = LossConfig(divergence="forward_kl", alpha=0.5)
     hidden = torch.zeros(0, 16, dtype=torch.float64, requires_grad=True)
-    empty = {"teacher_ids": torch.zeros(0, 4, dtype=torch.long), "teacher_logprobs": torch.zeros(0, 4),
-             "teacher_tail": torch.zeros(0)}
+    empty = {
+        "teacher_ids": torch.zeros(0, 4, dtype=torch.long),
+        "teacher_logprobs": torch.zeros(0, 4),
+        "teacher_tail": torch.zeros(0),
+    }
     parts = cached_teacher_loss(student_model, hidden, empty, torch.zeros(0, dtype=torch.long), cfg)
     assert parts.total.item() == 0.0 and parts.total.requires_grad
     parts.total.backward()  # an empty micro-batch must not break the step
     with torch.no_grad():
-        rows = {"teacher_ids": torch.arange(4).repeat(3, 1), "teacher_logprobs": torch.full((3, 4), -2.0),
-                "teacher_tail": torch.full((3,), -0.5)}
-        parts = cached_teacher_loss(student_model, torch.randn(3, 16, dtype=torch.float64), rows,
-                                    torch.tensor([1, 2, 3]), cfg, chunk_size=2)
+        rows = {
+            "teacher_ids": torch.arange(4).repeat(3, 1),
+            "teacher_logprobs": torch.full((3, 4), -2.0),
+            "teacher_tail": torch.full((3,), -0.5),
+        }
+        parts = cached_teacher_loss(
+            student_model, torch.randn(3, 16, dtype=torch.float64), rows, torch.tensor([1, 2, 3]), cfg, chunk_size=2
+        )
     assert torch.isfinite(parts.total) and not parts.total.requires_grad
     with pytest.raises(ValueError, match="no teacher_ids"):
         cached_teacher_loss(student_model, hidden, {}, torch.zeros(0, dtype=torch.long), cfg)
@@ -283,8 +319,9 @@ def test_the_closed_form_logit_gradient_is_autograds(name, alpha, temperature):
         ids, logprobs, tail = teacher_topk(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, k, temperature)
         labels = torch.randint(0, v, (n,), generator=g)
         labels[::5] = -100
-        options = dict(divergence=name, temperature=temperature, alpha=alpha, jsd_beta=0.3, skew=0.2,
-                       num_items_in_batch=31)
+        options = dict(
+            divergence=name, temperature=temperature, alpha=alpha, jsd_beta=0.3, skew=0.2, num_items_in_batch=31
+        )
         ref = _topk_loss(z, ids, logprobs, tail, labels, **options)
         (ref_grad,) = torch.autograd.grad(ref.total, z)
         parts, grad = topk_loss_and_logit_grad(z.detach(), ids, logprobs, tail, labels, **options)

@@ -5,8 +5,13 @@ from alambic.report.advice import advice
 
 
 def _m(ppl, kl, params, latency=None, interval=None, truncated=None):
-    m = {"perplexity": ppl, "top1_agreement": 0.5, "kl_to_teacher": kl, "parameters": params,
-         "intervals": {"kl_to_teacher": interval or [kl - 0.01, kl + 0.01]}}
+    m = {
+        "perplexity": ppl,
+        "top1_agreement": 0.5,
+        "kl_to_teacher": kl,
+        "parameters": params,
+        "intervals": {"kl_to_teacher": interval or [kl - 0.01, kl + 0.01]},
+    }
     if latency is not None:
         m["cost"] = {"latency_per_token_seconds": {"median": latency}}
     if truncated is not None:
@@ -19,8 +24,11 @@ def _evaluation(**models):
 
 
 CONFIG = {"loss": {"temperature": 1.0, "alpha": 1.0}, "training": {"max_steps": 150}}
-GOOD = dict(teacher=_m(40, 0.0, 100, latency=0.02), student_distilled=_m(42, 0.3, 50, latency=0.01),
-            student_ce_control=_m(60, 0.9, 50, latency=0.01))
+GOOD = dict(
+    teacher=_m(40, 0.0, 100, latency=0.02),
+    student_distilled=_m(42, 0.3, 50, latency=0.01),
+    student_ce_control=_m(60, 0.9, 50, latency=0.01),
+)
 
 
 def test_a_good_student_gets_no_advice():
@@ -35,8 +43,9 @@ def test_low_retention_suggests_temperature_features_and_size():
 def test_losing_to_or_tying_the_ce_control_is_said():
     lose = advice(_evaluation(**{**GOOD, "student_ce_control": _m(41, 0.2, 50, latency=0.01)}), CONFIG)
     assert any("did not beat plain cross-entropy" in t for t in lose)
-    tie = advice(_evaluation(**{**GOOD, "student_ce_control": _m(43, 0.35, 50, latency=0.01, interval=[0.25, 0.45])}),
-                 CONFIG)
+    tie = advice(
+        _evaluation(**{**GOOD, "student_ce_control": _m(43, 0.35, 50, latency=0.01, interval=[0.25, 0.45])}), CONFIG
+    )
     assert any("within the bootstrap intervals" in t for t in tie)
 
 
@@ -67,8 +76,11 @@ def test_positional_layer_choice_far_from_the_teacher_suggests_importance():
 def test_a_collapsed_student_is_said_and_not_advised_more_steps():
     """lr 1e3 left a student near-uniform over its vocabulary: perplexity about the vocabulary size."""
     falling = [{"step": s, "loss": 11.0 - s / 1000} for s in range(10, 151, 10)]
-    collapsed = {**GOOD, "student_before": _m(300, 2.0, 50),
-                 "student_distilled": {**_m(47_000, 6.0, 50, latency=0.01), "architecture": {"vocab_size": 49_152}}}
+    collapsed = {
+        **GOOD,
+        "student_before": _m(300, 2.0, 50),
+        "student_distilled": {**_m(47_000, 6.0, 50, latency=0.01), "architecture": {"vocab_size": 49_152}},
+    }
     tips = advice(_evaluation(**collapsed), CONFIG, metrics=falling)
     assert "collapsed" in tips[0] and "49,152" in tips[0] and "learning_rate" in tips[0]
     assert not any("more training steps" in t or "still falling" in t for t in tips)
@@ -80,7 +92,10 @@ def test_a_collapsed_student_is_said_and_not_advised_more_steps():
 
 
 def test_steps_skipped_as_non_finite_are_said():
-    metrics = [{"step": 1, "loss": 1.0}, {"step": 2, "nonfinite_steps_skipped": 1},
-               {"step": 3, "loss": 1.0, "nonfinite_steps_skipped": 3}]
+    metrics = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "nonfinite_steps_skipped": 1},
+        {"step": 3, "loss": 1.0, "nonfinite_steps_skipped": 3},
+    ]
     tips = advice(_evaluation(**GOOD), CONFIG, metrics=metrics)
     assert len(tips) == 1 and tips[0].startswith("3 of 150 training steps were left out") and "learning_rate" in tips[0]

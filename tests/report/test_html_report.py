@@ -59,8 +59,10 @@ def test_markdown_shows_intervals_top5_curves_pruning_and_stages(fake_run):
     run = fake_run()
     text = write_report(run).read_text()
     assert "| model | params | layers | perplexity | top-1 agree | top-5 agree | KL to teacher |" in text
-    assert "| student distilled | 81.4M | 15 | 71.11 [68.98, 73.24] | 50.4% [49.4%, 51.4%] | 78.0% [77.0%, 79.0%] " \
-           "| 0.974 [0.925, 1.023] |" in text
+    assert (
+        "| student distilled | 81.4M | 15 | 71.11 [68.98, 73.24] | 50.4% [49.4%, 51.4%] | 78.0% [77.0%, 79.0%] "
+        "| 0.974 [0.925, 1.023] |" in text
+    )
     # the teacher against itself: a point interval says nothing, so it is left out
     assert "| teacher | 134.5M | 30 | 36.90 [35.79, 38.01] | 100.0% | 100.0% | 0.000 |" in text
     assert "16320 tokens in 64 sequences" in text and "95 % bootstrap interval" in text
@@ -79,21 +81,43 @@ def test_html_is_self_contained_with_the_same_tables_and_every_figure_inlined(fa
     sources = [img["src"] for img in page.images]
     assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     inlined = {base64.b64decode(s.split(",", 1)[1]) for s in sources}
-    assert inlined == {(run / "plots" / n).read_bytes() for n in
-                       ("training_curves.png", "layer_importance.png", "head_importance.png", "pareto.png")}
-    assert {img["alt"] for img in page.images} == {"Training curves", "Layer importance", "Head importance",
-                                                   "Quality kept against cost saved"}
+    assert inlined == {
+        (run / "plots" / n).read_bytes()
+        for n in ("training_curves.png", "layer_importance.png", "head_importance.png", "pareto.png")
+    }
+    assert {img["alt"] for img in page.images} == {
+        "Training curves",
+        "Layer importance",
+        "Head importance",
+        "Quality kept against cost saved",
+    }
     quality = _rows(page, "top-5 agree")
-    assert quality["student distilled"][3:] == ["71.11 [68.98, 73.24]", "50.4% [49.4%, 51.4%]",
-                                                "78.0% [77.0%, 79.0%]", "0.974 [0.925, 1.023]", "11.0", "1.82×"]
+    assert quality["student distilled"][3:] == [
+        "71.11 [68.98, 73.24]",
+        "50.4% [49.4%, 51.4%]",
+        "78.0% [77.0%, 79.0%]",
+        "0.974 [0.925, 1.023]",
+        "11.0",
+        "1.82×",
+    ]
     assert set(quality) == {"model", "teacher", "student before", "student distilled", "student CE control"}
     assert _rows(page, "student")["decoder layers"] == ["decoder layers", "4", "2"]  # pruning: shapes
     assert _rows(page, "stage")["distill"] == ["distill", "done", "789.1"]
     # cost: median [min–max] of the repeats; retention against the teacher; both architectures side by side
     assert _rows(page, "latency / token")["student distilled"][6:] == [
-        "33.0 ms [32.3–34.0]", "11.0 ms [10.8–11.3]", "364"]
+        "33.0 ms [32.3–34.0]",
+        "11.0 ms [10.8–11.3]",
+        "364",
+    ]
     assert _rows(page, "speed-up (latency)")["student distilled"] == [
-        "student distilled", "51.9%", "50.4%", "1.82×", "1.82×", "1.65×", "1.56×"]
+        "student distilled",
+        "51.9%",
+        "50.4%",
+        "1.82×",
+        "1.82×",
+        "1.65×",
+        "1.56×",
+    ]
     arch = _rows(page, "teacher")
     assert arch["decoder layers"] == ["decoder layers", "30", "15"]
     assert arch["compression (teacher ÷ model params)"][1:] == ["1.00×", "1.65×"]
@@ -115,8 +139,10 @@ def test_older_eval_json_without_intervals_or_top5_still_renders(fake_run):
 
 def test_metrics_log_resumed_or_cut_off_reads_cleanly(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n{"step": 10, "loss": 1.4}\n'
-                    '{"step": 15, "loss": 1.2}\n{"step": 2')
+    path.write_text(
+        '{"step": 5, "loss": 2.0}\n{"step": 10, "loss": 1.5}\n{"step": 10, "loss": 1.4}\n'
+        '{"step": 15, "loss": 1.2}\n{"step": 2'
+    )
     records = read_metrics(path)
     assert len(records) == 4  # the half-written last line is dropped
     assert _series(records, "loss") == ([5, 10, 15], [2.0, 1.4, 1.2])  # after a resume, the later record wins
@@ -128,11 +154,15 @@ def test_metrics_log_resumed_or_cut_off_reads_cleanly(tmp_path):
 def test_images_that_are_not_local_files_are_never_linked(tmp_path):
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "a.png").write_bytes(b"\x89PNG fake")
-    body = markdown_to_html("![here](plots/a.png)\n\n![gone](plots/missing.png)\n\n![web](https://x.org/a.png)\n\n"
-                            "![outside](../secret.png)\n\n<script>alert(1)</script>", tmp_path)
+    body = markdown_to_html(
+        "![here](plots/a.png)\n\n![gone](plots/missing.png)\n\n![web](https://x.org/a.png)\n\n"
+        "![outside](../secret.png)\n\n<script>alert(1)</script>",
+        tmp_path,
+    )
     page = _Page(body)
     assert [img["src"] for img in page.images] == [
-        "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()]
+        "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+    ]
     assert body.count("figure not found") == 3 and "script" not in page.tags  # raw HTML is escaped
 
 
@@ -140,8 +170,9 @@ def test_prompt_data_gets_a_responses_section_with_intervals_and_an_example(fake
     run = fake_run(generation=True)
     text = write_report(run).read_text()
     assert "## Responses to held-out prompts (32 prompts never trained on)" in text
-    assert ("| student distilled | 0.300 [0.250, 0.350] | 0.075 [0.000, 0.150] | 0.500 [0.450, 0.550] | 20.5 "
-            "| 12.5% |") in text
+    assert (
+        "| student distilled | 0.300 [0.250, 0.350] | 0.075 [0.000, 0.150] | 0.500 [0.450, 0.550] | 20.5 | 12.5% |"
+    ) in text
     assert "| teacher | 0.400 [0.350, 0.450] | 0.100 [0.000, 0.200] | – |" in text
     assert "> **student distilled** AI is artificial intelligence." in text
     retained = _rows(_Page((run / "report.html").read_text()), "ROUGE-L kept")["student distilled"]
@@ -156,6 +187,10 @@ def test_timings_of_a_busy_machine_are_flagged_not_silently_compared(fake_run):
     cost["latency_per_token_seconds"]["spread"], cost["load_average_1min"] = 3.4, 4.8
     (run / "eval.json").write_text(json.dumps(evaluation))
     text = " ".join(write_report(run).read_text().split())
-    assert "Timings disturbed: the repeats of student distilled (spread up to 340%, load average 4.8)" \
-           .replace("Timings disturbed:", "**Timings disturbed:**") in text
+    assert (
+        "Timings disturbed: the repeats of student distilled (spread up to 340%, load average 4.8)".replace(
+            "Timings disturbed:", "**Timings disturbed:**"
+        )
+        in text
+    )
     assert "teacher (spread" not in text

@@ -2,21 +2,36 @@
 
 from alambic.report.pruning import pruning_section
 
-SHAPE = {"num_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-         "hidden_size": 32, "head_dim": 8}
+SHAPE = {
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "hidden_size": 32,
+    "head_dim": 8,
+}
 
 
 def _pruning(**extra):
     return {
-        "teacher_shape": SHAPE, "student_shape": {**SHAPE, "num_layers": 2, "num_attention_heads": 2},
+        "teacher_shape": SHAPE,
+        "student_shape": {**SHAPE, "num_layers": 2, "num_attention_heads": 2},
         "teacher_parameters": {"total": 40_000, "non_embedding": 30_000},
         "student_parameters": {"total": 20_000, "non_embedding": 10_000},
-        "teacher_tensor_bytes": 160_000, "student_tensor_bytes": 80_000,
-        "kept_layers": [0, 3], "removed_layers": [1, 2], "layer_ranking": "skip_loss",
+        "teacher_tensor_bytes": 160_000,
+        "student_tensor_bytes": 80_000,
+        "kept_layers": [0, 3],
+        "removed_layers": [1, 2],
+        "layer_ranking": "skip_loss",
         "plan": {"layers": [0, 3], "heads": [[0, 2], [1, 3]], "kv_heads": [[0, 1], [0, 1]]},
-        "importance": {"num_sequences": 4, "num_tokens": 60, "base_loss": 5.0,
-                       "block_influence": [0.9, 0.1, 0.2, 0.5], "skip_loss_increase": [3.0, 0.1, 0.2, 1.0],
-                       "head_activation": [[1.0, 0.5, 2.0, 0.1]] * 4},
+        "importance": {
+            "num_sequences": 4,
+            "num_tokens": 60,
+            "base_loss": 5.0,
+            "block_influence": [0.9, 0.1, 0.2, 0.5],
+            "skip_loss_increase": [3.0, 0.1, 0.2, 1.0],
+            "head_activation": [[1.0, 0.5, 2.0, 0.1]] * 4,
+        },
         **extra,
     }
 
@@ -26,8 +41,13 @@ def _model(ppl, agree, kl):
 
 
 def test_the_section_has_shapes_sizes_quality_and_plots(tmp_path):
-    evaluation = {"models": {"teacher": _model(30.0, 1.0, 0.0), "student_before": _model(900.0, 0.2, 3.0),
-                             "student_distilled": _model(80.0, 0.5, 1.0)}}
+    evaluation = {
+        "models": {
+            "teacher": _model(30.0, 1.0, 0.0),
+            "student_before": _model(900.0, 0.2, 3.0),
+            "student_distilled": _model(80.0, 0.5, 1.0),
+        }
+    }
     pruning = _pruning(after_pruning={"teacher": _model(30.0, 1.0, 0.0), "student_pruned": _model(899.0, 0.2, 3.0)})
     text = "\n".join(pruning_section(pruning, evaluation, tmp_path))
     assert "| decoder layers | 4 | 2 |" in text and "| query heads | 4 | 2 |" in text

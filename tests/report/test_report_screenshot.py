@@ -19,16 +19,26 @@ from alambic.report.render import write_report
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((path for name in BROWSERS if (path := shutil.which(name))), None)
 pytestmark = pytest.mark.skipif(
-    BROWSER is None, reason=f"no headless browser found (looked for {', '.join(BROWSERS)} on PATH); "
-    "install one with `apt-get install -y chromium` (make test tries this) to check the HTML report renders")
+    BROWSER is None,
+    reason=f"no headless browser found (looked for {', '.join(BROWSERS)} on PATH); "
+    "install one with `apt-get install -y chromium` (make test tries this) to check the HTML report renders",
+)
 WIDTH, HEIGHT = 1200, 3000
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # --no-sandbox: containers run as root, where Chromium's sandbox refuses to start; a profile of our own
     # so nothing is read from or written to the user's
-    command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'profile'}", *args]
+    command = [
+        BROWSER,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}"
     return done
@@ -53,7 +63,7 @@ def test_screenshot_shows_a_page_with_its_figures(report_url, tmp_path):
     assert colours > 200, f"only {colours} distinct colours: text, tables and figures should give hundreds"
     assert 0.03 < not_white < 0.9, f"{not_white:.1%} of the page is not white: blank, or a failed render"
     # The CE control's line colour appears nowhere but in the inlined training-curve figure: it rendered.
-    control = np.array([int(RUN_COLORS[1][i:i + 2], 16) for i in (1, 3, 5)])
+    control = np.array([int(RUN_COLORS[1][i : i + 2], 16) for i in (1, 3, 5)])
     near = int((np.abs(rgb - control).max(axis=1) < 30).sum())
     assert near > 200, f"{near} pixels of the CE control's colour {RUN_COLORS[1]}: the training curves did not show"
 

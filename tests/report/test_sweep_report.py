@@ -21,33 +21,50 @@ def _set_kl(run_dir, kl: float, *, half_width: float = 0.05, control_kl: float |
     path.write_text(json.dumps(evaluation))
 
 
-def make_sweep(tmp_path, fake_run, points: list[tuple[str, dict, float | None]], *, grid: dict,
-               half_width: float = 0.05, control_kls: list[float] | None = None):
+def make_sweep(
+    tmp_path,
+    fake_run,
+    points: list[tuple[str, dict, float | None]],
+    *,
+    grid: dict,
+    half_width: float = 0.05,
+    control_kls: list[float] | None = None,
+):
     """A sweep folder whose points are fake finished runs (or, with kl None, a point that failed)."""
     sweep_dir = tmp_path / "demo-sweep"
     sweep_dir.mkdir()
     records = []
     for i, (name, overrides, kl) in enumerate(points):
-        record = {"name": name, "overrides": overrides, "run_dir": name, "status": "done", "error": None,
-                  "metrics": None, "distill_seconds": 100.0 + i, "reused": {}}
+        record = {
+            "name": name,
+            "overrides": overrides,
+            "run_dir": name,
+            "status": "done",
+            "error": None,
+            "metrics": None,
+            "distill_seconds": 100.0 + i,
+            "reused": {},
+        }
         if kl is None:
             record.update(status="failed", error="RuntimeError: CUDA out of memory\nTraceback ...")
         else:
             fake_run().rename(sweep_dir / name)
-            _set_kl(sweep_dir / name, kl, half_width=half_width,
-                    control_kl=control_kls[i] if control_kls else None)
+            _set_kl(sweep_dir / name, kl, half_width=half_width, control_kl=control_kls[i] if control_kls else None)
             (sweep_dir / name / "report.md").write_text("# its own report\n")
         records.append(record)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"config": "my.yaml", "grid": grid,
-                                                     "fixed": {"training.max_steps": 60}, "points": records}))
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps({"config": "my.yaml", "grid": grid, "fixed": {"training.max_steps": 60}, "points": records})
+    )
     return sweep_dir
 
 
 GRID = {"loss.temperature": [1, 2], "loss.alpha": [0.5, 0.9]}
-POINTS = [("temperature-1_alpha-0.5", {"loss.temperature": 1, "loss.alpha": 0.5}, 1.4),
-          ("temperature-1_alpha-0.9", {"loss.temperature": 1, "loss.alpha": 0.9}, 1.1),
-          ("temperature-2_alpha-0.5", {"loss.temperature": 2, "loss.alpha": 0.5}, 0.8),
-          ("temperature-2_alpha-0.9", {"loss.temperature": 2, "loss.alpha": 0.9}, None)]
+POINTS = [
+    ("temperature-1_alpha-0.5", {"loss.temperature": 1, "loss.alpha": 0.5}, 1.4),
+    ("temperature-1_alpha-0.9", {"loss.temperature": 1, "loss.alpha": 0.9}, 1.1),
+    ("temperature-2_alpha-0.5", {"loss.temperature": 2, "loss.alpha": 0.5}, 0.8),
+    ("temperature-2_alpha-0.9", {"loss.temperature": 2, "loss.alpha": 0.9}, None),
+]
 
 
 def test_one_row_per_point_the_best_marked_and_named(tmp_path, fake_run):
@@ -63,8 +80,10 @@ def test_one_row_per_point_the_best_marked_and_named(tmp_path, fake_run):
     assert [c[-1] for c in cells] == ["done", "done", "done", "failed"] and cells[3][3:7] == ["–"] * 4
     assert "**best**" in cells[2][0] and not any("**best**" in c[0] for i, c in enumerate(cells) if i != 2)
     assert "[md](temperature-2_alpha-0.5/report.md)" in cells[2][0]  # each point's own report, linked
-    assert ("Best point (lowest KL to teacher): **temperature-2_alpha-0.5** (loss.temperature = 2, loss.alpha = 0.5)"
-            in report)
+    assert (
+        "Best point (lowest KL to teacher): **temperature-2_alpha-0.5** (loss.temperature = 2, loss.alpha = 0.5)"
+        in report
+    )
     assert "Next: temperature-1_alpha-0.9" in report and "by more than their intervals" in report
     assert "(CE control) reaches 1.200" in report
     assert "every point with training.max_steps = 60; 3 done" in report
@@ -96,8 +115,10 @@ def test_controls_that_differ_get_one_row_per_point(tmp_path, fake_run):
 
 def test_a_categorical_key_plots_and_no_evaluated_point_gives_no_plot(tmp_path, fake_run):
     grid = {"loss.divergence": ["forward_kl", "reverse_kl"]}
-    points = [("divergence-forward_kl", {"loss.divergence": "forward_kl"}, 0.9),
-              ("divergence-reverse_kl", {"loss.divergence": "reverse_kl"}, 1.0)]
+    points = [
+        ("divergence-forward_kl", {"loss.divergence": "forward_kl"}, 0.9),
+        ("divergence-reverse_kl", {"loss.divergence": "reverse_kl"}, 1.0),
+    ]
     sweep_dir = make_sweep(tmp_path, fake_run, points, grid=grid)
     evals = {name: json.loads((sweep_dir / name / "eval.json").read_text())["models"] for name, _, _ in points}
     records = json.loads((sweep_dir / "sweep.json").read_text())["points"]

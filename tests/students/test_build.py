@@ -27,7 +27,8 @@ def _gpt2():
 def test_explicit_layers_with_width_keep_exactly_those_layers(batches):
     teacher = tiny_model("qwen2")
     student, record = build_from_teacher(
-        teacher, FromTeacherConfig(layers=[0, 3], intermediate_size=32, num_attention_heads=2), batches)
+        teacher, FromTeacherConfig(layers=[0, 3], intermediate_size=32, num_attention_heads=2), batches
+    )
     assert record["kept_layers"] == [0, 3] and record["layer_ranking"] == "explicit"
     assert record["student_shape"]["intermediate_size"] == 32 and record["student_shape"]["num_attention_heads"] == 2
     assert record["student_parameters"] == count_parameters(student)

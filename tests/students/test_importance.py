@@ -120,7 +120,7 @@ def test_block_influence_matches_consecutive_hidden_states(arch, batches):
             hs = out.hidden_states  # (embeddings, layer 0 output, ..., final norm of the last layer's output)
             m = _mask(b)
             for i in range(4):
-                out = hs[i + 1][m] if i < 3 else last[n: n + int(m.sum())]
+                out = hs[i + 1][m] if i < 3 else last[n : n + int(m.sum())]
                 sums[i] += (1 - F.cosine_similarity(hs[i][m].double(), out.double(), dim=-1)).sum()
             n += int(m.sum())
     torch.testing.assert_close(torch.tensor(imp.block_influence, dtype=torch.float64), sums / n, rtol=1e-5, atol=1e-6)
@@ -177,7 +177,7 @@ def test_head_activation_matches_a_manual_norm(batches):
     model = tiny_model("mistral")
     imp = _measure(model, batches, layers=False)
     a = _capture(model, batches, model.model.layers[3].self_attn.o_proj)  # (N, H * head_dim)
-    expected = torch.stack([a[:, h * 8: (h + 1) * 8].pow(2).sum(-1).sqrt().mean() for h in range(4)])
+    expected = torch.stack([a[:, h * 8 : (h + 1) * 8].pow(2).sum(-1).sqrt().mean() for h in range(4)])
     torch.testing.assert_close(imp.head_activation[3].double(), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -255,8 +255,14 @@ def test_padding_does_not_change_the_scores(dataset):
     alone = _measure(model, calibration_batches(dataset, num_sequences=2, batch_size=1, pad_token_id=PAD))
     padded = _measure(model, calibration_batches(dataset, num_sequences=2, batch_size=2, pad_token_id=PAD))
     assert padded.num_tokens == alone.num_tokens
-    for name in ("base_loss", "block_influence", "skip_loss_increase", "head_activation",
-                 "neuron_activation", "channel_activation"):
+    for name in (
+        "base_loss",
+        "block_influence",
+        "skip_loss_increase",
+        "head_activation",
+        "neuron_activation",
+        "channel_activation",
+    ):
         a, p = getattr(alone, name), getattr(padded, name)
         # losses are float32 sums of ~5.8 per token: differences of 1e-6 are summation order
         atol = 1e-5 if "loss" in name else 1e-6
@@ -291,8 +297,11 @@ def test_layer_scores_say_what_was_not_measured(batches):
 
 
 def test_no_counted_token_is_a_clear_error():
-    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-             "labels": torch.full((1, 3), -100)}
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7]]),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+        "labels": torch.full((1, 3), -100),
+    }
     with pytest.raises(ImportanceError, match="counted token"):
         _measure(tiny_model("llama"), [batch])
     with pytest.raises(ImportanceError, match="no calibration batches"):
@@ -305,9 +314,17 @@ def test_no_output_without_progress(batches, capsys):
 
 
 def test_importance_round_trips_through_json():
-    imp = Importance(num_sequences=1, num_tokens=2, base_loss=1.23456789, block_influence=[0.1234567891],
-                     skip_loss_increase=None, head_activation=torch.tensor([[1 / 3]]), head_gradient=None,
-                     neuron_activation=None, channel_activation=None)
+    imp = Importance(
+        num_sequences=1,
+        num_tokens=2,
+        base_loss=1.23456789,
+        block_influence=[0.1234567891],
+        skip_loss_increase=None,
+        head_activation=torch.tensor([[1 / 3]]),
+        head_gradient=None,
+        neuron_activation=None,
+        channel_activation=None,
+    )
     d = imp.to_dict()
     assert d["base_loss"] == 1.23457 and d["block_influence"] == [0.123457]
     assert d["head_activation"] == [[0.333333]] and d["skip_loss_increase"] is None
@@ -315,15 +332,27 @@ def test_importance_round_trips_through_json():
 
 # ------------------------------------------------------------------------------ skip loss by replay
 
+
 def _family(name):
     """Tiny models of families whose layers get more than the hidden states: gemma3_text (per-layer sliding and
     full masks, per-layer rotary tables, a sliding window shorter than the sequences) and gpt2."""
     torch.manual_seed(0)
     if name == "gemma3_text":
-        cfg = AutoConfig.for_model("gemma3_text", vocab_size=320, hidden_size=32, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                                   sliding_window=4, max_position_embeddings=512, pad_token_id=3, bos_token_id=1,
-                                   eos_token_id=2)
+        cfg = AutoConfig.for_model(
+            "gemma3_text",
+            vocab_size=320,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            sliding_window=4,
+            max_position_embeddings=512,
+            pad_token_id=3,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     elif name == "gpt2":
         cfg = AutoConfig.for_model("gpt2", vocab_size=320, n_embd=32, n_layer=4, n_head=4, n_positions=64)
@@ -347,7 +376,9 @@ def _layer_calls(model):
     def counter(i):
         def hook(_module, _args):
             calls[i] += 1
+
         return hook
+
     return calls, [layer.register_forward_pre_hook(counter(i)) for i, layer in enumerate(layers)]
 
 
@@ -362,6 +393,7 @@ def test_skip_loss_by_replay_equals_one_full_pass_per_layer(arch, batches, monke
 
     def ranking(scores):
         return sorted(range(len(scores)), key=scores.__getitem__)
+
     assert ranking(replayed.skip_loss_increase) == ranking(full.skip_loss_increase)
 
 

@@ -27,12 +27,15 @@ def _logits(model, ids):
 IDS = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("spec,n,expected", [
-    ("every_other", 5, [0, 2, 4]),
-    ("first_half", 5, [0, 1, 2]),
-    ("last_half", 4, [2, 3]),
-    ([3, 0], 4, [0, 3]),
-])
+@pytest.mark.parametrize(
+    "spec,n,expected",
+    [
+        ("every_other", 5, [0, 2, 4]),
+        ("first_half", 5, [0, 1, 2]),
+        ("last_half", 4, [2, 3]),
+        ([3, 0], 4, [0, 3]),
+    ],
+)
 def test_layer_indices(spec, n, expected):
     assert layer_indices(spec, n) == expected
 
@@ -81,10 +84,12 @@ def test_tied_embeddings_stay_tied():
 
 # ---- width + depth: plans, slicing, counting, search ------------------------------------------------------
 
+
 def _gpt2():
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("gpt2", vocab_size=320, n_embd=32, n_layer=4, n_head=4, n_positions=64,
-                               bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(
+        "gpt2", vocab_size=320, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
 
 
@@ -92,10 +97,12 @@ def _scores(model, seed=1):
     """Random importance scores of the right shapes, so the kept units are not simply the first ones."""
     g = torch.Generator().manual_seed(seed)
     c = model.config
-    return dict(layer_scores=torch.rand(c.num_hidden_layers, generator=g).tolist(),
-                head_scores=torch.rand(c.num_hidden_layers, c.num_attention_heads, generator=g),
-                neuron_scores=torch.rand(c.num_hidden_layers, c.intermediate_size, generator=g),
-                channel_scores=torch.rand(c.hidden_size, generator=g))
+    return dict(
+        layer_scores=torch.rand(c.num_hidden_layers, generator=g).tolist(),
+        head_scores=torch.rand(c.num_hidden_layers, c.num_attention_heads, generator=g),
+        neuron_scores=torch.rand(c.num_hidden_layers, c.intermediate_size, generator=g),
+        channel_scores=torch.rand(c.hidden_size, generator=g),
+    )
 
 
 def _implied_parameters(config) -> int:
@@ -121,8 +128,11 @@ PATHS = {
     "neurons": (dict(), Shape(intermediate_size=40), "per_group"),
     "channels": (dict(), Shape(hidden_size=24), "per_group"),
     "layers": (dict(), Shape(num_layers=2), "per_group"),
-    "all": (dict(), Shape(num_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
-                          hidden_size=24), "per_group"),
+    "all": (
+        dict(),
+        Shape(num_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=40, hidden_size=24),
+        "per_group",
+    ),
 }
 
 
@@ -132,8 +142,9 @@ def test_a_plan_keeping_everything_gives_bitwise_identical_logits(arch, tie):
     teacher = tiny_model(arch, tie=tie)
     c = teacher.config
     expected = _logits(teacher, IDS)
-    everything = Shape(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-                       c.hidden_size)
+    everything = Shape(
+        c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.hidden_size
+    )
     for plan in (KeepPlan(layers=list(range(4))), plan_for_shape(teacher, everything, **_scores(teacher))):
         torch.testing.assert_close(_logits(apply_plan(teacher, plan), IDS), expected, rtol=0, atol=0)
 
@@ -172,8 +183,11 @@ def test_per_head_norms_are_left_whole_and_a_non_default_head_dim_is_kept(tmp_pa
     plan = plan_for_shape(teacher, shape, **_scores(teacher))
     student = apply_plan(teacher, plan)
     assert student.config.head_dim == teacher.config.head_dim == 128
-    assert count_parameters(student)["total"] == planned_parameters(teacher, plan)["total"] == _implied_parameters(
-        student.config)
+    assert (
+        count_parameters(student)["total"]
+        == planned_parameters(teacher, plan)["total"]
+        == _implied_parameters(student.config)
+    )
     before = _logits(student, IDS)
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -182,8 +196,12 @@ def test_per_head_norms_are_left_whole_and_a_non_default_head_dim_is_kept(tmp_pa
 
 def _masked_logits(teacher, module_name: str, masks: dict[int, torch.Tensor]):
     """Teacher logits with the inputs of `module_name` (o_proj or down_proj) zeroed where masks are 0."""
-    handles = [teacher.model.layers[layer].get_submodule(module_name).register_forward_pre_hook(
-        lambda _, args, mask=mask: (args[0] * mask,)) for layer, mask in masks.items()]
+    handles = [
+        teacher.model.layers[layer]
+        .get_submodule(module_name)
+        .register_forward_pre_hook(lambda _, args, mask=mask: (args[0] * mask,))
+        for layer, mask in masks.items()
+    ]
     try:
         return _logits(teacher, IDS)
     finally:
@@ -243,8 +261,9 @@ def test_plan_keeps_the_best_groups_then_the_best_heads_in_each():
 
 def test_plan_keeps_the_top_layers_in_teacher_order_and_the_first_units_without_scores():
     teacher = tiny_model("llama")
-    plan = plan_for_shape(teacher, Shape(num_layers=2, intermediate_size=3, hidden_size=8),
-                          layer_scores=[0.9, 0.1, 0.2, 1.0])
+    plan = plan_for_shape(
+        teacher, Shape(num_layers=2, intermediate_size=3, hidden_size=8), layer_scores=[0.9, 0.1, 0.2, 1.0]
+    )
     assert plan.layers == [0, 3]
     assert plan.neurons == [[0, 1, 2]] * 2 and plan.channels == list(range(8))
     assert plan.heads is None and plan.kv_heads is None
@@ -262,20 +281,25 @@ def test_a_depth_only_plan_is_keep_layers(arch):
         torch.testing.assert_close(value, by_layers.state_dict()[key], rtol=0, atol=0)
     counted = count_parameters(by_plan)
     assert planned_parameters(teacher, KeepPlan(layers=[0, 3])) == {
-        **counted, "embedding": counted["total"] - counted["non_embedding"]}
+        **counted,
+        "embedding": counted["total"] - counted["non_embedding"],
+    }
 
 
-@pytest.mark.parametrize("shape,gqa,match", [
-    (Shape(num_key_value_heads=3), "per_group", r"num_key_value_heads=3 > the teacher's 2"),
-    (Shape(num_attention_heads=3, num_key_value_heads=2), "per_group", r"num_attention_heads=3 is not a multiple"),
-    (Shape(num_attention_heads=6, num_key_value_heads=2), "per_group", r"3 per group, more than the teacher's 2"),
-    (Shape(num_attention_heads=2, num_key_value_heads=2), "groups", r"gqa='groups'.*num_attention_heads=2 must be"),
-    (Shape(num_attention_heads=1), "groups", r"keep at least 1"),
-    (Shape(num_attention_heads=0), "per_group", r"keep at least 1"),
-    (Shape(hidden_size=33), "per_group", r"hidden_size=33: keep between 1 and the teacher's 32"),
-    (Shape(intermediate_size=0), "per_group", r"intermediate_size=0"),
-    (Shape(num_layers=5), "per_group", r"num_layers=5: keep between 1 and the teacher's 4"),
-])
+@pytest.mark.parametrize(
+    "shape,gqa,match",
+    [
+        (Shape(num_key_value_heads=3), "per_group", r"num_key_value_heads=3 > the teacher's 2"),
+        (Shape(num_attention_heads=3, num_key_value_heads=2), "per_group", r"num_attention_heads=3 is not a multiple"),
+        (Shape(num_attention_heads=6, num_key_value_heads=2), "per_group", r"3 per group, more than the teacher's 2"),
+        (Shape(num_attention_heads=2, num_key_value_heads=2), "groups", r"gqa='groups'.*num_attention_heads=2 must be"),
+        (Shape(num_attention_heads=1), "groups", r"keep at least 1"),
+        (Shape(num_attention_heads=0), "per_group", r"keep at least 1"),
+        (Shape(hidden_size=33), "per_group", r"hidden_size=33: keep between 1 and the teacher's 32"),
+        (Shape(intermediate_size=0), "per_group", r"intermediate_size=0"),
+        (Shape(num_layers=5), "per_group", r"num_layers=5: keep between 1 and the teacher's 4"),
+    ],
+)
 def test_invalid_shapes_name_the_field_and_values(shape, gqa, match):
     with pytest.raises(PruningError, match=match):
         plan_for_shape(tiny_model("llama"), shape, gqa=gqa)
@@ -298,9 +322,11 @@ def test_invalid_scores_and_plans_are_refused():
 
 def test_width_pruning_a_gpt2_names_the_module_and_points_to_depth():
     teacher = _gpt2()
-    for attempt in (lambda: plan_for_shape(teacher, Shape(hidden_size=16)),
-                    lambda: apply_plan(teacher, KeepPlan(layers=[0, 1], channels=list(range(16)))),
-                    lambda: search_shape(teacher, 40_000, "width")):
+    for attempt in (
+        lambda: plan_for_shape(teacher, Shape(hidden_size=16)),
+        lambda: apply_plan(teacher, KeepPlan(layers=[0, 1], channels=list(range(16)))),
+        lambda: search_shape(teacher, 40_000, "width"),
+    ):
         with pytest.raises(PruningError, match=r"transformer\.h\.0\.attn\.c_attn \(Conv1D\).*depth pruning"):
             attempt()
 
@@ -341,9 +367,16 @@ def test_width_search_refuses_unreachable_budgets():
 def test_width_search_is_fast_on_a_1_7b_config():
     import time
 
-    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=2048, num_hidden_layers=24,
-                               num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192,
-                               tie_word_embeddings=True)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=49152,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(cfg)
     start = time.perf_counter()

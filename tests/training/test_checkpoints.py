@@ -12,8 +12,9 @@ from alambic.training.checkpoints import checkpoint_problem, last_complete_check
 from alambic.training.run import train
 from helpers import CrashAt, tiny_model, tiny_prepared, tiny_tokenizer
 
-KWARGS = dict(loss=LossConfig(alpha=0.5),
-              training=TrainingConfig(max_steps=6, save_steps=2, logging_steps=1, learning_rate=1e-3))
+KWARGS = dict(
+    loss=LossConfig(alpha=0.5), training=TrainingConfig(max_steps=6, save_steps=2, logging_steps=1, learning_rate=1e-3)
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +23,32 @@ def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     data = tiny_prepared(root)
     student = tiny_model("llama", seed=2, num_layers=2)
-    summary = train(student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=root / "run",
-                    **KWARGS)
+    summary = train(
+        student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=root / "run", **KWARGS
+    )
     return root / "run", student.state_dict(), summary
 
 
 def _crashed(tmp_path, at_step=6):
     data = tiny_prepared(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model("llama", seed=2, num_layers=2), tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1),
-              output_dir=tmp_path / "run", callbacks=[CrashAt(at_step)], **KWARGS)
+        train(
+            tiny_model("llama", seed=2, num_layers=2),
+            tiny_tokenizer(),
+            data,
+            teacher=tiny_model("llama", seed=1),
+            output_dir=tmp_path / "run",
+            callbacks=[CrashAt(at_step)],
+            **KWARGS,
+        )
     return data
 
 
 def _resume(tmp_path, data):
     student = tiny_model("llama", seed=3, num_layers=2)  # weights come from the checkpoint, not from here
-    summary = train(student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=tmp_path / "run",
-                    **KWARGS)
+    summary = train(
+        student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=tmp_path / "run", **KWARGS
+    )
     return student, summary
 
 
@@ -90,8 +100,9 @@ def test_checkpoint_problem_names_the_damaged_file(tmp_path, straight, damage):
 def test_a_resumed_training_logs_each_step_once_and_reports_the_whole_runs_loss(tmp_path, straight):
     data = _crashed(tmp_path)  # steps 1-5 logged, checkpoint-4 kept: step 5 is trained and logged again
     _, summary = _resume(tmp_path, data)
-    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r]
+    steps = [
+        r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert summary["train_loss"] == pytest.approx(straight[2]["train_loss"], rel=1e-4)
 
@@ -99,8 +110,9 @@ def test_a_resumed_training_logs_each_step_once_and_reports_the_whole_runs_loss(
 def test_a_finished_training_whose_export_is_gone_exports_without_another_step(tmp_path, straight):
     data = tiny_prepared(tmp_path)
     student = tiny_model("llama", seed=2, num_layers=2)
-    first = train(student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=tmp_path / "run",
-                  **KWARGS)
+    first = train(
+        student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), output_dir=tmp_path / "run", **KWARGS
+    )
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "final")

@@ -25,8 +25,9 @@ def data(tmp_path_factory):
 
 def _trainer(tmp_path, student, teacher, loss):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
-    return ClassifierDistillationTrainer(model=student, args=args, teacher=teacher, loss_config=loss,
-                                         data_collator=ClassificationCollator(3))
+    return ClassifierDistillationTrainer(
+        model=student, args=args, teacher=teacher, loss_config=loss, data_collator=ClassificationCollator(3)
+    )
 
 
 def _hand_loss(student_logits, teacher_logits, labels, *, temperature, alpha):
@@ -43,8 +44,12 @@ def test_loss_and_gradients_equal_the_hand_reference(tmp_path, data, alpha, one_
     teacher, student = tiny_classifier(seed=1), tiny_classifier(seed=2, num_layers=2)
     student.train()
     batch = ClassificationCollator(3)([data.train[i] for i in range(5)])
-    trainer = _trainer(tmp_path, student, teacher if alpha > 0 else None,
-                       LossConfig(alpha=alpha, temperature=2.0, divergence="forward_kl"))
+    trainer = _trainer(
+        tmp_path,
+        student,
+        teacher if alpha > 0 else None,
+        LossConfig(alpha=alpha, temperature=2.0, divergence="forward_kl"),
+    )
     loss = trainer.compute_loss(student, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
@@ -65,13 +70,25 @@ def test_loss_and_gradients_equal_the_hand_reference(tmp_path, data, alpha, one_
 
 def _one_sgd_step(tmp_path, data, batch, accumulation, name):
     teacher, student = tiny_classifier(seed=1), tiny_classifier(seed=2, num_layers=2)
-    train_classifier(student, tiny_tokenizer(), data, teacher=teacher,
-                     loss=LossConfig(alpha=0.6, temperature=2.0, divergence="jsd"),
-                     training=TrainingConfig(max_steps=1, per_device_train_batch_size=batch,
-                                             gradient_accumulation_steps=accumulation, learning_rate=1.0,
-                                             warmup_ratio=0, lr_scheduler_type="constant", max_grad_norm=1e9,
-                                             save_steps=100, trainer_args={"optim": "sgd", "data_seed": 0}),
-                     output_dir=tmp_path / name)
+    train_classifier(
+        student,
+        tiny_tokenizer(),
+        data,
+        teacher=teacher,
+        loss=LossConfig(alpha=0.6, temperature=2.0, divergence="jsd"),
+        training=TrainingConfig(
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1.0,
+            warmup_ratio=0,
+            lr_scheduler_type="constant",
+            max_grad_norm=1e9,
+            save_steps=100,
+            trainer_args={"optim": "sgd", "data_seed": 0},
+        ),
+        output_dir=tmp_path / name,
+    )
     return student.state_dict()
 
 
@@ -92,17 +109,22 @@ def test_fine_tuning_a_backbone_teaches_its_fresh_head(tmp_path, data, one_threa
     torch.manual_seed(0)
     backbone = load_model(source, labels=LABELS)
     assert backbone.config.id2label == dict(enumerate(LABELS)) and backbone.config.pad_token_id == 3
-    summary = fine_tune_teacher(backbone, tiny_tokenizer(), data, FineTuneConfig(max_steps=30, learning_rate=3e-3,
-                                                                                  batch_size=6, warmup_ratio=0.0),
-                                tmp_path / "teacher")
+    summary = fine_tune_teacher(
+        backbone,
+        tiny_tokenizer(),
+        data,
+        FineTuneConfig(max_steps=30, learning_rate=3e-3, batch_size=6, warmup_ratio=0.0),
+        tmp_path / "teacher",
+    )
     losses = [r["loss_hard"] for r in summary["log_history"] if "loss_hard" in r]
     assert summary["global_step"] == 30 and losses[-1] < 0.5 * losses[0], losses
     final = tmp_path / "teacher" / "final"
     assert is_classifier(ModelConfig(model=str(final)))
     reloaded = AutoModelForSequenceClassification.from_pretrained(final)
     assert reloaded.config.id2label == dict(enumerate(LABELS)) and reloaded.config.pad_token_id == 3
-    torch.testing.assert_close(class_logits(reloaded, data.validation, pad_token_id=3),
-                               class_logits(backbone, data.validation, pad_token_id=3))
+    torch.testing.assert_close(
+        class_logits(reloaded, data.validation, pad_token_id=3), class_logits(backbone, data.validation, pad_token_id=3)
+    )
     # the training split is learnt: one phrase per class
     predicted = class_logits(reloaded, data.train, pad_token_id=3).argmax(-1)
     assert (predicted == torch.tensor(list(data.train["labels"]))).float().mean() > 0.9

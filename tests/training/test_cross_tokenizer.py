@@ -18,8 +18,15 @@ from helpers import NEWS, other_tokenizer, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROWS = [{"messages": [{"role": "user", "content": NEWS[i % 6][: 20 + i]},
-                      {"role": "assistant", "content": NEWS[(i + 1) % 6]}]} for i in range(16)]
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": NEWS[i % 6][: 20 + i]},
+            {"role": "assistant", "content": NEWS[(i + 1) % 6]},
+        ]
+    }
+    for i in range(16)
+]
 
 
 def _other_teacher(folder, seed=1):
@@ -27,7 +34,10 @@ def _other_teacher(folder, seed=1):
     tok = other_tokenizer()
     model = tiny_model(seed=seed, vocab_size=len(tok), hidden_size=48, intermediate_size=96)
     model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        tok.pad_token_id,
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -40,8 +50,13 @@ def test_the_trainer_loss_is_ce_plus_uld_where_the_tokenizations_line_up(tmp_pat
     samples = tokenize_chat_pair(ROWS[:4], student_tok, teacher_tok, max_seq_len=96)
     batch = DistillationCollator(student_tok.pad_token_id, teacher_pad_token_id=teacher_tok.pad_token_id)(samples)
     cfg = LossConfig(divergence="uld", alpha=0.6, temperature=2.0, chunk_size=5)
-    trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=teacher, loss_config=cfg, cross_tokenizer=True)
+    trainer = DistillationTrainer(
+        model=student,
+        args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+        teacher=teacher,
+        loss_config=cfg,
+        cross_tokenizer=True,
+    )
     loss = trainer.compute_loss(student, batch)
 
     # the plain reference: full logits of both models, rows picked by hand
@@ -55,8 +70,15 @@ def test_the_trainer_loss_is_ce_plus_uld_where_the_tokenizations_line_up(tmp_pat
     t_rows = torch.stack([t_all[b, q] for (b, _), q in zip(pairs, partner) if q >= 0])
     n = len(pairs)
     hard = distillation_loss(s_logits.double(), None, targets, alpha=0.0).total
-    soft = distillation_loss(s_logits[aligned].double(), t_rows.double(), targets[aligned], divergence="uld",
-                             alpha=1.0, temperature=2.0, num_items_in_batch=n).total
+    soft = distillation_loss(
+        s_logits[aligned].double(),
+        t_rows.double(),
+        targets[aligned],
+        divergence="uld",
+        alpha=1.0,
+        temperature=2.0,
+        num_items_in_batch=n,
+    ).total
     assert 0.3 < aligned.float().mean() < 1
     torch.testing.assert_close(loss.double(), 0.6 * soft + 0.4 * hard, rtol=1e-5, atol=1e-6)
     loss.backward()
@@ -71,15 +93,25 @@ def _cross_config(tmp_path, **overrides):
     tiny_model(seed=2, num_layers=2).save_pretrained(student)
     tiny_tokenizer().save_pretrained(student)
     data = {
-        "name": "cross", "output_dir": str(tmp_path / "runs"),
+        "name": "cross",
+        "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(_other_teacher(tmp_path / "teacher")), "device": "cpu"},
         "student": {"model": str(student)},
-        "data": {"source": "files", "paths": [str(chat)], "format": "chat", "max_seq_len": 96,
-                 "validation_fraction": 0.25},
+        "data": {
+            "source": "files",
+            "paths": [str(chat)],
+            "format": "chat",
+            "max_seq_len": 96,
+            "validation_fraction": 0.25,
+        },
         "loss": {"divergence": "uld", "alpha": 0.5, "temperature": 1.0},
         "training": {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "learning_rate": 1e-3},
-        "evaluation": {"ce_control": True, "batch_size": 4, "generation": {"max_new_tokens": 4},
-                       "cost": {"prompt_tokens": 8, "new_tokens": 2, "batch_size": 2, "warmup": 0, "repeats": 1}},
+        "evaluation": {
+            "ce_control": True,
+            "batch_size": 4,
+            "generation": {"max_new_tokens": 4},
+            "cost": {"prompt_tokens": 8, "new_tokens": 2, "batch_size": 2, "warmup": 0, "repeats": 1},
+        },
     }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value}
@@ -118,9 +150,12 @@ def test_a_uld_run_from_a_teacher_with_another_tokenizer(tmp_path):
 
 
 def test_response_distillation_into_a_student_with_another_tokenizer(tmp_path):
-    cfg = _cross_config(tmp_path, loss={"divergence": "forward_kl", "alpha": 0.0},
-                        evaluation={"ce_control": False, "cost": None},
-                        data={"teacher_responses": {"max_new_tokens": 6, "batch_size": 4, "filter_degenerate": False}})
+    cfg = _cross_config(
+        tmp_path,
+        loss={"divergence": "forward_kl", "alpha": 0.0},
+        evaluation={"ce_control": False, "cost": None},
+        data={"teacher_responses": {"max_new_tokens": 6, "batch_size": 4, "filter_degenerate": False}},
+    )
     run_stages(cfg, STAGES)
     run = cfg.run_dir
     from alambic.data.generate import load_response_set, read_generations

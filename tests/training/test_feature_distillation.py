@@ -141,18 +141,25 @@ def test_plan_pairs_the_layers_and_picks_the_relation_heads():
     assert plan.hidden == plan.attention == [(0, 1), (1, 3)]  # uniform: 2 student layers over 4
     # widths: student q/k/v 32/16/16, teacher 48/24/24 -> gcd 8, at most the student's 4 heads
     assert plan.relation == (1, 3) and plan.num_relation_heads == 4
-    pruned = FeatureDistiller(FeatureLossConfig(hidden_states={"layers": [1]}, attention_relations={"layer": 0}),
-                              student, teacher, kept_layers=[0, 2]).plan
+    pruned = FeatureDistiller(
+        FeatureLossConfig(hidden_states={"layers": [1]}, attention_relations={"layer": 0}),
+        student,
+        teacher,
+        kept_layers=[0, 2],
+    ).plan
     assert pruned.hidden == [(1, 2)] and pruned.relation == (0, 0) and pruned.attention == []
 
 
-@pytest.mark.parametrize("features, message", [
-    ({"attention_relations": {"num_relation_heads": 3}}, r"num_relation_heads = 3 .* choose one of \[1, 2, 4, 8\]"),
-    ({"hidden_states": {"layers": [5]}}, r"hidden_states.layers = \[5\]: student layers \[5\] have no partner"),
-    ({"attention_relations": {"layer": 2}}, r"attention_relations.layer = 2 is out of range"),
-    ({"attention_relations": {"layer": 0}, "layer_map": "last"}, "set teacher_layer"),
-    ({"hidden_states": {}, "layer_map": [[0, 4]]}, r"layer_map: .*teacher layers 0\.\.3"),
-])
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ({"attention_relations": {"num_relation_heads": 3}}, r"num_relation_heads = 3 .* choose one of \[1, 2, 4, 8\]"),
+        ({"hidden_states": {"layers": [5]}}, r"hidden_states.layers = \[5\]: student layers \[5\] have no partner"),
+        ({"attention_relations": {"layer": 2}}, r"attention_relations.layer = 2 is out of range"),
+        ({"attention_relations": {"layer": 0}, "layer_map": "last"}, "set teacher_layer"),
+        ({"hidden_states": {}, "layer_map": [[0, 4]]}, r"layer_map: .*teacher layers 0\.\.3"),
+    ],
+)
 def test_plan_refuses_what_cannot_work(features, message):
     teacher, student = _pair()
     with pytest.raises(FeatureSetupError, match=message):
@@ -210,12 +217,19 @@ def test_feature_terms_alone_teach_the_student():
 
 def test_trainer_total_is_the_logit_loss_plus_each_weighted_term(tmp_path):
     teacher, student = _pair()
-    features = {"layer_map": [[0, 1]], "hidden_states": {"weight": 0.3, "kind": "mse"},
-                "attention": {"weight": 0.2, "kind": "kl"},
-                "attention_relations": {"weight": 0.7, "num_relation_heads": 2, "layer": 0, "teacher_layer": 2}}
+    features = {
+        "layer_map": [[0, 1]],
+        "hidden_states": {"weight": 0.3, "kind": "mse"},
+        "attention": {"weight": 0.2, "kind": "kl"},
+        "attention_relations": {"weight": 0.7, "num_relation_heads": 2, "layer": 0, "teacher_layer": 2},
+    }
     cfg = LossConfig(alpha=0.6, temperature=2.0, implementation="full", features=features)
-    trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=teacher, loss_config=cfg)
+    trainer = DistillationTrainer(
+        model=student,
+        args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+        teacher=teacher,
+        loss_config=cfg,
+    )
     data = tiny_prepared(tmp_path, chat=True)  # prompt tokens not counted, rows padded
     batch = DistillationCollator(pad_token_id=3)([data.train[i] for i in range(3)])
     with torch.no_grad():
@@ -234,11 +248,13 @@ def test_trainer_total_is_the_logit_loss_plus_each_weighted_term(tmp_path):
             return [getattr(layer.self_attn, p)(x) for p in ("q_proj", "k_proj", "v_proj")]
 
         terms = {
-            "loss_hidden": hidden_state_loss(trainer.features.projector(0, s.hidden_states[1]), t.hidden_states[2],
-                                             counted, kind="mse"),
+            "loss_hidden": hidden_state_loss(
+                trainer.features.projector(0, s.hidden_states[1]), t.hidden_states[2], counted, kind="mse"
+            ),
             "loss_attention": attention_map_loss(s.attentions[0], t.attentions[1], counted, kind="kl", key_mask=keys),
-            "loss_relations": attention_relation_loss(qkv(student, s, 0), qkv(teacher, t, 2), counted,
-                                                      num_relation_heads=2, key_mask=keys),
+            "loss_relations": attention_relation_loss(
+                qkv(student, s, 0), qkv(teacher, t, 2), counted, num_relation_heads=2, key_mask=keys
+            ),
         }
     expected = logit.total + 0.3 * terms["loss_hidden"] + 0.2 * terms["loss_attention"] + 0.7 * terms["loss_relations"]
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -246,12 +262,15 @@ def test_trainer_total_is_the_logit_loss_plus_each_weighted_term(tmp_path):
         assert trainer._parts["eval"][name] == [pytest.approx(value.item(), rel=1e-5)]
 
 
-@pytest.mark.parametrize("loss, message", [
-    ({"alpha": 0.0, "features": {"hidden_states": {}}}, "loss.features needs the live teacher"),
-    ({"features": {}}, "asks for no term"),
-    ({"features": {"hidden_states": {}, "layer_map": [[0, -1]]}}, "indices must be >= 0"),
-    ({"features": {"hidden_states": {"kind": "l1"}}}, "hidden_states.kind"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        ({"alpha": 0.0, "features": {"hidden_states": {}}}, "loss.features needs the live teacher"),
+        ({"features": {}}, "asks for no term"),
+        ({"features": {"hidden_states": {}, "layer_map": [[0, -1]]}}, "indices must be >= 0"),
+        ({"features": {"hidden_states": {"kind": "l1"}}}, "hidden_states.kind"),
+    ],
+)
 def test_config_refuses_impossible_features(loss, message):
     with pytest.raises(ConfigError, match=message):
         validate_config({"teacher": {"model": "t"}, "student": {"model": "s"}, "loss": loss})
@@ -259,12 +278,23 @@ def test_config_refuses_impossible_features(loss, message):
 
 def test_features_are_refused_without_a_live_teacher(tmp_path):
     with pytest.raises(ConfigError, match="data.teacher_cache does not keep"):  # refused when the config loads
-        validate_config({"teacher": {"model": "t"}, "student": {"model": "s"}, "data": {"teacher_cache": {}},
-                         "loss": {"alpha": 1.0, "features": {"hidden_states": {}}}})
+        validate_config(
+            {
+                "teacher": {"model": "t"},
+                "student": {"model": "s"},
+                "data": {"teacher_cache": {}},
+                "loss": {"alpha": 1.0, "features": {"hidden_states": {}}},
+            }
+        )
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="loss.features needs a live teacher"):
-        DistillationTrainer(model=tiny_model(num_layers=2), args=args, teacher=None, cached_teacher=True,
-                            loss_config=LossConfig(alpha=1.0, features={"hidden_states": {}}))
+        DistillationTrainer(
+            model=tiny_model(num_layers=2),
+            args=args,
+            teacher=None,
+            cached_teacher=True,
+            loss_config=LossConfig(alpha=1.0, features={"hidden_states": {}}),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +305,16 @@ STEPS = dict(max_steps=6, save_steps=2, learning_rate=3e-3, logging_steps=1, eva
 
 def _train(folder, data, callbacks=None):
     teacher, student = _pair()
-    summary = train(student, tiny_tokenizer(), data, teacher=teacher, output_dir=folder, callbacks=callbacks,
-                    loss=LossConfig(alpha=0.5, features=ALL_TERMS), training=TrainingConfig(**STEPS))
+    summary = train(
+        student,
+        tiny_tokenizer(),
+        data,
+        teacher=teacher,
+        output_dir=folder,
+        callbacks=callbacks,
+        loss=LossConfig(alpha=0.5, features=ALL_TERMS),
+        training=TrainingConfig(**STEPS),
+    )
     return summary, student
 
 
@@ -320,12 +358,25 @@ def test_gradient_accumulation_gives_the_same_update_with_features(tmp_path):
     for batch, accumulation in ((4, 1), (1, 4)):
         teacher, student = _pair()
         out = tmp_path / f"b{batch}x{accumulation}"
-        train(student, tiny_tokenizer(), data, teacher=teacher, output_dir=out,
-              loss=LossConfig(alpha=0.5, features=ALL_TERMS),
-              training=TrainingConfig(max_steps=1, per_device_train_batch_size=batch, save_steps=1,
-                                      gradient_accumulation_steps=accumulation, learning_rate=1.0, warmup_ratio=0,
-                                      lr_scheduler_type="constant", max_grad_norm=1e9,
-                                      trainer_args={"optim": "sgd", "data_seed": 0}))
+        train(
+            student,
+            tiny_tokenizer(),
+            data,
+            teacher=teacher,
+            output_dir=out,
+            loss=LossConfig(alpha=0.5, features=ALL_TERMS),
+            training=TrainingConfig(
+                max_steps=1,
+                per_device_train_batch_size=batch,
+                save_steps=1,
+                gradient_accumulation_steps=accumulation,
+                learning_rate=1.0,
+                warmup_ratio=0,
+                lr_scheduler_type="constant",
+                max_grad_norm=1e9,
+                trainer_args={"optim": "sgd", "data_seed": 0},
+            ),
+        )
         ends.append({**student.state_dict(), **load_file(out / "checkpoints" / "checkpoint-1" / PROJECTOR_FILE)})
     for key in ends[0]:
         torch.testing.assert_close(ends[1][key], ends[0][key], rtol=1e-4, atol=1e-5, msg=key)

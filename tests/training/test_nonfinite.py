@@ -24,7 +24,8 @@ class _Poison(TrainerCallback):
     def __init__(self, model, steps):
         self.steps, self.active = set(steps), False
         model.get_input_embeddings().register_forward_hook(
-            lambda module, args, out: out * float("nan") if self.active else out)
+            lambda module, args, out: out * float("nan") if self.active else out
+        )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.active = state.global_step + 1 in self.steps
@@ -57,8 +58,15 @@ def test_a_learning_rate_that_blows_up_stops_the_training_before_any_export(tmp_
     teacher = tiny_model("llama", seed=1) if run == "distill" else None
     student = tiny_model("llama", seed=2, num_layers=2)
     with pytest.raises(NonFiniteTrainingError) as err:
-        train(student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=0.5 if teacher else 0.0),
-              training=_training(max_steps=12, learning_rate=1e30), output_dir=tmp_path / "run")
+        train(
+            student,
+            tiny_tokenizer(),
+            data,
+            teacher=teacher,
+            loss=LossConfig(alpha=0.5 if teacher else 0.0),
+            training=_training(max_steps=12, learning_rate=1e30),
+            output_dir=tmp_path / "run",
+        )
     message = str(err.value)
     assert "step" in message and "training.learning_rate = 1e+30" in message and "on_nonfinite" in message
     assert not (tmp_path / "run" / "final").exists()
@@ -71,24 +79,38 @@ def test_a_learning_rate_that_blows_up_stops_the_training_before_any_export(tmp_
 
 def _labelled(tmp_path):
     path = write_labelled_corpus(tmp_path / "news.jsonl", n_docs=24)
-    return prepare_datasets(DataConfig(source="files", format="classification", paths=[path], max_seq_len=24,
-                                       validation_fraction=0.25), tiny_tokenizer())
+    return prepare_datasets(
+        DataConfig(source="files", format="classification", paths=[path], max_seq_len=24, validation_fraction=0.25),
+        tiny_tokenizer(),
+    )
 
 
 def test_the_classifier_trainer_stops_on_a_non_finite_step_too(tmp_path):
     data = _labelled(tmp_path)
     student = tiny_classifier(seed=2, num_layers=2)
     with pytest.raises(NonFiniteTrainingError, match=r"step 2 of 4"):
-        train_classifier(student, tiny_tokenizer(), data, teacher=tiny_classifier(seed=1), loss=LossConfig(alpha=0.5),
-                         training=_training(max_steps=4), output_dir=tmp_path / "run",
-                         callbacks=[_Poison(student, steps=[2])])
+        train_classifier(
+            student,
+            tiny_tokenizer(),
+            data,
+            teacher=tiny_classifier(seed=1),
+            loss=LossConfig(alpha=0.5),
+            training=_training(max_steps=4),
+            output_dir=tmp_path / "run",
+            callbacks=[_Poison(student, steps=[2])],
+        )
     assert not (tmp_path / "run" / "final").exists()
 
 
 def test_a_teachers_fine_tuning_stops_naming_its_own_settings(tmp_path):
     with pytest.raises(NonFiniteTrainingError, match=r"teacher\.fine_tune\.learning_rate = 1e\+30") as err:
-        fine_tune_teacher(tiny_classifier(seed=1), tiny_tokenizer(), _labelled(tmp_path),
-                          FineTuneConfig(max_steps=12, batch_size=4, learning_rate=1e30), tmp_path / "ft")
+        fine_tune_teacher(
+            tiny_classifier(seed=1),
+            tiny_tokenizer(),
+            _labelled(tmp_path),
+            FineTuneConfig(max_steps=12, batch_size=4, learning_rate=1e30),
+            tmp_path / "ft",
+        )
     assert "on_nonfinite" not in str(err.value)  # not a setting of the fine-tuning
     assert not (tmp_path / "ft" / "final").exists()
 
@@ -101,9 +123,15 @@ def test_skip_leaves_the_bad_steps_out_counts_them_and_logs_no_false_loss(tmp_pa
         student = tiny_model("llama", seed=2, num_layers=2)
         callbacks = [_Poison(student, steps=[3]), *([weights] if logging_steps == 1 else [])]
         summaries[logging_steps] = train(
-            student, tiny_tokenizer(), data, teacher=teacher, loss=LossConfig(alpha=0.5), callbacks=callbacks,
+            student,
+            tiny_tokenizer(),
+            data,
+            teacher=teacher,
+            loss=LossConfig(alpha=0.5),
+            callbacks=callbacks,
             training=_training(on_nonfinite="skip", logging_steps=logging_steps),
-            output_dir=tmp_path / f"log{logging_steps}")
+            output_dir=tmp_path / f"log{logging_steps}",
+        )
         assert (tmp_path / f"log{logging_steps}" / "final" / "config.json").is_file()
     # step 3 was not taken: the weights after it are those after step 2; step 4 moved them again
     for key, value in weights.after[2].items():
@@ -126,9 +154,16 @@ def test_skip_drops_a_whole_accumulated_step(tmp_path):
     """Under gradient accumulation the step is judged once, over all its micro-batches."""
     data = tiny_prepared(tmp_path)
     student, weights = tiny_model("llama", seed=2, num_layers=2), _Weights()
-    summary = train(student, tiny_tokenizer(), data, teacher=None, loss=LossConfig(alpha=0.0),
-                    training=_training(max_steps=3, gradient_accumulation_steps=2, on_nonfinite="skip"),
-                    output_dir=tmp_path / "run", callbacks=[_Poison(student, steps=[2]), weights])
+    summary = train(
+        student,
+        tiny_tokenizer(),
+        data,
+        teacher=None,
+        loss=LossConfig(alpha=0.0),
+        training=_training(max_steps=3, gradient_accumulation_steps=2, on_nonfinite="skip"),
+        output_dir=tmp_path / "run",
+        callbacks=[_Poison(student, steps=[2]), weights],
+    )
     for key, value in weights.after[1].items():
         torch.testing.assert_close(weights.after[2][key], value, rtol=0, atol=0, msg=key)
     assert summary["nonfinite_steps_skipped"] == 1 and math.isfinite(summary["train_loss"])
@@ -138,9 +173,16 @@ def test_skip_still_stops_after_too_many_bad_steps_in_a_row(tmp_path):
     data = tiny_prepared(tmp_path)
     student = tiny_model("llama", seed=2, num_layers=2)
     with pytest.raises(NonFiniteTrainingError, match="in a row"):
-        train(student, tiny_tokenizer(), data, teacher=None, loss=LossConfig(alpha=0.0),
-              training=_training(max_steps=30, on_nonfinite="skip"), output_dir=tmp_path / "run",
-              callbacks=[_Poison(student, steps=range(2, 31))])
+        train(
+            student,
+            tiny_tokenizer(),
+            data,
+            teacher=None,
+            loss=LossConfig(alpha=0.0),
+            training=_training(max_steps=30, on_nonfinite="skip"),
+            output_dir=tmp_path / "run",
+            callbacks=[_Poison(student, steps=range(2, 31))],
+        )
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -155,9 +197,16 @@ class _Break(TrainerCallback):
 def test_non_finite_weights_are_never_exported(tmp_path):
     data = tiny_prepared(tmp_path)
     with pytest.raises(NonFiniteWeightsError, match=r"model\.norm\.weight"):
-        train(tiny_model("llama", seed=2, num_layers=2), tiny_tokenizer(), data, teacher=None,
-              loss=LossConfig(alpha=0.0), training=_training(max_steps=2), output_dir=tmp_path / "run",
-              callbacks=[_Break()])
+        train(
+            tiny_model("llama", seed=2, num_layers=2),
+            tiny_tokenizer(),
+            data,
+            teacher=None,
+            loss=LossConfig(alpha=0.0),
+            training=_training(max_steps=2),
+            output_dir=tmp_path / "run",
+            callbacks=[_Break()],
+        )
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "final.tmp").exists()
 
 

@@ -40,10 +40,14 @@ def _loss(fraction=1.0, **kwargs) -> LossConfig:
 def _trainer(tmp_path, data, loss, teacher=None) -> DistillationTrainer:
     tok = tiny_tokenizer()
     return DistillationTrainer(
-        model=tiny_model("llama", seed=2, num_layers=2).train(), args=training_arguments(
-            TrainingConfig(max_steps=1, save_steps=100), tmp_path / "trainer", has_eval=False),
-        train_dataset=data.train, data_collator=DistillationCollator(pad_token_id=3, prompt_lengths=True),
-        processing_class=tok, teacher=teacher or tiny_model("llama", seed=1), loss_config=loss)
+        model=tiny_model("llama", seed=2, num_layers=2).train(),
+        args=training_arguments(TrainingConfig(max_steps=1, save_steps=100), tmp_path / "trainer", has_eval=False),
+        train_dataset=data.train,
+        data_collator=DistillationCollator(pad_token_id=3, prompt_lengths=True),
+        processing_class=tok,
+        teacher=teacher or tiny_model("llama", seed=1),
+        loss_config=loss,
+    )
 
 
 def _batch(data, n=3):
@@ -64,8 +68,9 @@ def test_the_collator_carries_each_rows_prompt_up_to_its_last_assistant_turn(tmp
     # exactly what the chat template renders as the prompt of the conversation
     conversation = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, fine"}]
     full = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
-    prompt = tok(tok.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
+    prompt = tok(
+        tok.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
     from alambic.data.tokenize import tokenize_chat
 
     sample = tokenize_chat([{"id": "a", "messages": conversation}], tok, 64)[0]
@@ -99,9 +104,9 @@ def test_an_on_policy_batch_counts_only_the_generated_tokens(tmp_path):
     for b, prompt in enumerate(prompts):
         ids, labels, attention = (new[k][b].tolist() for k in ("input_ids", "labels", "attention_mask"))
         n = sum(attention)
-        response = ids[len(prompt):n]
+        response = ids[len(prompt) : n]
         responses.append(response)
-        assert ids[:len(prompt)] == prompt and new["prompt_length"][b] == len(prompt)
+        assert ids[: len(prompt)] == prompt and new["prompt_length"][b] == len(prompt)
         assert 1 <= len(response) <= 6 and (response[-1] in STOPS or len(response) == 6)
         assert not STOPS & set(response[:-1])  # decoding stops at the first end-of-turn
         assert labels == [-100] * len(prompt) + response + [-100] * (len(ids) - n)
@@ -125,7 +130,8 @@ def test_the_student_decodes_in_eval_mode_with_a_cache_then_trains_with_gradient
     model = trainer.model
     calls = []
     hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((module.training, kwargs.get("use_cache"))), with_kwargs=True)
+        lambda module, args, kwargs: calls.append((module.training, kwargs.get("use_cache"))), with_kwargs=True
+    )
     try:
         [new], num_items = trainer.get_batch_samples(iter([_batch(data)]), 1, torch.device("cpu"))
     finally:
@@ -154,10 +160,18 @@ def test_batches_without_a_prompt_are_refused():
 
 def _train(tmp_path, data, name, loss, steps=3, callbacks=None, **training):
     student = tiny_model("llama", seed=2, num_layers=2)
-    summary = train(student, tiny_tokenizer(), data, teacher=tiny_model("llama", seed=1), loss=loss,
-                    training=TrainingConfig(**{"max_steps": steps, "logging_steps": 1, "save_steps": 100,
-                                               "learning_rate": 3e-3, **training}),
-                    output_dir=tmp_path / name, callbacks=callbacks)
+    summary = train(
+        student,
+        tiny_tokenizer(),
+        data,
+        teacher=tiny_model("llama", seed=1),
+        loss=loss,
+        training=TrainingConfig(
+            **{"max_steps": steps, "logging_steps": 1, "save_steps": 100, "learning_rate": 3e-3, **training}
+        ),
+        output_dir=tmp_path / name,
+        callbacks=callbacks,
+    )
     return student.state_dict(), summary
 
 
@@ -177,8 +191,9 @@ def test_lambda_zero_is_exactly_the_off_policy_trainer(tmp_path):
 
 def test_lambda_one_generates_every_step_and_logs_its_cost(tmp_path):
     data = tiny_prepared(tmp_path, chat=True)
-    _, summary = _train(tmp_path, data, "one", _loss(1.0, alpha=0.5), gradient_accumulation_steps=2,
-                        per_device_train_batch_size=2)
+    _, summary = _train(
+        tmp_path, data, "one", _loss(1.0, alpha=0.5), gradient_accumulation_steps=2, per_device_train_batch_size=2
+    )
     assert _per_step(summary, "on_policy_share") == [1.0] * 3
     assert all(s > 0 for s in _per_step(summary, "on_policy_seconds"))
     # two micro-batches of two rows per step, each response 1..6 tokens
@@ -212,12 +227,15 @@ def test_the_on_policy_steps_and_samples_survive_a_resume(tmp_path):
 
 
 def _chat_run(tmp_path, **loss):
-    rows = [{"messages": [{"role": "user", "content": f"hello there {i}"},
-                          {"role": "assistant", "content": "hi, fine"}]} for i in range(12)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"hello there {i}"}, {"role": "assistant", "content": "hi, fine"}]}
+        for i in range(12)
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return {
-        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
         "teacher": {"model": str(save_tiny_pair(tmp_path)), "device": "cpu"},
         "student": {"from_teacher": {"layers": "every_other", "evaluate": False}},
         "data": {"source": "files", "format": "chat", "paths": [str(path)], "max_seq_len": 32},
@@ -241,15 +259,20 @@ def test_a_run_through_the_stages_logs_the_on_policy_cost(tmp_path):
     assert "on_policy" not in control and "loss_hard" in control
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"data": {"format": "text", "source": "files"}}, "needs prompts to answer: set data.format: chat"),
-    ({"data": {"teacher_cache": {"k": 8}}}, "data.teacher_cache .* remove one of them"),
-    ({"loss": {"alpha": 0.0}}, "alpha = 0 .* raise loss.alpha above 0"),
-    ({"task": "sequence_classification", "data": {"format": "classification"}},
-     "task 'sequence_classification' has none"),
-    ({"loss": {"on_policy": {"fraction": 1.5}}}, "loss.on_policy.fraction"),
-    ({"loss": {"on_policy": {"temperature": 1.0}}}, "loss.on_policy.temperature: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data": {"format": "text", "source": "files"}}, "needs prompts to answer: set data.format: chat"),
+        ({"data": {"teacher_cache": {"k": 8}}}, "data.teacher_cache .* remove one of them"),
+        ({"loss": {"alpha": 0.0}}, "alpha = 0 .* raise loss.alpha above 0"),
+        (
+            {"task": "sequence_classification", "data": {"format": "classification"}},
+            "task 'sequence_classification' has none",
+        ),
+        ({"loss": {"on_policy": {"fraction": 1.5}}}, "loss.on_policy.fraction"),
+        ({"loss": {"on_policy": {"temperature": 1.0}}}, "loss.on_policy.temperature: unknown key"),
+    ],
+)
 def test_the_config_refuses_what_on_policy_cannot_use(tmp_path, change, message):
     data = _chat_run(tmp_path)
     for section, value in change.items():
@@ -261,9 +284,15 @@ def test_the_config_refuses_what_on_policy_cannot_use(tmp_path, change, message)
 def test_the_trainer_refuses_on_policy_without_a_live_teacher(tmp_path):
     data = tiny_prepared(tmp_path, chat=True)
     with pytest.raises(ValueError, match="loss.on_policy needs a live teacher"):
-        DistillationTrainer(model=tiny_model(num_layers=1), args=training_arguments(
-            TrainingConfig(max_steps=1), tmp_path / "t", has_eval=False), train_dataset=data.train,
-            processing_class=tiny_tokenizer(), teacher=None, cached_teacher=True, loss_config=_loss())
+        DistillationTrainer(
+            model=tiny_model(num_layers=1),
+            args=training_arguments(TrainingConfig(max_steps=1), tmp_path / "t", has_eval=False),
+            train_dataset=data.train,
+            processing_class=tiny_tokenizer(),
+            teacher=None,
+            cached_teacher=True,
+            loss_config=_loss(),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,13 +316,18 @@ def test_sampling_follows_the_first_model_whose_generation_config_samples():
 
 
 def test_the_config_overrides_each_setting_and_the_default_ends_where_no_model_samples():
-    got = sampling_settings(OnPolicyConfig(sampling_temperature=1.0, top_k=0),
-                            [("teacher", _sampling(temperature=0.6, top_p=0.9, top_k=20))])
+    got = sampling_settings(
+        OnPolicyConfig(sampling_temperature=1.0, top_k=0),
+        [("teacher", _sampling(temperature=0.6, top_p=0.9, top_k=20))],
+    )
     assert (got.temperature, got.top_p, got.top_k) == (1.0, 0.9, 0)
     assert got.source == {"temperature": "config", "top_p": "teacher", "top_k": "config"}
     fallback = sampling_settings(OnPolicyConfig(), [("teacher", GenerationConfig()), ("student", None)])
     assert (fallback.temperature, fallback.top_p, fallback.top_k) == (
-        DEFAULT_SAMPLING["temperature"], DEFAULT_SAMPLING["top_p"], DEFAULT_SAMPLING["top_k"])
+        DEFAULT_SAMPLING["temperature"],
+        DEFAULT_SAMPLING["top_p"],
+        DEFAULT_SAMPLING["top_k"],
+    )
     assert set(fallback.source.values()) == {"default"} and fallback.temperature < 1.0 and fallback.top_p < 1.0
 
 

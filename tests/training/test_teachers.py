@@ -74,22 +74,40 @@ def test_ensemble_refusals():
 @pytest.mark.parametrize("implementation", ["chunked", "full"])
 @pytest.mark.parametrize("mode", ["mixture", "sum"])
 def test_the_trainer_loss_is_the_multi_teacher_loss_of_the_models_logits(tmp_path, mode, implementation):
-    student, primary, expert = tiny_model("llama", seed=2, num_layers=2), tiny_model("llama", seed=1), tiny_model(
-        "llama", seed=5, hidden_size=48, intermediate_size=96)
-    cfg = LossConfig(alpha=0.7, temperature=2.0, divergence="jsd", teachers=mode, implementation=implementation,
-                     chunk_size=7)
-    trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
-                                  teacher=primary, loss_config=cfg, teacher_weight=1.0,
-                                  additional_teachers=[WeightedTeacher("additional_0", expert, weight=3.0)])
+    student, primary, expert = (
+        tiny_model("llama", seed=2, num_layers=2),
+        tiny_model("llama", seed=1),
+        tiny_model("llama", seed=5, hidden_size=48, intermediate_size=96),
+    )
+    cfg = LossConfig(
+        alpha=0.7, temperature=2.0, divergence="jsd", teachers=mode, implementation=implementation, chunk_size=7
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+        teacher=primary,
+        loss_config=cfg,
+        teacher_weight=1.0,
+        additional_teachers=[WeightedTeacher("additional_0", expert, weight=3.0)],
+    )
     batch = _batch(tiny_prepared(tmp_path, chat=True))
     with torch.no_grad():
         loss = trainer.compute_loss(student, batch)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         mask, targets = counted_positions(batch["labels"])
-        logits = [m(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double()
-                  for m in (student, primary, expert)]
-        want = multi_teacher_distillation_loss(logits[0], logits[1:], targets, weights=[1.0, 3.0], teachers=mode,
-                                               divergence="jsd", alpha=0.7, temperature=2.0)
+        logits = [
+            m(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double() for m in (student, primary, expert)
+        ]
+        want = multi_teacher_distillation_loss(
+            logits[0],
+            logits[1:],
+            targets,
+            weights=[1.0, 3.0],
+            teachers=mode,
+            divergence="jsd",
+            alpha=0.7,
+            temperature=2.0,
+        )
     torch.testing.assert_close(loss.double(), want.total, rtol=1e-5, atol=1e-6)
     logged = trainer._parts["eval"]  # the student is in eval mode here
     assert ("loss_soft_additional_0" in logged) == (mode == "sum")
@@ -103,14 +121,27 @@ def _one_sgd_step(tmp_path, name, models, *, teacher_weight=1.0, **loss):
     """One SGD step of a fresh student; `models`: the primary teacher, then (teacher, weight) pairs."""
     data = tiny_prepared(tmp_path, chat=True)
     student = tiny_model("qwen2", seed=2, num_layers=2)
-    train(student, tiny_tokenizer(), data, teacher=models[0],
-          additional_teachers=[WeightedTeacher(f"additional_{i}", t, w) for i, (t, w) in enumerate(models[1:])],
-          teacher_weight=teacher_weight,
-          loss=LossConfig(**{"alpha": 0.7, "temperature": 2.0, "divergence": "forward_kl", **loss}),
-          training=TrainingConfig(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                  learning_rate=1.0, warmup_ratio=0, lr_scheduler_type="constant", max_grad_norm=1e9,
-                                  save_steps=100, trainer_args={"optim": "sgd", "data_seed": 0}),
-          output_dir=tmp_path / name)
+    train(
+        student,
+        tiny_tokenizer(),
+        data,
+        teacher=models[0],
+        additional_teachers=[WeightedTeacher(f"additional_{i}", t, w) for i, (t, w) in enumerate(models[1:])],
+        teacher_weight=teacher_weight,
+        loss=LossConfig(**{"alpha": 0.7, "temperature": 2.0, "divergence": "forward_kl", **loss}),
+        training=TrainingConfig(
+            max_steps=1,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=1.0,
+            warmup_ratio=0,
+            lr_scheduler_type="constant",
+            max_grad_norm=1e9,
+            save_steps=100,
+            trainer_args={"optim": "sgd", "data_seed": 0},
+        ),
+        output_dir=tmp_path / name,
+    )
     return student.state_dict()
 
 
@@ -118,8 +149,9 @@ def _one_sgd_step(tmp_path, name, models, *, teacher_weight=1.0, **loss):
 def test_chunked_and_full_take_the_same_step_with_two_teachers(tmp_path, mode):
     models = lambda: [tiny_model("qwen2", seed=1), (tiny_model("qwen2", seed=6, num_layers=3), 2.0)]  # noqa: E731
     full = _one_sgd_step(tmp_path, "full", models(), teachers=mode, implementation="full", divergence="reverse_kl")
-    chunked = _one_sgd_step(tmp_path, "chunked", models(), teachers=mode, implementation="chunked", chunk_size=5,
-                            divergence="reverse_kl")
+    chunked = _one_sgd_step(
+        tmp_path, "chunked", models(), teachers=mode, implementation="chunked", chunk_size=5, divergence="reverse_kl"
+    )
     for key in full:
         torch.testing.assert_close(chunked[key], full[key], rtol=1e-4, atol=1e-6, msg=key)
 
@@ -127,8 +159,13 @@ def test_chunked_and_full_take_the_same_step_with_two_teachers(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["mixture", "sum"])
 def test_copies_of_one_teacher_teach_what_that_teacher_teaches(tmp_path, mode):
     one = _one_sgd_step(tmp_path, "one", [tiny_model("qwen2", seed=1)], teachers=mode)
-    copies = _one_sgd_step(tmp_path, "copies", [tiny_model("qwen2", seed=1), (tiny_model("qwen2", seed=1), 2.5)],
-                           teacher_weight=0.5, teachers=mode)
+    copies = _one_sgd_step(
+        tmp_path,
+        "copies",
+        [tiny_model("qwen2", seed=1), (tiny_model("qwen2", seed=1), 2.5)],
+        teacher_weight=0.5,
+        teachers=mode,
+    )
     for key in one:
         torch.testing.assert_close(copies[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -137,11 +174,22 @@ def test_additional_teachers_need_the_live_primary_teacher(tmp_path):
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
     extra = [WeightedTeacher("additional_0", tiny_model(num_layers=1))]
     with pytest.raises(ValueError, match=r"additional teachers \['additional_0'\] need the live primary.*offline"):
-        DistillationTrainer(model=tiny_model(num_layers=1), args=args, teacher=None, cached_teacher=True,
-                            loss_config=LossConfig(alpha=1.0), additional_teachers=extra)
+        DistillationTrainer(
+            model=tiny_model(num_layers=1),
+            args=args,
+            teacher=None,
+            cached_teacher=True,
+            loss_config=LossConfig(alpha=1.0),
+            additional_teachers=extra,
+        )
     with pytest.raises(ValueError, match=r"alpha = 0.0"):
-        DistillationTrainer(model=tiny_model(num_layers=1), args=args, teacher=tiny_model(num_layers=1),
-                            loss_config=LossConfig(alpha=0.0), additional_teachers=extra)
+        DistillationTrainer(
+            model=tiny_model(num_layers=1),
+            args=args,
+            teacher=tiny_model(num_layers=1),
+            loss_config=LossConfig(alpha=0.0),
+            additional_teachers=extra,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +210,12 @@ def _run_config(tmp_path, *, teachers="mixture", name="tiny", **overrides):
         "teacher_weight": 2.0,
         "additional_teachers": [{"model": _save_teacher(tmp_path / "expert", seed=7), "device": "cpu", "weight": 1.0}],
         "student": {"from_teacher": {"layers": "every_other"}},
-        "data": {"source": "files", "paths": [str(write_text_corpus(tmp_path / "corpus"))], "max_seq_len": 16,
-                 "validation_fraction": 0.2},
+        "data": {
+            "source": "files",
+            "paths": [str(write_text_corpus(tmp_path / "corpus"))],
+            "max_seq_len": 16,
+            "validation_fraction": 0.2,
+        },
         "loss": {"divergence": "forward_kl", "alpha": 0.8, "temperature": 2.0, "teachers": teachers},
         "training": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3},
         "evaluation": {"ce_control": False},
@@ -174,9 +226,11 @@ def _run_config(tmp_path, *, teachers="mixture", name="tiny", **overrides):
 
 def test_config_refusals_are_collected_and_named(tmp_path):
     with pytest.raises(ConfigError) as err:
-        _run_config(tmp_path, data={"source": "files", "paths": [str(write_text_corpus(tmp_path / "c"))],
-                                    "teacher_cache": {"k": 8}},
-                    loss={"alpha": 0.0})
+        _run_config(
+            tmp_path,
+            data={"source": "files", "paths": [str(write_text_corpus(tmp_path / "c"))], "teacher_cache": {"k": 8}},
+            loss={"alpha": 0.0},
+        )
     assert "data.teacher_cache holds the top-k log-probs of `teacher` alone" in str(err.value)
     assert "loss.alpha = 0 (plain cross-entropy)" in str(err.value)
     with pytest.raises(ConfigError, match=r"additional_teachers\.0\.weight: .*greater than 0"):
@@ -197,11 +251,16 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
     by_id = {i: token for token, i in vocab.items()}
     a, b = by_id[100], by_id[101]  # two ordinary tokens trade ids: the same tokens, other numbers
     vocab[a], vocab[b] = vocab[b], vocab[a]
-    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
-                                    pad_token="<pad>")
-    cfg = _run_config(tmp_path, additional_teachers=[
-        {"model": _save_teacher(tmp_path / "good", seed=8), "device": "cpu"},
-        {"model": _save_teacher(tmp_path / "shuffled", seed=9, tokenizer=other), "device": "cpu"}])
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    cfg = _run_config(
+        tmp_path,
+        additional_teachers=[
+            {"model": _save_teacher(tmp_path / "good", seed=8), "device": "cpu"},
+            {"model": _save_teacher(tmp_path / "shuffled", seed=9, tokenizer=other), "device": "cpu"},
+        ],
+    )
     with pytest.raises(ConfigError, match=r"'additional_teachers\[1\] \(.*shuffled\)' have different tokenizers"):
         load_additional_teachers(cfg)
     loaded = load_additional_teachers(_run_config(tmp_path / "ok"))
@@ -210,8 +269,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name(tmp_path):
 
 def test_the_teachers_are_inputs_of_distillation_only(tmp_path):
     cfg = _run_config(tmp_path)
-    heavier = cfg.model_copy(update={"additional_teachers": [cfg.additional_teachers[0].model_copy(
-        update={"weight": 5.0})]})
+    heavier = cfg.model_copy(
+        update={"additional_teachers": [cfg.additional_teachers[0].model_copy(update={"weight": 5.0})]}
+    )
     before, after = _stage_hashes(cfg, STAGES), _stage_hashes(heavier, STAGES)
     assert before["student"] == after["student"] and before["data"] == after["data"]
     assert before["distill"] != after["distill"]

@@ -21,9 +21,11 @@ class ConfigError(ValueError):
 
 # A chain step reads a folder an earlier step rewrites in place (its final/): the path alone does not say which
 # weights it holds, so the chain runner records their identity here, where the stage hashes see it.
-WEIGHTS_ID_HELP = ("Identity of the weights in `model` when that folder is rewritten in place, e.g. an earlier chain "
-                   "step's final/ (set by the chain runner). Part of the stage hashes, so the run is redone when the "
-                   "folder changes; not used for loading. null: the path identifies the weights.")
+WEIGHTS_ID_HELP = (
+    "Identity of the weights in `model` when that folder is rewritten in place, e.g. an earlier chain "
+    "step's final/ (set by the chain runner). Part of the stage hashes, so the run is redone when the "
+    "folder changes; not used for loading. null: the path identifies the weights."
+)
 
 
 class _Section(BaseModel):

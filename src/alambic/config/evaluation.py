@@ -13,8 +13,10 @@ from alambic.config._base import _Section
 from alambic.config.data import DataConfig
 from alambic.config.models import ModelConfig
 
-LM_EVAL_MISSING = ("evaluation.lm_eval needs lm-evaluation-harness, which is not installed: run "
-                   "`pip install 'alambic[eval]'` (or `pip install 'lm-eval>=0.4.9'`), or remove evaluation.lm_eval")
+LM_EVAL_MISSING = (
+    "evaluation.lm_eval needs lm-evaluation-harness, which is not installed: run "
+    "`pip install 'alambic[eval]'` (or `pip install 'lm-eval>=0.4.9'`), or remove evaluation.lm_eval"
+)
 HELD_OUT_SPLIT = "validation"  # the name of the run's own held-out split beside the extra sets
 # Tasks alambic writes itself (custom-task YAML + local JSON) from data it has, so they run offline.
 LOCAL_LM_EVAL_TASKS = ("alambic_bbc_topic", "alambic_chatterbot_reply")
@@ -26,10 +28,13 @@ class HeldOutSetConfig(_Section):
 
     source: Literal["bbc_news", "chatterbot", "files", "hub"] = Field(
         description="Where the documents come from, as data.source: 'bbc_news', 'chatterbot', 'files' (`paths`), "
-        "'hub' (`hub_name`).")
+        "'hub' (`hub_name`)."
+    )
     format: Literal["text", "chat"] = Field(
-        default="text", description="'text': documents concatenated and cut into max_seq_len sequences, every token "
-        "counted; 'chat': conversations in the chat template, assistant tokens counted (as data.format).")
+        default="text",
+        description="'text': documents concatenated and cut into max_seq_len sequences, every token "
+        "counted; 'chat': conversations in the chat template, assistant tokens counted (as data.format).",
+    )
     paths: list[Path] = Field(default_factory=list, description="Files or folders for source 'files'.")
     hub_name: str | None = Field(default=None, description="Dataset name for source 'hub'.")
     hub_config: str | None = Field(default=None, description="Dataset configuration for source 'hub'.")
@@ -40,18 +45,25 @@ class HeldOutSetConfig(_Section):
     response_field: str = Field(default="response", description="Response column (format chat, no messages column).")
     max_seq_len: int | None = Field(default=None, gt=1, description="Tokens per sequence; default: data.max_seq_len.")
     max_sequences: int | None = Field(
-        default=64, gt=0, description="Cap on the sequences scored (the first after shuffling the documents; None: "
-        "all). Each costs one forward of every model.")
+        default=64,
+        gt=0,
+        description="Cap on the sequences scored (the first after shuffling the documents; None: "
+        "all). Each costs one forward of every model.",
+    )
     seed: int = Field(default=0, description="Seed of the document shuffle before the cap.")
     overlap: Literal["refuse", "drop", "flag"] = Field(
-        default="refuse", description="A document also among the run's training documents (same text): 'refuse' "
+        default="refuse",
+        description="A document also among the run's training documents (same text): 'refuse' "
         "stops the evaluation naming them, 'drop' scores the set without them, 'flag' scores them and marks the set "
-        "in eval.json and the report.")
+        "in eval.json and the report.",
+    )
 
     def data_config(self) -> DataConfig:
         """The `data` section that reads these documents (`alambic.data.load_documents` takes it)."""
-        return DataConfig(**self.model_dump(exclude={"max_seq_len", "max_sequences", "seed", "overlap"}),
-                          **({"max_seq_len": self.max_seq_len} if self.max_seq_len else {}))
+        return DataConfig(
+            **self.model_dump(exclude={"max_seq_len", "max_sequences", "seed", "overlap"}),
+            **({"max_seq_len": self.max_seq_len} if self.max_seq_len else {}),
+        )
 
     @model_validator(mode="after")
     def _source_inputs(self) -> HeldOutSetConfig:
@@ -64,15 +76,21 @@ class LmEvalConfig(_Section):
     the evaluation loaded (its HF wrapper around them), for every model."""
 
     tasks: list[str] = Field(
-        min_length=1, description="lm-eval task or group names, e.g. [hellaswag, arc_easy] (their data comes from "
+        min_length=1,
+        description="lm-eval task or group names, e.g. [hellaswag, arc_easy] (their data comes from "
         f"the Hub), or alambic's local tasks {list(LOCAL_LM_EVAL_TASKS)} (written into the run folder from the "
-        "held-out BBC News articles and chatterbot conversations; offline), or tasks of include_path.")
+        "held-out BBC News articles and chatterbot conversations; offline), or tasks of include_path.",
+    )
     num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples; None: each task's default.")
-    limit: int | None = Field(default=None, gt=0, description="Cap on the examples per task (None: all). Benchmarks "
-                              "can dominate a run's time on CPU.")
+    limit: int | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on the examples per task (None: all). Benchmarks can dominate a run's time on CPU.",
+    )
     batch_size: int = Field(default=8, gt=0, description="Requests per forward.")
     include_path: list[Path] = Field(
-        default_factory=list, description="Folders of your own lm-eval task YAML files (custom tasks, local data).")
+        default_factory=list, description="Folders of your own lm-eval task YAML files (custom tasks, local data)."
+    )
 
     @model_validator(mode="after")
     def _installed(self) -> LmEvalConfig:
@@ -112,7 +130,8 @@ class EvaluationConfig(_Section):
     )
     batch_size: int = Field(default=8, gt=0, description="Sequences per evaluation batch.")
     device: str | None = Field(
-        default=None, description="Where every model is evaluated and its cost measured ('cpu', 'cuda', "
+        default=None,
+        description="Where every model is evaluated and its cost measured ('cpu', 'cuda', "
         "'cuda:1', ...); default: teacher.device. Changing it redoes only the evaluation.",
     )
     baselines: dict[str, ModelConfig] = Field(
@@ -134,7 +153,8 @@ class EvaluationConfig(_Section):
         "teacher, intervals) for every model; the report shows how much of the teacher each model keeps per set.",
     )
     lm_eval: LmEvalConfig | None = Field(
-        default=None, description="Benchmarks through lm-evaluation-harness for every model (null: none); needs "
+        default=None,
+        description="Benchmarks through lm-evaluation-harness for every model (null: none); needs "
         "`pip install 'alambic[eval]'`.",
     )
 
@@ -152,7 +172,8 @@ class EvaluationConfig(_Section):
         # names become eval.json keys, report headings and plot labels
         bad = [n for n in v if not n or n == HELD_OUT_SPLIT or not all(c.isalnum() or c in "._-" for c in n)]
         if bad:
-            raise ValueError(f"evaluation.datasets names {bad}: use letters, digits, '.', '_' or '-' (and not "
-                             f"{HELD_OUT_SPLIT!r}, the run's own held-out split)")
+            raise ValueError(
+                f"evaluation.datasets names {bad}: use letters, digits, '.', '_' or '-' (and not "
+                f"{HELD_OUT_SPLIT!r}, the run's own held-out split)"
+            )
         return v
-

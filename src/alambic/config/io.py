@@ -47,8 +47,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 where = self.paths.get(id(node), "")
-                raise ConfigError(f"{self.name}: key '{where}{key}' is given twice, on lines {seen[key]} and {line}: "
-                                  "YAML would keep only the last; remove one")
+                raise ConfigError(
+                    f"{self.name}: key '{where}{key}' is given twice, on lines {seen[key]} and {line}: "
+                    "YAML would keep only the last; remove one"
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -72,8 +74,10 @@ def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8): give a YAML run config, e.g. "
-                          "`alambic quickstart --print-config > my.yaml`") from None
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8): give a YAML run config, e.g. "
+            "`alambic quickstart --print-config > my.yaml`"
+        ) from None
     loader = _UniqueKeyLoader(text, str(path))
     try:
         root = loader.get_single_node()
@@ -90,8 +94,9 @@ def read_yaml(path: Path) -> Any:
 def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
     """Build a RunConfig from a plain dict, raising one ConfigError listing every problem."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections (teacher, student, ...), "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{origin}: expected a mapping of sections (teacher, student, ...), got {type(data).__name__}"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -111,11 +116,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (teacher, student, ...) at the top level, got a "
-                          f"{type(data).__name__}; see `alambic quickstart --print-config`")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (teacher, student, ...) at the top level, got a "
+            f"{type(data).__name__}; see `alambic quickstart --print-config`"
+        )
     if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("paths"):
-        data["data"]["paths"] = [str(path.parent / p) if not Path(p).is_absolute() else p
-                                 for p in data["data"]["paths"]]
+        data["data"]["paths"] = [
+            str(path.parent / p) if not Path(p).is_absolute() else p for p in data["data"]["paths"]
+        ]
     if isinstance(data, dict) and isinstance(data.get("chain"), list):
         for step in data["chain"]:
             _resolve_step_paths(step, path.parent)
@@ -127,6 +135,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def _resolve_step_paths(step: Any, folder: Path) -> None:
     """A chain step's `data.paths` override, nested or dotted, at the step's top level or in its `overrides`, made
     relative to `folder` as the top-level data.paths are."""
+
     def resolved(paths: Any) -> Any:
         if not isinstance(paths, list):
             return paths  # validation names the wrong type
@@ -156,8 +165,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         problem = str(exc).replace("\n", " ")
-        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. "
-                          f"--set '{key}=\"...\"', or close its brackets") from None
+        raise ConfigError(
+            f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. "
+            f"--set '{key}=\"...\"', or close its brackets"
+        ) from None
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -23,7 +23,8 @@ class HiddenStateLossConfig(_Section):
         "hundreds), so lower the weight.",
     )
     layers: Literal["all"] | list[int] = Field(
-        default="all", description="Student layers matched, each with its layer_map partner; 'all': every pair.",
+        default="all",
+        description="Student layers matched, each with its layer_map partner; 'all': every pair.",
     )
 
 
@@ -32,11 +33,13 @@ class AttentionMapLossConfig(_Section):
 
     weight: float = Field(default=0.1, gt=0, description="Weight w of this term: total = logit objective + w * term.")
     kind: Literal["kl", "mse"] = Field(
-        default="kl", description="'kl': KL(teacher row || student row) per query, summed over keys; 'mse': squared "
+        default="kl",
+        description="'kl': KL(teacher row || student row) per query, summed over keys; 'mse': squared "
         "difference summed over keys. Both averaged over heads and counted positions.",
     )
     layers: Literal["all"] | list[int] = Field(
-        default="all", description="Student layers matched, each with its layer_map partner; 'all': every pair.",
+        default="all",
+        description="Student layers matched, each with its layer_map partner; 'all': every pair.",
     )
 
 
@@ -45,13 +48,17 @@ class AttentionRelationLossConfig(_Section):
 
     weight: float = Field(default=0.5, gt=0, description="Weight w of this term: total = logit objective + w * term.")
     num_relation_heads: int | None = Field(
-        default=None, gt=0, description="Relation heads R the q, k and v vectors are split into; R must divide every "
+        default=None,
+        gt=0,
+        description="Relation heads R the q, k and v vectors are split into; R must divide every "
         "q/k/v width of both models. None: the largest such R up to the student's number of attention heads.",
     )
-    layer: int = Field(default=-1,
-                       description="Student layer whose relations are matched; negative counts from the end.")
+    layer: int = Field(
+        default=-1, description="Student layer whose relations are matched; negative counts from the end."
+    )
     teacher_layer: int | None = Field(
-        default=None, description="Teacher layer it learns from; negative counts from the end. None: layer_map's "
+        default=None,
+        description="Teacher layer it learns from; negative counts from the end. None: layer_map's "
         "partner "
         "of `layer` (MiniLM-v2 finds an upper-middle teacher layer can teach large students better).",
     )
@@ -92,8 +99,10 @@ class FeatureLossConfig(_Section):
     @model_validator(mode="after")
     def _asks_for_something(self) -> FeatureLossConfig:
         if self.hidden_states is None and self.attention is None and self.attention_relations is None:
-            raise ValueError("loss.features asks for no term: set at least one of hidden_states, attention, "
-                             "attention_relations (or remove loss.features)")
+            raise ValueError(
+                "loss.features asks for no term: set at least one of hidden_states, attention, "
+                "attention_relations (or remove loss.features)"
+            )
         return self
 
 
@@ -108,27 +117,39 @@ class OnPolicyConfig(_Section):
     """
 
     fraction: float = Field(
-        default=0.5, ge=0, le=1, description="Share lambda of the optimizer steps trained on student responses, "
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share lambda of the optimizer steps trained on student responses, "
         "drawn per step from (seed, step): reproducible, and the same after a resume. 0: never (plain off-policy "
         "training); 1: every step.",
     )
     max_new_tokens: int = Field(
-        default=64, gt=0, description="Cap on each student response, end-of-turn included. An on-policy sequence is "
+        default=64,
+        gt=0,
+        description="Cap on each student response, end-of-turn included. An on-policy sequence is "
         "its "
         "prompt plus the response: up to data.max_seq_len + max_new_tokens tokens (size the memory for that).",
     )
     sampling_temperature: float | None = Field(
-        default=None, ge=0, description="Temperature of the student's sampling (not the KD temperature "
+        default=None,
+        ge=0,
+        description="Temperature of the student's sampling (not the KD temperature "
         "loss.temperature); 0: greedy. null: the models' own generation settings (the teacher's generation_config, "
         "else the student's, when it samples), else 0.7. GKD samples at 1, where a small student's answers rarely end "
         "(they run to max_new_tokens and never show it an ending).",
     )
     top_p: float | None = Field(
-        default=None, gt=0, le=1, description="Nucleus sampling mass; 1 keeps every token. null: as "
+        default=None,
+        gt=0,
+        le=1,
+        description="Nucleus sampling mass; 1 keeps every token. null: as "
         "sampling_temperature (the models' generation_config, else 0.95).",
     )
     top_k: int | None = Field(
-        default=None, ge=0, description="Sample among the k most likely tokens; 0 keeps every token. null: as "
+        default=None,
+        ge=0,
+        description="Sample among the k most likely tokens; 0 keeps every token. null: as "
         "sampling_temperature (the models' generation_config, else 0).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the on-policy step draw and of the sampling.")
@@ -158,17 +179,20 @@ class LossConfig(_Section):
         "(fast, memory flat in the vocabulary). 'full': logits of all counted tokens at once (the reference).",
     )
     chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
-        default="auto", description="Tokens per chunk of the chunked loss (the (chunk, V) logits block of each model "
+        default="auto",
+        description="Tokens per chunk of the chunked loss (the (chunk, V) logits block of each model "
         "is "
         "what the loss holds at once). 'auto': as many as keep a block under 2^26 logits (1365 tokens at V = 49,152, "
         "441 at 151,936), so the loss's memory does not grow with the vocabulary.",
     )
     features: FeatureLossConfig | None = Field(
-        default=None, description="Feature distillation terms (hidden states, attention maps, MiniLM relations) "
+        default=None,
+        description="Feature distillation terms (hidden states, attention maps, MiniLM relations) "
         "added to the logit objective; null: logits only.",
     )
     on_policy: OnPolicyConfig | None = Field(
-        default=None, description="Train a share of the steps on the student's own responses to the batch's prompts, "
+        default=None,
+        description="Train a share of the steps on the student's own responses to the batch's prompts, "
         "scored by the teacher (GKD / MiniLLM; chat data, live teacher). null: off-policy, the data's answers only.",
     )
 

@@ -37,7 +37,8 @@ class FineTuneConfig(_Section):
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     bf16: bool | Literal["auto"] = Field(
         default=False,
-        description="bfloat16 mixed precision; 'auto' as training.bf16 (where the device has it natively).")
+        description="bfloat16 mixed precision; 'auto' as training.bf16 (where the device has it natively).",
+    )
     seed: int = Field(default=0, description="Seed of the head's initialisation and of the data order.")
 
 
@@ -45,7 +46,8 @@ class TeacherConfig(ModelConfig):
     """The teacher: a model as in `ModelConfig`, optionally fine-tuned first (classification)."""
 
     fine_tune: FineTuneConfig | None = Field(
-        default=None, description="task sequence_classification: train a classification head (and the backbone) on the "
+        default=None,
+        description="task sequence_classification: train a classification head (and the backbone) on the "
         "training split before distilling (stage 'teacher'). null: the teacher is used as it is, and must then already "
         "be a classifier with the data's labels.",
     )
@@ -62,6 +64,8 @@ class AdditionalTeacherConfig(ModelConfig):
     """
 
     weight: float = Field(
-        default=1.0, gt=0, description="Weight w_i of this teacher in the ensemble, before normalisation: w_i / "
+        default=1.0,
+        gt=0,
+        description="Weight w_i of this teacher in the ensemble, before normalisation: w_i / "
         "(teacher_weight + sum of additional weights). See loss.teachers.",
     )

@@ -26,15 +26,18 @@ class ChainStep(_Section):
     section as a nested mapping, merged into the top-level one (`loss: {alpha: 0}`), or a dotted key
     (`loss.alpha: 0`)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Step name; its run folder is "
-                      "<output_dir>/<name>-chain/<step name>.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._-]+$", description="Step name; its run folder is <output_dir>/<name>-chain/<step name>."
+    )
     teacher: Literal["previous"] | dict[str, Any] | None = Field(
-        default=None, description="'previous': the previous step's final student (its final/ folder) is this step's "
+        default=None,
+        description="'previous': the previous step's final student (its final/ folder) is this step's "
         "teacher, with the top-level teacher's dtype and device (progressive and born-again distillation). A mapping: "
         "overrides of the teacher section. null: the top-level teacher.",
     )
     student: Literal["previous", "first"] | dict[str, Any] | None = Field(
-        default=None, description="'previous': start from the previous step's final student (fine-tune it, or distil "
+        default=None,
+        description="'previous': start from the previous step's final student (fine-tune it, or distil "
         "it further: two-stage). 'first': start from the untrained student of the first step (the top-level "
         "from_teacher applied to the original teacher, or the given student); with teacher: previous this is "
         "born-again "
@@ -42,7 +45,8 @@ class ChainStep(_Section):
         "from_teacher prunes this step's teacher.",
     )
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the top-level config for this step, nested sections or dotted "
+        default_factory=dict,
+        description="Overrides of the top-level config for this step, nested sections or dotted "
         "keys; the keys written at the step's top level are gathered here.",
     )
 
@@ -67,17 +71,24 @@ class ChainStep(_Section):
         problems = []
         top = sorted({str(k).split(".")[0] for k in self.overrides} & set(self.NOT_PER_STEP))
         if top:
-            problems.append(f"{top} cannot be set per step: each step runs in <output_dir>/<name>-chain/<step name> "
-                            "and holds no chain of its own; set name and output_dir at the top level")
+            problems.append(
+                f"{top} cannot be set per step: each step runs in <output_dir>/<name>-chain/<step name> "
+                "and holds no chain of its own; set name and output_dir at the top level"
+            )
         for section, value in (("teacher", self.teacher), ("student", self.student)):
             if not isinstance(value, str):
                 continue
-            clash = [k for k in self.overrides if k == section or (k.startswith(section + ".")
-                                                                   and k.split(".")[1] not in self.SHORTHAND_KEEPS)]
+            clash = [
+                k
+                for k in self.overrides
+                if k == section or (k.startswith(section + ".") and k.split(".")[1] not in self.SHORTHAND_KEEPS)
+            ]
             if clash:
-                problems.append(f"{section}: {value} says which weights the step uses, so {clash} cannot be set beside "
-                                f"it (only {section}.dtype / {section}.device); write the {section} section out "
-                                "instead")
+                problems.append(
+                    f"{section}: {value} says which weights the step uses, so {clash} cannot be set beside "
+                    f"it (only {section}.dtype / {section}.device); write the {section} section out "
+                    "instead"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -86,8 +97,9 @@ class ChainStep(_Section):
 class RunConfig(_Section):
     """A whole run: teacher -> student -> data -> distill -> evaluate -> report."""
 
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$",
-                      description="Run name; the folder is output_dir/name.")
+    name: str = Field(
+        default="run", pattern=r"^[A-Za-z0-9._-]+$", description="Run name; the folder is output_dir/name."
+    )
     output_dir: Path = Field(default=Path("runs"), description="Parent folder of run folders.")
     task: Task = Field(
         default="causal_lm",
@@ -97,7 +109,9 @@ class RunConfig(_Section):
     )
     teacher: TeacherConfig
     teacher_weight: float = Field(
-        default=1.0, gt=0, description="Weight of `teacher` among several teachers, before normalisation (see "
+        default=1.0,
+        gt=0,
+        description="Weight of `teacher` among several teachers, before normalisation (see "
         "additional_teachers, loss.teachers); ignored with one teacher.",
     )
     additional_teachers: list[AdditionalTeacherConfig] = Field(
@@ -113,7 +127,8 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     chain: list[ChainStep] | None = Field(
-        default=None, description="Run several steps in order, each an ordinary run of this config with the step's "
+        default=None,
+        description="Run several steps in order, each an ordinary run of this config with the step's "
         "overrides, in <output_dir>/<name>-chain/<step name>/; a step may learn from the previous step's final student "
         "(teacher: previous) or start from it (student: previous): two-stage, progressive and born-again "
         "distillation. `alambic run` runs every step, then compares them in chain.md / chain.html. null: one run.",
@@ -130,12 +145,15 @@ class RunConfig(_Section):
         names = [s.name for s in v]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            problems.append(f"step names {twice} are used twice: each step needs its own name (it names its run "
-                            "folder)")
+            problems.append(
+                f"step names {twice} are used twice: each step needs its own name (it names its run folder)"
+            )
         first = v[0]
         if first.teacher == "previous" or first.student in ("previous", "first"):
-            problems.append(f"the first step {first.name!r} has no step before it: teacher: previous and student: "
-                            "previous / first need one; remove them from the first step")
+            problems.append(
+                f"the first step {first.name!r} has no step before it: teacher: previous and student: "
+                "previous / first need one; remove them from the first step"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return v
@@ -144,8 +162,10 @@ class RunConfig(_Section):
     def _on_policy_fits(self) -> RunConfig:
         """loss.on_policy answers chat prompts (the sources it cannot go with: `_task_and_sources_fit`)."""
         if self.loss.on_policy is not None and self.task == "causal_lm" and self.data.format != "chat":
-            raise ValueError(f"loss.on_policy needs prompts to answer: set data.format: chat (got "
-                             f"{self.data.format!r}) or remove loss.on_policy")
+            raise ValueError(
+                f"loss.on_policy needs prompts to answer: set data.format: chat (got "
+                f"{self.data.format!r}) or remove loss.on_policy"
+            )
         return self
 
     @model_validator(mode="after")
@@ -162,21 +182,31 @@ class RunConfig(_Section):
         }
         refused = [name for name, on in needs_rows.items() if on]
         if refused:
-            raise ValueError("training.packing: padding_free lays a batch's sequences in one row, which "
-                             f"{', '.join(refused)} "
-                             "cannot use: choose training.packing: group_by_length (padded, of similar lengths) or pad")
+            raise ValueError(
+                "training.packing: padding_free lays a batch's sequences in one row, which "
+                f"{', '.join(refused)} "
+                "cannot use: choose training.packing: group_by_length (padded, of similar lengths) or pad"
+            )
         return self
 
     @model_validator(mode="after")
     def _compile_fits(self) -> RunConfig:
         if not self.training.torch_compile:
             return self
-        refused = [name for name, on in (("task sequence_classification", self.task != "causal_lm"),
-                                         ("loss.features", self.loss.features is not None),
-                                         ("loss.on_policy", self.loss.on_policy is not None)) if on]
+        refused = [
+            name
+            for name, on in (
+                ("task sequence_classification", self.task != "causal_lm"),
+                ("loss.features", self.loss.features is not None),
+                ("loss.on_policy", self.loss.on_policy is not None),
+            )
+            if on
+        ]
         if refused:
-            raise ValueError(f"training.torch_compile compiles the language models' decoder layers for the training "
-                             f"step, which {', '.join(refused)} cannot use yet: remove one of them")
+            raise ValueError(
+                f"training.torch_compile compiles the language models' decoder layers for the training "
+                f"step, which {', '.join(refused)} cannot use yet: remove one of them"
+            )
         return self
 
     @model_validator(mode="after")
@@ -189,20 +219,26 @@ class RunConfig(_Section):
             if self.data.format == "classification":
                 problems.append("data.format classification holds labelled examples: set task: sequence_classification")
             if self.teacher.fine_tune is not None:
-                problems.append("teacher.fine_tune trains a classification head: set task: sequence_classification "
-                                "or remove teacher.fine_tune")
+                problems.append(
+                    "teacher.fine_tune trains a classification head: set task: sequence_classification "
+                    "or remove teacher.fine_tune"
+                )
         else:
             if self.data.format != "classification":
-                problems.append("task sequence_classification needs labelled examples: set data.format: "
-                                "classification "
-                                f"(got {self.data.format!r}) and data.label_field")
+                problems.append(
+                    "task sequence_classification needs labelled examples: set data.format: "
+                    "classification "
+                    f"(got {self.data.format!r}) and data.label_field"
+                )
             # (what a classifier's teacher cannot serve: the table, below)
             cut = self.student.from_teacher
             if cut is not None and cut.needs_importance:
-                problems.append("student.from_teacher: importance (layers: importance, width fields, "
-                                "target_parameters) "
-                                "is measured with the language-model loss, which a classifier lacks; choose layers "
-                                "every_other / first_half / last_half or explicit indices")
+                problems.append(
+                    "student.from_teacher: importance (layers: importance, width fields, "
+                    "target_parameters) "
+                    "is measured with the language-model loss, which a classifier lacks; choose layers "
+                    "every_other / first_half / last_half or explicit indices"
+                )
         problems += config_refusals(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -229,8 +265,10 @@ class RunConfig(_Section):
                 if value is None:
                     break
                 if not isinstance(value, dict) or part not in value:
-                    raise ValueError(f"stage input {path!r} names no field of the run config ({part!r} is not "
-                                     "there): declare an existing field path, such as 'loss.temperature'")
+                    raise ValueError(
+                        f"stage input {path!r} names no field of the run config ({part!r} is not "
+                        "there): declare an existing field path, such as 'loss.temperature'"
+                    )
                 value = value[part]
             if value is not None and path.endswith("?"):
                 value = True

@@ -44,22 +44,30 @@ class FromTeacherConfig(_Section):
         "KV group; 'groups' removes whole KV groups with all their query heads.",
     )
     target_parameters: float | None = Field(
-        default=None, gt=0, description="Parameter budget (e.g. 70e6) met by a search over shapes; exclusive with "
+        default=None,
+        gt=0,
+        description="Parameter budget (e.g. 70e6) met by a search over shapes; exclusive with "
         "num_layers and the width fields.",
     )
     target_axis: Literal["depth", "width"] = Field(
-        default="depth", description="What the budget search shrinks: 'depth' (layers, by importance) or 'width' "
-        "(heads, FFN and hidden together, all layers kept)."
+        default="depth",
+        description="What the budget search shrinks: 'depth' (layers, by importance) or 'width' "
+        "(heads, FFN and hidden together, all layers kept).",
     )
     calibration_sequences: int = Field(default=32, gt=0, description="Training sequences used to measure importance.")
     evaluate: bool = Field(
-        default=True, description="Measure perplexity and KL to the teacher on the held-out split right after "
+        default=True,
+        description="Measure perplexity and KL to the teacher on the held-out split right after "
         "pruning (recorded in pruning.json). `alambic run` measures the same as `student_before` in its evaluate "
         "stage, and the report falls back to it: false saves that time in full runs.",
     )
 
     WIDTH_FIELDS: ClassVar[tuple[str, ...]] = (
-        "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "hidden_size",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -81,19 +89,24 @@ class FromTeacherConfig(_Section):
                 given = width + ["num_layers"] * (self.num_layers is not None)
                 raise ValueError(f"target_parameters chooses the shape itself: remove {given}")
             if self.layers not in (None, "importance"):
-                raise ValueError("with target_parameters the layers are chosen by importance: remove `layers` "
-                                 f"(got {self.layers!r}) or set it to 'importance'")
+                raise ValueError(
+                    "with target_parameters the layers are chosen by importance: remove `layers` "
+                    f"(got {self.layers!r}) or set it to 'importance'"
+                )
         elif self.layers == "importance" and self.num_layers is None:
             raise ValueError("layers: importance needs num_layers (how many to keep), or a target_parameters budget")
         elif self.num_layers is not None and self.layers != "importance":
-            raise ValueError(f"num_layers is used with layers: importance (got layers {self.layers!r}); "
-                             "set layers: importance or remove num_layers")
+            raise ValueError(
+                f"num_layers is used with layers: importance (got layers {self.layers!r}); "
+                "set layers: importance or remove num_layers"
+            )
         return self
 
     @property
     def prunes_width(self) -> bool:
         return any(getattr(self, f) is not None for f in self.WIDTH_FIELDS) or (
-            self.target_parameters is not None and self.target_axis == "width")
+            self.target_parameters is not None and self.target_axis == "width"
+        )
 
     @property
     def needs_importance(self) -> bool:

@@ -94,8 +94,10 @@ class TrainingConfig(_Section):
             for key in unknown:
                 close = difflib.get_close_matches(str(key), fields, n=3, cutoff=0.6)
                 hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-            raise ValueError(f"not a transformers.TrainingArguments field in transformers {transformers.__version__}: "
-                             f"{', '.join(hints)}; see the TrainingArguments documentation for its fields")
+            raise ValueError(
+                f"not a transformers.TrainingArguments field in transformers {transformers.__version__}: "
+                f"{', '.join(hints)}; see the TrainingArguments documentation for its fields"
+            )
         return v
 
     @model_validator(mode="after")

@@ -32,19 +32,24 @@ def label_names(docs: list[dict[str, Any]]) -> list[str]:
     """
     unlabelled = [d.get("id") for d in docs if not d.get("label")]
     if unlabelled:
-        raise DataSourceError(f"{len(unlabelled)} document(s) have no label (e.g. {unlabelled[:3]}): data.format "
-                              "classification needs a label per document (data.label_field)")
+        raise DataSourceError(
+            f"{len(unlabelled)} document(s) have no label (e.g. {unlabelled[:3]}): data.format "
+            "classification needs a label per document (data.label_field)"
+        )
     names = {d["label"] for d in docs}
     numeric = all(n.lstrip("-").isdigit() for n in names)
     ordered = sorted(names, key=int) if numeric else sorted(names)
     if len(ordered) < 2:
-        raise DataSourceError(f"the documents have {len(ordered)} distinct label(s) {ordered}: a classifier needs at "
-                              "least two classes; check data.label_field")
+        raise DataSourceError(
+            f"the documents have {len(ordered)} distinct label(s) {ordered}: a classifier needs at "
+            "least two classes; check data.label_field"
+        )
     return ordered
 
 
-def tokenize_labelled(docs: list[dict[str, Any]], tokenizer, max_seq_len: int,
-                      label_ids: dict[str, int]) -> list[dict[str, Any]]:
+def tokenize_labelled(
+    docs: list[dict[str, Any]], tokenizer, max_seq_len: int, label_ids: dict[str, int]
+) -> list[dict[str, Any]]:
     """One example per document: {"input_ids", "attention_mask"} of its first `max_seq_len` tokens, "labels": id.
 
     Where the tokenizer starts its encodings with BOS (`tokens.leading_bos`), the example is BOS + the first
@@ -52,26 +57,39 @@ def tokenize_labelled(docs: list[dict[str, Any]], tokenizer, max_seq_len: int,
     """
     texts = [d["text"] for d in docs]
     lead = leading_bos(tokenizer)
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True,
-                        max_length=max_seq_len - len(lead))["input_ids"] if texts else []
-    return [{"input_ids": lead + ids, "attention_mask": [1] * (len(lead) + len(ids)), "labels": label_ids[d["label"]]}
-            for d, ids in zip(docs, encoded) if ids]
+    encoded = (
+        tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_seq_len - len(lead))["input_ids"]
+        if texts
+        else []
+    )
+    return [
+        {"input_ids": lead + ids, "attention_mask": [1] * (len(lead) + len(ids)), "labels": label_ids[d["label"]]}
+        for d, ids in zip(docs, encoded)
+        if ids
+    ]
 
 
 def _to_dataset(samples: list[dict[str, Any]]):
     import datasets
 
-    features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "attention_mask": datasets.List(datasets.Value("int8")),
-        "labels": datasets.Value("int64"),
-    })
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "attention_mask": datasets.List(datasets.Value("int8")),
+            "labels": datasets.Value("int64"),
+        }
+    )
     columns = {k: [s[k] for s in samples] for k in ("input_ids", "attention_mask", "labels")}
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def prepare_classification(cfg: DataConfig, tokenizer, docs: list[dict[str, Any]], train_docs: list[dict[str, Any]],
-                           validation_docs: list[dict[str, Any]]) -> PreparedData:
+def prepare_classification(
+    cfg: DataConfig,
+    tokenizer,
+    docs: list[dict[str, Any]],
+    train_docs: list[dict[str, Any]],
+    validation_docs: list[dict[str, Any]],
+) -> PreparedData:
     """Number the labels, tokenize both splits (already split by document) and record how (`split.json`).
 
     Raises:
@@ -83,29 +101,44 @@ def prepare_classification(cfg: DataConfig, tokenizer, docs: list[dict[str, Any]
     validation = tokenize_labelled(validation_docs, tokenizer, cfg.max_seq_len, label_ids)
     for name, samples, n_docs in (("train", train, len(train_docs)), ("validation", validation, len(validation_docs))):
         if not samples:
-            raise DataSourceError(f"the {name} split ({n_docs} documents) gave no example: check that the texts "
-                                  "(data.text_field) are not empty")
+            raise DataSourceError(
+                f"the {name} split ({n_docs} documents) gave no example: check that the texts "
+                "(data.text_field) are not empty"
+            )
     validation_total = len(validation)
     if cfg.max_validation_sequences is not None:
         validation = validation[: cfg.max_validation_sequences]  # the first ones: deterministic
-    counts = {split: Counter(labels[s["labels"]] for s in samples)
-              for split, samples in (("train", train), ("validation", validation))}
+    counts = {
+        split: Counter(labels[s["labels"]] for s in samples)
+        for split, samples in (("train", train), ("validation", validation))
+    }
     unseen = [name for name in labels if not counts["train"][name]]
     if unseen:
         logger.warning("labels %s have no training example: the classifier cannot learn them", unseen)
     lengths = [len(s["input_ids"]) for s in train + validation]
     split = {
-        **split_record(cfg, tokenizer, docs, train_docs, validation_docs, train=len(train), validation=len(validation),
-                       validation_before_cap=validation_total),
+        **split_record(
+            cfg,
+            tokenizer,
+            docs,
+            train_docs,
+            validation_docs,
+            train=len(train),
+            validation=len(validation),
+            validation_before_cap=validation_total,
+        ),
         "labels": labels,
         "label_counts": {split: {name: c[name] for name in labels} for split, c in counts.items()},
-        "tokens": {"train": sum(len(s["input_ids"]) for s in train),
-                   "validation": sum(len(s["input_ids"]) for s in validation)},
+        "tokens": {
+            "train": sum(len(s["input_ids"]) for s in train),
+            "validation": sum(len(s["input_ids"]) for s in validation),
+        },
         "truncated": sum(1 for n in lengths if n == cfg.max_seq_len),
         "prompts": 0,
     }
-    logger.info("data: %d train / %d held-out examples, %d classes %s", len(train), len(validation), len(labels),
-                labels)
+    logger.info(
+        "data: %d train / %d held-out examples, %d classes %s", len(train), len(validation), len(labels), labels
+    )
     return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split)
 
 
@@ -117,8 +150,10 @@ def class_labels(prepared: PreparedData) -> list[str]:
     """
     labels = prepared.split.get("labels")
     if not labels:
-        raise ValueError(f"the prepared data (format {prepared.split.get('format')!r}) has no labels: prepare it with "
-                         "data.format: classification")
+        raise ValueError(
+            f"the prepared data (format {prepared.split.get('format')!r}) has no labels: prepare it with "
+            "data.format: classification"
+        )
     return list(labels)
 
 
@@ -135,8 +170,10 @@ class ClassificationCollator:
 
     def __post_init__(self) -> None:
         if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
-            raise ValueError(f"pad_token_id must be an int, got {self.pad_token_id!r}; a tokenizer without a pad "
-                             "token can pass tokenizer.eos_token_id")
+            raise ValueError(
+                f"pad_token_id must be an int, got {self.pad_token_id!r}; a tokenizer without a pad "
+                "token can pass tokenizer.eos_token_id"
+            )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:

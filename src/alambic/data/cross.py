@@ -83,18 +83,24 @@ def _chat_side(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list
     keyed None, it lines up with nothing (the two renderings differ outside the assistant turns)."""
     ids, offsets = _encode(tokenizer, text)
     lead = leading_bos(tokenizer, ids)
-    return (lead + ids, [IGNORE_INDEX] * len(lead) + labels_from_offsets(ids, offsets, spans),
-            [None] * len(lead) + _span_keys(offsets, spans))
+    return (
+        lead + ids,
+        [IGNORE_INDEX] * len(lead) + labels_from_offsets(ids, offsets, spans),
+        [None] * len(lead) + _span_keys(offsets, spans),
+    )
 
 
-def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
-                       max_seq_len: int) -> list[dict[str, list[int]]]:
+def tokenize_chat_pair(
+    docs: list[dict[str, Any]], tokenizer, teacher_tokenizer, max_seq_len: int
+) -> list[dict[str, list[int]]]:
     """`tokenize_chat` for the student, plus the teacher's rendering of each conversation and the lined-up
     positions. Conversations whose assistant turns either template rewrites are skipped."""
     for tok, who in ((tokenizer, "student"), (teacher_tokenizer, "teacher")):
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"the {who}'s tokenizer {getattr(tok, 'name_or_path', '')!r} has no chat template: "
-                             "format chat needs one on both sides (or use data.format: text)")
+            raise ValueError(
+                f"the {who}'s tokenizer {getattr(tok, 'name_or_path', '')!r} has no chat template: "
+                "format chat needs one on both sides (or use data.format: text)"
+            )
     samples, skipped = [], 0
     for doc in docs:
         try:
@@ -109,8 +115,11 @@ def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
         if all(label == IGNORE_INDEX for label in labels):
             continue
         sample = {
-            "input_ids": ids[:max_seq_len], "attention_mask": [1] * len(labels), "labels": labels,
-            "teacher_input_ids": t_ids, "teacher_labels": t_labels,
+            "input_ids": ids[:max_seq_len],
+            "attention_mask": [1] * len(labels),
+            "labels": labels,
+            "teacher_input_ids": t_ids,
+            "teacher_labels": t_labels,
             "teacher_positions": line_up(keys[:max_seq_len], t_keys),
         }
         samples.append(_cut_teacher(sample, max_seq_len))
@@ -122,8 +131,9 @@ def tokenize_chat_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
 # ---------------------------------------------------------------- text
 
 
-def tokenize_text_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
-                       max_seq_len: int) -> list[dict[str, list[int]]]:
+def tokenize_text_pair(
+    docs: list[dict[str, Any]], tokenizer, teacher_tokenizer, max_seq_len: int
+) -> list[dict[str, list[int]]]:
     """Each document (+ eos) cut into `max_seq_len` student tokens; the teacher reads the same characters of each
     piece (+ its own eos where the piece ends the document). Every token counts, as in `tokenize_text`, but the BOS
     each side puts in front of every piece where its tokenizer's convention asks for one (`leading_bos`)."""
@@ -150,13 +160,18 @@ def tokenize_text_pair(docs: list[dict[str, Any]], tokenizer, teacher_tokenizer,
             # A BOS has read nothing of the piece: the two BOS line up where both sides have one (a key no text token
             # has); a single one lines up with nothing.
             piece = ids[a:b]
-            samples.append({
-                "input_ids": lead + piece, "attention_mask": [1] * (len(lead) + len(piece)),
-                "labels": [IGNORE_INDEX] * len(lead) + piece,
-                "teacher_input_ids": t_lead + t_ids, "teacher_labels": [IGNORE_INDEX] * len(t_lead) + t_ids,
-                "teacher_positions": line_up([("bos", first)] * len(lead) + keys[a:b],
-                                             [("bos", first)] * len(t_lead) + t_keys),
-            })
+            samples.append(
+                {
+                    "input_ids": lead + piece,
+                    "attention_mask": [1] * (len(lead) + len(piece)),
+                    "labels": [IGNORE_INDEX] * len(lead) + piece,
+                    "teacher_input_ids": t_lead + t_ids,
+                    "teacher_labels": [IGNORE_INDEX] * len(t_lead) + t_ids,
+                    "teacher_positions": line_up(
+                        [("bos", first)] * len(lead) + keys[a:b], [("bos", first)] * len(t_lead) + t_keys
+                    ),
+                }
+            )
     return samples
 
 

@@ -69,13 +69,17 @@ def training_prompts(cfg: DataConfig, split: dict[str, Any] | None = None) -> li
     """
     train_docs, _ = split_documents(load_documents(cfg), cfg)
     if split is not None and split.get("train_ids_hash") not in (None, sha256_of(sorted(d["id"] for d in train_docs))):
-        raise DataSourceError("the training documents differ from those the data stage split (split.json): the "
-                              "source changed since; run again with --restart to prepare the data anew")
+        raise DataSourceError(
+            "the training documents differ from those the data stage split (split.json): the "
+            "source changed since; run again with --restart to prepare the data anew"
+        )
     limit = cfg.teacher_responses.max_prompts if cfg.teacher_responses is not None else None
     prompts = build_prompts(train_docs, limit=limit)
     if not prompts:
-        raise DataSourceError(f"none of the {len(train_docs)} training conversations ends with an assistant turn "
-                              "after another message: there is no prompt for the teacher to answer")
+        raise DataSourceError(
+            f"none of the {len(train_docs)} training conversations ends with an assistant turn "
+            "after another message: there is no prompt for the teacher to answer"
+        )
     return prompts
 
 
@@ -93,12 +97,13 @@ def repeated_ngram_share(tokens: Sequence[Any], n: int) -> float:
     total = len(tokens) - n + 1
     if total <= 1:
         return 0.0
-    distinct = {tuple(tokens[i:i + n]) for i in range(total)}
+    distinct = {tuple(tokens[i : i + n]) for i in range(total)}
     return 1.0 - len(distinct) / total
 
 
-def degenerate_flags(response: str, token_ids: Sequence[int], finish_reason: str, *, ngram: int,
-                     threshold: float) -> list[str]:
+def degenerate_flags(
+    response: str, token_ids: Sequence[int], finish_reason: str, *, ngram: int, threshold: float
+) -> list[str]:
     """Why a response is not fit to train on: "empty" (blank text), "length" (cut at max_new_tokens, so it
     never ends), "repetition" (`repeated_ngram_share(token_ids, ngram) > threshold`). [] when none applies."""
     flags = []
@@ -197,14 +202,17 @@ def generate_teacher_responses(
         raise ValueError(f"prompt ids must be distinct (they key the records on resume); repeated: {duplicated}")
     sampling = {k: getattr(settings, k) for k in SAMPLING_FIELDS}
     lengths = [len(encoded) for encoded in encode_prompts(tokenizer, [p["messages"] for p in prompts])]
-    items = sorted(((i, s) for i in range(len(prompts)) for s in range(settings.num_samples)),
-                   key=lambda item: (-lengths[item[0]], item))
-    batches = [items[b:b + settings.batch_size] for b in range(0, len(items), settings.batch_size)]
+    items = sorted(
+        ((i, s) for i in range(len(prompts)) for s in range(settings.num_samples)),
+        key=lambda item: (-lengths[item[0]], item),
+    )
+    batches = [items[b : b + settings.batch_size] for b in range(0, len(items), settings.batch_size)]
 
     wanted = {(p["id"], s): i for i, p in enumerate(prompts) for s in range(settings.num_samples)}
     # Rank 0 alone reads the file back and tidies it; every rank learns which items are answered already.
-    done, discarded = distributed.on_main(f"teacher responses: read {path}",
-                                          lambda: _finished_records(path, prompts, wanted, teacher_id, sampling))
+    done, discarded = distributed.on_main(
+        f"teacher responses: read {path}", lambda: _finished_records(path, prompts, wanted, teacher_id, sampling)
+    )
     resumed = len(done)
     todo = [b for b, batch in enumerate(batches) if any((ids[i], s) not in done for i, s in batch)]
     # Every rank answers its share of the batches still to do, one batch a round; after each round rank 0 appends
@@ -216,18 +224,29 @@ def generate_teacher_responses(
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(progress_bar(disable=not todo or not distributed.is_main()))
         out = stack.enter_context(path.open("a", encoding="utf-8")) if distributed.is_main() else None
-        task = bar.add_task("teacher answering", total=len(items), completed=len(items) - sum(
-            len(batches[b]) for b in todo), rate="-")
+        task = bar.add_task(
+            "teacher answering", total=len(items), completed=len(items) - sum(len(batches[b]) for b in todo), rate="-"
+        )
         for round_ in range(rounds):
             answered = None
             if round_ < len(mine):
                 b = mine[round_]
-                answered = (b, generate_responses(
-                    model, tokenizer, [prompts[i]["messages"] for i, _ in batches[b]],
-                    max_new_tokens=settings.max_new_tokens, batch_size=len(batches[b]),
-                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                    seed=_batch_seed(settings.seed, b), with_tokens=True, show_progress=False,
-                ))
+                answered = (
+                    b,
+                    generate_responses(
+                        model,
+                        tokenizer,
+                        [prompts[i]["messages"] for i, _ in batches[b]],
+                        max_new_tokens=settings.max_new_tokens,
+                        batch_size=len(batches[b]),
+                        temperature=settings.temperature,
+                        top_p=settings.top_p,
+                        top_k=settings.top_k,
+                        seed=_batch_seed(settings.seed, b),
+                        with_tokens=True,
+                        show_progress=False,
+                    ),
+                )
             gathered = distributed.gather_to_main(answered)
             if out is None:  # not rank 0: its answers are rank 0's to write
                 continue
@@ -273,30 +292,49 @@ def generate_teacher_responses(
     return distributed.on_main(f"teacher responses: write {path}", finish)
 
 
-def _finished_records(path: Path, prompts: list[dict[str, Any]], wanted: dict[tuple[str, int], int], teacher_id: str,
-                      sampling: dict[str, Any]) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+def _finished_records(
+    path: Path,
+    prompts: list[dict[str, Any]],
+    wanted: dict[tuple[str, int], int],
+    teacher_id: str,
+    sampling: dict[str, Any],
+) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
     """({(prompt id, sample): record} of the records in `path` made for these prompts with these settings, how many
     others were discarded); the file is made ready to append to (its folder created, a torn last line cut)."""
     done: dict[tuple[str, int], dict[str, Any]] = {}
     discarded = 0
     for record in read_generations(path):
         key = (record.get("prompt_id"), record.get("sample"))
-        fits = (key in wanted and record.get("teacher") == teacher_id and record.get("sampling") == sampling
-                and record.get("messages") == prompts[wanted[key]]["messages"])
+        fits = (
+            key in wanted
+            and record.get("teacher") == teacher_id
+            and record.get("sampling") == sampling
+            and record.get("messages") == prompts[wanted[key]]["messages"]
+        )
         if fits:
             done[key] = record
         else:
             discarded += 1
     if discarded:
-        console.print(f"{discarded} response(s) in {path} were made with other settings, another teacher or "
-                      "other prompts: discarded", style="yellow", markup=False)
+        console.print(
+            f"{discarded} response(s) in {path} were made with other settings, another teacher or "
+            "other prompts: discarded",
+            style="yellow",
+            markup=False,
+        )
     _drop_torn_tail(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return done, discarded
 
 
-def _record(prompt: dict[str, Any], sample: int, result: dict[str, Any], settings: TeacherResponsesConfig,
-            sampling: dict[str, Any], teacher_id: str) -> dict[str, Any]:
+def _record(
+    prompt: dict[str, Any],
+    sample: int,
+    result: dict[str, Any],
+    settings: TeacherResponsesConfig,
+    sampling: dict[str, Any],
+    teacher_id: str,
+) -> dict[str, Any]:
     tokens = result["token_ids"]
     content = tokens[:-1] if result["finish_reason"] == "stop" else tokens  # the stop token is no repetition
     share = repeated_ngram_share(content, settings.repetition_ngram)
@@ -309,8 +347,13 @@ def _record(prompt: dict[str, Any], sample: int, result: dict[str, Any], setting
         "prompt_tokens": result["prompt_tokens"],
         "response_tokens": result["num_tokens"],
         "repeated_ngram_share": round(share, 4),
-        "flags": degenerate_flags(result["response"], content, result["finish_reason"],
-                                  ngram=settings.repetition_ngram, threshold=settings.repetition_threshold),
+        "flags": degenerate_flags(
+            result["response"],
+            content,
+            result["finish_reason"],
+            ngram=settings.repetition_ngram,
+            threshold=settings.repetition_threshold,
+        ),
         "reference": prompt.get("reference"),
         "teacher": teacher_id,
         "sampling": sampling,
@@ -327,8 +370,10 @@ def response_conversations(records: list[dict[str, Any]], *, filter_degenerate: 
     empty assistant turn cannot be located in the rendering, so it has no tokens to learn).
     """
     return [
-        {"id": f"{r['prompt_id']}#{r['sample']}",
-         "messages": [*r["messages"], {"role": "assistant", "content": r["response"]}]}
+        {
+            "id": f"{r['prompt_id']}#{r['sample']}",
+            "messages": [*r["messages"], {"role": "assistant", "content": r["response"]}],
+        }
         for r in records
         if r["response"].strip() and not (filter_degenerate and r["flags"])
     ]
@@ -385,16 +430,40 @@ def write_response_set(
         DataSourceError: no response is left to train on (all flagged or too long for max_seq_len).
     """
     folder = Path(folder)
-    records, counts = generate_teacher_responses(model, tokenizer, prompts, folder / GENERATIONS_FILE,
-                                                 settings=settings, teacher_id=teacher_id, on_batch=on_batch)
+    records, counts = generate_teacher_responses(
+        model,
+        tokenizer,
+        prompts,
+        folder / GENERATIONS_FILE,
+        settings=settings,
+        teacher_id=teacher_id,
+        on_batch=on_batch,
+    )
     # Tokenizing and saving is rank 0's alone (the one writer); every rank gets the summary.
-    return distributed.on_main(f"teacher responses: write the training set in {folder}", lambda: _write_training_set(
-        records, counts, folder, tokenizer=train_tokenizer or tokenizer, settings=settings, teacher_id=teacher_id,
-        max_seq_len=max_seq_len))
+    return distributed.on_main(
+        f"teacher responses: write the training set in {folder}",
+        lambda: _write_training_set(
+            records,
+            counts,
+            folder,
+            tokenizer=train_tokenizer or tokenizer,
+            settings=settings,
+            teacher_id=teacher_id,
+            max_seq_len=max_seq_len,
+        ),
+    )
 
 
-def _write_training_set(records: list[dict[str, Any]], counts: dict[str, Any], folder: Path, *, tokenizer,
-                        settings: TeacherResponsesConfig, teacher_id: str, max_seq_len: int) -> dict[str, Any]:
+def _write_training_set(
+    records: list[dict[str, Any]],
+    counts: dict[str, Any],
+    folder: Path,
+    *,
+    tokenizer,
+    settings: TeacherResponsesConfig,
+    teacher_id: str,
+    max_seq_len: int,
+) -> dict[str, Any]:
     docs = response_conversations(records, filter_degenerate=settings.filter_degenerate)
     samples = tokenize_responses(docs, tokenizer, max_seq_len)
     if not samples:

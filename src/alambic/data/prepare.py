@@ -61,7 +61,8 @@ def prepare_datasets(cfg: DataConfig, tokenizer, teacher_tokenizer=None) -> Prep
         if not samples:
             hint = (
                 "raise data.max_seq_len or check that the conversations have assistant turns"
-                if cfg.format == "chat" else "check that the documents are not empty"
+                if cfg.format == "chat"
+                else "check that the documents are not empty"
             )
             raise DataSourceError(
                 f"the {name} split ({n_docs} documents) gave no sequence with a counted token: {hint}"
@@ -71,20 +72,34 @@ def prepare_datasets(cfg: DataConfig, tokenizer, teacher_tokenizer=None) -> Prep
         validation = validation[: cfg.max_validation_sequences]  # the first ones: deterministic
     prompts = build_prompts(validation_docs, limit=cfg.max_validation_sequences) if cfg.format == "chat" else []
     split = {
-        **split_record(cfg, tokenizer, docs, train_docs, validation_docs, train=len(train), validation=len(validation),
-                       validation_before_cap=validation_total),
+        **split_record(
+            cfg,
+            tokenizer,
+            docs,
+            train_docs,
+            validation_docs,
+            train=len(train),
+            validation=len(validation),
+            validation_before_cap=validation_total,
+        ),
         "counted_tokens": {"train": _counted(train), "validation": _counted(validation)},
         "prompts": len(prompts),
         **(_cross_record(teacher_tokenizer, train, validation) if teacher_tokenizer is not None else {}),
     }
     logger.info(
         "data: %d train / %d held-out documents -> %d / %d sequences, %d / %d counted tokens",
-        len(train_docs), len(validation_docs), len(train), len(validation),
-        split["counted_tokens"]["train"], split["counted_tokens"]["validation"],
+        len(train_docs),
+        len(validation_docs),
+        len(train),
+        len(validation),
+        split["counted_tokens"]["train"],
+        split["counted_tokens"]["validation"],
     )
     return PreparedData(train=_to_dataset(train), validation=_to_dataset(validation), split=split, prompts=prompts)
 
 
 def _cross_record(teacher_tokenizer, train, validation) -> dict[str, Any]:
-    return {"teacher_tokenizer": getattr(teacher_tokenizer, "name_or_path", "") or "",
-            "aligned_share": {"train": aligned_share(train), "validation": aligned_share(validation)}}
+    return {
+        "teacher_tokenizer": getattr(teacher_tokenizer, "name_or_path", "") or "",
+        "aligned_share": {"train": aligned_share(train), "validation": aligned_share(validation)},
+    }

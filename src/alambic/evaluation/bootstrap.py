@@ -21,13 +21,18 @@ def metrics_from_sums(ce, agree1, agree5, kl, tokens) -> dict[str, float | np.nd
     """Token-weighted metrics from summed per-token values (floats, or (B,) arrays of B resamples):
     perplexity = exp(mean cross-entropy), the rest are means per counted token."""
     n = np.maximum(tokens, 1.0)  # clamp: no counted token gives 0 (perplexity 1), not 0/0
-    values = {"perplexity": np.exp(np.minimum(ce / n, _MAX_CE)), "top1_agreement": agree1 / n,
-              "top5_agreement": agree5 / n, "kl_to_teacher": kl / n}
+    values = {
+        "perplexity": np.exp(np.minimum(ce / n, _MAX_CE)),
+        "top1_agreement": agree1 / n,
+        "top5_agreement": agree5 / n,
+        "kl_to_teacher": kl / n,
+    }
     return {m: float(v) if np.ndim(v) == 0 else v for m, v in values.items()}
 
 
-def bootstrap_intervals(sums: dict[str, np.ndarray], *, resamples: int = 1000, confidence: float = 0.95,
-                        seed: int = 0) -> dict[str, list[float]]:
+def bootstrap_intervals(
+    sums: dict[str, np.ndarray], *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, list[float]]:
     """Percentile bootstrap interval of each metric in `METRICS`, over sequences.
 
     Each resample draws S sequence indices uniformly with replacement (`default_rng(seed).integers(0, S)`,
@@ -66,8 +71,9 @@ def bootstrap_intervals(sums: dict[str, np.ndarray], *, resamples: int = 1000, c
     return {m: _percentiles(values[m], confidence) for m in METRICS}
 
 
-def bootstrap_mean_intervals(values: dict[str, np.ndarray], *, resamples: int = 1000, confidence: float = 0.95,
-                             seed: int = 0) -> dict[str, list[float]]:
+def bootstrap_mean_intervals(
+    values: dict[str, np.ndarray], *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, list[float]]:
     """Percentile bootstrap interval of the plain mean of each per-item array (e.g. ROUGE-L per prompt).
 
     Items are drawn exactly as `bootstrap_intervals` draws sequences (same generator, same order), so with
@@ -89,8 +95,10 @@ def bootstrap_mean_intervals(values: dict[str, np.ndarray], *, resamples: int = 
     _check_settings("bootstrap_mean_intervals", resamples, confidence)
     lengths = {k: np.asarray(v).size for k, v in values.items()}
     if not lengths or len(set(lengths.values())) > 1 or 0 in lengths.values():
-        raise ValueError(f"bootstrap_mean_intervals: item counts {lengths}: need at least one array, all of the "
-                         "same non-zero length (one value per item)")
+        raise ValueError(
+            f"bootstrap_mean_intervals: item counts {lengths}: need at least one array, all of the "
+            "same non-zero length (one value per item)"
+        )
     names = list(values)
     table = np.stack([np.asarray(values[k], dtype=np.float64).reshape(-1) for k in names], axis=1)  # (N, K)
     means = _resampled_totals(table, resamples, seed) / table.shape[0]  # (B, K)
@@ -119,7 +127,7 @@ def _resampled_totals(table: np.ndarray, resamples: int, seed: int) -> np.ndarra
         # counts @ table: (rows, S) @ (S, K), no (rows, S, K) gather
         flat = (np.arange(rows)[:, None] * n_items + draws).reshape(-1)
         counts = np.bincount(flat, minlength=rows * n_items).reshape(rows, n_items).astype(np.float64)
-        totals[start:start + rows] = counts @ table
+        totals[start : start + rows] = counts @ table
     return totals
 
 

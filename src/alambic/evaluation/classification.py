@@ -41,8 +41,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def f1_from_counts(true_positives: np.ndarray, predicted: np.ndarray,
-                   actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def f1_from_counts(
+    true_positives: np.ndarray, predicted: np.ndarray, actual: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class F1 and macro-F1 from counts of shape (..., C) (one leading axis per resample, or none).
 
     F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c) = 2 TP_c / (predicted_c + actual_c). Macro-F1 is the mean of F1_c over
@@ -66,9 +67,15 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> f
     return float(f1_from_counts(np.diag(cm), cm.sum(0), cm.sum(1))[1])
 
 
-def macro_f1_interval(labels: np.ndarray, predictions: np.ndarray, num_classes: int, *,
-                      resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
-                      seed: int = BOOTSTRAP_SEED) -> list[float]:
+def macro_f1_interval(
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    num_classes: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
     """Percentile bootstrap interval of macro-F1 over examples.
 
     Macro-F1 is not a mean of per-example values, so each resample's F1 is recomputed from its own counts. The
@@ -88,9 +95,16 @@ def macro_f1_interval(labels: np.ndarray, predictions: np.ndarray, num_classes: 
     return _percentiles(values, confidence)
 
 
-def score_classifiers(logits: dict[str, torch.Tensor], labels: torch.Tensor, label_names: list[str], *,
-                      teacher: str = "teacher", resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
-                      seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, Any]]:
+def score_classifiers(
+    logits: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    label_names: list[str],
+    *,
+    teacher: str = "teacher",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, dict[str, Any]]:
     """Quality of each model's class logits on the same N examples, against the labels and the teacher.
 
     Per model: accuracy = share of examples whose argmax is the label; macro_f1 (see `f1_from_counts`);
@@ -113,19 +127,25 @@ def score_classifiers(logits: dict[str, torch.Tensor], labels: torch.Tensor, lab
     t_logits = logits[teacher].detach().cpu().double()
     n, c = t_logits.shape
     if n == 0 or y.shape != (n,) or c != len(label_names):
-        raise ValueError(f"score_classifiers: teacher logits {tuple(t_logits.shape)}, labels {y.shape} and "
-                         f"{len(label_names)} label names must agree (N, C), (N,), C, with N >= 1")
+        raise ValueError(
+            f"score_classifiers: teacher logits {tuple(t_logits.shape)}, labels {y.shape} and "
+            f"{len(label_names)} label names must agree (N, C), (N,), C, with N >= 1"
+        )
     t_pred = t_logits.argmax(-1).numpy()
     results = {}
     for name, raw in logits.items():
         z = raw.detach().cpu().double()
         if z.shape != t_logits.shape:
-            raise ValueError(f"score_classifiers: {name} logits {tuple(z.shape)} differ from the teacher's "
-                             f"{tuple(t_logits.shape)}: every model must score the same examples over the same classes")
+            raise ValueError(
+                f"score_classifiers: {name} logits {tuple(z.shape)} differ from the teacher's "
+                f"{tuple(t_logits.shape)}: every model must score the same examples over the same classes"
+            )
         pred = z.argmax(-1).numpy()
-        per_example = {"accuracy": (pred == y).astype(np.float64),
-                       "teacher_agreement": (pred == t_pred).astype(np.float64),
-                       "kl_to_teacher": forward_kl(z, t_logits).numpy()}  # (N,) each
+        per_example = {
+            "accuracy": (pred == y).astype(np.float64),
+            "teacher_agreement": (pred == t_pred).astype(np.float64),
+            "kl_to_teacher": forward_kl(z, t_logits).numpy(),
+        }  # (N,) each
         cm = confusion_matrix(y, pred, c)
         per_class, macro = f1_from_counts(np.diag(cm), cm.sum(0), cm.sum(1))
         intervals = bootstrap_mean_intervals(per_example, resamples=resamples, confidence=confidence, seed=seed)
@@ -150,9 +170,10 @@ def class_logits(model: PreTrainedModel, dataset, *, pad_token_id: int, batch_si
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ClassificationCollator(pad_token_id))
-    out = [model(input_ids=b["input_ids"].to(device),
-                 attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
-           for b in loader]
+    out = [
+        model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
+        for b in loader
+    ]
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
 
 
@@ -177,6 +198,7 @@ def forward_cost(model: PreTrainedModel, dataset, cfg: CostConfig, *, pad_token_
     was_training = model.training
     model.eval()
     try:
+
         def run() -> None:
             model(input_ids=ids, attention_mask=mask)
 
@@ -205,8 +227,9 @@ def forward_cost(model: PreTrainedModel, dataset, cfg: CostConfig, *, pad_token_
     }
 
 
-def classification_retention(models: dict[str, dict[str, Any]],
-                             reference: str = "teacher") -> dict[str, dict[str, Any]]:
+def classification_retention(
+    models: dict[str, dict[str, Any]], reference: str = "teacher"
+) -> dict[str, dict[str, Any]]:
     """Per model, relative to the teacher: accuracy and macro-F1 kept (model / teacher), speedup (teacher's
     forward time per batch / model's), size_reduction (parameters) and memory_reduction (peak memory), teacher /
     model. A figure either side lacks is None."""
@@ -215,23 +238,37 @@ def classification_retention(models: dict[str, dict[str, Any]],
         return {}
 
     def ratio(a: Any, b: Any) -> float | None:
-        return float(a) / float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0 \
+        return (
+            float(a) / float(b)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0
             else None
+        )
 
     def cost(m: dict[str, Any], key: str) -> Any:
         value = (m.get("cost") or {}).get(key)
         return value.get("median") if isinstance(value, dict) else value
 
-    return {name: {"accuracy": ratio(m["accuracy"], ref["accuracy"]), "macro_f1": ratio(m["macro_f1"], ref["macro_f1"]),
-                   "speedup": ratio(cost(ref, "forward_seconds_per_batch"), cost(m, "forward_seconds_per_batch")),
-                   "size_reduction": ratio(ref["parameters"], m["parameters"]),
-                   "memory_reduction": ratio(cost(ref, "peak_memory_bytes"), cost(m, "peak_memory_bytes"))}
-            for name, m in models.items()}
+    return {
+        name: {
+            "accuracy": ratio(m["accuracy"], ref["accuracy"]),
+            "macro_f1": ratio(m["macro_f1"], ref["macro_f1"]),
+            "speedup": ratio(cost(ref, "forward_seconds_per_batch"), cost(m, "forward_seconds_per_batch")),
+            "size_reduction": ratio(ref["parameters"], m["parameters"]),
+            "memory_reduction": ratio(cost(ref, "peak_memory_bytes"), cost(m, "peak_memory_bytes")),
+        }
+        for name, m in models.items()
+    }
 
 
-def evaluate_classifier_models(teacher: PreTrainedModel, models: dict[str, PreTrainedModel], data,
-                               cfg: EvaluationConfig, *, labels: list[str],
-                               sources: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+def evaluate_classifier_models(
+    teacher: PreTrainedModel,
+    models: dict[str, PreTrainedModel],
+    data,
+    cfg: EvaluationConfig,
+    *,
+    labels: list[str],
+    sources: dict[str, tuple[str, str | None]],
+) -> dict[str, Any]:
     """Score the teacher and `models` on the held-out examples; the content of `eval.json` for classifiers.
 
     Args:
@@ -256,9 +293,12 @@ def evaluate_classifier_models(teacher: PreTrainedModel, models: dict[str, PreTr
     results = score_classifiers(logits, torch.tensor(list(data.validation["labels"])), labels)
     for name, model in everyone.items():
         params = count_parameters(model)
-        results[name].update(parameters=params["total"], non_embedding_parameters=params["non_embedding"],
-                             num_layers=getattr(model.config, "num_hidden_layers", None),
-                             architecture=architecture(model))
+        results[name].update(
+            parameters=params["total"],
+            non_embedding_parameters=params["non_embedding"],
+            num_layers=getattr(model.config, "num_hidden_layers", None),
+            architecture=architecture(model),
+        )
         if cfg.cost is not None:
             console.print(f"cost: {name} ({cfg.cost.repeats} timed forward passes of {cfg.cost.batch_size} examples)")
             cost = forward_cost(model, data.validation, cfg.cost, pad_token_id=pad)
@@ -267,5 +307,11 @@ def evaluate_classifier_models(teacher: PreTrainedModel, models: dict[str, PreTr
                 cost["disk"] = disk_size(path, gguf)
             results[name]["cost"] = cost
     ret = classification_retention(results)
-    return {"task": "sequence_classification", "split": "validation", "labels": list(labels), "models": results,
-            "retention": ret, "pareto_front": pareto_fronts(ret, quality="accuracy")}
+    return {
+        "task": "sequence_classification",
+        "split": "validation",
+        "labels": list(labels),
+        "models": results,
+        "retention": ret,
+        "pareto_front": pareto_fronts(ret, quality="accuracy"),
+    }

@@ -215,8 +215,15 @@ class _StepClock(LogitsProcessor):
         return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
 
 
-def _generate(model: PreTrainedModel, ids: torch.Tensor, tokens: int, *, pad_token_id: int,
-              eos_token_id: int | list[int] | None, clock: _StepClock | None = None) -> None:
+def _generate(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    tokens: int,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | list[int] | None,
+    clock: _StepClock | None = None,
+) -> None:
     # Everything as keywords, nothing from a GenerationConfig object: a passed config inherits the model's
     # sampling defaults (temperature, top_p) and transformers then warns on every call that they are unused.
     out = model.generate(
@@ -374,13 +381,16 @@ def _model_device(model: PreTrainedModel) -> torch.device:
     return device
 
 
-def _validate(model: PreTrainedModel, prompt_ids: torch.Tensor, *, new_tokens: int, batch_size: int, warmup: int,
-              repeats: int) -> None:
+def _validate(
+    model: PreTrainedModel, prompt_ids: torch.Tensor, *, new_tokens: int, batch_size: int, warmup: int, repeats: int
+) -> None:
     """Collect every problem with the arguments and raise one ValueError naming each."""
     problems = []
     if new_tokens < 2:
-        problems.append(f"new_tokens must be >= 2 (latency per token is measured on the N - 1 decode steps "
-                        f"after the first token), got {new_tokens}")
+        problems.append(
+            f"new_tokens must be >= 2 (latency per token is measured on the N - 1 decode steps "
+            f"after the first token), got {new_tokens}"
+        )
     if batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {batch_size}")
     if warmup < 0:
@@ -388,23 +398,29 @@ def _validate(model: PreTrainedModel, prompt_ids: torch.Tensor, *, new_tokens: i
     if repeats < 1:
         problems.append(f"repeats must be >= 1, got {repeats}")
     if not isinstance(prompt_ids, torch.Tensor):
-        problems.append(f"prompt_ids must be a torch.Tensor of shape (rows, prompt_tokens), "
-                        f"got {type(prompt_ids).__name__}")
+        problems.append(
+            f"prompt_ids must be a torch.Tensor of shape (rows, prompt_tokens), got {type(prompt_ids).__name__}"
+        )
     elif prompt_ids.dim() != 2 or prompt_ids.numel() == 0:
-        problems.append(f"prompt_ids must be 2-D (rows, prompt_tokens) and non-empty, "
-                        f"got shape {tuple(prompt_ids.shape)}")
+        problems.append(
+            f"prompt_ids must be 2-D (rows, prompt_tokens) and non-empty, got shape {tuple(prompt_ids.shape)}"
+        )
     elif prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool:
         problems.append(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
     else:
         vocab = model.get_input_embeddings().num_embeddings
         lo, hi = int(prompt_ids.min()), int(prompt_ids.max())
         if lo < 0 or hi >= vocab:
-            problems.append(f"prompt_ids must be token ids in [0, {vocab}) (the model's vocabulary), got values in "
-                            f"[{lo}, {hi}]: were they made by this model's tokenizer?")
+            problems.append(
+                f"prompt_ids must be token ids in [0, {vocab}) (the model's vocabulary), got values in "
+                f"[{lo}, {hi}]: were they made by this model's tokenizer?"
+            )
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions is not None and prompt_ids.shape[1] + new_tokens > max_positions:
-            problems.append(f"prompt_ids length {prompt_ids.shape[1]} + new_tokens {new_tokens} exceeds the model's "
-                            f"max_position_embeddings {max_positions}: use shorter prompts or fewer new tokens")
+            problems.append(
+                f"prompt_ids length {prompt_ids.shape[1]} + new_tokens {new_tokens} exceeds the model's "
+                f"max_position_embeddings {max_positions}: use shorter prompts or fewer new tokens"
+            )
     if problems:
         raise ValueError("measure_cost: " + "; ".join(problems))
 

@@ -43,9 +43,11 @@ def training_documents(data: DataConfig, split: dict[str, Any] | None = None) ->
     train, _ = split_documents(load_documents(data), data)
     recorded = (split or {}).get("train_ids_hash")
     if recorded is not None and sha256_of(sorted(d["id"] for d in train)) != recorded:
-        raise ConfigError(f"data.source {data.source!r} now gives other training documents than the data stage split "
-                          "(split.json's train_ids_hash differs): the data changed since; run the data stage again "
-                          "(`alambic run`) before checking evaluation.datasets against it")
+        raise ConfigError(
+            f"data.source {data.source!r} now gives other training documents than the data stage split "
+            "(split.json's train_ids_hash differs): the data changed since; run the data stage again "
+            "(`alambic run`) before checking evaluation.datasets against it"
+        )
     return train
 
 
@@ -63,8 +65,9 @@ def find_overlap(docs: list[dict[str, Any]], training_keys: set[str]) -> list[st
     return [d["id"] for d in docs if document_key(d) in training_keys]
 
 
-def prepare_held_out_set(name: str, cfg: HeldOutSetConfig, tokenizer, *, training_keys: set[str], max_seq_len: int,
-                         teacher_tokenizer=None) -> HeldOutSet:
+def prepare_held_out_set(
+    name: str, cfg: HeldOutSetConfig, tokenizer, *, training_keys: set[str], max_seq_len: int, teacher_tokenizer=None
+) -> HeldOutSet:
     """Read, check and tokenize one extra set, exactly as the data stage tokenizes its held-out split.
 
     Documents are shuffled with `cfg.seed` before `cfg.max_sequences` caps the sequences, so a capped set is a sample
@@ -84,19 +87,24 @@ def prepare_held_out_set(name: str, cfg: HeldOutSetConfig, tokenizer, *, trainin
     docs = load_documents(data_cfg)
     random.Random(cfg.seed).shuffle(docs)
     shared = find_overlap(docs, training_keys)
-    listed = ", ".join(shared[:MAX_LISTED]) + (f" and {len(shared) - MAX_LISTED} more" if len(shared) > MAX_LISTED
-                                               else "")
+    listed = ", ".join(shared[:MAX_LISTED]) + (
+        f" and {len(shared) - MAX_LISTED} more" if len(shared) > MAX_LISTED else ""
+    )
     if shared and cfg.overlap == "refuse":
-        raise ConfigError(f"evaluation.datasets.{name}: {len(shared)} of its {len(docs)} documents are also training "
-                          f"documents of this run (same text): {listed}. A set the students trained on measures "
-                          f"nothing held out: set evaluation.datasets.{name}.overlap: drop (score it without them) or "
-                          "flag (score them, marked), or choose other documents")
+        raise ConfigError(
+            f"evaluation.datasets.{name}: {len(shared)} of its {len(docs)} documents are also training "
+            f"documents of this run (same text): {listed}. A set the students trained on measures "
+            f"nothing held out: set evaluation.datasets.{name}.overlap: drop (score it without them) or "
+            "flag (score them, marked), or choose other documents"
+        )
     if shared and cfg.overlap == "drop":
         dropped = set(shared)
         docs = [d for d in docs if d["id"] not in dropped]
     if not docs:
-        raise ConfigError(f"evaluation.datasets.{name}: no document left once the {len(shared)} training documents "
-                          "were dropped; choose documents the run did not train on")
+        raise ConfigError(
+            f"evaluation.datasets.{name}: no document left once the {len(shared)} training documents "
+            "were dropped; choose documents the run did not train on"
+        )
     seq_len = cfg.max_seq_len or max_seq_len
     if teacher_tokenizer is not None:  # the students read their tokens, the teacher its own (data.cross)
         from alambic.data.cross import tokenize_chat_pair, tokenize_text_pair
@@ -109,12 +117,17 @@ def prepare_held_out_set(name: str, cfg: HeldOutSetConfig, tokenizer, *, trainin
     if cfg.max_sequences is not None:
         samples = samples[: cfg.max_sequences]
     if not samples:
-        raise ConfigError(f"evaluation.datasets.{name}: its {len(docs)} documents gave no sequence with a counted "
-                          "token" + (" (conversations need assistant turns within max_seq_len)" if cfg.format == "chat"
-                                     else ""))
+        raise ConfigError(
+            f"evaluation.datasets.{name}: its {len(docs)} documents gave no sequence with a counted "
+            "token" + (" (conversations need assistant turns within max_seq_len)" if cfg.format == "chat" else "")
+        )
     record = {
-        "source": cfg.source, "format": cfg.format, "documents": len(docs), "sequences": len(samples),
-        "sequences_before_cap": before_cap, "max_seq_len": seq_len,
+        "source": cfg.source,
+        "format": cfg.format,
+        "documents": len(docs),
+        "sequences": len(samples),
+        "sequences_before_cap": before_cap,
+        "max_seq_len": seq_len,
         "overlap": {"action": cfg.overlap, "documents": len(shared), "ids": shared[:MAX_LISTED]},
     }
     return HeldOutSet(name=name, samples=samples, record=record)

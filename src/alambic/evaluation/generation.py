@@ -25,8 +25,9 @@ def rouge_l(predictions: list[str], references: list[str]) -> np.ndarray:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)],
-                    dtype=np.float64)
+    return np.array(
+        [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)], dtype=np.float64
+    )
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -42,8 +43,9 @@ def normalize_answer(text: str) -> str:
 def exact_match(predictions: list[str], references: list[str]) -> np.ndarray:
     """(n,) 1.0 where the prediction equals its reference after `normalize_answer`, else 0.0."""
     _check_pairs("exact_match", predictions, references)
-    return np.array([float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references)],
-                    dtype=np.float64)
+    return np.array(
+        [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references)], dtype=np.float64
+    )
 
 
 def generation_metrics(
@@ -77,12 +79,14 @@ def generation_metrics(
     """
     _check_pairs("generation_metrics", predictions, references)
     if not predictions:
-        raise ValueError("generation_metrics: no prompt to score; text data has no held-out prompts "
-                         "(data.format: chat)")
+        raise ValueError(
+            "generation_metrics: no prompt to score; text data has no held-out prompts (data.format: chat)"
+        )
     for name, values in (("num_tokens", num_tokens), ("finish_reasons", finish_reasons)):
         if values is not None and len(values) != len(predictions):
-            raise ValueError(f"generation_metrics: {len(values)} {name} for {len(predictions)} predictions; "
-                             "one per prompt")
+            raise ValueError(
+                f"generation_metrics: {len(values)} {name} for {len(predictions)} predictions; one per prompt"
+            )
     scores = {"rouge_l": rouge_l(predictions, references), "exact_match": exact_match(predictions, references)}
     lengths = None
     if num_tokens is not None:
@@ -93,12 +97,14 @@ def generation_metrics(
         "intervals": bootstrap_mean_intervals(scores, resamples=resamples, confidence=confidence, seed=seed),
         "num_prompts": len(predictions),
         "response_tokens": lengths,
-        "truncated_share": (None if finish_reasons is None
-                            else sum(r == "length" for r in finish_reasons) / len(finish_reasons)),
+        "truncated_share": (
+            None if finish_reasons is None else sum(r == "length" for r in finish_reasons) / len(finish_reasons)
+        ),
     }
 
 
 def _check_pairs(caller: str, predictions: list[str], references: list[str]) -> None:
     if len(predictions) != len(references):
-        raise ValueError(f"{caller}: {len(predictions)} predictions for {len(references)} references; "
-                         "one each per prompt")
+        raise ValueError(
+            f"{caller}: {len(predictions)} predictions for {len(references)} references; one each per prompt"
+        )

@@ -51,8 +51,9 @@ def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return metrics
 
 
-def run_lm_eval(models: dict[str, PreTrainedModel], tokenizers: dict[str, Any], cfg: LmEvalConfig, *,
-                include_path: list[Path] = ()) -> dict[str, Any]:
+def run_lm_eval(
+    models: dict[str, PreTrainedModel], tokenizers: dict[str, Any], cfg: LmEvalConfig, *, include_path: list[Path] = ()
+) -> dict[str, Any]:
     """Run `cfg.tasks` on every model through `lm_eval.simple_evaluate`, one progress bar over the models.
 
     Args:
@@ -81,30 +82,57 @@ def run_lm_eval(models: dict[str, PreTrainedModel], tokenizers: dict[str, Any], 
         manager = TaskManager(include_path=paths or None)
     unknown = [t for t in cfg.tasks if not manager.match_tasks([t])]
     if unknown:  # before any model runs
-        raise ConfigError(f"evaluation.lm_eval.tasks: lm-eval {version('lm_eval')} knows no task or group {unknown}"
-                          + (f" (searched its own tasks and {paths})" if paths else "")
-                          + "; `lm_eval ls tasks` lists them")
-    out: dict[str, Any] = {"lm_eval_version": version("lm_eval"),
-                           "settings": {"tasks": list(cfg.tasks), "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
-                                        "batch_size": cfg.batch_size},
-                           "tasks": {}, "groups": {}, "models": {}}
+        raise ConfigError(
+            f"evaluation.lm_eval.tasks: lm-eval {version('lm_eval')} knows no task or group {unknown}"
+            + (f" (searched its own tasks and {paths})" if paths else "")
+            + "; `lm_eval ls tasks` lists them"
+        )
+    out: dict[str, Any] = {
+        "lm_eval_version": version("lm_eval"),
+        "settings": {
+            "tasks": list(cfg.tasks),
+            "num_fewshot": cfg.num_fewshot,
+            "limit": cfg.limit,
+            "batch_size": cfg.batch_size,
+        },
+        "tasks": {},
+        "groups": {},
+        "models": {},
+    }
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} models"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(f"lm-eval {', '.join(cfg.tasks)}", total=len(models))
         for name, model in models.items():
             progress.update(bar, description=f"lm-eval {', '.join(cfg.tasks)}: {name}")
             lm = HFLM(pretrained=model, tokenizer=tokenizers[name], batch_size=cfg.batch_size)
             t0 = time.perf_counter()
-            results = simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                      task_manager=manager, log_samples=False)
-            out["models"][name] = {"seconds": time.perf_counter() - t0,
-                                   "results": {task: task_metrics(r) for task, r in results["results"].items()}}
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(cfg.tasks),
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                task_manager=manager,
+                log_samples=False,
+            )
+            out["models"][name] = {
+                "seconds": time.perf_counter() - t0,
+                "results": {task: task_metrics(r) for task, r in results["results"].items()},
+            }
             for task, task_version in results.get("versions", {}).items():
-                out["tasks"].setdefault(task, {"version": task_version,
-                                               "num_fewshot": results.get("n-shot", {}).get(task),
-                                               "samples": results.get("n-samples", {}).get(task)})
+                out["tasks"].setdefault(
+                    task,
+                    {
+                        "version": task_version,
+                        "num_fewshot": results.get("n-shot", {}).get(task),
+                        "samples": results.get("n-samples", {}).get(task),
+                    },
+                )
             out["groups"] = {g: list(t) for g, t in (results.get("group_subtasks") or {}).items() if t}
             progress.advance(bar)
     out["seconds"] = time.perf_counter() - start

@@ -33,8 +33,9 @@ REPLY_CHOICES = 4
 TASK_VERSION = 1.0  # bump when a prompt or the data selection changes: eval.json records it beside the scores
 
 
-def held_out_documents(source: str, data: DataConfig, split: dict[str, Any],
-                       training_keys: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def held_out_documents(
+    source: str, data: DataConfig, split: dict[str, Any], training_keys: set[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Documents of bundled corpus `source` ('bbc_news' or 'chatterbot') the run did not train on.
 
     When the run's own data is that corpus, only its held-out documents (`split["validation_document_ids"]`);
@@ -55,8 +56,11 @@ def held_out_documents(source: str, data: DataConfig, split: dict[str, Any],
 
 def bbc_topic_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One multiple-choice row per article: its first ARTICLE_WORDS words and its topic's index in BBC_TOPICS."""
-    return [{"id": d["id"], "text": " ".join(d["text"].split()[:ARTICLE_WORDS]), "label": BBC_TOPICS.index(d["label"])}
-            for d in docs if d.get("label") in BBC_TOPICS]
+    return [
+        {"id": d["id"], "text": " ".join(d["text"].split()[:ARTICLE_WORDS]), "label": BBC_TOPICS.index(d["label"])}
+        for d in docs
+        if d.get("label") in BBC_TOPICS
+    ]
 
 
 def chatterbot_reply_rows(docs: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
@@ -85,15 +89,21 @@ def chatterbot_reply_rows(docs: list[dict[str, Any]], seed: int = 0) -> list[dic
 
 def _task_yaml(name: str, data_file: Path, **fields: Any) -> dict[str, Any]:
     """An lm-eval custom task reading `data_file` (JSON lines) through `datasets`' json builder (no Hub)."""
-    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
-            "test_split": "test", "output_type": "multiple_choice", **fields,
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                            for m in ("acc", "acc_norm")],
-            "metadata": {"version": TASK_VERSION}}
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        **fields,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+        "metadata": {"version": TASK_VERSION},
+    }
 
 
-def write_local_tasks(names: list[str], folder: Path, *, data: DataConfig, split: dict[str, Any],
-                      training_keys: set[str]) -> dict[str, dict[str, Any]]:
+def write_local_tasks(
+    names: list[str], folder: Path, *, data: DataConfig, split: dict[str, Any], training_keys: set[str]
+) -> dict[str, dict[str, Any]]:
     """Write each local task of `names` (those of LOCAL_LM_EVAL_TASKS) as `folder/<task>/<task>.yaml` + `.jsonl`.
 
     Returns {task: record of its documents}; `folder` is an lm-eval include_path (`lm_eval --include_path folder
@@ -110,18 +120,30 @@ def write_local_tasks(names: list[str], folder: Path, *, data: DataConfig, split
         if name == "alambic_bbc_topic":
             docs, record = held_out_documents("bbc_news", data, split, training_keys)
             rows = bbc_topic_rows(docs)
-            spec = _task_yaml(name, data_file, doc_to_text="{{text}}\n\nQuestion: Which topic is this BBC News "
-                              "article about: business, entertainment, politics, sports or tech?\nAnswer:",
-                              doc_to_choice=list(BBC_TOPICS), doc_to_target="label")
+            spec = _task_yaml(
+                name,
+                data_file,
+                doc_to_text="{{text}}\n\nQuestion: Which topic is this BBC News "
+                "article about: business, entertainment, politics, sports or tech?\nAnswer:",
+                doc_to_choice=list(BBC_TOPICS),
+                doc_to_target="label",
+            )
         else:
             docs, record = held_out_documents("chatterbot", data, split, training_keys)
             rows = chatterbot_reply_rows(docs)
-            spec = _task_yaml(name, data_file, doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="choices",
-                              doc_to_target="label")
+            spec = _task_yaml(
+                name,
+                data_file,
+                doc_to_text="Question: {{question}}\nAnswer:",
+                doc_to_choice="choices",
+                doc_to_target="label",
+            )
         random.Random(0).shuffle(rows)  # the corpus lists articles by topic: `limit` must take a mix, not one topic
         if not rows:
-            raise ConfigError(f"evaluation.lm_eval.tasks: {name} has no example left: every {record['source']} "
-                              "document was trained on; remove it from the tasks")
+            raise ConfigError(
+                f"evaluation.lm_eval.tasks: {name} has no example left: every {record['source']} "
+                "document was trained on; remove it from the tasks"
+            )
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
         records[name] = {**record, "examples": len(rows), "folder": str(task_dir)}

@@ -9,8 +9,13 @@ from typing import Any
 
 # quality retained: model ÷ teacher where higher is better, teacher ÷ model where lower is better (perplexity),
 # so 1.0 is "as good as the teacher" for every metric.
-HIGHER_IS_BETTER = {"perplexity": False, "top1_agreement": True, "top5_agreement": True,
-                    "rouge_l_reference": True, "exact_match_reference": True}
+HIGHER_IS_BETTER = {
+    "perplexity": False,
+    "top1_agreement": True,
+    "top5_agreement": True,
+    "rouge_l_reference": True,
+    "exact_match_reference": True,
+}
 # cost gains: teacher ÷ model for costs (latency, size, memory), model ÷ teacher for throughput; > 1 is a saving.
 COST_GAINS = {
     "speedup": ("latency_per_token_seconds", False),
@@ -55,10 +60,10 @@ def retention(models: dict[str, dict[str, Any]], reference: str = "teacher") -> 
     ref = models[reference]
     out = {}
     for name, record in models.items():
-        row = {m: _ratio(_figure(record, m), _figure(ref, m), better)
-               for m, better in HIGHER_IS_BETTER.items()}
-        row |= {gain: _ratio(_figure(record, key), _figure(ref, key), higher)
-                for gain, (key, higher) in COST_GAINS.items()}
+        row = {m: _ratio(_figure(record, m), _figure(ref, m), better) for m, better in HIGHER_IS_BETTER.items()}
+        row |= {
+            gain: _ratio(_figure(record, key), _figure(ref, key), higher) for gain, (key, higher) in COST_GAINS.items()
+        }
         out[name] = row
     return out
 
@@ -68,8 +73,11 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
     A point is dominated when another is at least as good on both coordinates and better on one.
     """
-    front = [n for n, (x, y) in points.items()
-             if not any(ox >= x and oy >= y and (ox > x or oy > y) for o, (ox, oy) in points.items() if o != n)]
+    front = [
+        n
+        for n, (x, y) in points.items()
+        if not any(ox >= x and oy >= y and (ox > x or oy > y) for o, (ox, oy) in points.items() if o != n)
+    ]
     return sorted(front, key=lambda n: points[n][0])
 
 
@@ -77,8 +85,9 @@ def pareto_fronts(ret: dict[str, dict[str, float | None]], quality: str = "perpl
     """The front of `quality` retained against each cost gain, over the models that have both figures."""
     fronts = {}
     for gain in COST_GAINS:
-        points = {n: (r[gain], r[quality]) for n, r in ret.items()
-                  if r.get(gain) is not None and r.get(quality) is not None}
+        points = {
+            n: (r[gain], r[quality]) for n, r in ret.items() if r.get(gain) is not None and r.get(quality) is not None
+        }
         if len(points) > 1:
             fronts[gain] = pareto_front(points)
     return fronts

@@ -71,26 +71,33 @@ def evaluate_against_teacher(
     everyone = {"teacher": teacher, **models}
     # (models, the columns they read, the model they are compared with): one tokenizer, everyone against the teacher;
     # across tokenizers, the teacher on its own tokens, the others on theirs, nothing compared token by token.
-    groups = ([({"teacher": teacher}, "teacher_", None), (models, "", None)] if cross
-              else [(everyone, "", "teacher")])
+    groups = [({"teacher": teacher}, "teacher_", None), (models, "", None)] if cross else [(everyone, "", "teacher")]
     # Per-sequence sums (float64, on CPU): the bootstrap resamples sequences, so it needs nothing else.
     per_seq: dict[str, dict[str, list[torch.Tensor]]] = {name: {k: [] for k in SUMS} for name in everyone}
     for m in everyone.values():
         m.eval()
-    for batch in track(loader, description=f"evaluating {len(everyone)} models on {description}", console=console,
-                       disable=across_ranks and not distributed.is_main()):
+    for batch in track(
+        loader,
+        description=f"evaluating {len(everyone)} models on {description}",
+        console=console,
+        disable=across_ranks and not distributed.is_main(),
+    ):
         for group, prefix, reference in groups:
             for name, sums in (_score_batch(group, batch, prefix, reference) if group else {}).items():
                 for key in SUMS:
                     per_seq[name][key].append(sums[key])
     # {name: {sum: (S,)}}, S the sequences scored here
-    sums = {name: {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in by_key.items()}
-            for name, by_key in per_seq.items()}
+    sums = {
+        name: {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in by_key.items()}
+        for name, by_key in per_seq.items()
+    }
     if not across_ranks:
         return _summarise(everyone, sums, cross=cross)
     gathered = distributed.gather_to_main(sums)
-    return distributed.on_main(f"evaluation on {description}: the figures over every rank's sequences",
-                               lambda: _summarise(everyone, _concatenated(gathered), cross=cross))
+    return distributed.on_main(
+        f"evaluation on {description}: the figures over every rank's sequences",
+        lambda: _summarise(everyone, _concatenated(gathered), cross=cross),
+    )
 
 
 def _concatenated(shares: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
@@ -98,8 +105,9 @@ def _concatenated(shares: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, d
     return {name: {k: np.concatenate([share[name][k] for share in shares]) for k in SUMS} for name in shares[0]}
 
 
-def _summarise(everyone: dict[str, PreTrainedModel], sums: dict[str, dict[str, np.ndarray]], *,
-               cross: bool) -> dict[str, dict[str, Any]]:
+def _summarise(
+    everyone: dict[str, PreTrainedModel], sums: dict[str, dict[str, np.ndarray]], *, cross: bool
+) -> dict[str, dict[str, Any]]:
     """The figures, intervals and counts of each model from its per-sequence sums ((S,) arrays)."""
     models = [name for name in everyone if name != "teacher"]
     own_tokens = {}
@@ -112,8 +120,9 @@ def _summarise(everyone: dict[str, PreTrainedModel], sums: dict[str, dict[str, n
         n_tokens = int(totals["tokens"])
         params = count_parameters(model)
         metrics = metrics_from_sums(**totals)
-        intervals = bootstrap_intervals(sums[name], resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE,
-                                        seed=BOOTSTRAP_SEED)
+        intervals = bootstrap_intervals(
+            sums[name], resamples=BOOTSTRAP_RESAMPLES, confidence=CONFIDENCE, seed=BOOTSTRAP_SEED
+        )
         if cross:  # no common vocabulary: only the perplexity means something
             metrics.update(top1_agreement=None, top5_agreement=None, kl_to_teacher=None)
             intervals = {"perplexity": intervals["perplexity"]}
@@ -131,8 +140,9 @@ def _summarise(everyone: dict[str, PreTrainedModel], sums: dict[str, dict[str, n
     return results
 
 
-def _score_batch(models: dict[str, PreTrainedModel], batch: dict[str, torch.Tensor], prefix: str,
-                 reference: str | None) -> dict[str, dict[str, torch.Tensor]]:
+def _score_batch(
+    models: dict[str, PreTrainedModel], batch: dict[str, torch.Tensor], prefix: str, reference: str | None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per-sequence sums of one batch for `models`, which read the `prefix` columns (input_ids, attention_mask,
     labels), compared with model `reference` (None: agreement and KL left at 0)."""
     mask, targets = counted_positions(batch[prefix + "labels"])  # (B, T-1), (N,)
@@ -152,16 +162,21 @@ def _score_batch(models: dict[str, PreTrainedModel], batch: dict[str, torch.Tens
         ref = project(models[reference], hidden[reference][rows]).float() if reference else None  # (n, V)
         for name, model in models.items():
             logits = ref if name == reference else project(model, hidden[name][rows]).float()  # (n, V)
-            per_token = {"ce": token_cross_entropy(logits, targets[rows].to(logits.device)),
-                         "tokens": torch.ones(len(seqs))}
+            per_token = {
+                "ce": token_cross_entropy(logits, targets[rows].to(logits.device)),
+                "tokens": torch.ones(len(seqs)),
+            }
             if ref is not None:
                 v = min(logits.shape[-1], ref.shape[-1])
                 tl = ref.to(logits.device)[:, :v]
                 t_top = tl.argmax(-1, keepdim=True)  # (n, 1)
                 top = logits[:, :v].topk(min(TOP_K, v), dim=-1).indices  # (n, 5)
                 # argmax, not top[:, 0]: topk orders ties arbitrarily, argmax as the teacher's own (so teacher = 1)
-                per_token.update(agree1=logits[:, :v].argmax(-1, keepdim=True) == t_top, agree5=(top == t_top).any(-1),
-                                 kl=forward_kl(logits[:, :v], tl))
+                per_token.update(
+                    agree1=logits[:, :v].argmax(-1, keepdim=True) == t_top,
+                    agree5=(top == t_top).any(-1),
+                    kl=forward_kl(logits[:, :v], tl),
+                )
             for key, values in per_token.items():
                 batch_sums[name][key].index_add_(0, seqs, values.reshape(-1).double().cpu())
     return batch_sums

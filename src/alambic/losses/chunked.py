@@ -47,8 +47,13 @@ from alambic.losses.heads import OutputHead, _shape, head_logits, shared_vocab_s
 from alambic.losses.mixture import _check_combination, ensemble_divergence, normalize_weights
 
 # OutputHead lives in `losses.heads`; it stays importable from here, where callers have always taken it.
-__all__ = ["AUTO_CHUNK_ELEMENTS", "ChunkedDistillationLoss", "OutputHead", "chunked_distillation_loss",
-           "resolve_chunk_size"]
+__all__ = [
+    "AUTO_CHUNK_ELEMENTS",
+    "ChunkedDistillationLoss",
+    "OutputHead",
+    "chunked_distillation_loss",
+    "resolve_chunk_size",
+]
 
 # chunk_size "auto": as many rows as keep one chunk's logits under this many elements (256 MiB in float32), so the
 # loss's memory is the same whatever the vocabulary: 1365 rows at V = 49,152, 441 at 151,936, 256 at 262,144.
@@ -89,8 +94,9 @@ class _Spec:
     chunk_loss: Callable[[Tensor, slice], tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]] | None = None
 
 
-def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: Tensor, denominator: Tensor,
-                 spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _chunk_parts(
+    student_logits: Tensor, teacher_logits: list[Tensor], labels: Tensor, denominator: Tensor, spec: _Spec
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(total, soft, hard, per-teacher soft (K,) or (0,)) contributions of one chunk: its sums over the whole
     call's denominator."""
     mask = labels != IGNORE_INDEX  # (c,)
@@ -98,13 +104,18 @@ def _chunk_parts(student_logits: Tensor, teacher_logits: list[Tensor], labels: T
     per_teacher_soft = None
     if spec.alpha > 0.0:
         per_token, per_teacher = ensemble_divergence(
-            spec.divergence, student_logits, teacher_logits, spec.teacher_weights, teachers=spec.teachers,
+            spec.divergence,
+            student_logits,
+            teacher_logits,
+            spec.teacher_weights,
+            teachers=spec.teachers,
         )
         temperature = spec.divergence.temperature
         soft = temperature**2 * reduce_over_tokens(per_token, mask, denominator)
         if per_teacher is not None:
-            per_teacher_soft = torch.stack([temperature**2 * reduce_over_tokens(d.detach(), mask, denominator)
-                                            for d in per_teacher])
+            per_teacher_soft = torch.stack(
+                [temperature**2 * reduce_over_tokens(d.detach(), mask, denominator) for d in per_teacher]
+            )
     if spec.alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, denominator)
     total = mix_soft_and_hard(soft, hard, spec.alpha)
@@ -118,8 +129,15 @@ class _ChunkedDistillation(torch.autograd.Function):
     """forward: chunk loop, loss value and the gradients; backward: gradients × grad_output."""
 
     @staticmethod
-    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
-                teachers: tuple[tuple[Tensor, Tensor, Tensor | None], ...], labels: Tensor, spec: _Spec):
+    def forward(
+        ctx,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teachers: tuple[tuple[Tensor, Tensor, Tensor | None], ...],
+        labels: Tensor,
+        spec: _Spec,
+    ):
         # `teachers`: (hidden (N, H_i), head weight, head bias) per teacher, in a tuple, so autograd does not
         # track them: teachers get no gradient.
         n, vocab = student_hidden.shape[0], spec.vocab
@@ -130,14 +148,18 @@ class _ChunkedDistillation(torch.autograd.Function):
         t_vocab = spec.teacher_vocab
         t_heads = [(w.detach()[:t_vocab], None if b is None else b.detach()[:t_vocab]) for _, w, b in teachers]
 
-        logit_dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype),
-                                          torch.float32)
+        logit_dtype = torch.promote_types(
+            torch.promote_types(student_hidden.dtype, student_weight.dtype), torch.float32
+        )
         for t_hidden, t_weight, _ in teachers:
             logit_dtype = torch.promote_types(logit_dtype, torch.promote_types(t_hidden.dtype, t_weight.dtype))
         total = torch.zeros((), dtype=logit_dtype, device=student_hidden.device)
         soft, hard = total.clone(), total.clone()
-        per_teacher = torch.zeros((len(teachers) if spec.teachers == "sum" and spec.alpha > 0 else 0,),
-                                  dtype=logit_dtype, device=student_hidden.device)
+        per_teacher = torch.zeros(
+            (len(teachers) if spec.teachers == "sum" and spec.alpha > 0 else 0,),
+            dtype=logit_dtype,
+            device=student_hidden.device,
+        )
 
         mask = labels != IGNORE_INDEX
         # The whole call's denominator, given to every chunk's reduction, so the chunks add up.
@@ -146,25 +168,33 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad_hidden = torch.empty_like(student_hidden) if spec.grad_hidden else None
         # Accumulate over chunks in float32 at least; cast to the weight's dtype at the end.
         acc_dtype = torch.promote_types(student_weight.dtype, torch.float32)
-        grad_weight = (torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device)
-                       if spec.grad_weight else None)
-        grad_bias = (torch.zeros(student_bias.shape, dtype=acc_dtype, device=student_bias.device)
-                     if spec.grad_bias else None)
-        wrt_names = [name for name, on in (("h", spec.grad_hidden), ("w", spec.grad_weight),
-                                            ("b", spec.grad_bias)) if on]
+        grad_weight = (
+            torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device)
+            if spec.grad_weight
+            else None
+        )
+        grad_bias = (
+            torch.zeros(student_bias.shape, dtype=acc_dtype, device=student_bias.device) if spec.grad_bias else None
+        )
+        wrt_names = [
+            name for name, on in (("h", spec.grad_hidden), ("w", spec.grad_weight), ("b", spec.grad_bias)) if on
+        ]
 
         for start in range(0, n, spec.chunk_size):
             rows = slice(start, min(start + spec.chunk_size, n))
             # Each teacher through its own head: K blocks of (c, V'), mixed (or scored) in `_chunk_parts`.
-            teacher_logits = [head_logits(t_hidden[rows].detach(), w_t, b_t, head)
-                              for (t_hidden, _, _), (w_t, b_t), head in zip(teachers, t_heads, spec.teacher_heads)]
+            teacher_logits = [
+                head_logits(t_hidden[rows].detach(), w_t, b_t, head)
+                for (t_hidden, _, _), (w_t, b_t), head in zip(teachers, t_heads, spec.teacher_heads)
+            ]
             h_s = student_hidden[rows].detach().requires_grad_(spec.grad_hidden)  # (c, H_s)
             with torch.enable_grad():
                 student_logits = head_logits(h_s, w_s, b_s, spec.student_head)  # (c, V')
                 dlogits = None
                 if spec.chunk_loss is not None:
                     chunk_total, chunk_soft, chunk_hard, chunk_per_teacher, dlogits = spec.chunk_loss(
-                        student_logits, rows)
+                        student_logits, rows
+                    )
                 else:
                     chunk_total, chunk_soft, chunk_hard, chunk_per_teacher = _chunk_parts(
                         student_logits, teacher_logits, labels[rows], denominator, spec
@@ -200,8 +230,10 @@ class _ChunkedDistillation(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor, _grad_soft: Tensor, _grad_hard: Tensor, _grad_per_teacher: Tensor):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise RuntimeError("backward ran twice through the chunked loss: its gradients are computed once, in the "
-                               "forward; recompute the loss instead of retain_graph=True")
+            raise RuntimeError(
+                "backward ran twice through the chunked loss: its gradients are computed once, in the "
+                "forward; recompute the loss instead of retain_graph=True"
+            )
 
         def scaled(grad: Tensor | None) -> Tensor | None:
             # in place (0-dim grad_total: the gradient keeps its dtype)
@@ -214,8 +246,9 @@ class _ChunkedDistillation(torch.autograd.Function):
 # public API
 
 
-def check_counted_rows(hidden: Tensor, labels: Tensor, chunk_size: int, *,
-                       names: tuple[str, str] = ("student_hidden", "labels")) -> int:
+def check_counted_rows(
+    hidden: Tensor, labels: Tensor, chunk_size: int, *, names: tuple[str, str] = ("student_hidden", "labels")
+) -> int:
     """Check the inputs every chunked loss walks: (N, H) hidden rows, (N,) labels, chunk_size >= 1. Returns N."""
     hidden_name, labels_name = names
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -294,8 +327,10 @@ def chunked_distillation_loss(
     if not spec_divergence.temperature > 0:
         raise ValueError(f"temperature must be > 0, got {spec_divergence.temperature}")
     heads = teacher_head if teacher_head is None or isinstance(teacher_head, OutputHead) else tuple(teacher_head)
-    widths = [student_head.vocab_size, *(h.vocab_size for h in ((heads,) if isinstance(heads, OutputHead)
-                                                                  else heads or ()))]
+    widths = [
+        student_head.vocab_size,
+        *(h.vocab_size for h in ((heads,) if isinstance(heads, OutputHead) else heads or ())),
+    ]
     chunk_size = resolve_chunk_size(chunk_size, max(widths))
     n = check_counted_rows(student_hidden, labels, chunk_size)
     if student_head.hidden_size != student_hidden.shape[1]:
@@ -318,12 +353,15 @@ def chunked_distillation_loss(
         t_hiddens = (teacher_hidden,) if isinstance(teacher_hidden, Tensor) else tuple(teacher_hidden)
         t_heads = (teacher_head,) if isinstance(teacher_head, OutputHead) else tuple(teacher_head)
         if len(t_hiddens) != len(t_heads) or not t_hiddens:
-            raise ValueError(f"{len(t_hiddens)} teacher_hidden tensors but {len(t_heads)} teacher heads: give one "
-                             "(N, H_i) tensor and one OutputHead per teacher")
+            raise ValueError(
+                f"{len(t_hiddens)} teacher_hidden tensors but {len(t_heads)} teacher heads: give one "
+                "(N, H_i) tensor and one OutputHead per teacher"
+            )
         several = len(t_hiddens) > 1
         for i, (t_hidden, t_head) in enumerate(zip(t_hiddens, t_heads)):
-            name, head_name = (f"teacher_hidden[{i}]", f"teacher {i} head") if several else ("teacher_hidden",
-                                                                                          "teacher head")
+            name, head_name = (
+                (f"teacher_hidden[{i}]", f"teacher {i} head") if several else ("teacher_hidden", "teacher head")
+            )
             if t_hidden.dim() != 2 or t_hidden.shape[0] != n:
                 raise ValueError(
                     f"{name} {_shape(t_hidden)} must be (N, H_t) with the student's N = {n} "
@@ -336,8 +374,9 @@ def chunked_distillation_loss(
                 )
         weights = normalize_weights([1.0] * len(t_hiddens) if teacher_weights is None else teacher_weights)
         if len(weights) != len(t_hiddens):
-            raise ValueError(f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per "
-                             "teacher")
+            raise ValueError(
+                f"{len(weights)} teacher_weights for {len(t_hiddens)} teachers: give one weight per teacher"
+            )
     if spec_divergence.name == "uld" and vocab_size is None:
         # ULD compares sorted probability vectors: the vocabularies may differ (a teacher with another tokenizer),
         # and each head is used whole.
@@ -369,8 +408,13 @@ def chunked_distillation_loss(
         labels,
         spec,
     )
-    return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum(),
-                     soft_per_teacher=per_teacher if per_teacher.numel() else None)
+    return LossParts(
+        total=total,
+        soft=soft,
+        hard=hard,
+        num_tokens=(labels != IGNORE_INDEX).sum(),
+        soft_per_teacher=per_teacher if per_teacher.numel() else None,
+    )
 
 
 def chunked_head_loss(
@@ -404,26 +448,43 @@ def chunked_head_loss(
 
     grad_on = torch.is_grad_enabled()
     spec = _Spec(
-        student_head=student_head, teacher_heads=(), teacher_weights=(), teachers="mixture", vocab=vocab,
-        teacher_vocab=vocab, divergence=DivergenceSpec(), alpha=0.0,
-        num_items_in_batch=None, chunk_size=chunk_size,
+        student_head=student_head,
+        teacher_heads=(),
+        teacher_weights=(),
+        teachers="mixture",
+        vocab=vocab,
+        teacher_vocab=vocab,
+        divergence=DivergenceSpec(),
+        alpha=0.0,
+        num_items_in_batch=None,
+        chunk_size=chunk_size,
         grad_hidden=grad_on and student_hidden.requires_grad,
         grad_weight=grad_on and student_head.weight.requires_grad,
         grad_bias=grad_on and student_head.bias is not None and student_head.bias.requires_grad,
         chunk_loss=parts,
     )
-    total, soft, hard, _ = _ChunkedDistillation.apply(student_hidden, student_head.weight, student_head.bias, (),
-                                                      labels, spec)
+    total, soft, hard, _ = _ChunkedDistillation.apply(
+        student_hidden, student_head.weight, student_head.bias, (), labels, spec
+    )
     return LossParts(total=total, soft=soft, hard=hard, num_tokens=(labels != IGNORE_INDEX).sum())
 
 
 class ChunkedDistillationLoss(nn.Module):
     """`chunked_distillation_loss` with its settings fixed at construction (see there for each)."""
 
-    def __init__(self, *, divergence: DivergenceName | str = "forward_kl", temperature: float = 1.0,
-                 alpha: float = 0.5, jsd_beta: float = 0.5, skew: float = 0.1, chunk_size: int = 1024,
-                 vocab_size: int | None = None, teacher_weights: Sequence[float] | None = None,
-                 teachers: str = "mixture") -> None:
+    def __init__(
+        self,
+        *,
+        divergence: DivergenceName | str = "forward_kl",
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        jsd_beta: float = 0.5,
+        skew: float = 0.1,
+        chunk_size: int = 1024,
+        vocab_size: int | None = None,
+        teacher_weights: Sequence[float] | None = None,
+        teachers: str = "mixture",
+    ) -> None:
         super().__init__()
         _check_divergence_name(divergence)
         _check_combination(teachers)
@@ -437,18 +498,35 @@ class ChunkedDistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
 
-    def forward(self, student_hidden: Tensor, student_head: OutputHead,
-                teacher_hidden: Tensor | Sequence[Tensor] | None,
-                teacher_head: OutputHead | Sequence[OutputHead] | None, labels: Tensor,
-                num_items_in_batch: int | Tensor | None = None) -> LossParts:
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_head: OutputHead,
+        teacher_hidden: Tensor | Sequence[Tensor] | None,
+        teacher_head: OutputHead | Sequence[OutputHead] | None,
+        labels: Tensor,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> LossParts:
         return chunked_distillation_loss(
-            student_hidden, student_head, teacher_hidden, teacher_head, labels,
-            divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
-            jsd_beta=self.jsd_beta, skew=self.skew, num_items_in_batch=num_items_in_batch,
-            chunk_size=self.chunk_size, vocab_size=self.vocab_size, teacher_weights=self.teacher_weights,
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            labels,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            jsd_beta=self.jsd_beta,
+            skew=self.skew,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            teacher_weights=self.teacher_weights,
             teachers=self.teachers,
         )
 
     def extra_repr(self) -> str:
-        return (f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
-                f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}, teachers={self.teachers!r}")
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}, teachers={self.teachers!r}"
+        )

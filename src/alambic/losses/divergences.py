@@ -117,9 +117,7 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     return _kl(log_q, log_p)
 
 
-def jsd(
-    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5
-) -> Tensor:
+def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     """Generalised Jensen-Shannon divergence (GKD):
 
         JSD_β = β · KL(P‖M) + (1 − β) · KL(Q‖M),   M = β·P + (1 − β)·Q.
@@ -263,8 +261,10 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "uld": uld,
 }
 if tuple(DIVERGENCES) != DIVERGENCE_NAMES:  # a divergence added in one table and not the other
-    raise ImportError(f"losses.divergences.DIVERGENCES {list(DIVERGENCES)} and alambic.divergence.PARAMETERS "
-                      f"{list(DIVERGENCE_NAMES)} must name the same divergences, in the same order")
+    raise ImportError(
+        f"losses.divergences.DIVERGENCES {list(DIVERGENCES)} and alambic.divergence.PARAMETERS "
+        f"{list(DIVERGENCE_NAMES)} must name the same divergences, in the same order"
+    )
 
 
 def divergence(
@@ -328,9 +328,7 @@ def _denominator(mask: Tensor, num_items_in_batch: int | Tensor | None, dtype: t
     return count.to(dtype).clamp_min(1.0)
 
 
-def reduce_over_tokens(
-    per_token: Tensor, mask: Tensor, num_items_in_batch: int | Tensor | None = None
-) -> Tensor:
+def reduce_over_tokens(per_token: Tensor, mask: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
     """Σ per_token · mask / denominator: the mean over counted tokens.
 
     Args:

@@ -209,8 +209,9 @@ def attention_relation_loss(
         ValueError: not three tensors per side, shapes that do not line up, or R not dividing a width.
     """
     if len(student) != 3 or len(teacher) != 3:
-        raise ValueError(f"relations take (q, k, v) per model, got {len(student)} student and {len(teacher)} "
-                         "teacher tensors")
+        raise ValueError(
+            f"relations take (q, k, v) per model, got {len(student)} student and {len(teacher)} teacher tensors"
+        )
     if num_relation_heads < 1:
         raise ValueError(f"num_relation_heads must be >= 1, got {num_relation_heads}")
     b, t = student[0].shape[:2]
@@ -292,8 +293,9 @@ def layer_map(
             raise ValueError(f"layer map entry {list(pair)}: expected a [student layer, teacher layer] pair")
         s, t = int(pair[0]), int(pair[1])
         if not (0 <= s < ls and 0 <= t < lt):
-            raise ValueError(f"layer map pair [{s}, {t}] is out of range: student layers are 0..{ls - 1}, "
-                             f"teacher layers 0..{lt - 1}")
+            raise ValueError(
+                f"layer map pair [{s}, {t}] is out of range: student layers are 0..{ls - 1}, teacher layers 0..{lt - 1}"
+            )
         pairs.append((s, t))
     if not pairs:
         raise ValueError("an empty layer map pairs no layer: give at least one [student layer, teacher layer]")

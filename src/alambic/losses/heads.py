@@ -135,4 +135,3 @@ def shared_vocab_size(student_head: OutputHead, teacher_heads: Sequence[OutputHe
             f"{'s' * several} {teacher_vocabs}), got {vocab_size}"
         )
     return vocab_size
-

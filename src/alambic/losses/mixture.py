@@ -73,8 +73,10 @@ def normalize_weights(weights: Sequence[float]) -> tuple[float, ...]:
         raise ValueError("no teacher weight given: at least one teacher is needed")
     bad = [(i, w) for i, w in enumerate(weights) if not (math.isfinite(w) and w > 0)]
     if bad:
-        raise ValueError(f"teacher weights must be finite and > 0, got {weights} (bad at index "
-                         f"{', '.join(str(i) for i, _ in bad)}); remove a teacher rather than giving it weight 0")
+        raise ValueError(
+            f"teacher weights must be finite and > 0, got {weights} (bad at index "
+            f"{', '.join(str(i) for i, _ in bad)}); remove a teacher rather than giving it weight 0"
+        )
     total = math.fsum(weights)
     return tuple(w / total for w in weights)
 
@@ -83,12 +85,15 @@ def _check_teachers(teacher_logits: Sequence[Tensor], weights: Sequence[float]) 
     if len(teacher_logits) == 0:
         raise ValueError("no teacher logits given: at least one teacher is needed")
     if len(weights) != len(teacher_logits):
-        raise ValueError(f"{len(teacher_logits)} teacher logits but {len(weights)} weights: give one weight per "
-                         "teacher")
+        raise ValueError(
+            f"{len(teacher_logits)} teacher logits but {len(weights)} weights: give one weight per teacher"
+        )
     shapes = {tuple(t.shape) for t in teacher_logits}
     if len(shapes) > 1:
-        raise ValueError(f"teacher logits differ in shape: {[tuple(t.shape) for t in teacher_logits]}; every teacher "
-                         "must score the same positions over one shared vocabulary (slice each to the shared ids)")
+        raise ValueError(
+            f"teacher logits differ in shape: {[tuple(t.shape) for t in teacher_logits]}; every teacher "
+            "must score the same positions over one shared vocabulary (slice each to the shared ids)"
+        )
     return normalize_weights(weights)
 
 
@@ -97,8 +102,13 @@ def _check_combination(teachers: str) -> None:
         raise ValueError(f"unknown teachers combination {teachers!r}; choose one of: {', '.join(TEACHER_COMBINATIONS)}")
 
 
-def mixture_logits(teacher_logits: Sequence[Tensor], weights: Sequence[float], *, temperature: float = 1.0,
-                   divergence: DivergenceName | str = "forward_kl") -> Tensor:
+def mixture_logits(
+    teacher_logits: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    temperature: float = 1.0,
+    divergence: DivergenceName | str = "forward_kl",
+) -> Tensor:
     """Logits of the mixed teacher, for any divergence of `divergences` at temperature T:
 
         T · log Σ_i w_i softmax(z_i / T)     (so that softmax(result / T) = P_mix)
@@ -208,8 +218,10 @@ def multi_teacher_distillation_loss(
     _check_combination(teachers)
     _check_unit_interval("alpha", alpha)
     if student_logits.shape[:-1] != labels.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must have the logits' leading shape "
-                         f"{tuple(student_logits.shape[:-1])} (logits are (..., V), labels (...))")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the logits' leading shape "
+            f"{tuple(student_logits.shape[:-1])} (logits are (..., V), labels (...))"
+        )
     use_teachers = alpha > 0.0
     if use_teachers and len(teacher_logits) == 0:
         raise ValueError(f"alpha = {alpha} weighs a soft loss, which needs at least one teacher's logits (got none)")
@@ -220,15 +232,19 @@ def multi_teacher_distillation_loss(
 
     soft, per_teacher_soft = zero, None
     if use_teachers:
-        per_token, per_teacher = ensemble_divergence(spec, student_logits, teacher_logits, weights,
-                                                     teachers=teachers)
+        per_token, per_teacher = ensemble_divergence(spec, student_logits, teacher_logits, weights, teachers=teachers)
         soft = spec.temperature**2 * reduce_over_tokens(per_token, mask, num_items_in_batch)
         if per_teacher is not None:
-            per_teacher_soft = torch.stack([spec.temperature**2
-                                            * reduce_over_tokens(d, mask, num_items_in_batch).detach()
-                                            for d in per_teacher])
+            per_teacher_soft = torch.stack(
+                [spec.temperature**2 * reduce_over_tokens(d, mask, num_items_in_batch).detach() for d in per_teacher]
+            )
     hard = zero
     if alpha < 1.0:
         hard = reduce_over_tokens(token_cross_entropy(student_logits, labels), mask, num_items_in_batch)
-    return LossParts(total=mix_soft_and_hard(soft, hard, alpha), soft=soft, hard=hard, num_tokens=mask.sum(),
-                     soft_per_teacher=per_teacher_soft)
+    return LossParts(
+        total=mix_soft_and_hard(soft, hard, alpha),
+        soft=soft,
+        hard=hard,
+        num_tokens=mask.sum(),
+        soft_per_teacher=per_teacher_soft,
+    )

@@ -224,10 +224,19 @@ def topk_distillation_loss(
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} must be (N, V) and labels {tuple(labels.shape)} (N,)"
         )
-    check_teacher_rows(student_logits.shape[0], student_logits.shape[1], teacher_ids, teacher_logprobs,
-                       teacher_tail, alpha)
-    return _topk_loss(student_logits, teacher_ids, teacher_logprobs, teacher_tail, labels, divergence=spec,
-                      alpha=alpha, num_items_in_batch=num_items_in_batch)
+    check_teacher_rows(
+        student_logits.shape[0], student_logits.shape[1], teacher_ids, teacher_logprobs, teacher_tail, alpha
+    )
+    return _topk_loss(
+        student_logits,
+        teacher_ids,
+        teacher_logprobs,
+        teacher_tail,
+        labels,
+        divergence=spec,
+        alpha=alpha,
+        num_items_in_batch=num_items_in_batch,
+    )
 
 
 def check_topk_options(divergence: str, alpha: float, temperature: float) -> None:
@@ -247,16 +256,27 @@ def check_topk_options(divergence: str, alpha: float, temperature: float) -> Non
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def check_teacher_rows(n: int, vocab: int, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-                       teacher_tail: Tensor | None, alpha: float) -> None:
+def check_teacher_rows(
+    n: int,
+    vocab: int,
+    teacher_ids: Tensor | None,
+    teacher_logprobs: Tensor | None,
+    teacher_tail: Tensor | None,
+    alpha: float,
+) -> None:
     """The teacher rows line up with N student rows of V logits (nothing to check when alpha = 0)."""
     if alpha == 0.0:
         return
     if teacher_ids is None or teacher_logprobs is None or teacher_tail is None:
-        raise ValueError(f"alpha = {alpha} weighs a soft loss, which needs teacher_ids, teacher_logprobs "
-                         "and teacher_tail (got None)")
-    if teacher_ids.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != n \
-            or tuple(teacher_tail.shape) != (n,):
+        raise ValueError(
+            f"alpha = {alpha} weighs a soft loss, which needs teacher_ids, teacher_logprobs and teacher_tail (got None)"
+        )
+    if (
+        teacher_ids.dim() != 2
+        or teacher_ids.shape != teacher_logprobs.shape
+        or teacher_ids.shape[0] != n
+        or tuple(teacher_tail.shape) != (n,)
+    ):
         raise ValueError(
             f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} must "
             f"be (N, k) and teacher_tail {tuple(teacher_tail.shape)} (N,), with the student's N = {n}"
@@ -269,10 +289,20 @@ def check_teacher_rows(n: int, vocab: int, teacher_ids: Tensor | None, teacher_l
         )
 
 
-def _topk_loss(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-               teacher_tail: Tensor | None, labels: Tensor, *, divergence: str | DivergenceSpec, alpha: float,
-               num_items_in_batch: int | Tensor | None, temperature: float | None = None,
-               jsd_beta: float | None = None, skew: float | None = None) -> LossParts:
+def _topk_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor | None,
+    teacher_logprobs: Tensor | None,
+    teacher_tail: Tensor | None,
+    labels: Tensor,
+    *,
+    divergence: str | DivergenceSpec,
+    alpha: float,
+    num_items_in_batch: int | Tensor | None,
+    temperature: float | None = None,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
+) -> LossParts:
     """`topk_distillation_loss` without the input checks (the chunked caller checks once per call:
     the id range check synchronises with the device)."""
     spec = resolve_spec(divergence, temperature, jsd_beta, skew)
@@ -303,11 +333,20 @@ _TINY_TAIL = 1e-30
 
 
 @torch.no_grad()
-def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-                             teacher_tail: Tensor | None, labels: Tensor, *, divergence: str | DivergenceSpec,
-                             alpha: float, num_items_in_batch: int | Tensor | None, temperature: float | None = None,
-                             jsd_beta: float | None = None, skew: float | None = None,
-                             ) -> tuple[LossParts, Tensor]:
+def topk_loss_and_logit_grad(
+    student_logits: Tensor,
+    teacher_ids: Tensor | None,
+    teacher_logprobs: Tensor | None,
+    teacher_tail: Tensor | None,
+    labels: Tensor,
+    *,
+    divergence: str | DivergenceSpec,
+    alpha: float,
+    num_items_in_batch: int | Tensor | None,
+    temperature: float | None = None,
+    jsd_beta: float | None = None,
+    skew: float | None = None,
+) -> tuple[LossParts, Tensor]:
     """`_topk_loss` and its gradient with respect to the (c, V) logits, in closed form.
 
     Autograd through `student_bucket_logprobs` walks the (c, V) block about a dozen times (log-softmax, the tail's
@@ -348,7 +387,7 @@ def topk_loss_and_logit_grad(student_logits: Tensor, teacher_ids: Tensor | None,
         log_tail = q_tail.log()
         tiny = q_tail < _TINY_TAIL
         if tiny.any():
-            log_tail[tiny] = (zt[tiny].scatter(-1, ids[tiny], -math.inf).logsumexp(-1) - lse[tiny, 0])
+            log_tail[tiny] = zt[tiny].scatter(-1, ids[tiny], -math.inf).logsumexp(-1) - lse[tiny, 0]
         floor = _floor(dtype)
         buckets = torch.cat([zt.gather(-1, ids) - lse, log_tail[:, None]], dim=-1).clamp_min(floor)
         log_p = teacher_bucket_logprobs(teacher_logprobs.to(dtype), teacher_tail)

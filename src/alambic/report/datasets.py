@@ -22,9 +22,16 @@ TRAINING_DOMAIN = "held-out split"  # how the run's own held-out split is named 
 
 def set_rows(models: dict[str, dict[str, Any]]) -> list[list[str]]:
     """One row per model: perplexity, top-1 / top-5 agreement and KL to the teacher, each with its interval."""
-    return [[model_label(name), with_interval(m, "perplexity", perplexity), with_interval(m, "top1_agreement", percent),
-             with_interval(m, "top5_agreement", percent), with_interval(m, "kl_to_teacher", kl)]
-            for name, m in models.items()]
+    return [
+        [
+            model_label(name),
+            with_interval(m, "perplexity", perplexity),
+            with_interval(m, "top1_agreement", percent),
+            with_interval(m, "top5_agreement", percent),
+            with_interval(m, "kl_to_teacher", kl),
+        ]
+        for name, m in models.items()
+    ]
 
 
 def kept_by_set(evaluation: dict[str, Any], metric: str = "perplexity") -> dict[str, dict[str, float | None]]:
@@ -72,14 +79,26 @@ def datasets_section(evaluation: dict[str, Any], run_dir: Path) -> list[str]:
     for name, s in sets.items():
         first = next(iter(s["models"].values()))
         overlap = s.get("overlap") or {}
-        lines += [(f"### {name} ({s['source']}, {s['format']}: {first['num_tokens']} tokens in {s['sequences']} "
-                   f"sequences of {s['documents']} documents)"), "",
-                  table(["model", "perplexity", "top-1 agree", "top-5 agree", "KL to teacher"], set_rows(s["models"]))]
+        lines += [
+            (
+                f"### {name} ({s['source']}, {s['format']}: {first['num_tokens']} tokens in {s['sequences']} "
+                f"sequences of {s['documents']} documents)"
+            ),
+            "",
+            table(["model", "perplexity", "top-1 agree", "top-5 agree", "KL to teacher"], set_rows(s["models"])),
+        ]
         if overlap.get("documents"):
             ids = ", ".join(overlap.get("ids") or [])
-            lines += ["", f"**{overlap['documents']} of its documents are also training documents** (same text, e.g. "
-                      f"{ids}): " + ("they were left out of the set." if overlap["action"] == "drop" else
-                                     "flagged and scored with the rest, so this set is not wholly held out.")]
+            lines += [
+                "",
+                f"**{overlap['documents']} of its documents are also training documents** (same text, e.g. "
+                f"{ids}): "
+                + (
+                    "they were left out of the set."
+                    if overlap["action"] == "drop"
+                    else "flagged and scored with the rest, so this set is not wholly held out."
+                ),
+            ]
         lines.append("")
     kept = kept_by_set(evaluation)
     top1 = kept_by_set(evaluation, "top1_agreement")
@@ -91,11 +110,18 @@ def datasets_section(evaluation: dict[str, Any], run_dir: Path) -> list[str]:
     rows = [[model_label(n), *(cell(kept[s], n) for s in kept), *(cell(top1[s], n) for s in top1)] for n in names]
     headers = ["model", *(f"{s}: perplexity kept" for s in kept), *(f"{s}: top-1 agree" for s in top1)]
     seconds = sum(s.get("seconds", 0) for s in sets.values())
-    lines += ["### Retention across sets", "", table(headers, rows), "",
-              ("Perplexity kept: teacher perplexity ÷ model perplexity on the same set (100 % = the teacher's); top-1 "
-               "agree: share of positions where the model's most likely token is the teacher's. The held-out split is "
-               "the training domain; a model that keeps much less on another set lost more there. Intervals: 95 % "
-               f"bootstrap over each set's sequences. Scored in {seconds:.1f} s.")]
+    lines += [
+        "### Retention across sets",
+        "",
+        table(headers, rows),
+        "",
+        (
+            "Perplexity kept: teacher perplexity ÷ model perplexity on the same set (100 % = the teacher's); top-1 "
+            "agree: share of positions where the model's most likely token is the teacher's. The held-out split is "
+            "the training domain; a model that keeps much less on another set lost more there. Intervals: 95 % "
+            f"bootstrap over each set's sequences. Scored in {seconds:.1f} s."
+        ),
+    ]
     path = plot_retention_by_set(kept, run_dir / "plots" / "retention_by_set.png", label=model_label)
     if path is not None:
         lines += ["", "![Perplexity kept per held-out set](plots/retention_by_set.png)"]

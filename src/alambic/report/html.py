@@ -63,17 +63,20 @@ def markdown_to_html(markdown: str, base_dir: Path) -> str:
     return md.render(markdown)
 
 
-RUN_FOOTER = ("Written by alambic from the run folder's records (eval.json, metrics.jsonl, config.yaml, "
-              "manifest.json); the same content as report.md.")
+RUN_FOOTER = (
+    "Written by alambic from the run folder's records (eval.json, metrics.jsonl, config.yaml, "
+    "manifest.json); the same content as report.md."
+)
 
 
-def write_html_report(folder: Path, markdown: str, *, title: str, filename: str = "report.html",
-                      footer: str = RUN_FOOTER) -> Path:
+def write_html_report(
+    folder: Path, markdown: str, *, title: str, filename: str = "report.html", footer: str = RUN_FOOTER
+) -> Path:
     """Write `folder/filename`: `markdown` (the text of the .md next to it) rendered, its figures inlined."""
     body = markdown_to_html(markdown, folder)
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}"
         f"<footer>{html.escape(footer)}</footer>\n</body>\n</html>\n"
     )

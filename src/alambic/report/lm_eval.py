@@ -67,15 +67,19 @@ def lm_eval_section(evaluation: dict[str, Any]) -> list[str]:
     limit = settings.get("limit")
     lines.append(
         f"lm-eval {bench.get('lm_eval_version')} ({versions}); "
-        + (f"{shots}-shot" if shots is not None else "each task's default number of shots") + "; "
+        + (f"{shots}-shot" if shots is not None else "each task's default number of shots")
+        + "; "
         + (f"at most {limit} examples per task" if limit else "every example")
         + f" ({', '.join(f'{t}: {n}' for t, n in samples.items() if n is not None)}). Score ± lm-eval's standard "
         f"error; (kept): the model's score ÷ the teacher's. Time: {bench.get('seconds', 0):.0f} s in all "
-        f"({per_model}).")
+        f"({per_model})."
+    )
     for task, record in (bench.get("local_tasks") or {}).items():
         dropped = record.get("same_text_as_training")
-        lines.append(f"\n`{task}` is alambic's local task, {record['examples']} examples from {record['documents']} "
-                     f"{record['source']} documents of {record['from']}"
-                     + (f", {dropped} left out for having the text of a training document" if dropped else "")
-                     + f"; its task YAML and data are in `{'/'.join(Path(record['folder']).parts[-2:])}/`.")
+        lines.append(
+            f"\n`{task}` is alambic's local task, {record['examples']} examples from {record['documents']} "
+            f"{record['source']} documents of {record['from']}"
+            + (f", {dropped} left out for having the text of a training document" if dropped else "")
+            + f"; its task YAML and data are in `{'/'.join(Path(record['folder']).parts[-2:])}/`."
+        )
     return lines

@@ -23,8 +23,12 @@ def kl(value: float) -> str:
     return f"{value:.3f}"
 
 
-MODEL_LABELS = {"teacher": "teacher", "student_before": "student before", "student_distilled": "student distilled",
-                "student_ce_control": "student CE control"}
+MODEL_LABELS = {
+    "teacher": "teacher",
+    "student_before": "student before",
+    "student_distilled": "student distilled",
+    "student_ce_control": "student CE control",
+}
 
 
 def model_label(name: str) -> str:
@@ -66,6 +70,12 @@ def not_done_section(title: str, entries: list[tuple[str, str | None, str | None
     error in a code span (a backtick inside would end it early, so it becomes a quote). [] when there are none."""
     if not entries:
         return []
-    return ["", f"## {title}", "", *(f"- {name}: {status}"
-                                     + (f": `{error.splitlines()[0].replace('`', chr(39))}`" if error else "")
-                                     for name, status, error in entries)]
+    return [
+        "",
+        f"## {title}",
+        "",
+        *(
+            f"- {name}: {status}" + (f": `{error.splitlines()[0].replace('`', chr(39))}`" if error else "")
+            for name, status, error in entries
+        ),
+    ]

@@ -17,9 +17,14 @@ KEPT, REMOVED = "#2b6cb0", "#c0c0c0"
 def plot_layer_importance(pruning: dict[str, Any], path: Path) -> Path | None:
     """One bar per teacher layer for each measured layer score; kept layers in colour, removed in grey."""
     imp = pruning.get("importance") or {}
-    metrics = {name: imp[key] for name, key in (("block influence  1 − cos(in, out)", "block_influence"),
-                                                ("loss increase when skipped", "skip_loss_increase"))
-               if imp.get(key)}
+    metrics = {
+        name: imp[key]
+        for name, key in (
+            ("block influence  1 − cos(in, out)", "block_influence"),
+            ("loss increase when skipped", "skip_loss_increase"),
+        )
+        if imp.get(key)
+    }
     if not metrics:
         return None
     kept = set(pruning.get("kept_layers", []))
@@ -30,8 +35,12 @@ def plot_layer_importance(pruning: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("teacher layer")
         ax.set_xlim(-0.6, len(values) - 0.4)
-    axes[0, 0].legend(handles=[plt.Rectangle((0, 0), 1, 1, color=KEPT), plt.Rectangle((0, 0), 1, 1, color=REMOVED)],
-                      labels=["kept", "removed"], fontsize=8, loc="upper right")
+    axes[0, 0].legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=KEPT), plt.Rectangle((0, 0), 1, 1, color=REMOVED)],
+        labels=["kept", "removed"],
+        fontsize=8,
+        loc="upper right",
+    )
     return save_figure(fig, path)
 
 
@@ -51,8 +60,11 @@ def plot_head_importance(pruning: dict[str, Any], path: Path) -> Path | None:
     plan = pruning.get("plan") or {}
     kept_layers, heads = plan.get("layers") or [], plan.get("heads")
     for layer in range(grid.shape[0]):
-        kept = heads[kept_layers.index(layer)] if heads and layer in kept_layers else (
-            range(grid.shape[1]) if layer in kept_layers else [])
+        kept = (
+            heads[kept_layers.index(layer)]
+            if heads and layer in kept_layers
+            else (range(grid.shape[1]) if layer in kept_layers else [])
+        )
         for head in set(range(grid.shape[1])) - set(kept):
             ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="xx", color="white", lw=0))
     ax.set_xlabel("query head")
@@ -88,13 +100,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 # Logged every step but not curves worth a panel: bookkeeping, throughput, the end-of-training summary.
-_NOT_CURVES = {"step", "time", "epoch", "tokens_per_second", "peak_memory_gib", "total_flos", "eval_runtime",
-               "eval_samples_per_second", "eval_steps_per_second", "train_runtime", "train_samples_per_second",
-               "train_steps_per_second", "train_loss"}
-_TITLES = {"loss": "loss (total objective)", "loss_soft": "loss_soft (divergence to the teacher)",
-           "loss_hard": "loss_hard (cross-entropy on labels)", "eval_loss": "eval_loss (total, held-out)",
-           "eval_loss_soft": "eval_loss_soft (held-out)", "eval_loss_hard": "eval_loss_hard (held-out)",
-           "learning_rate": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+_NOT_CURVES = {
+    "step",
+    "time",
+    "epoch",
+    "tokens_per_second",
+    "peak_memory_gib",
+    "total_flos",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_loss",
+}
+_TITLES = {
+    "loss": "loss (total objective)",
+    "loss_soft": "loss_soft (divergence to the teacher)",
+    "loss_hard": "loss_hard (cross-entropy on labels)",
+    "eval_loss": "eval_loss (total, held-out)",
+    "eval_loss_soft": "eval_loss_soft (held-out)",
+    "eval_loss_hard": "eval_loss_hard (held-out)",
+    "learning_rate": "learning rate",
+    "grad_norm": "gradient norm (before clipping)",
+}
 RUN_COLORS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5")
 
 
@@ -129,9 +159,16 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> P
         `path`, or None when no run logged anything to plot.
     """
     runs = {label: records for label, records in runs.items() if records}
-    keys = sorted({k for records in runs.values() for r in records for k, v in r.items()
-                   if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)},
-                  key=_curve_order)
+    keys = sorted(
+        {
+            k
+            for records in runs.values()
+            for r in records
+            for k, v in r.items()
+            if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
+        key=_curve_order,
+    )
     if not keys:
         return None
     cols = 2 if len(keys) > 1 else 1
@@ -149,19 +186,27 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> P
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if len(runs) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     return save_figure(fig, path)
 
 
-_GAIN_TITLES = {"speedup": "speed-up (teacher latency ÷ model, batch 1)",
-                "throughput_gain": "throughput (model ÷ teacher, batch B)",
-                "size_reduction": "size reduction (teacher params ÷ model)",
-                "memory_reduction": "memory reduction (teacher peak ÷ model)"}
+_GAIN_TITLES = {
+    "speedup": "speed-up (teacher latency ÷ model, batch 1)",
+    "throughput_gain": "throughput (model ÷ teacher, batch B)",
+    "size_reduction": "size reduction (teacher params ÷ model)",
+    "memory_reduction": "memory reduction (teacher peak ÷ model)",
+}
 
 
-def plot_pareto(ret: dict[str, dict[str, float | None]], fronts: dict[str, list[str]], path: Path, *,
-                label=str, quality: str = "perplexity") -> Path | None:
+def plot_pareto(
+    ret: dict[str, dict[str, float | None]],
+    fronts: dict[str, list[str]],
+    path: Path,
+    *,
+    label=str,
+    quality: str = "perplexity",
+) -> Path | None:
     """Quality kept (y) against each cost saving (x), one panel per saving measured; the Pareto front joined.
 
     Args:
@@ -171,22 +216,37 @@ def plot_pareto(ret: dict[str, dict[str, float | None]], fronts: dict[str, list[
     Returns:
         `path`, or None when no saving was measured for two models.
     """
-    gains = [g for g in _GAIN_TITLES if sum(r.get(g) is not None and r.get(quality) is not None
-                                             for r in ret.values()) > 1]
+    gains = [
+        g for g in _GAIN_TITLES if sum(r.get(g) is not None and r.get(quality) is not None for r in ret.values()) > 1
+    ]
     if not gains:
         return None
     fig, axes = plt.subplots(1, len(gains), figsize=(4.6 * len(gains), 3.8), squeeze=False)
     for ax, gain in zip(axes.flat, gains):
-        points = {n: (r[gain], r[quality]) for n, r in ret.items()
-                  if r.get(gain) is not None and r.get(quality) is not None}
+        points = {
+            n: (r[gain], r[quality]) for n, r in ret.items() if r.get(gain) is not None and r.get(quality) is not None
+        }
         front = fronts.get(gain, [])
         for color, (name, (x, y)) in zip(RUN_COLORS * 4, points.items()):
-            ax.scatter([x], [y], s=46 if name in front else 26, color=color, zorder=3,
-                       edgecolors="black" if name in front else "none")
+            ax.scatter(
+                [x],
+                [y],
+                s=46 if name in front else 26,
+                color=color,
+                zorder=3,
+                edgecolors="black" if name in front else "none",
+            )
             ax.annotate(label(name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if len(front) > 1:
-            ax.plot([points[n][0] for n in front], [points[n][1] for n in front], color="gray", lw=1, ls="--",
-                    zorder=2, label="Pareto front")
+            ax.plot(
+                [points[n][0] for n in front],
+                [points[n][1] for n in front],
+                color="gray",
+                lw=1,
+                ls="--",
+                zorder=2,
+                label="Pareto front",
+            )
             ax.legend(fontsize=8, loc="lower left")
         ax.axhline(1.0, color="gray", lw=0.6, alpha=0.5)
         ax.axvline(1.0, color="gray", lw=0.6, alpha=0.5)

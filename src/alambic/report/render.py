@@ -89,16 +89,20 @@ def training_data_section(run_dir: Path) -> list[str]:
         lines.append(
             f"- Teacher responses: {generated['responses']} to {generated['prompts']} training prompts (temperature "
             f"{s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new tokens); "
-            f"{generated['degenerate']} flagged degenerate" + (f" ({flagged})" if flagged else "")
-            + (", left out" if s["filter_degenerate"] else ", kept") + f"; {generated['training_sequences']} "
+            f"{generated['degenerate']} flagged degenerate"
+            + (f" ({flagged})" if flagged else "")
+            + (", left out" if s["filter_degenerate"] else ", kept")
+            + f"; {generated['training_sequences']} "
             f"training sequences, {generated['counted_tokens']} response tokens counted."
-            + (" The CE control trains on the corpus answers." if (run_dir / CONTROL_DIR).is_dir() else ""))
+            + (" The CE control trains on the corpus answers." if (run_dir / CONTROL_DIR).is_dir() else "")
+        )
     if selection:
         lo, hi = selection["kept_range"]
         lines.append(
             f"- Teacher-entropy selection: kept {selection['kept']} of {selection['total']} training sequences, the "
             f"{selection['band']} {selection['keep_fraction']:.0%} (mean token entropy {lo:.3f}–{hi:.3f} nats; "
-            f"median of all {selection['quantiles']['0.5']:.3f}).")
+            f"median of all {selection['quantiles']['0.5']:.3f})."
+        )
         from alambic.report.selection import plot_entropy_histogram
 
         if plot_entropy_histogram(selection, run_dir / PLOTS_DIR / "selection_entropy.png") is not None:
@@ -129,8 +133,11 @@ def write_report(run_dir: str | Path) -> Path:
         f"# alambic report: {config.get('name', run_dir.name)}",
         "",
         f"Teacher `{config.get('teacher', {}).get('model')}`; student: "
-        + (f"{len(student['kept_layers'])} of {student['teacher_layers']} teacher layers {student['kept_layers']}"
-           if "kept_layers" in student else f"`{student.get('source')}`")
+        + (
+            f"{len(student['kept_layers'])} of {student['teacher_layers']} teacher layers {student['kept_layers']}"
+            if "kept_layers" in student
+            else f"`{student.get('source')}`"
+        )
         + ("; width pruned (see Pruning)" if _width_pruned(student) else ""),
     ]
     if classifier:
@@ -139,7 +146,8 @@ def write_report(run_dir: str | Path) -> Path:
         parts += [
             "",
             f"## Quality on held-out data ({n_tokens} tokens"
-            + (f" in {n_sequences} sequences" if n_sequences else "") + " never trained on)",
+            + (f" in {n_sequences} sequences" if n_sequences else "")
+            + " never trained on)",
             "",
             table(headers, rows),
             "",
@@ -147,35 +155,56 @@ def write_report(run_dir: str | Path) -> Path:
             "token is the teacher's; top-5 agree: share where the teacher's most likely token is among the model's "
             "five most likely; KL to teacher: mean KL(teacher‖model) per token at T = 1. The CE control is "
             "the same student trained on the same data for the same steps with plain cross-entropy."
-            + (" [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
-               "the same resamples for every model)." if "intervals" in first else ""),
+            + (
+                " [low, high]: 95 % bootstrap interval over the held-out sequences (whole sequences resampled, "
+                "the same resamples for every model)."
+                if "intervals" in first
+                else ""
+            ),
         ]
         teacher = evaluation.get("models", {}).get("teacher", {})
         if "own_tokens" in teacher:  # a student with its own tokenizer (data.cross)
-            parts += ["", f"The student has its own tokenizer: the teacher read the same texts in its own "
-                      f"{teacher['own_tokens']} tokens, and its perplexity is its summed cross-entropy over them per "
-                      "student token, comparable with the students'. Agreement and KL need one vocabulary: the "
-                      "student learnt from the teacher by " + ("ULD (sorted probability vectors, where the two "
-                      "tokenizations line up)" if config.get("loss", {}).get("divergence") == "uld" else
-                      "its generated responses") + "; responses to held-out prompts (chat data) compare them "
-                      "tokenizer-free."]
+            parts += [
+                "",
+                f"The student has its own tokenizer: the teacher read the same texts in its own "
+                f"{teacher['own_tokens']} tokens, and its perplexity is its summed cross-entropy over them per "
+                "student token, comparable with the students'. Agreement and KL need one vocabulary: the "
+                "student learnt from the teacher by "
+                + (
+                    "ULD (sorted probability vectors, where the two tokenizations line up)"
+                    if config.get("loss", {}).get("divergence") == "uld"
+                    else "its generated responses"
+                )
+                + "; responses to held-out prompts (chat data) compare them "
+                "tokenizer-free.",
+            ]
     if tips:
         parts += ["", "## Advice", "", *(f"- {tip}" for tip in tips)]
-    lm_sections = [] if classifier else [generation_section(evaluation), datasets_section(evaluation, run_dir),
-                                         lm_eval_section(evaluation), cost_section(evaluation),
-                                         retention_section(evaluation, run_dir)]
+    lm_sections = (
+        []
+        if classifier
+        else [
+            generation_section(evaluation),
+            datasets_section(evaluation, run_dir),
+            lm_eval_section(evaluation),
+            cost_section(evaluation),
+            retention_section(evaluation, run_dir),
+        ]
+    )
     for section in (*lm_sections, architecture_section(evaluation), loss_section(config)):
         if section:
             parts += ["", *section]
-    hardware = next((m["cost"].get("device_name") for m in evaluation.get("models", {}).values() if m.get("cost")),
-                    None)
+    hardware = next(
+        (m["cost"].get("device_name") for m in evaluation.get("models", {}).values() if m.get("cost")), None
+    )
     parts += ["", *training_section(config, train, control, hardware)]
     if data_lines := training_data_section(run_dir):
         parts += ["", *data_lines]
     # The control trains into control/, so its log is control/metrics.jsonl.
-    curves = plot_training_curves({"distilled student": metrics,
-                                   "CE control": read_metrics(run_dir / CONTROL_DIR / METRICS_FILE)},
-                                  run_dir / PLOTS_DIR / "training_curves.png")
+    curves = plot_training_curves(
+        {"distilled student": metrics, "CE control": read_metrics(run_dir / CONTROL_DIR / METRICS_FILE)},
+        run_dir / PLOTS_DIR / "training_curves.png",
+    )
     if curves is not None:
         parts += ["", "![Training curves](plots/training_curves.png)"]
     if pruning and not classifier:  # its quality rows are next-token metrics
@@ -185,11 +214,15 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / REPORT_FILE
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)
-    html_path = write_html_report(run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}",
-                                  filename=REPORT_HTML_FILE)
+    html_path = write_html_report(
+        run_dir, markdown, title=f"alambic report: {config.get('name', run_dir.name)}", filename=REPORT_HTML_FILE
+    )
 
-    summary = Table(title=f"held-out classification ({first.get('num_examples')} examples)" if classifier
-                    else f"held-out quality ({n_tokens} tokens)")
+    summary = Table(
+        title=f"held-out classification ({first.get('num_examples')} examples)"
+        if classifier
+        else f"held-out quality ({n_tokens} tokens)"
+    )
     for h in headers:
         summary.add_column(h, justify="left" if h == "model" else "right")
     for r in rows:

@@ -19,8 +19,15 @@ def plot_entropy_histogram(record: dict[str, Any], path: Path) -> Path | None:
     widths, lefts = np.diff(edges), edges[:-1]
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.bar(lefts, counts - kept, width=widths, align="edge", color=REMOVED, label="left out")
-    ax.bar(lefts, kept, width=widths, align="edge", bottom=counts - kept, color=KEPT,
-           label=f"kept ({record['band']} {record['keep_fraction']:.0%})")
+    ax.bar(
+        lefts,
+        kept,
+        width=widths,
+        align="edge",
+        bottom=counts - kept,
+        color=KEPT,
+        label=f"kept ({record['band']} {record['keep_fraction']:.0%})",
+    )
     ax.set_xlabel("mean teacher token entropy (nats)")
     ax.set_ylabel("training sequences")
     ax.legend(fontsize=8)

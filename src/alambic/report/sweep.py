@@ -18,8 +18,12 @@ from alambic.report.markdown import kl, model_label, not_done_section, percent, 
 from alambic.report.plots import RUN_COLORS, plt, save_figure  # plt with the Agg backend report.plots selects
 from alambic.utils import atomic_write_text, console
 
-QUALITY = (("perplexity", "perplexity", perplexity), ("top-1 agree", "top1_agreement", percent),
-           ("top-5 agree", "top5_agreement", percent), ("KL to teacher", "kl_to_teacher", kl))
+QUALITY = (
+    ("perplexity", "perplexity", perplexity),
+    ("top-1 agree", "top1_agreement", percent),
+    ("top-5 agree", "top5_agreement", percent),
+    ("KL to teacher", "kl_to_teacher", kl),
+)
 REFERENCES = ("teacher", "student_before", "student_ce_control")
 
 
@@ -40,8 +44,11 @@ def _interval(m: dict[str, Any], key: str) -> tuple[float, float] | None:
 
 def _point_cell(point: dict[str, Any], sweep_dir: Path, best: bool) -> str:
     run = point["run_dir"]
-    links = [f"[{label}]({run}/{file})" for label, file in (("md", "report.md"), ("html", "report.html"))
-             if (sweep_dir / run / file).is_file()]
+    links = [
+        f"[{label}]({run}/{file})"
+        for label, file in (("md", "report.md"), ("html", "report.html"))
+        if (sweep_dir / run / file).is_file()
+    ]
     return f"{point['name']}" + (f" ({' · '.join(links)})" if links else "") + (" **best**" if best else "")
 
 
@@ -62,22 +69,27 @@ def _best_sentence(ranked: list[dict[str, Any]], evals: dict[str, dict[str, Any]
     """Name the point with the lowest KL to the teacher and say whether the next best is told apart from it."""
     best, m = ranked[0], evals[ranked[0]["name"]]["student_distilled"]
     values = ", ".join(f"{k} = {_value(best['overrides'][k])}" for k in keys)
-    text = (f"Best point (lowest KL to teacher): **{best['name']}** ({values}), KL "
-            f"{with_interval(m, 'kl_to_teacher', kl)}.")
+    text = (
+        f"Best point (lowest KL to teacher): **{best['name']}** ({values}), KL {with_interval(m, 'kl_to_teacher', kl)}."
+    )
     if len(ranked) > 1:
         second = ranked[1]
         m2 = evals[second["name"]]["student_distilled"]
         a, b = _interval(m, "kl_to_teacher"), _interval(m2, "kl_to_teacher")
         if a and b:
-            verdict = ("its interval overlaps the next best's, so on this held-out set the two are not told apart"
-                       if a[1] >= b[0] else "it is ahead of the next best by more than their intervals")
+            verdict = (
+                "its interval overlaps the next best's, so on this held-out set the two are not told apart"
+                if a[1] >= b[0]
+                else "it is ahead of the next best by more than their intervals"
+            )
             text += f" Next: {second['name']} (KL {with_interval(m2, 'kl_to_teacher', kl)}); {verdict}."
         else:
             text += f" Next: {second['name']} (KL {kl(m2['kl_to_teacher'])})."
     control = evals[best["name"]].get("student_ce_control")
     if control and control.get("kl_to_teacher") is not None:
-        text += (" The same student trained with plain cross-entropy (CE control) reaches "
-                 f"{kl(control['kl_to_teacher'])}.")
+        text += (
+            f" The same student trained with plain cross-entropy (CE control) reaches {kl(control['kl_to_teacher'])}."
+        )
     return text
 
 
@@ -85,8 +97,14 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def plot_sweep(grid: dict[str, list[Any]], points: list[dict[str, Any]], evals: dict[str, dict[str, Any]],
-               path: Path, *, best: str | None = None) -> Path | None:
+def plot_sweep(
+    grid: dict[str, list[Any]],
+    points: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]],
+    path: Path,
+    *,
+    best: str | None = None,
+) -> Path | None:
     """KL to teacher (95 % interval as error bars) against each swept key, one panel per key and one line per
     combination of the other keys' values; the best point starred, the CE control dashed when it is one value.
 
@@ -97,8 +115,11 @@ def plot_sweep(grid: dict[str, list[Any]], points: list[dict[str, Any]], evals: 
     if not done:
         return None
     keys = list(grid)
-    controls = {evals[p["name"]]["student_ce_control"]["kl_to_teacher"] for p in done
-                if "student_ce_control" in evals[p["name"]]}
+    controls = {
+        evals[p["name"]]["student_ce_control"]["kl_to_teacher"]
+        for p in done
+        if "student_ce_control" in evals[p["name"]]
+    }
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
@@ -142,8 +163,10 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     """
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "sweep.json").is_file():
-        raise FileNotFoundError(f"{sweep_dir / 'sweep.json'} not found: not a sweep folder; run "
-                                "`alambic sweep CONFIG --set KEY=V1,V2` first")
+        raise FileNotFoundError(
+            f"{sweep_dir / 'sweep.json'} not found: not a sweep folder; run "
+            "`alambic sweep CONFIG --set KEY=V1,V2` first"
+        )
     record = json.loads((sweep_dir / "sweep.json").read_text())
     grid, points = record["grid"], record["points"]
     keys = list(grid)
@@ -153,8 +176,10 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         if not models and p.get("metrics"):
             models = {"student_distilled": p["metrics"]}
         evals[p["name"]] = models
-    ranked = sorted((p for p in points if (evals[p["name"]].get("student_distilled") or {}).get("kl_to_teacher")
-                     is not None), key=lambda p: evals[p["name"]]["student_distilled"]["kl_to_teacher"])
+    ranked = sorted(
+        (p for p in points if (evals[p["name"]].get("student_distilled") or {}).get("kl_to_teacher") is not None),
+        key=lambda p: evals[p["name"]]["student_distilled"]["kl_to_teacher"],
+    )
     best = ranked[0]["name"] if ranked else None
 
     headers = ["point", *keys, *(h for h, _, _ in QUALITY), "distill s", "status"]
@@ -162,9 +187,15 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     for p in points:
         m = evals[p["name"]].get("student_distilled") or {}
         seconds = p.get("distill_seconds")
-        rows.append([_point_cell(p, sweep_dir, p["name"] == best), *(_value(p["overrides"][k]) for k in keys),
-                     *(with_interval(m, key, fmt) for _, key, fmt in QUALITY),
-                     "–" if seconds is None else f"{seconds:.0f}", p.get("status", "")])
+        rows.append(
+            [
+                _point_cell(p, sweep_dir, p["name"] == best),
+                *(_value(p["overrides"][k]) for k in keys),
+                *(with_interval(m, key, fmt) for _, key, fmt in QUALITY),
+                "–" if seconds is None else f"{seconds:.0f}",
+                p.get("status", ""),
+            ]
+        )
     fixed = record.get("fixed") or {}
     parts = [
         f"# alambic sweep: {sweep_dir.name}",
@@ -187,14 +218,21 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         parts += ["", "## For reference", "", table(["model", *(h for h, _, _ in QUALITY)], refs)]
     if plot_sweep(grid, points, evals, sweep_dir / "plots" / "sweep.png", best=best) is not None:
         parts += ["", "![KL to teacher across the sweep](plots/sweep.png)"]
-    parts += not_done_section("Points not done", [(p["name"], p.get("status"), p.get("error")) for p in points
-                                                  if p.get("status") not in ("done", None)])
+    parts += not_done_section(
+        "Points not done",
+        [(p["name"], p.get("status"), p.get("error")) for p in points if p.get("status") not in ("done", None)],
+    )
     path = sweep_dir / "sweep.md"
     markdown = "\n".join(parts) + "\n"
     atomic_write_text(path, markdown)
-    write_html_report(sweep_dir, markdown, title=f"alambic sweep: {sweep_dir.name}", filename="sweep.html",
-                      footer="Written by alambic from the sweep folder's records (sweep.json and each point's "
-                      "eval.json); the same content as sweep.md.")
+    write_html_report(
+        sweep_dir,
+        markdown,
+        title=f"alambic sweep: {sweep_dir.name}",
+        filename="sweep.html",
+        footer="Written by alambic from the sweep folder's records (sweep.json and each point's "
+        "eval.json); the same content as sweep.md.",
+    )
 
     # the terminal gets the gist (the point's name holds its values); sweep.md has every column and interval
     summary = Table(title=f"sweep {sweep_dir.name}: distilled student, held out")
@@ -202,10 +240,15 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         summary.add_column(h, justify="left" if h == "point" else "right")
     for p in points:
         m = evals[p["name"]].get("student_distilled") or {}
-        summary.add_row(p["name"] + (" (best)" if p["name"] == best else ""), with_interval(m, "kl_to_teacher", kl),
-                        *(fmt(m[key]) if m.get(key) is not None else "–"
-                          for key, fmt in (("perplexity", perplexity), ("top1_agreement", percent))),
-                        p.get("status", ""))
+        summary.add_row(
+            p["name"] + (" (best)" if p["name"] == best else ""),
+            with_interval(m, "kl_to_teacher", kl),
+            *(
+                fmt(m[key]) if m.get(key) is not None else "–"
+                for key, fmt in (("perplexity", perplexity), ("top1_agreement", percent))
+            ),
+            p.get("status", ""),
+        )
     console.print(summary)
     console.print(f"sweep report: {path} and sweep.html", markup=False)
     return path

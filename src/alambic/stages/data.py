@@ -23,8 +23,10 @@ def prepare_data(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     tokenizer, teacher_tokenizer = data_tokenizers(config, ctx.run_dir)
     prepared = prepare_datasets(config.data, tokenizer, teacher_tokenizer)
     save_prepared(prepared, ctx.run_dir / DATA_DIR)
-    console.print(f"data: {len(prepared.train)} training sequences, {len(prepared.validation)} held-out sequences "
-                  f"({len(prepared.split['validation_document_ids'])} held-out documents)")
+    console.print(
+        f"data: {len(prepared.train)} training sequences, {len(prepared.validation)} held-out sequences "
+        f"({len(prepared.split['validation_document_ids'])} held-out documents)"
+    )
     return {k: v for k, v in prepared.split.items() if not isinstance(v, list)}
 
 
@@ -36,8 +38,13 @@ def _cache_fingerprint(config: RunConfig, tokenizer, dataset) -> dict[str, Any]:
     from alambic.data.cache import cache_fingerprint
 
     t = config.teacher
-    return cache_fingerprint(tokenizer, dataset, k=config.data.teacher_cache.k, temperature=config.loss.temperature,
-                             teacher_id=f"{t.model}@{t.revision}:{t.gguf_file}")
+    return cache_fingerprint(
+        tokenizer,
+        dataset,
+        k=config.data.teacher_cache.k,
+        temperature=config.loss.temperature,
+        teacher_id=f"{t.model}@{t.revision}:{t.gguf_file}",
+    )
 
 
 def build_cache(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -56,9 +63,16 @@ def build_cache(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     for split in SPLITS:
         dataset = getattr(data, split)
         manifest = write_teacher_cache(
-            teacher, dataset, cache_folder(config, ctx.run_dir) / split, k=c.k, temperature=config.loss.temperature,
-            dtype=c.dtype, batch_size=c.batch_size, sequences_per_shard=c.sequences_per_shard,
-            fingerprint=_cache_fingerprint(config, tokenizer, dataset), vocab_size=vocab,
+            teacher,
+            dataset,
+            cache_folder(config, ctx.run_dir) / split,
+            k=c.k,
+            temperature=config.loss.temperature,
+            dtype=c.dtype,
+            batch_size=c.batch_size,
+            sequences_per_shard=c.sequences_per_shard,
+            fingerprint=_cache_fingerprint(config, tokenizer, dataset),
+            vocab_size=vocab,
             pad_token_id=tokenizer.pad_token_id,
         )
         summary[split] = {k: manifest[k] for k in ("totals", "quality", "bytes_per_token") if k in manifest}
@@ -84,11 +98,16 @@ def generate(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     # Finished batches are kept even when this stage's inputs changed: each record carries the teacher and the
     # sampling settings it was made with, and those that no longer match are discarded. The responses are
     # trained on in the data's tokens: the student's own, when it has another tokenizer (response distillation).
-    return write_response_set(teacher, tokenizer, prompts, ctx.run_dir / GENERATIONS_DIR,
-                              settings=config.data.teacher_responses, teacher_id=teacher_id(config),
-                              max_seq_len=config.data.max_seq_len,
-                              train_tokenizer=load_tokenizer(student_source(config, ctx.run_dir))
-                              if split.get("teacher_tokenizer") else None)
+    return write_response_set(
+        teacher,
+        tokenizer,
+        prompts,
+        ctx.run_dir / GENERATIONS_DIR,
+        settings=config.data.teacher_responses,
+        teacher_id=teacher_id(config),
+        max_seq_len=config.data.max_seq_len,
+        train_tokenizer=load_tokenizer(student_source(config, ctx.run_dir)) if split.get("teacher_tokenizer") else None,
+    )
 
 
 def distill_train_set(config: RunConfig, run_dir: Path, corpus_train, *, selected: bool = True):
@@ -118,7 +137,9 @@ def select(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
     scores = sequence_entropies(teacher, train, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
     record = selection_record(scores, select_band(scores, cfg.keep_fraction, cfg.band), cfg)
     atomic_write_json(ctx.run_dir / SELECTION_DIR / SELECTION_FILE, record)
-    console.print(f"selection: kept {record['kept']} of {record['total']} training sequences ({cfg.band} teacher "
-                  f"entropy, {record['kept_range'][0]:.3f}-{record['kept_range'][1]:.3f} nats; median of all "
-                  f"{record['quantiles']['0.5']:.3f})")
+    console.print(
+        f"selection: kept {record['kept']} of {record['total']} training sequences ({cfg.band} teacher "
+        f"entropy, {record['kept_range'][0]:.3f}-{record['kept_range'][1]:.3f} nats; median of all "
+        f"{record['quantiles']['0.5']:.3f})"
+    )
     return {k: v for k, v in record.items() if k not in ("scores", "kept_indices", "histogram")}

@@ -14,16 +14,21 @@ def student_source(config: RunConfig, run_dir: Path) -> ModelConfig:
     """Where the (untrained) student is loaded from: the built one in the run folder, or the user's own."""
     if config.student.from_teacher is not None:
         return ModelConfig(model=str(run_dir / STUDENT_DIR), dtype=config.student.dtype, device=config.teacher.device)
-    return ModelConfig(model=config.student.model, gguf_file=config.student.gguf_file, dtype=config.student.dtype,
-                       device=config.teacher.device)
+    return ModelConfig(
+        model=config.student.model,
+        gguf_file=config.student.gguf_file,
+        dtype=config.student.dtype,
+        device=config.teacher.device,
+    )
 
 
 def teacher_source(config: RunConfig, run_dir: Path) -> ModelConfig:
     """Where the teacher every stage after 'teacher' uses is loaded from: the fine-tuned classifier of this run
     (teacher.fine_tune), else the configured teacher."""
     if config.teacher.fine_tune is not None:
-        return ModelConfig(model=str(run_dir / TEACHER_DIR / FINAL_DIR), dtype=config.teacher.dtype,
-                           device=config.teacher.device)
+        return ModelConfig(
+            model=str(run_dir / TEACHER_DIR / FINAL_DIR), dtype=config.teacher.dtype, device=config.teacher.device
+        )
     return config.teacher
 
 

@@ -45,15 +45,19 @@ def check_inputs(config: RunConfig, *, pending: Collection[str] = (), origin: st
     if config.student.model is not None and "student" not in pending:
         given = ModelConfig(model=config.student.model, gguf_file=config.student.gguf_file)
         models.append(("student", config.student.model, read_model_shape(given)))
-    models += [(f"additional_teachers[{i}]", cfg.model, read_model_shape(cfg))
-               for i, cfg in enumerate(config.additional_teachers)]
-    problems = [p for role, name, shape in models
-                for p in _sequence_problems(config.data.max_seq_len, role, name, shape)]
+    models += [
+        (f"additional_teachers[{i}]", cfg.model, read_model_shape(cfg))
+        for i, cfg in enumerate(config.additional_teachers)
+    ]
+    problems = [
+        p for role, name, shape in models for p in _sequence_problems(config.data.max_seq_len, role, name, shape)
+    ]
     if config.student.from_teacher is not None and teacher is not None:
         problems += _shape_problems(config.student.from_teacher, teacher)
     if problems:
-        raise ConfigError(f"{origin or 'the config'} asks for more than its models give:\n  - "
-                          + "\n  - ".join(problems))
+        raise ConfigError(
+            f"{origin or 'the config'} asks for more than its models give:\n  - " + "\n  - ".join(problems)
+        )
     if teacher is not None and teacher.vocab_size:
         _check_importance_memory(config, teacher.vocab_size)
 
@@ -64,13 +68,21 @@ def _sequence_problems(max_seq_len: int, role: str, name: str, shape: ModelShape
     if limit is not None:
         if max_seq_len <= limit:
             return []
-        return [(f"data.max_seq_len {max_seq_len} is longer than the {role} {name!r} reads: its config "
-                 f"({shape.source}) gives max_position_embeddings {limit}; set data.max_seq_len to at most {limit}")]
+        return [
+            (
+                f"data.max_seq_len {max_seq_len} is longer than the {role} {name!r} reads: its config "
+                f"({shape.source}) gives max_position_embeddings {limit}; set data.max_seq_len to at most {limit}"
+            )
+        ]
     if max_seq_len <= MAX_SEQ_LEN_WITHOUT_LIMIT:
         return []
     why = "gives no max_position_embeddings" if shape is not None else "cannot be read without a download"
-    return [(f"data.max_seq_len {max_seq_len}: the {role} {name!r}'s config {why}, and without it sequences are held "
-             f"to {MAX_SEQ_LEN_WITHOUT_LIMIT} tokens (MAX_SEQ_LEN_WITHOUT_LIMIT); lower data.max_seq_len")]
+    return [
+        (
+            f"data.max_seq_len {max_seq_len}: the {role} {name!r}'s config {why}, and without it sequences are held "
+            f"to {MAX_SEQ_LEN_WITHOUT_LIMIT} tokens (MAX_SEQ_LEN_WITHOUT_LIMIT); lower data.max_seq_len"
+        )
+    ]
 
 
 def _shape_problems(cut: FromTeacherConfig, teacher: ModelShape) -> list[str]:
@@ -79,16 +91,23 @@ def _shape_problems(cut: FromTeacherConfig, teacher: ModelShape) -> list[str]:
     n = teacher.num_hidden_layers
     if n is not None and isinstance(cut.layers, list) and max(cut.layers) >= n:
         missing = [i for i in cut.layers if i >= n]
-        problems.append(f"student.from_teacher.layers {cut.layers}: the teacher has num_hidden_layers {n} (indices 0 "
-                        f"to {n - 1}, {teacher.source}), so {missing} do not exist")
-    sizes = {"num_layers": n, "num_attention_heads": teacher.num_attention_heads,
-             "num_key_value_heads": teacher.num_key_value_heads, "intermediate_size": teacher.intermediate_size,
-             "hidden_size": teacher.hidden_size}
+        problems.append(
+            f"student.from_teacher.layers {cut.layers}: the teacher has num_hidden_layers {n} (indices 0 "
+            f"to {n - 1}, {teacher.source}), so {missing} do not exist"
+        )
+    sizes = {
+        "num_layers": n,
+        "num_attention_heads": teacher.num_attention_heads,
+        "num_key_value_heads": teacher.num_key_value_heads,
+        "intermediate_size": teacher.intermediate_size,
+        "hidden_size": teacher.hidden_size,
+    }
     for field, limit in sizes.items():
         value = getattr(cut, field)
         if value is not None and limit is not None and value > limit:
-            problems.append(f"student.from_teacher.{field}={value}: keep between 1 and the teacher's {limit} "
-                            f"({teacher.source})")
+            problems.append(
+                f"student.from_teacher.{field}={value}: keep between 1 and the teacher's {limit} ({teacher.source})"
+            )
     return problems
 
 
@@ -129,14 +148,19 @@ def _check_importance_memory(config: RunConfig, vocab_size: int) -> None:
     free = available_memory(device)
     if free is None or need <= free:
         return
-    message = (f"the student stage's importance pass needs at least {_size(need)} on {device} for one calibration "
-               f"batch's logits and log-probs ({IMPORTANCE_LOGITS_COPIES} x evaluation.batch_size {batch} x "
-               f"data.max_seq_len {config.data.max_seq_len} x vocabulary {vocab_size} x 4 bytes), and {_size(free)} "
-               "is available: lower evaluation.batch_size or data.max_seq_len")
+    message = (
+        f"the student stage's importance pass needs at least {_size(need)} on {device} for one calibration "
+        f"batch's logits and log-probs ({IMPORTANCE_LOGITS_COPIES} x evaluation.batch_size {batch} x "
+        f"data.max_seq_len {config.data.max_seq_len} x vocabulary {vocab_size} x 4 bytes), and {_size(free)} "
+        "is available: lower evaluation.batch_size or data.max_seq_len"
+    )
     if config.data.format == "text":
         raise ConfigError(message)
-    console.print(f"warning: {message} (chat sequences are padded only to their batch's longest, so it may fit)",
-                  style="yellow", markup=False)  # the message holds user values: printed as written
+    console.print(
+        f"warning: {message} (chat sequences are padded only to their batch's longest, so it may fit)",
+        style="yellow",
+        markup=False,
+    )  # the message holds user values: printed as written
 
 
 def _size(num_bytes: float) -> str:
@@ -146,4 +170,3 @@ def _size(num_bytes: float) -> str:
             return f"{num_bytes:.1f} {unit}"
         num_bytes /= 1000
     return f"{num_bytes:.1f} GB"
-

@@ -69,9 +69,11 @@ class RunModels:
         from alambic.models import load_model
 
         if not self.teacher_is_classifier:
-            raise ConfigError(f"task sequence_classification: teacher {self.config.teacher.model!r} is not a sequence "
-                              "classifier, and a fresh head would teach noise; set teacher.fine_tune to train one "
-                              "first")
+            raise ConfigError(
+                f"task sequence_classification: teacher {self.config.teacher.model!r} is not a sequence "
+                "classifier, and a fresh head would teach noise; set teacher.fine_tune to train one "
+                "first"
+            )
         return load_model(self.teacher_source, cache=True, labels=self.labels, classifier=True)
 
     def student(self) -> Any:
@@ -79,8 +81,11 @@ class RunModels:
         classifier)."""
         from alambic.models import load_model
 
-        return load_model(self.student_source, labels=self.labels,
-                          tokenizer=self.student_tokenizer if self.labels is not None else None)
+        return load_model(
+            self.student_source,
+            labels=self.labels,
+            tokenizer=self.student_tokenizer if self.labels is not None else None,
+        )
 
     def additional_teachers(self) -> list[WeightedTeacher]:
         """`additional_teachers`, each checked against the teacher's tokenizer (`stages.models`)."""

@@ -17,8 +17,9 @@ from alambic.stages.run_models import RunModels
 from alambic.utils import atomic_write_json
 
 
-def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool,
-           teacher_data: bool = False) -> dict[str, Any]:
+def _train(
+    config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path, with_teacher: bool, teacher_data: bool = False
+) -> dict[str, Any]:
     models = RunModels(config, ctx.run_dir)  # each model, tokenizer and fact about them resolved once, passed down
     if config.task == "sequence_classification":
         return _train_classifier(config, ctx, models, loss=loss, out=out, with_teacher=with_teacher)
@@ -43,35 +44,57 @@ def _train(config: RunConfig, ctx: StageContext, *, loss: LossConfig, out: Path,
     elif with_teacher:
         # A teacher with another tokenizer reads its own tokens of the same texts (data.cross): the batches carry them.
         cross = bool(data.split.get("teacher_tokenizer"))
-        signal = choose(loss, teacher=models.teacher(), cross_tokenizer=cross, additional=models.additional_teachers(),
-                        teacher_pad_token_id=models.teacher_tokenizer.pad_token_id if cross else None,
-                        teacher_weight=config.teacher_weight)
-    summary = train(student, tokenizer, data, teacher=None, loss=loss, training=config.training,
-                    output_dir=out, resume=ctx.resume, kept_layers=kept_layers, source=signal)
+        signal = choose(
+            loss,
+            teacher=models.teacher(),
+            cross_tokenizer=cross,
+            additional=models.additional_teachers(),
+            teacher_pad_token_id=models.teacher_tokenizer.pad_token_id if cross else None,
+            teacher_weight=config.teacher_weight,
+        )
+    summary = train(
+        student,
+        tokenizer,
+        data,
+        teacher=None,
+        loss=loss,
+        training=config.training,
+        output_dir=out,
+        resume=ctx.resume,
+        kept_layers=kept_layers,
+        source=signal,
+    )
     if distributed.is_main():  # every rank trains (DDP); rank 0 alone writes the run folder
         atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
-def _train_classifier(config: RunConfig, ctx: StageContext, models: RunModels, *, loss: LossConfig, out: Path,
-                      with_teacher: bool) -> dict[str, Any]:
+def _train_classifier(
+    config: RunConfig, ctx: StageContext, models: RunModels, *, loss: LossConfig, out: Path, with_teacher: bool
+) -> dict[str, Any]:
     from alambic.data import load_prepared
     from alambic.training.classifier import train_classifier
 
     # A given student that is a backbone gets a fresh head; the pruned one is already a classifier.
     student = models.student()
     teacher = models.classifier_teacher() if with_teacher else None
-    summary = train_classifier(student, models.student_tokenizer, load_prepared(ctx.run_dir / DATA_DIR),
-                               teacher=teacher, loss=loss, training=config.training, output_dir=out,
-                               resume=ctx.resume)
+    summary = train_classifier(
+        student,
+        models.student_tokenizer,
+        load_prepared(ctx.run_dir / DATA_DIR),
+        teacher=teacher,
+        loss=loss,
+        training=config.training,
+        output_dir=out,
+        resume=ctx.resume,
+    )
     if distributed.is_main():  # every rank trains (DDP); rank 0 alone writes the run folder
         atomic_write_json(out / TRAIN_SUMMARY_FILE, summary)
     return {k: v for k, v in summary.items() if k != "log_history"}
 
 
 def distill(config: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    return _train(config, ctx, loss=config.loss, out=ctx.run_dir, with_teacher=config.loss.alpha > 0,
-                  teacher_data=True)
+    return _train(config, ctx, loss=config.loss, out=ctx.run_dir, with_teacher=config.loss.alpha > 0, teacher_data=True)
 
 
 def control(config: RunConfig, ctx: StageContext) -> dict[str, Any]:

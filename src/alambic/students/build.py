@@ -60,7 +60,11 @@ def build_from_teacher(
     importance: Importance | None = None
     if calibration is not None:
         importance = measure_importance(
-            teacher, calibration, layers=True, skip_loss=needs_skip_loss(cfg), width=_width_prunable(teacher),
+            teacher,
+            calibration,
+            layers=True,
+            skip_loss=needs_skip_loss(cfg),
+            width=_width_prunable(teacher),
             head_gradient=cfg.prunes_width and cfg.head_importance == "gradient",
         )
     elif cfg.needs_importance:
@@ -76,8 +80,9 @@ def build_from_teacher(
     width_scores = {}
     if cfg.prunes_width and importance is not None:
         heads = importance.head_gradient if cfg.head_importance == "gradient" else importance.head_activation
-        width_scores = dict(head_scores=heads, neuron_scores=importance.neuron_activation,
-                            channel_scores=importance.channel_activation)
+        width_scores = dict(
+            head_scores=heads, neuron_scores=importance.neuron_activation, channel_scores=importance.channel_activation
+        )
     plan = plan_for_shape(teacher, shape, layer_scores=layer_scores, gqa=cfg.gqa, **width_scores)
     student = apply_plan(teacher, plan)
 
@@ -86,10 +91,14 @@ def build_from_teacher(
         "teacher_layers": teacher.config.num_hidden_layers,
         "kept_layers": plan.layers,
         "removed_layers": [i for i in range(teacher.config.num_hidden_layers) if i not in plan.layers],
-        "layer_ranking": "explicit" if explicit_layers is not None else (
-            cfg.layer_importance if cfg.resolved_layers() == "importance" else "all kept"),
-        "target": {"shape": shape.to_dict(), "target_parameters": cfg.target_parameters,
-                   "target_axis": cfg.target_axis if cfg.target_parameters else None},
+        "layer_ranking": "explicit"
+        if explicit_layers is not None
+        else (cfg.layer_importance if cfg.resolved_layers() == "importance" else "all kept"),
+        "target": {
+            "shape": shape.to_dict(),
+            "target_parameters": cfg.target_parameters,
+            "target_axis": cfg.target_axis if cfg.target_parameters else None,
+        },
         "teacher_shape": shape_of(teacher),
         "student_shape": shape_of(student),
         "plan": plan.to_dict(),
@@ -105,10 +114,14 @@ def build_from_teacher(
 
 def shape_of(model: PreTrainedModel) -> dict[str, int]:
     c = model.config
-    return {"num_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
-            "intermediate_size": getattr(c, "intermediate_size", None), "hidden_size": c.hidden_size,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
+    return {
+        "num_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+        "intermediate_size": getattr(c, "intermediate_size", None),
+        "hidden_size": c.hidden_size,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    }
 
 
 def tensor_bytes(model: PreTrainedModel) -> int:

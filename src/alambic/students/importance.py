@@ -51,10 +51,12 @@ from alambic.modeling import counted_positions, final_hidden_states, project
 from alambic.utils import console
 
 # Why width statistics are refused, and what still works: the layer scores, which need no module of the block.
-_WIDTH_HINT = ("head, neuron and channel importance read decoders with separate attention and FFN output "
-               "projections ({attention} / {mlp}); layer importance works for this model "
-               "(measure_importance(..., width=False, head_gradient=False)), and student.from_teacher prunes it "
-               "by depth (layers, num_layers)")
+_WIDTH_HINT = (
+    "head, neuron and channel importance read decoders with separate attention and FFN output "
+    "projections ({attention} / {mlp}); layer importance works for this model "
+    "(measure_importance(..., width=False, head_gradient=False)), and student.from_teacher prunes it "
+    "by depth (layers, num_layers)"
+)
 
 
 class ImportanceError(PruningError):
@@ -120,8 +122,9 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def calibration_batches(dataset, *, num_sequences: int, batch_size: int,
-                        pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    dataset, *, num_sequences: int, batch_size: int, pad_token_id: int
+) -> list[dict[str, torch.Tensor]]:
     """The first `num_sequences` rows of `dataset` (all of them if it has fewer), right-padded into batches.
 
     Deterministic: rows are taken in order, so two runs measure on the same tokens.
@@ -145,13 +148,21 @@ def calibration_batches(dataset, *, num_sequences: int, batch_size: int,
         raise ImportanceError(f"calibration rows need `input_ids` and `labels` columns, got {columns}")
     collate = DistillationCollator(pad_token_id)
     n = min(num_sequences, len(dataset))
-    return [collate([dataset[i] for i in range(start, min(start + batch_size, n))])
-            for start in range(0, n, batch_size)]
+    return [
+        collate([dataset[i] for i in range(start, min(start + batch_size, n))]) for start in range(0, n, batch_size)
+    ]
 
 
-def measure_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, layers: bool = True,
-                       skip_loss: bool = True, width: bool = True, head_gradient: bool = False,
-                       progress: bool = True) -> Importance:
+def measure_importance(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    layers: bool = True,
+    skip_loss: bool = True,
+    width: bool = True,
+    head_gradient: bool = False,
+    progress: bool = True,
+) -> Importance:
     """Measure the importance of `model`'s layers, heads, MLP neurons and hidden channels.
 
     Passes over `batches`: one no-grad pass for base_loss, block influence and the width activations;
@@ -199,11 +210,11 @@ def measure_importance(model: nn.Module, batches: list[dict[str, torch.Tensor]],
             def advance() -> None:
                 bar.advance(task)
 
-            base_sum, sums = _activation_pass(model, data, layer_list, heads, mlp_norms, layers=layers,
-                                              advance=advance)
+            base_sum, sums = _activation_pass(model, data, layer_list, heads, mlp_norms, layers=layers, advance=advance)
             base_loss = base_sum / num_tokens
-            sums_skipped = _skip_loss_sums(model, data, layer_list, skip_layers, advance,
-                                           lambda text: bar.update(task, description=text))
+            sums_skipped = _skip_loss_sums(
+                model, data, layer_list, skip_layers, advance, lambda text: bar.update(task, description=text)
+            )
             increases = [total / num_tokens - base_loss for total in sums_skipped]
             grads = None
             if head_gradient:
@@ -250,8 +261,9 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tens
     return _head_loss_sum(model, hidden, batch, mask)
 
 
-def _head_loss_sum(model: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
-                   mask: torch.Tensor) -> torch.Tensor:
+def _head_loss_sum(
+    model: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
     """Σ next-token CE over the counted positions, from the final (normed) hidden states (B, T, D)."""
     # (B, T, D) -> (N, D): the output head only sees positions predicting a counted target
     logits = project(model, hidden[mask])  # (N, V)
@@ -275,9 +287,16 @@ def _output(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _activation_pass(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleList, heads: _Heads | None,
-                     mlp_norms: _MlpNorms | None, *, layers: bool,
-                     advance: Callable[[], None]) -> tuple[float, dict[str, torch.Tensor]]:
+def _activation_pass(
+    model: nn.Module,
+    data: list[_Batch],
+    layer_list: nn.ModuleList,
+    heads: _Heads | None,
+    mlp_norms: _MlpNorms | None,
+    *,
+    layers: bool,
+    advance: Callable[[], None],
+) -> tuple[float, dict[str, torch.Tensor]]:
     """One pass: Σ CE over counted targets, and float32 sums over counted positions of each statistic."""
     device = data[0][1].device
     num_layers = len(layer_list)
@@ -291,17 +310,20 @@ def _activation_pass(model: nn.Module, data: list[_Batch], layer_list: nn.Module
         def hook(_module, args, kwargs, output) -> None:
             x_in, x_out = counted(_input(args, kwargs, "hidden_states")), counted(_output(output))  # (N, D)
             sums["block"][i] += (1 - F.cosine_similarity(x_in, x_out, dim=-1)).sum()
+
         return hook
 
     def on_heads(i: int) -> Callable:
         def hook(_module, args, kwargs) -> None:
             a = counted(_input(args, kwargs, "input"))  # (N, H * head_dim)
             sums["head"][i] += a.unflatten(-1, (heads.num_heads, heads.head_dim)).norm(dim=-1).sum(0)  # (H,)
+
         return hook
 
     def on_neurons(i: int) -> Callable:
         def hook(_module, args, kwargs) -> None:
             sums["neuron"][i] += counted(_input(args, kwargs, "input")).abs().sum(0)  # (I,)
+
         return hook
 
     def on_norm(_module, _args, _kwargs, output) -> None:
@@ -335,8 +357,14 @@ def _skip(_module, args, kwargs, output) -> Any:
     return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
 
 
-def _skip_loss_sums(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleList, skip_layers: list[int],
-                    advance: Callable[[], None], describe: Callable[[str], None]) -> list[float]:
+def _skip_loss_sums(
+    model: nn.Module,
+    data: list[_Batch],
+    layer_list: nn.ModuleList,
+    skip_layers: list[int],
+    advance: Callable[[], None],
+    describe: Callable[[str], None],
+) -> list[float]:
     """For each layer in `skip_layers`: Σ CE over counted targets with that layer replaced by the identity.
 
     By replay (`_replayed_skip_losses`) where it applies, else one full forward per skipped layer.
@@ -354,8 +382,14 @@ def _skip_loss_sums(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleL
 
 
 @torch.no_grad()
-def _replayed_skip_losses(model: nn.Module, data: list[_Batch], layer_list: nn.ModuleList, skip_layers: list[int],
-                          advance: Callable[[], None], describe: Callable[[str], None]) -> list[float] | None:
+def _replayed_skip_losses(
+    model: nn.Module,
+    data: list[_Batch],
+    layer_list: nn.ModuleList,
+    skip_layers: list[int],
+    advance: Callable[[], None],
+    describe: Callable[[str], None],
+) -> list[float] | None:
     """Skip losses from one recorded forward per batch, or None where replay does not apply.
 
     With layer i the identity, layer i + 1 receives layer i's input, and every layer's other arguments (position
@@ -401,17 +435,23 @@ def _replay_fits(model: nn.Module, data: list[_Batch], num_layers: int) -> bool:
         return False
     vocab, width = weight.shape
     itemsize = max(weight.element_size(), 4)  # the residual stream stays float32 under autocast
-    return all(num_layers * batch["input_ids"].numel() * width * itemsize <= int(mask.sum()) * vocab * 4
-               for batch, mask in data)
+    return all(
+        num_layers * batch["input_ids"].numel() * width * itemsize <= int(mask.sum()) * vocab * 4
+        for batch, mask in data
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
-        a is b or (a.shape == b.shape and torch.equal(a, b)))
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and (a is b or (a.shape == b.shape and torch.equal(a, b)))
+    )
 
 
-def _record_layer_calls(model: nn.Module, batch: dict[str, torch.Tensor], layer_list: nn.ModuleList,
-                        norm: nn.Module) -> list[tuple[tuple, dict]] | None:
+def _record_layer_calls(
+    model: nn.Module, batch: dict[str, torch.Tensor], layer_list: nn.ModuleList, norm: nn.Module
+) -> list[tuple[tuple, dict]] | None:
     """Each decoder layer's (args, kwargs) in one forward of `batch`, or None when the forward is not a plain chain
     layer 0 -> ... -> layer L-1 -> final norm -> output (see `_replayed_skip_losses`)."""
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layer_list]
@@ -421,11 +461,13 @@ def _record_layer_calls(model: nn.Module, batch: dict[str, torch.Tensor], layer_
     def record(i: int) -> Callable:
         def hook(_module, args, kwargs) -> None:
             calls[i].append((args, kwargs))
+
         return hook
 
     def keep(i: int) -> Callable:
         def hook(_module, _args, _kwargs, output) -> None:
             outputs[i].append(_output(output))
+
         return hook
 
     def on_norm(_module, args, kwargs, output) -> None:
@@ -447,8 +489,7 @@ def _record_layer_calls(model: nn.Module, batch: dict[str, torch.Tensor], layer_
 
 
 @torch.no_grad()
-def _skipped_loss_sum(model: nn.Module, data: list[_Batch], layer: nn.Module,
-                      advance: Callable[[], None]) -> float:
+def _skipped_loss_sum(model: nn.Module, data: list[_Batch], layer: nn.Module, advance: Callable[[], None]) -> float:
     """Σ CE over counted targets with `layer` replaced by the identity: one full forward per batch."""
     total = 0.0
     with ExitStack() as hooks:
@@ -459,8 +500,9 @@ def _skipped_loss_sum(model: nn.Module, data: list[_Batch], layer: nn.Module,
     return total
 
 
-def _head_gradient_pass(model: nn.Module, data: list[_Batch], heads: _Heads,
-                        advance: Callable[[], None]) -> torch.Tensor:
+def _head_gradient_pass(
+    model: nn.Module, data: list[_Batch], heads: _Heads, advance: Callable[[], None]
+) -> torch.Tensor:
     """(L, H) Σ_batches |∂L_batch/∂m| at m = 1, m scaling each head's output before o_proj."""
     device = data[0][1].device
     gates = torch.ones(len(heads.o_proj), heads.num_heads, device=device, requires_grad=True)  # (L, H)
@@ -471,6 +513,7 @@ def _head_gradient_pass(model: nn.Module, data: list[_Batch], heads: _Heads,
             a = _input(args, kwargs, "input")  # (B, T, H * head_dim)
             gated = (a.unflatten(-1, (heads.num_heads, heads.head_dim)) * gates[i, :, None].to(a.dtype)).flatten(-2)
             return ((gated, *args[1:]), kwargs) if args else (args, {**kwargs, "input": gated})
+
         return hook
 
     params = list(model.parameters())
@@ -495,6 +538,7 @@ def _head_gradient_pass(model: nn.Module, data: list[_Batch], heads: _Heads,
 
 
 # --------------------------------------------------------------------------------- finding the modules
+
 
 @dataclass
 class _Heads:
@@ -543,12 +587,20 @@ def _role(model: nn.Module, paths: tuple[str, ...], role: str) -> tuple[str, lis
         prefix, layers = decoder_layers(model)
         raise ImportanceError(
             f"{family(model)} has no {role} ({' or '.join(paths)}, an nn.Linear) in every layer of {prefix} "
-            f"({type(layers[0]).__name__}): " + _WIDTH_HINT.format(attention=ATTENTION_OUTPUT[0], mlp=MLP_OUTPUT[0]))
+            f"({type(layers[0]).__name__}): " + _WIDTH_HINT.format(attention=ATTENTION_OUTPUT[0], mlp=MLP_OUTPUT[0])
+        )
     return found
 
 
 def _progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )

@@ -44,8 +44,9 @@ def layer_indices(spec: Literal["every_other", "first_half", "last_half"] | list
         return list(range(num_layers // 2, num_layers))
     bad = [i for i in spec if not 0 <= i < num_layers]
     if bad:
-        raise PruningError(f"student.from_teacher.layers: indices {bad} out of range for a teacher of "
-                           f"{num_layers} layers")
+        raise PruningError(
+            f"student.from_teacher.layers: indices {bad} out of range for a teacher of {num_layers} layers"
+        )
     return sorted(spec)
 
 
@@ -101,23 +102,32 @@ def _targets(shape: Shape, d: ModelDims, gqa: GQA) -> _Targets:
         heads = kv * d.n_rep
     if heads is not None:
         if heads < 1 or kv < 1:
-            problems.append(f"num_attention_heads={heads}, num_key_value_heads={kv}: keep at least 1 of each "
-                            f"(gqa={gqa!r} keeps whole groups of {d.n_rep} query heads)")
+            problems.append(
+                f"num_attention_heads={heads}, num_key_value_heads={kv}: keep at least 1 of each "
+                f"(gqa={gqa!r} keeps whole groups of {d.n_rep} query heads)"
+            )
         else:
             if kv > d.num_kv_heads:
-                problems.append(f"num_key_value_heads={kv} > the teacher's {d.num_kv_heads}: "
-                                "only existing groups can be kept")
+                problems.append(
+                    f"num_key_value_heads={kv} > the teacher's {d.num_kv_heads}: only existing groups can be kept"
+                )
             if heads % kv:
                 problems.append(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
             elif heads // kv > d.n_rep:
-                problems.append(f"num_attention_heads={heads} over {kv} KV groups is {heads // kv} per group, more "
-                                f"than the teacher's {d.n_rep} (H={d.num_heads}, KV={d.num_kv_heads})")
+                problems.append(
+                    f"num_attention_heads={heads} over {kv} KV groups is {heads // kv} per group, more "
+                    f"than the teacher's {d.n_rep} (H={d.num_heads}, KV={d.num_kv_heads})"
+                )
             if gqa == "groups" and heads != kv * d.n_rep:
-                problems.append(f"gqa='groups' keeps whole groups of {d.n_rep} query heads: "
-                                f"num_attention_heads={heads} must be num_key_value_heads={kv} x {d.n_rep}; "
-                                "use gqa='per_group' to thin groups")
-    for field, value, teacher in (("intermediate_size", shape.intermediate_size, d.intermediate_size),
-                                  ("hidden_size", shape.hidden_size, d.hidden_size)):
+                problems.append(
+                    f"gqa='groups' keeps whole groups of {d.n_rep} query heads: "
+                    f"num_attention_heads={heads} must be num_key_value_heads={kv} x {d.n_rep}; "
+                    "use gqa='per_group' to thin groups"
+                )
+    for field, value, teacher in (
+        ("intermediate_size", shape.intermediate_size, d.intermediate_size),
+        ("hidden_size", shape.hidden_size, d.hidden_size),
+    ):
         if value is not None and not 1 <= value <= (teacher or 0):
             problems.append(f"{field}={value}: keep between 1 and the teacher's {teacher}")
     if problems:
@@ -125,10 +135,15 @@ def _targets(shape: Shape, d: ModelDims, gqa: GQA) -> _Targets:
     return _Targets(layers, heads, kv, shape.intermediate_size, shape.hidden_size)
 
 
-def _config_sizes(heads: int | None, kv_heads: int | None, intermediate: int | None, hidden: int | None
-                  ) -> dict[str, int | None]:
-    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
-            "hidden_size": hidden}
+def _config_sizes(
+    heads: int | None, kv_heads: int | None, intermediate: int | None, hidden: int | None
+) -> dict[str, int | None]:
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate,
+        "hidden_size": hidden,
+    }
 
 
 def _scores(values: Any, shape: tuple[int, ...], name: str, meaning: str) -> torch.Tensor:
@@ -177,8 +192,10 @@ def plan_for_shape(
             of blocks the width rules do not understand.
     """
     d = model_dims(model)
-    width = any(v is not None for v in (shape.num_attention_heads, shape.num_key_value_heads,
-                                        shape.intermediate_size, shape.hidden_size))
+    width = any(
+        v is not None
+        for v in (shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size, shape.hidden_size)
+    )
     if width:
         check_width_prunable(model)
     t = _targets(shape, d, gqa)
@@ -241,8 +258,9 @@ def search_shape(
     if axis == "depth":
         table = parameter_table(model, width=False)
         base = evaluate_terms(count_terms(table, []), {})[0]
-        per_layer = sorted((evaluate_terms(count_terms(table, [i]), {})[0] - base for i in range(d.num_layers)),
-                           reverse=True)
+        per_layer = sorted(
+            (evaluate_terms(count_terms(table, [i]), {})[0] - base for i in range(d.num_layers)), reverse=True
+        )
         counts = [base + sum(per_layer[:k]) for k in range(1, d.num_layers + 1)]  # counts[k - 1]: k layers
         _check_budget(target_parameters, counts[0], counts[-1], "depth")
         return Shape(num_layers=max(k for k in range(1, d.num_layers + 1) if counts[k - 1] <= target_parameters))
@@ -255,32 +273,46 @@ def search_shape(
         raise PruningError(f"search_shape multiple={multiple}: expected a positive grid step")
     hidden = _grid(d.hidden_size, m)
     inter = _grid(d.intermediate_size, m)
-    attention = sorted({(d.num_kv_heads * r, d.num_kv_heads) for r in range(1, d.n_rep + 1) if gqa == "per_group"}
-                       | {(g * d.n_rep, g) for g in range(1, d.num_kv_heads + 1)}, reverse=True)
+    attention = sorted(
+        {(d.num_kv_heads * r, d.num_kv_heads) for r in range(1, d.n_rep + 1) if gqa == "per_group"}
+        | {(g * d.n_rep, g) for g in range(1, d.num_kv_heads + 1)},
+        reverse=True,
+    )
     # Candidate axes broadcast to (hidden, intermediate, attention); grids descend so the teacher comes first.
     c = torch.tensor(hidden).view(-1, 1, 1)
     n = torch.tensor(inter).view(1, -1, 1)
     q = torch.tensor([a[0] for a in attention]).view(1, 1, -1)
     kv = torch.tensor([a[1] for a in attention]).view(1, 1, -1)
     grid = (len(hidden), len(inter), len(attention))
-    total = torch.broadcast_to(torch.as_tensor(evaluate_terms(
-        count_terms(parameter_table(model, width=True)),
-        {"channel": c, "neuron": n, "query_head": q * d.head_dim, "kv_head": kv * d.head_dim})[0]), grid)
+    total = torch.broadcast_to(
+        torch.as_tensor(
+            evaluate_terms(
+                count_terms(parameter_table(model, width=True)),
+                {"channel": c, "neuron": n, "query_head": q * d.head_dim, "kv_head": kv * d.head_dim},
+            )[0]
+        ),
+        grid,
+    )
     # The config class may refuse some (hidden, heads) pairs (LlamaConfig: hidden % heads != 0): drop them.
     # The teacher's own pair, first in the grid, is always accepted, so `accepted` is never empty.
     accepted = torch.tensor([[_accepts(model, h, a) for a in attention] for h in hidden]).view(len(hidden), 1, -1)
     accepted = torch.broadcast_to(accepted, grid)
     _check_budget(target_parameters, int(total[accepted].min()), int(total[0, 0, 0]), "width")
 
-    ratio = torch.minimum(torch.minimum(c.double() / d.hidden_size, n.double() / d.intermediate_size),
-                          q.double() / d.num_heads)
+    ratio = torch.minimum(
+        torch.minimum(c.double() / d.hidden_size, n.double() / d.intermediate_size), q.double() / d.num_heads
+    )
     ratio = torch.broadcast_to(ratio, grid)
     fits = (total <= target_parameters) & accepted
     best = fits & (ratio == ratio[fits].max())
     best &= total == total[best].max()
     i, j, k = torch.nonzero(best)[0].tolist()  # first in grid order: larger hidden, then FFN, then heads
-    return Shape(num_attention_heads=attention[k][0], num_key_value_heads=attention[k][1],
-                 intermediate_size=inter[j], hidden_size=hidden[i])
+    return Shape(
+        num_attention_heads=attention[k][0],
+        num_key_value_heads=attention[k][1],
+        intermediate_size=inter[j],
+        hidden_size=hidden[i],
+    )
 
 
 def _accepts(model: PreTrainedModel, hidden: int, attention: tuple[int, int]) -> bool:
@@ -300,8 +332,10 @@ def _check_budget(target: int, smallest: int, teacher: int, axis: str) -> None:
     if target > teacher:
         raise PruningError(f"target_parameters={target:,} exceeds the teacher's {teacher:,}: nothing to prune")
     if target < smallest:
-        raise PruningError(f"target_parameters={target:,} is below the smallest {axis} pruning reaches "
-                           f"({smallest:,}); raise the budget" + (" or prune width" if axis == "depth" else ""))
+        raise PruningError(
+            f"target_parameters={target:,} is below the smallest {axis} pruning reaches "
+            f"({smallest:,}); raise the budget" + (" or prune width" if axis == "depth" else "")
+        )
 
 
 def save_student(

@@ -64,10 +64,14 @@ _FUSED_ROWS: dict[str, tuple[Unit, ...]] = {
     "mlp.gate_up_proj": ("neuron", "neuron"),
 }
 _PROJECTIONS = (*_PROJECTION_AXES, *_FUSED_ROWS)  # the only matrices a width-prunable decoder block may hold
-_WIDTH_FIELDS = ", ".join(f"student.from_teacher.{f}" for f in
-                          ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size"))
-_DEPTH_ONLY = (f"Leave {_WIDTH_FIELDS} unset (or target_axis: depth): depth pruning (student.from_teacher.layers or "
-               "num_layers) works for any decoder")
+_WIDTH_FIELDS = ", ".join(
+    f"student.from_teacher.{f}"
+    for f in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+)
+_DEPTH_ONLY = (
+    f"Leave {_WIDTH_FIELDS} unset (or target_axis: depth): depth pruning (student.from_teacher.layers or "
+    "num_layers) works for any decoder"
+)
 
 
 def _role(name: str) -> str:
@@ -102,6 +106,7 @@ class KeepPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """json-ready: plain ints, None where a field keeps everything."""
+
         def plain(x: Any) -> Any:
             return x if x is None else [plain(i) for i in x] if isinstance(x, (list, tuple)) else int(x)
 
@@ -137,8 +142,9 @@ class _Rules:
 def _rules(model: PreTrainedModel) -> _Rules:
     prefix, _ = decoder_layers(model)
     embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    names = frozenset(f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False)
-                      if any(m is e for e in embeddings))
+    names = frozenset(
+        f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False) if any(m is e for e in embeddings)
+    )
     return _Rules(prefix, model_dims(model), names, family(model))
 
 
@@ -170,9 +176,11 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
     elif in_layers and role in _FUSED_ROWS:
         rows = [full[u] for u in _FUSED_ROWS[role]]
         if sum(rows) != shape[0]:
-            raise PruningError(f"{rules.family}: tensor {name} has {shape[0]} rows, but the config implies "
-                               f"{' + '.join(map(str, rows))} ({' | '.join(_FUSED_ROWS[role])}); this fused "
-                               f"layout is not understood by the width rules. {_DEPTH_ONLY}")
+            raise PruningError(
+                f"{rules.family}: tensor {name} has {shape[0]} rows, but the config implies "
+                f"{' + '.join(map(str, rows))} ({' | '.join(_FUSED_ROWS[role])}); this fused "
+                f"layout is not understood by the width rules. {_DEPTH_ONLY}"
+            )
         return [((n, *shape[1:]), (u, "channel")[: len(shape)]) for u, n in zip(_FUSED_ROWS[role], rows)]
     elif in_layers and role in _PROJECTION_AXES:
         axes = _PROJECTION_AXES[role][: len(shape)]
@@ -180,9 +188,11 @@ def _tensor_parts(name: str, shape: tuple[int, ...], rules: _Rules) -> list[_Par
         axes = (_norm_unit(name, shape[0], rules),)
     for axis, (unit, size) in enumerate(zip(axes, shape)):
         if unit is not None and size != full[unit]:
-            raise PruningError(f"{rules.family}: tensor {name} has {size} entries along dimension {axis}, but the "
-                               f"config implies {full[unit]} {unit} entries; this block layout is not understood by "
-                               f"the width rules. {_DEPTH_ONLY}")
+            raise PruningError(
+                f"{rules.family}: tensor {name} has {size} entries along dimension {axis}, but the "
+                f"config implies {full[unit]} {unit} entries; this block layout is not understood by "
+                f"the width rules. {_DEPTH_ONLY}"
+            )
     return [(shape, axes)]
 
 
@@ -226,8 +236,11 @@ class _Kept:
 
     def config_sizes(self) -> dict[str, int | None]:
         """Config field -> kept count (None: unchanged)."""
-        per_layer = {"num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-                     "intermediate_size": self.neurons}
+        per_layer = {
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "intermediate_size": self.neurons,
+        }
         sizes = {field: None if rows is None else len(rows[0]) for field, rows in per_layer.items()}
         return {**sizes, "hidden_size": None if self.channels is None else len(self.channels)}
 
@@ -256,14 +269,17 @@ def resolve_plan(model: PreTrainedModel, plan: KeepPlan) -> _Kept:
         if value is None:
             continue
         if len(value) != n:
-            problems.append(f"KeepPlan.{field} has {len(value)} rows but {n} layers are kept: "
-                            "give one row per kept layer")
+            problems.append(
+                f"KeepPlan.{field} has {len(value)} rows but {n} layers are kept: give one row per kept layer"
+            )
             continue
         for layer, row in zip(plan.layers, value):
             _check_indices(f"KeepPlan.{field} (teacher layer {layer})", list(row), sizes[field] or 0, problems)
         if len({len(row) for row in value}) > 1:
-            problems.append(f"KeepPlan.{field} keeps {[len(r) for r in value]} units per layer: "
-                            "every layer must keep the same number (the config has one size)")
+            problems.append(
+                f"KeepPlan.{field} keeps {[len(r) for r in value]} units per layer: "
+                "every layer must keep the same number (the config has one size)"
+            )
     if plan.channels is not None:
         _check_indices("KeepPlan.channels", list(plan.channels), d.hidden_size, problems)
     if heads is not None and kv_heads is not None and not problems:
@@ -272,7 +288,8 @@ def resolve_plan(model: PreTrainedModel, plan: KeepPlan) -> _Kept:
             if set(per_group) != set(kv_row) or len(set(per_group.values())) != 1:
                 problems.append(
                     f"teacher layer {layer}: query heads {q_row} fall in groups {dict(per_group)} but KV heads "
-                    f"{kv_row} are kept; every kept KV group needs the same number (>= 1) of kept query heads")
+                    f"{kv_row} are kept; every kept KV group needs the same number (>= 1) of kept query heads"
+                )
     if problems:
         raise PruningError("invalid KeepPlan for " + type(model).__name__ + ":\n  - " + "\n  - ".join(problems))
     return _Kept(list(plan.layers), heads, kv_heads, plan.neurons, plan.channels)
@@ -306,15 +323,18 @@ def student_config(model: PreTrainedModel, layers: list[int], sizes: dict[str, i
                 f"{family(model)} ties its attention to hidden_size (num_attention_heads x head_dim = hidden_size; "
                 f"config.head_dim alone is not followed): student.from_teacher.hidden_size {config.hidden_size} / "
                 f"num_attention_heads {heads} = {derived} would change the teacher's head_dim {d.head_dim}. Cut both "
-                f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {heads * d.head_dim})")
+                f"together (hidden_size = num_attention_heads x {d.head_dim}, e.g. {heads * d.head_dim})"
+            )
     if hasattr(config, "validate"):
         from huggingface_hub.errors import StrictDataclassError
 
         try:
             config.validate()
         except (ValueError, TypeError, StrictDataclassError) as e:
-            raise PruningError(f"{type(config).__name__} refuses the student's sizes {sizes}: "
-                               f"{str(e).splitlines()[-1].strip()} Choose sizes this architecture accepts") from e
+            raise PruningError(
+                f"{type(config).__name__} refuses the student's sizes {sizes}: "
+                f"{str(e).splitlines()[-1].strip()} Choose sizes this architecture accepts"
+            ) from e
     return config
 
 
@@ -341,8 +361,10 @@ def _reads_config_head_dim(model: PreTrainedModel) -> bool:
         for name, p in model.named_parameters():
             if _split_layer(name, rules.prefix)[0] not in (0, None):
                 continue
-            parts = [tuple(n if u is None else sizes[u] for u, n in zip(axes, shape))
-                     for shape, axes in _tensor_parts(name, tuple(p.shape), rules)]
+            parts = [
+                tuple(n if u is None else sizes[u] for u, n in zip(axes, shape))
+                for shape, axes in _tensor_parts(name, tuple(p.shape), rules)
+            ]
             expected = (sum(part[0] for part in parts), *parts[0][1:]) if len(parts) > 1 else parts[0]
             follows &= built.get(name) == expected
         _READS_HEAD_DIM[cls] = follows
@@ -384,15 +406,18 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
                 value = _slice(value, parts[0][1], kept, j, rules.dims.head_dim)
             else:  # fused rows: each stacked part sliced by its own unit, then stacked again
                 pieces = value.split([shape[0] for shape, _ in parts])
-                value = torch.cat([_slice(piece, axes, kept, j, rules.dims.head_dim)
-                                   for piece, (_, axes) in zip(pieces, parts)])
+                value = torch.cat(
+                    [_slice(piece, axes, kept, j, rules.dims.head_dim) for piece, (_, axes) in zip(pieces, parts)]
+                )
         value = value.clone() if value is original else value
         if new_key not in expected:
             raise PruningError(f"tensor {key} of the teacher has no place in the student ({new_key})")
         if tuple(value.shape) != expected[new_key]:
-            raise PruningError(f"{rules.family}: tensor {key} would have shape {tuple(value.shape)} but the student "
-                               f"expects {expected[new_key]}: no width rule slices it, so this model cannot be cut "
-                               f"this way. {_DEPTH_ONLY}")
+            raise PruningError(
+                f"{rules.family}: tensor {key} would have shape {tuple(value.shape)} but the student "
+                f"expects {expected[new_key]}: no width rule slices it, so this model cannot be cut "
+                f"this way. {_DEPTH_ONLY}"
+            )
         state[new_key] = value
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -405,8 +430,9 @@ def apply_plan(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
     return student.eval()
 
 
-def _slice(value: torch.Tensor, axes: tuple[Unit | None, ...], kept: _Kept, j: int | None,
-           head_dim: int) -> torch.Tensor:
+def _slice(
+    value: torch.Tensor, axes: tuple[Unit | None, ...], kept: _Kept, j: int | None, head_dim: int
+) -> torch.Tensor:
     """`value` with only the kept entries along each dimension that indexes a unit."""
     for dim, unit in enumerate(axes):
         keep = None if unit is None else kept.indices(unit, j, head_dim)
@@ -436,8 +462,14 @@ def _materialize_buffers(student: PreTrainedModel, source: PreTrainedModel) -> N
     owners = []
     for name, buf in list(student.named_buffers()):
         if buf.device.type == "meta":  # NaN: "not computed yet"; integer buffers have no init to run
-            owners.append(place(name, torch.full(buf.shape, float("nan"), dtype=buf.dtype, device=device)
-                                if buf.is_floating_point() else _source_buffer(name, source_buffers)))
+            owners.append(
+                place(
+                    name,
+                    torch.full(buf.shape, float("nan"), dtype=buf.dtype, device=device)
+                    if buf.is_floating_point()
+                    else _source_buffer(name, source_buffers),
+                )
+            )
     if hasattr(student, "_init_weights"):
         for module in {id(m): m for m in owners}.values():
             student._init_weights(module)
@@ -473,8 +505,12 @@ class _Entry:
 def parameter_table(model: PreTrainedModel, *, width: bool) -> list[_Entry]:
     """One entry per parameter (tied weights once); `axes` from the width rules when `width`, else unsliced."""
     rules = _rules(model)
-    embedding_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-                     for p in m.parameters()}
+    embedding_ids = {
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     table = []
     for name, p in model.named_parameters():  # deduplicated: a tied LM head appears once
         shape = tuple(p.shape)

@@ -46,9 +46,27 @@ if TYPE_CHECKING:
     from alambic.config import LossConfig
     from alambic.teachers.ensemble import WeightedTeacher
 
-__all__ = ["RULES", "SOURCES", "BatchSettings", "Batches", "CachedTopK", "ClassifierTeacher", "CrossTokenizerTeacher",
-           "LiveTeachers", "NoLiveTeacher", "NoTeacher", "OfflineCache", "Requirements", "SoftLoss", "StudentStep",
-           "TeacherSource", "TokenBatches", "check_combination", "choose", "combination_table"]
+__all__ = [
+    "RULES",
+    "SOURCES",
+    "BatchSettings",
+    "Batches",
+    "CachedTopK",
+    "ClassifierTeacher",
+    "CrossTokenizerTeacher",
+    "LiveTeachers",
+    "NoLiveTeacher",
+    "NoTeacher",
+    "OfflineCache",
+    "Requirements",
+    "SoftLoss",
+    "StudentStep",
+    "TeacherSource",
+    "TokenBatches",
+    "check_combination",
+    "choose",
+    "combination_table",
+]
 
 # Every kind, for the combination table; a new kind declares its requirements in alambic.combinations.DECLARED,
 # adds its class here and its case in `choose`.
@@ -62,9 +80,16 @@ def combination_table() -> list[tuple[str, dict[str, bool]]]:
     return [(feature, {cls.name: table[feature][cls.name] for cls in SOURCES}) for feature in table]
 
 
-def choose(loss: LossConfig, *, teacher: PreTrainedModel | None = None, cached: bool | OfflineCache = False,
-           cross_tokenizer: bool = False, teacher_pad_token_id: int | None = None,
-           additional: Sequence[WeightedTeacher] = (), teacher_weight: float = 1.0) -> TeacherSource:
+def choose(
+    loss: LossConfig,
+    *,
+    teacher: PreTrainedModel | None = None,
+    cached: bool | OfflineCache = False,
+    cross_tokenizer: bool = False,
+    teacher_pad_token_id: int | None = None,
+    additional: Sequence[WeightedTeacher] = (),
+    teacher_weight: float = 1.0,
+) -> TeacherSource:
     """The teacher source of a language-model distillation, from what the run declares, checked against `RULES`.
 
     Args:
@@ -79,8 +104,10 @@ def choose(loss: LossConfig, *, teacher: PreTrainedModel | None = None, cached: 
         ValueError: alpha > 0 without a teacher or a cache; a feature the source does not serve (`RULES`).
     """
     if teacher is None and loss.alpha > 0 and not cached:
-        raise ValueError(f"loss.alpha = {loss.alpha} needs a teacher (or an offline teacher cache); only alpha = 0 "
-                         "(plain CE) runs without one")
+        raise ValueError(
+            f"loss.alpha = {loss.alpha} needs a teacher (or an offline teacher cache); only alpha = 0 "
+            "(plain CE) runs without one"
+        )
     if cached:
         source: TeacherSource = CachedTopK(None if cached is True else cached)
     elif loss.alpha == 0:

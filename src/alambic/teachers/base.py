@@ -44,8 +44,9 @@ class BatchSettings:
 
     @classmethod
     def of(cls, pad_token_id: int, loss: LossConfig, training: TrainingConfig) -> BatchSettings:
-        return cls(pad_token_id, prompt_lengths=loss.on_policy is not None,
-                   padding_free=training.packing == "padding_free")
+        return cls(
+            pad_token_id, prompt_lengths=loss.on_policy is not None, padding_free=training.packing == "padding_free"
+        )
 
 
 @dataclass
@@ -128,9 +129,15 @@ class TokenBatches:
     the prepared sets as they are, padded by `DistillationCollator`."""
 
     def batches(self, data: PreparedData, settings: BatchSettings) -> Batches:
-        return Batches(data.train, data.validation, DistillationCollator(
-            pad_token_id=settings.pad_token_id, prompt_lengths=settings.prompt_lengths,
-            padding_free=settings.padding_free))
+        return Batches(
+            data.train,
+            data.validation,
+            DistillationCollator(
+                pad_token_id=settings.pad_token_id,
+                prompt_lengths=settings.prompt_lengths,
+                padding_free=settings.padding_free,
+            ),
+        )
 
 
 class NoLiveTeacher:

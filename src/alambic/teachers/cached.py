@@ -103,12 +103,18 @@ def cached_teacher_loss(
 
     def chunk_loss(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         parts, dlogits = topk_loss_and_logit_grad(
-            logits.detach(), *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows], **options)
+            logits.detach(), *(None if t is None else t[rows] for t in (ids, logprobs, tail)), targets[rows], **options
+        )
         return parts.total, parts.soft, parts.hard, dlogits
 
     # run as the head's forward: FSDP / ZeRO-3 gather it where they shard it (`sharding.through_heads`)
-    return through_heads([core], lambda heads, rows: chunked_head_loss(
-        rows, heads[0], targets, chunk_loss, vocab_size=vocab, chunk_size=chunk_size), hidden)
+    return through_heads(
+        [core],
+        lambda heads, rows: chunked_head_loss(
+            rows, heads[0], targets, chunk_loss, vocab_size=vocab, chunk_size=chunk_size
+        ),
+        hidden,
+    )
 
 
 @dataclass(frozen=True)
@@ -149,13 +155,28 @@ class CachedTopK(NoLiveTeacher):
             FileNotFoundError, CacheMismatchError: a split's cache is incomplete, or was made for something else.
         """
         if self.cache is None:
-            raise ValueError("CachedTopK() was made without its cache, so it cannot bring the teacher's rows to the "
-                             "batches: pass teachers.choose(..., cached=OfflineCache(folder, fingerprint))")
-        train, validation = (with_cached_rows(getattr(data, split), Path(self.cache.folder) / split,
-                                              self.cache.fingerprint(getattr(data, split))) for split in SPLITS)
+            raise ValueError(
+                "CachedTopK() was made without its cache, so it cannot bring the teacher's rows to the "
+                "batches: pass teachers.choose(..., cached=OfflineCache(folder, fingerprint))"
+            )
+        train, validation = (
+            with_cached_rows(
+                getattr(data, split), Path(self.cache.folder) / split, self.cache.fingerprint(getattr(data, split))
+            )
+            for split in SPLITS
+        )
         return Batches(train, validation, CachedTeacherCollator(pad_token_id=settings.pad_token_id))
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         # The rows came with the batch, in counted-position order.
-        return SoftLoss(cached_teacher_loss(step.core, step.hidden, step.inputs, step.targets, loss,
-                                            step.num_items_in_batch, chunk_size=loss.chunk_size))
+        return SoftLoss(
+            cached_teacher_loss(
+                step.core,
+                step.hidden,
+                step.inputs,
+                step.targets,
+                loss,
+                step.num_items_in_batch,
+                chunk_size=loss.chunk_size,
+            )
+        )

@@ -51,5 +51,13 @@ class ClassifierTeacher:
             with torch.inference_mode():
                 teacher_logits = self.teacher(**batch).logits
             teacher_logits = teacher_logits.clone()  # inference tensors cannot be saved for backward
-        return SoftLoss(distillation_loss(step.logits, teacher_logits, step.targets, divergence=loss.divergence_spec,
-                                          alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch))
+        return SoftLoss(
+            distillation_loss(
+                step.logits,
+                teacher_logits,
+                step.targets,
+                divergence=loss.divergence_spec,
+                alpha=loss.alpha,
+                num_items_in_batch=step.num_items_in_batch,
+            )
+        )

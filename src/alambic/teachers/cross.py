@@ -57,11 +57,20 @@ class CrossTokenizerTeacher:
         """The prepared pairs (`data.cross`) as they are; the collator pads the teacher's tokens with its own pad id
         beside the student's (`CROSS_KEYS`)."""
         if self.pad_token_id is None:
-            raise ValueError("CrossTokenizerTeacher(teacher) was made without the teacher tokenizer's pad id, so it "
-                             "cannot pad the teacher's tokens: pass teachers.choose(..., teacher_pad_token_id=...)")
-        return Batches(data.train, data.validation, DistillationCollator(
-            pad_token_id=settings.pad_token_id, prompt_lengths=settings.prompt_lengths,
-            teacher_pad_token_id=self.pad_token_id, padding_free=settings.padding_free))
+            raise ValueError(
+                "CrossTokenizerTeacher(teacher) was made without the teacher tokenizer's pad id, so it "
+                "cannot pad the teacher's tokens: pass teachers.choose(..., teacher_pad_token_id=...)"
+            )
+        return Batches(
+            data.train,
+            data.validation,
+            DistillationCollator(
+                pad_token_id=settings.pad_token_id,
+                prompt_lengths=settings.prompt_lengths,
+                teacher_pad_token_id=self.pad_token_id,
+                padding_free=settings.padding_free,
+            ),
+        )
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         """Hard CE on every counted student token, and ULD at the counted positions lined up with a teacher
@@ -74,23 +83,36 @@ class CrossTokenizerTeacher:
         aligned = partner >= 0
         rows = mask.nonzero()[:, 0][aligned]  # (M,): their sequence in the batch
         with frozen_forward(self.teacher_core):  # inference mode (no_grad where FSDP2 shards it)
-            states = final_hidden_states(self.teacher, self.teacher_core, inputs["teacher_input_ids"],
-                                         inputs["teacher_attention_mask"])
+            states = final_hidden_states(
+                self.teacher, self.teacher_core, inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+            )
             t_hidden = states[rows, partner[aligned]]  # (M, H_t)
 
         def fused(heads: list[OutputHead], hidden: Tensor, t_hidden: Tensor) -> LossParts:
             head, t_head = heads
             hard = None
             if cfg.alpha < 1:
-                hard = chunked_distillation_loss(hidden, head, None, None, targets, alpha=0.0,
-                                                 num_items_in_batch=count, chunk_size=cfg.chunk_size)
+                hard = chunked_distillation_loss(
+                    hidden, head, None, None, targets, alpha=0.0, num_items_in_batch=count, chunk_size=cfg.chunk_size
+                )
             soft = chunked_distillation_loss(
-                hidden[aligned], head, t_hidden, t_head, targets[aligned],
-                divergence=DivergenceSpec("uld", cfg.temperature), alpha=1.0, num_items_in_batch=count,
-                chunk_size=cfg.chunk_size)
+                hidden[aligned],
+                head,
+                t_hidden,
+                t_head,
+                targets[aligned],
+                divergence=DivergenceSpec("uld", cfg.temperature),
+                alpha=1.0,
+                num_items_in_batch=count,
+                chunk_size=cfg.chunk_size,
+            )
             zero = (hard if hard is not None else soft).total.detach().new_zeros(())
-            return LossParts(total=mix_soft_and_hard(soft.total, None if hard is None else hard.total, cfg.alpha),
-                             soft=soft.soft, hard=zero if hard is None else hard.hard, num_tokens=mask.sum())
+            return LossParts(
+                total=mix_soft_and_hard(soft.total, None if hard is None else hard.total, cfg.alpha),
+                soft=soft.soft,
+                hard=zero if hard is None else hard.hard,
+                num_tokens=mask.sum(),
+            )
 
         # Run as the heads' forward, so FSDP / ZeRO-3 gather them where they shard them (`sharding.through_heads`).
         return SoftLoss(through_heads([step.core, self.teacher_core], fused, step.hidden, t_hidden.clone()))

@@ -89,8 +89,14 @@ class TeacherEnsemble:
         ValueError: two teachers with one name, or a weight that is not > 0.
     """
 
-    def __init__(self, additional: Sequence[WeightedTeacher], *, primary_weight: float = 1.0,
-                 device: torch.device | str, prepare: Callable[[nn.Module], nn.Module]):
+    def __init__(
+        self,
+        additional: Sequence[WeightedTeacher],
+        *,
+        primary_weight: float = 1.0,
+        device: torch.device | str,
+        prepare: Callable[[nn.Module], nn.Module],
+    ):
         names = [PRIMARY_NAME, *(t.name for t in additional)]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be distinct, got {names}")
@@ -111,9 +117,12 @@ class TeacherEnsemble:
         if not teacher.follow_student and device != self.device:
             # Once: a copy of the (frozen) head beside the student, so each chunk's logits are made there.
             live = OutputHead.of(core)
-            head = OutputHead(live.weight.detach().to(self.device),
-                              None if live.bias is None else live.bias.detach().to(self.device),
-                              logit_scale=live.logit_scale, softcap=live.softcap)
+            head = OutputHead(
+                live.weight.detach().to(self.device),
+                None if live.bias is None else live.bias.detach().to(self.device),
+                logit_scale=live.logit_scale,
+                softcap=live.softcap,
+            )
         return _Member(teacher.name, model, core, device, head)
 
     def __len__(self) -> int:
@@ -125,8 +134,9 @@ class TeacherEnsemble:
         """Output-head rows of each additional teacher."""
         return [vocab_size_of(m.core) for m in self._members]
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None, mask: Tensor,
-                      position_ids: Tensor | None = None) -> list[Tensor]:
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None, mask: Tensor, position_ids: Tensor | None = None
+    ) -> list[Tensor]:
         """Each additional teacher's final hidden states at the counted positions, teacher after teacher.
 
         Args:

@@ -37,8 +37,9 @@ class LiveTeachers(TokenBatches):
     name: ClassVar[str] = LIVE
     requirements: ClassVar[Requirements] = DECLARED[LIVE]
 
-    def __init__(self, teacher: PreTrainedModel, additional: Sequence[WeightedTeacher] = (),
-                 teacher_weight: float = 1.0):
+    def __init__(
+        self, teacher: PreTrainedModel, additional: Sequence[WeightedTeacher] = (), teacher_weight: float = 1.0
+    ):
         self._given, self.additional, self.teacher_weight = teacher, tuple(additional), teacher_weight
         self.teacher: nn.Module = teacher  # wrapped by `setup` (accelerate, DeepSpeed)
         self.ensemble: TeacherEnsemble | None = None
@@ -54,12 +55,19 @@ class LiveTeachers(TokenBatches):
     def setup(self, trainer: Any) -> None:
         self.teacher = trainer.prepare_teacher(self._given)
         # The other teachers and every teacher's weight (primary first); one teacher: weights (1.0,).
-        self.ensemble = TeacherEnsemble(self.additional, primary_weight=self.teacher_weight,
-                                        device=trainer.args.device, prepare=trainer.prepare_teacher)
+        self.ensemble = TeacherEnsemble(
+            self.additional,
+            primary_weight=self.teacher_weight,
+            device=trainer.args.device,
+            prepare=trainer.prepare_teacher,
+        )
         # Checkpoints of one family often pad the vocabulary differently (151936 vs 152064); the stages check
         # beforehand that the tokenizers agree, so the logits are compared over the shared ids.
-        sizes = {vocab_size_of(trainer.accelerator.unwrap_model(trainer.model)), vocab_size_of(self.teacher_core),
-                 *self.ensemble.vocab_sizes}
+        sizes = {
+            vocab_size_of(trainer.accelerator.unwrap_model(trainer.model)),
+            vocab_size_of(self.teacher_core),
+            *self.ensemble.vocab_sizes,
+        }
         self.shared_vocab = min(sizes) if len(sizes) > 1 else None
 
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
@@ -68,8 +76,7 @@ class LiveTeachers(TokenBatches):
         position_ids = inputs.get("position_ids")  # padding-free batches (training.packing): one row, no mask
         with frozen_forward(self.teacher_core):  # inference mode (no_grad where FSDP2 shards it)
             with feats.capture(self.teacher_core, "teacher") if feats else nullcontext() as t_capture:
-                t_hidden = final_hidden_states(self.teacher, self.teacher_core, input_ids, attention_mask,
-                                               position_ids)
+                t_hidden = final_hidden_states(self.teacher, self.teacher_core, input_ids, attention_mask, position_ids)
             t_hidden = t_hidden[:, :-1][step.mask]  # (N, H_t)
             t_feats = t_capture.features(step.key_mask) if feats else None
         # Inference tensors cannot be saved for backward: a normal copy of the (N, H_t) states is cheap.
@@ -86,16 +93,29 @@ class LiveTeachers(TokenBatches):
             # Several teachers: each projected by its own head per chunk, then mixed or summed (loss.teachers).
             def objective(heads: list[OutputHead], hidden: Tensor, *t_hiddens: Tensor) -> LossParts:
                 return chunked_distillation_loss(
-                    hidden, heads[0], list(t_hiddens), heads[1:], step.targets, chunk_size=loss.chunk_size,
-                    vocab_size=vocab, teacher_weights=weights, teachers=loss.teachers, **options)
+                    hidden,
+                    heads[0],
+                    list(t_hiddens),
+                    heads[1:],
+                    step.targets,
+                    chunk_size=loss.chunk_size,
+                    vocab_size=vocab,
+                    teacher_weights=weights,
+                    teachers=loss.teachers,
+                    **options,
+                )
         else:
+
             def objective(heads: list[OutputHead], hidden: Tensor, *t_hiddens: Tensor) -> LossParts:
                 student_logits = module_logits(hidden, heads[0])[:, :vocab]  # (N, V)
                 with torch.no_grad():
                     teacher_logits = [module_logits(t, head)[:, :vocab] for head, t in zip(heads[1:], t_hiddens)]
-                return multi_teacher_distillation_loss(student_logits, teacher_logits, step.targets, weights=weights,
-                                                       teachers=loss.teachers, **options)
+                return multi_teacher_distillation_loss(
+                    student_logits, teacher_logits, step.targets, weights=weights, teachers=loss.teachers, **options
+                )
+
         # The heads are read as tensors: `sharding.through_heads` has FSDP / ZeRO-3 gather them where they shard them.
-        parts = through_heads([step.core, self.teacher_core, *self.ensemble.head_sources()], objective, step.hidden,
-                              *t_hiddens)
+        parts = through_heads(
+            [step.core, self.teacher_core, *self.ensemble.head_sources()], objective, step.hidden, *t_hiddens
+        )
         return SoftLoss(parts, t_feats)

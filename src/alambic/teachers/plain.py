@@ -28,13 +28,25 @@ class NoTeacher(NoLiveTeacher, TokenBatches):
     def soft_loss(self, step: StudentStep, loss: LossConfig) -> SoftLoss:
         options = dict(divergence=loss.divergence_spec, alpha=loss.alpha, num_items_in_batch=step.num_items_in_batch)
         if loss.implementation == "chunked":
+
             def objective(heads: list[OutputHead], hidden: Tensor) -> LossParts:
-                return chunked_distillation_loss(hidden, heads[0], None, None, step.targets,
-                                                 chunk_size=loss.chunk_size, teachers=loss.teachers, **options)
+                return chunked_distillation_loss(
+                    hidden,
+                    heads[0],
+                    None,
+                    None,
+                    step.targets,
+                    chunk_size=loss.chunk_size,
+                    teachers=loss.teachers,
+                    **options,
+                )
         else:
+
             def objective(heads: list[OutputHead], hidden: Tensor) -> LossParts:
-                return multi_teacher_distillation_loss(module_logits(hidden, heads[0]), [], step.targets,
-                                                       teachers=loss.teachers, **options)
+                return multi_teacher_distillation_loss(
+                    module_logits(hidden, heads[0]), [], step.targets, teachers=loss.teachers, **options
+                )
+
         # The head is read as tensors: `sharding.through_heads` has FSDP / ZeRO-3 gather it where they shard it.
         parts = through_heads([step.core], objective, step.hidden)
         return SoftLoss(parts)

@@ -31,23 +31,30 @@ class Setting:
 
 
 def _additional_message(s: Setting) -> str:
-    return (f"additional teachers {list(s.additional)} need the live primary teacher and loss.alpha > 0 (got "
-            f"teacher={'a model' if s.teacher_given else 'None'}, alpha = {s.loss.alpha}"
-            f"{', an offline teacher cache' if s.cached else ''}): an offline cache holds one teacher")
+    return (
+        f"additional teachers {list(s.additional)} need the live primary teacher and loss.alpha > 0 (got "
+        f"teacher={'a model' if s.teacher_given else 'None'}, alpha = {s.loss.alpha}"
+        f"{', an offline teacher cache' if s.cached else ''}): an offline cache holds one teacher"
+    )
 
 
 # The rows a trainer's source can be asked about (those that read the loss and the teachers alone), in order.
 MESSAGES: dict[str, Callable[[Setting], str]] = {
     "additional_teachers": _additional_message,
-    "loss.features": lambda s: "loss.features needs a live teacher's hidden states: an offline teacher cache has "
-                               "none, and alpha = 0 loads no teacher; remove loss.features or distil from the live "
-                               "teacher",
-    "loss.on_policy": lambda s: "loss.on_policy needs a live teacher to score the student's responses: an offline "
-                                "teacher cache has none, and alpha = 0 loads none; remove loss.on_policy or distil "
-                                "from the live teacher with alpha > 0",
+    "loss.features": lambda s: (
+        "loss.features needs a live teacher's hidden states: an offline teacher cache has "
+        "none, and alpha = 0 loads no teacher; remove loss.features or distil from the live "
+        "teacher"
+    ),
+    "loss.on_policy": lambda s: (
+        "loss.on_policy needs a live teacher to score the student's responses: an offline "
+        "teacher cache has none, and alpha = 0 loads none; remove loss.on_policy or distil "
+        "from the live teacher with alpha > 0"
+    ),
 }
-RULES: tuple[Row, ...] = tuple(sorted((row for row in ROWS if row.feature in MESSAGES),
-                                      key=lambda row: list(MESSAGES).index(row.feature)))
+RULES: tuple[Row, ...] = tuple(
+    sorted((row for row in ROWS if row.feature in MESSAGES), key=lambda row: list(MESSAGES).index(row.feature))
+)
 
 
 def check_combination(source: TeacherSource, setting: Setting) -> None:

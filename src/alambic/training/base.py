@@ -103,8 +103,10 @@ class AlambicTrainer(Trainer):
         """`on_nonfinite`: 'stop' or 'skip'; `settings`: the config section whose learning rate and precision these
         trainings use, named in the error."""
         if on_nonfinite == "skip" and self.is_deepspeed_enabled:
-            raise ValueError(f"{settings}.on_nonfinite: skip drops a step's gradients before the optimizer steps, "
-                             "which DeepSpeed does inside its engine: use 'stop' under DeepSpeed")
+            raise ValueError(
+                f"{settings}.on_nonfinite: skip drops a step's gradients before the optimizer steps, "
+                "which DeepSpeed does inside its engine: use 'stop' under DeepSpeed"
+            )
         self.on_nonfinite, self.settings = on_nonfinite, settings
 
     # -- one step: its micro-batch losses, then the decision before the optimizer step ---------------------------
@@ -143,7 +145,8 @@ class AlambicTrainer(Trainer):
         if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise NonFiniteTrainingError(
                 f"{self._skipped_in_a_row} non-finite steps in a row, the last at "
-                + self._nonfinite_message(loss, grad_norm, skipping=True))
+                + self._nonfinite_message(loss, grad_norm, skipping=True)
+            )
         # The optimizer leaves a parameter without gradient as it is (AdamW: weights and moments unchanged).
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -155,20 +158,35 @@ class AlambicTrainer(Trainer):
     def _nonfinite_message(self, loss: float, grad_norm: Any, skipping: bool = False) -> str:
         step, args, s = self.state.global_step + 1, self.args, self.settings
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
-        cause = (f"a learning rate too high for this model ({s}.learning_rate = {args.learning_rate:g})"
-                 + (f", or an overflow in {precision} mixed precision (train in float32: {s}.{precision}: false)"
-                    if precision else ""))
+        cause = f"a learning rate too high for this model ({s}.learning_rate = {args.learning_rate:g})" + (
+            f", or an overflow in {precision} mixed precision (train in float32: {s}.{precision}: false)"
+            if precision
+            else ""
+        )
         what = "loss" if not _finite(loss) else "gradient norm"
         grad = float(grad_norm) if grad_norm is not None else None
-        text = (f"step {step} of {self.state.max_steps}: the {what} is not finite (loss {loss:g}"
-                + (f", gradient norm {grad:g}" if grad is not None else "") + f"). Likely cause: {cause}. ")
+        text = (
+            f"step {step} of {self.state.max_steps}: the {what} is not finite (loss {loss:g}"
+            + (f", gradient norm {grad:g}" if grad is not None else "")
+            + f"). Likely cause: {cause}. "
+        )
         if skipping:
-            return text + ("Skipping cannot recover from this: fix the cause and train again (`--restart`, or change "
-                           "the settings: a changed training starts afresh).")
-        skip = (f", or set {s}.on_nonfinite: skip to leave such steps out (it still stops after "
-                f"{MAX_SKIPPED_IN_A_ROW} in a row)") if s == "training" else ""  # (a teacher's fine-tuning has no skip)
-        return ("training stopped before taking " + text + "The weights are those of the step before (nothing "
-                f"non-finite is checkpointed or exported). Lower {s}.learning_rate{skip}.")
+            return text + (
+                "Skipping cannot recover from this: fix the cause and train again (`--restart`, or change "
+                "the settings: a changed training starts afresh)."
+            )
+        skip = (
+            (
+                f", or set {s}.on_nonfinite: skip to leave such steps out (it still stops after "
+                f"{MAX_SKIPPED_IN_A_ROW} in a row)"
+            )
+            if s == "training"
+            else ""
+        )  # (a teacher's fine-tuning has no skip)
+        return (
+            "training stopped before taking " + text + "The weights are those of the step before (nothing "
+            f"non-finite is checkpointed or exported). Lower {s}.learning_rate{skip}."
+        )
 
     # -- the loss of a micro-batch: scaled for the devices, its parts recorded --------------------------------
 
@@ -179,9 +197,17 @@ class AlambicTrainer(Trainer):
             return loss * self.accelerator.num_processes
         return loss
 
-    def record_parts(self, training: bool, parts: LossParts, num_items_in_batch: torch.Tensor | int | None,
-                     alpha: float, *, soft_per_teacher: dict[str, float] | None = None,
-                     terms: dict[str, torch.Tensor] | None = None, counts: dict[str, float]) -> None:
+    def record_parts(
+        self,
+        training: bool,
+        parts: LossParts,
+        num_items_in_batch: torch.Tensor | int | None,
+        alpha: float,
+        *,
+        soft_per_teacher: dict[str, float] | None = None,
+        terms: dict[str, torch.Tensor] | None = None,
+        counts: dict[str, float],
+    ) -> None:
         """Keep a micro-batch's loss parts for the next log, as per-token (per-example) means of this micro-batch,
         whatever denominator the loss used: soft (alpha > 0), each teacher's soft (sum mode), hard (alpha < 1), the
         feature terms (unweighted, under their logged names), then `counts`."""
@@ -284,9 +310,12 @@ class AlambicTrainer(Trainer):
     def scale_record(self) -> dict[str, Any]:
         """What a checkpoint records of the processes that wrote it (`checkpoints.SCALE_FILE`): world size and engine,
         which decide whether another world size can resume from it, and the batch that decides its data order."""
-        return {"world_size": self.accelerator.num_processes, "engine": self.engine,
-                "per_device_train_batch_size": self.args.per_device_train_batch_size,
-                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+        return {
+            "world_size": self.accelerator.num_processes,
+            "engine": self.engine,
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+        }
 
     # -- the totals travel with each checkpoint -------------------------------------------------------------------
 

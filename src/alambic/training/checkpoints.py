@@ -66,7 +66,8 @@ def safetensors_problem(path: Path) -> str | None:
     expected = 8 + header_len + end
     if size != expected:
         return f"{path.name} is {size:,} bytes where its header says {expected:,}: " + (
-            "cut off" if size < expected else "damaged")
+            "cut off" if size < expected else "damaged"
+        )
     return None
 
 
@@ -81,8 +82,11 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is not valid JSON"
     tensors = sorted(folder.glob("*.safetensors"))
     # Other formats the Trainer may write (a .bin state dict, FSDP's sharded folders, DeepSpeed's global_step*).
-    other = [p for p in folder.iterdir() if p.name == "pytorch_model.bin" or "fsdp" in p.name
-             or p.name.startswith("global_step")]
+    other = [
+        p
+        for p in folder.iterdir()
+        if p.name == "pytorch_model.bin" or "fsdp" in p.name or p.name.startswith("global_step")
+    ]
     if not tensors and not other:
         return "no model weights (no *.safetensors)"
     for path in tensors:
@@ -93,8 +97,9 @@ def checkpoint_problem(folder: Path) -> str | None:
             with zipfile.ZipFile(path):
                 pass
         except (zipfile.BadZipFile, OSError):
-            return (f"{path.name} ({path.stat().st_size:,} bytes) is not a complete torch.save archive: "
-                    "cut off or damaged")
+            return (
+                f"{path.name} ({path.stat().st_size:,} bytes) is not a complete torch.save archive: cut off or damaged"
+            )
     return None
 
 
@@ -124,8 +129,12 @@ def last_complete_checkpoint(folder: Path, remove_incomplete: bool = True) -> Pa
         if aside.exists():
             shutil.rmtree(aside)
         path.rename(aside)
-        console.print(f"checkpoint {path} is damaged: {problem}. Set aside as {aside} (delete it once looked at); "
-                      "resuming from the previous complete checkpoint, if any.", style="yellow", markup=False)
+        console.print(
+            f"checkpoint {path} is damaged: {problem}. Set aside as {aside} (delete it once looked at); "
+            "resuming from the previous complete checkpoint, if any.",
+            style="yellow",
+            markup=False,
+        )
     return None
 
 
@@ -151,7 +160,8 @@ def check_finite_weights(folder: Path) -> None:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise NonFiniteWeightsError(
             f"{len(bad)} of {total} tensors of the trained model hold NaN or inf values: {shown}. Refusing to export "
-            "them. The training diverged: lower the learning rate, or train in float32 (bf16: false / fp16: false).")
+            "them. The training diverged: lower the learning rate, or train in float32 (bf16: false / fp16: false)."
+        )
 
 
 def read_scale_record(checkpoint: Path) -> tuple[dict, str | None]:
@@ -163,7 +173,8 @@ def read_scale_record(checkpoint: Path) -> tuple[dict, str | None]:
         return json.loads(path.read_text()), None
     return {"world_size": 1, "engine": "single"}, (
         f"{checkpoint.name} has no {SCALE_FILE} (written before alambic recorded it): taken as written by one "
-        "process without sharding")
+        "process without sharding"
+    )
 
 
 def global_batch(record: dict) -> int | None:
@@ -202,23 +213,31 @@ def check_resume_scale(checkpoint: Path, now: dict) -> str | None:
             f"{world} process{'es' if world != 1 else ''} under {engine}, which cannot read those shards. Resume "
             f"with {then_world} process{'es' if then_world != 1 else ''} in all under {then_engine} (on one machine "
             f"`torchrun --nproc_per_node {then_world}`, or `accelerate launch --num_processes {then_world}` with the "
-            "same accelerate config), or start afresh with --restart")
+            "same accelerate config), or start afresh with --restart"
+        )
     notes = [note] if note else []
-    notes.append(f"resuming {checkpoint.name}, written by {then_world} process(es) under {then_engine}, on {world} "
-                 f"under {engine}: it holds the full weights and optimizer state")
+    notes.append(
+        f"resuming {checkpoint.name}, written by {then_world} process(es) under {then_engine}, on {world} "
+        f"under {engine}: it holds the full weights and optimizer state"
+    )
     # The Trainer reads rng_state_<rank>.pth under several processes, rng_state.pth under one, and goes on without
     # when its file is missing (it ignores the others).
-    missing = [r for r in range(world) if not (checkpoint / (f"rng_state_{r}.pth" if world > 1 else
-                                                             "rng_state.pth")).is_file()]
+    missing = [
+        r for r in range(world) if not (checkpoint / (f"rng_state_{r}.pth" if world > 1 else "rng_state.pth")).is_file()
+    ]
     if missing:
         shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         several = len(missing) > 1
-        notes.append(f"rank{'s' if several else ''} {shown} find{'' if several else 's'} no random state of "
-                     f"{'their' if several else 'its'} own in it and go on from the seed (dropout and on-policy "
-                     "sampling draw otherwise than an uninterrupted run; the data order does not depend on it)")
+        notes.append(
+            f"rank{'s' if several else ''} {shown} find{'' if several else 's'} no random state of "
+            f"{'their' if several else 'its'} own in it and go on from the seed (dropout and on-policy "
+            "sampling draw otherwise than an uninterrupted run; the data order does not depend on it)"
+        )
     before, after = global_batch(then), global_batch(now)
     if before is not None and after is not None and before != after:
-        notes.append(f"the global batch changes from {before} to {after} sequences per step (per-device batch x "
-                     "accumulation x processes): the data order does not continue exactly where it stopped (keep "
-                     f"{before} to continue it)")
+        notes.append(
+            f"the global batch changes from {before} to {after} sequences per step (per-device batch x "
+            "accumulation x processes): the data order does not continue exactly where it stopped (keep "
+            f"{before} to continue it)"
+        )
     return "; ".join(notes)

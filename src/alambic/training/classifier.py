@@ -41,8 +41,9 @@ class ClassifierDistillationTrainer(AlambicTrainer):
     def __init__(self, *args: Any, teacher: PreTrainedModel | None, loss_config: LossConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if teacher is None and loss_config.alpha > 0:
-            raise ValueError(f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs "
-                             "without one")
+            raise ValueError(
+                f"loss.alpha = {loss_config.alpha} needs a teacher; only alpha = 0 (plain CE) runs without one"
+            )
         self.loss_config = loss_config
         # One label per example, none shifted (the causal-LM count would drop each batch's first example).
         self._loss_shifts_labels = False
@@ -51,29 +52,44 @@ class ClassifierDistillationTrainer(AlambicTrainer):
 
     def prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         if self.is_deepspeed_enabled:
-            raise ValueError("classifier distillation does not place a teacher under DeepSpeed: train on one device "
-                             "or under DDP (torchrun), where each rank keeps a copy of the teacher")
+            raise ValueError(
+                "classifier distillation does not place a teacher under DeepSpeed: train on one device "
+                "or under DDP (torchrun), where each rank keeps a copy of the teacher"
+            )
         teacher.eval()
         teacher.requires_grad_(False)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         labels = inputs["labels"]  # (B,) class ids; -100 would mark an example that does not count
         mask = inputs.get("attention_mask")
         logits = model(input_ids=inputs["input_ids"], attention_mask=mask).logits  # (B, C)
-        step = StudentStep(core=model, inputs=inputs, targets=labels, num_items_in_batch=num_items_in_batch,
-                           logits=logits)
+        step = StudentStep(
+            core=model, inputs=inputs, targets=labels, num_items_in_batch=num_items_in_batch, logits=logits
+        )
         parts = self.source.soft_loss(step, self.loss_config).parts
         tokens = float(mask.sum() if mask is not None else inputs["input_ids"].numel())
-        self.record_parts(model.training, parts, num_items_in_batch, self.loss_config.alpha,
-                          counts={"examples": float(parts.num_tokens), "tokens": tokens})
+        self.record_parts(
+            model.training,
+            parts,
+            num_items_in_batch,
+            self.loss_config.alpha,
+            counts={"examples": float(parts.num_tokens), "tokens": tokens},
+        )
         loss = self.per_device_loss(parts.total, num_items_in_batch)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def throughput(self, counts: dict[str, list[float]], elapsed: float) -> dict[str, float]:
-        return {"examples_per_second": round(sum(counts["examples"]) / elapsed, 2),
-                "tokens_per_second": round(sum(counts["tokens"]) / elapsed, 1)}
+        return {
+            "examples_per_second": round(sum(counts["examples"]) / elapsed, 2),
+            "tokens_per_second": round(sum(counts["tokens"]) / elapsed, 1),
+        }
 
 
 def train_classifier(
@@ -103,18 +119,32 @@ def train_classifier(
 
     def make_trainer(args: TrainingArguments, all_callbacks: list[TrainerCallback]) -> ClassifierDistillationTrainer:
         return ClassifierDistillationTrainer(
-            model=student, args=args, train_dataset=batches.train,
+            model=student,
+            args=args,
+            train_dataset=batches.train,
             eval_dataset=batches.validation if len(batches.validation) else None,
             data_collator=batches.collator,
-            processing_class=tokenizer, teacher=teacher, loss_config=loss, callbacks=all_callbacks,
+            processing_class=tokenizer,
+            teacher=teacher,
+            loss_config=loss,
+            callbacks=all_callbacks,
         )
 
-    trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
-                                      tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
-                                      teachers=(teacher,), settings=settings)
+    trainer, summary = fit_and_export(
+        make_trainer,
+        training=training,
+        has_eval=len(data.validation) > 0,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        resume=resume,
+        callbacks=callbacks,
+        teachers=(teacher,),
+        settings=settings,
+    )
     # every rank's examples make one optimizer step
-    examples = (training.per_device_train_batch_size * training.gradient_accumulation_steps
-                * summary["scale"]["world_size"])
+    examples = (
+        training.per_device_train_batch_size * training.gradient_accumulation_steps * summary["scale"]["world_size"]
+    )
     mean_length = sum(len(ids) for ids in data.train["input_ids"]) / max(len(data.train), 1)
     return {
         **summary,
@@ -126,17 +156,41 @@ def train_classifier(
 
 def fine_tune_arguments(cfg: FineTuneConfig) -> TrainingConfig:
     """The training settings of a teacher fine-tuning (linear decay, as is usual for fine-tuning classifiers)."""
-    return TrainingConfig(max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-                          per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                          lr_scheduler_type="linear", warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                          bf16=cfg.bf16, seed=cfg.seed, save_steps=max(50, cfg.max_steps // 4))
+    return TrainingConfig(
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        save_steps=max(50, cfg.max_steps // 4),
+    )
 
 
-def fine_tune_teacher(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData,
-                      cfg: FineTuneConfig, output_dir: Path, *, resume: bool = True) -> dict[str, Any]:
+def fine_tune_teacher(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    cfg: FineTuneConfig,
+    output_dir: Path,
+    *,
+    resume: bool = True,
+) -> dict[str, Any]:
     """Fine-tune a classifier (a backbone with a fresh head, from `load_model(..., labels=...)`) with plain
     cross-entropy on the training split; the result lands in `output_dir/final`. Returns `train_classifier`'s
     summary."""
     plain_ce = LossConfig(alpha=0.0)
-    return train_classifier(backbone, tokenizer, data, teacher=None, loss=plain_ce, training=fine_tune_arguments(cfg),
-                            output_dir=output_dir, resume=resume, settings="teacher.fine_tune")
+    return train_classifier(
+        backbone,
+        tokenizer,
+        data,
+        teacher=None,
+        loss=plain_ce,
+        training=fine_tune_arguments(cfg),
+        output_dir=output_dir,
+        resume=resume,
+        settings="teacher.fine_tune",
+    )

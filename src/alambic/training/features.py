@@ -73,8 +73,10 @@ class CapturedFeatures:
 def _rotary(attn: nn.Module):
     fn = getattr(inspect.getmodule(type(attn)), "apply_rotary_pos_emb", None)
     if fn is None:
-        raise FeatureSetupError(f"{type(attn).__name__}'s module has no apply_rotary_pos_emb: attention maps cannot be "
-                                "recomputed for it; use attention_relations or hidden_states instead")
+        raise FeatureSetupError(
+            f"{type(attn).__name__}'s module has no apply_rotary_pos_emb: attention maps cannot be "
+            "recomputed for it; use attention_relations or hidden_states instead"
+        )
     return fn
 
 
@@ -90,8 +92,9 @@ def _split_heads(x: Tensor, norm: nn.Module | None, head_dim: int) -> Tensor:
     return x.transpose(1, 2)
 
 
-def attention_probs(attn: nn.Module, q_out: Tensor, k_out: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                    key_mask: Tensor) -> Tensor:
+def attention_probs(
+    attn: nn.Module, q_out: Tensor, k_out: Tensor, position_embeddings: tuple[Tensor, Tensor], key_mask: Tensor
+) -> Tensor:
     """The attention probabilities of one layer from its q_proj/k_proj outputs, as eager attention computes them:
 
         P = softmax(q_rot k_rotᵀ · scaling  [soft-capped]  over keys j ≤ i, i − j < window, key_mask[j])
@@ -140,8 +143,14 @@ class LayerCapture:
     backward pass that recomputes layers (gradient checkpointing) does not capture again.
     """
 
-    def __init__(self, model: PreTrainedModel, *, hidden: Iterable[int] = (), relations: Iterable[int] = (),
-                 attention: Iterable[int] = ()):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        hidden: Iterable[int] = (),
+        relations: Iterable[int] = (),
+        attention: Iterable[int] = (),
+    ):
         self.name, self.layers = decoder_layers(model)
         self.hidden_layers, self.relation_layers = sorted(hidden), sorted(relations)
         self.attention_layers = sorted(attention)
@@ -175,20 +184,25 @@ class LayerCapture:
     def _keep_hidden(self, i: int):
         def hook(_module, _args, output):
             self._hidden[i] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     def _keep_projection(self, i: int, name: str):
         def hook(_module, _args, output):
             self._proj.setdefault(i, {})[name] = output
+
         return hook
 
     def _keep_rope(self, i: int):
         def hook(_module, _args, kwargs):
             rope = kwargs.get("position_embeddings")
             if rope is None:
-                raise FeatureSetupError(f"layer {i}'s attention was called without `position_embeddings` (cos, sin): "
-                                        "attention maps need a rotary model; use attention_relations instead")
+                raise FeatureSetupError(
+                    f"layer {i}'s attention was called without `position_embeddings` (cos, sin): "
+                    "attention maps need a rotary model; use attention_relations instead"
+                )
             self._rope[i] = rope
+
         return hook
 
     def features(self, key_mask: Tensor) -> CapturedFeatures:
@@ -198,7 +212,8 @@ class LayerCapture:
             key_mask: (B, T) bool, keys that may be attended (the batch's attention mask).
         """
         missing = [i for i in self.hidden_layers if i not in self._hidden] + [
-            i for i in {*self.relation_layers, *self.attention_layers} if i not in self._proj]
+            i for i in {*self.relation_layers, *self.attention_layers} if i not in self._proj
+        ]
         if missing:
             raise RuntimeError(f"layers {sorted(set(missing))} of {self.name} did not run during the captured forward")
         out = CapturedFeatures(hidden=dict(self._hidden))
@@ -223,9 +238,9 @@ class FeatureProjector(nn.Module):
         super().__init__()
         self.student_width, self.teacher_width = student_width, teacher_width
         differ = student_width != teacher_width
-        self.maps = nn.ModuleDict({
-            str(i): nn.Linear(student_width, teacher_width, bias=False) if differ else nn.Identity() for i in layers
-        })
+        self.maps = nn.ModuleDict(
+            {str(i): nn.Linear(student_width, teacher_width, bias=False) if differ else nn.Identity() for i in layers}
+        )
 
     def forward(self, layer: int, hidden: Tensor) -> Tensor:
         """(..., H_s) -> (..., H_t) for student layer `layer`."""
@@ -257,8 +272,10 @@ def _select(pairs: list[tuple[int, int]], layers: Literal["all"] | list[int], fi
     by_student = dict(pairs)
     unknown = [i for i in layers if i not in by_student]
     if unknown:
-        raise FeatureSetupError(f"{field_name} = {layers}: student layers {unknown} have no partner in "
-                                f"loss.features.layer_map (mapped student layers: {sorted(by_student)})")
+        raise FeatureSetupError(
+            f"{field_name} = {layers}: student layers {unknown} have no partner in "
+            f"loss.features.layer_map (mapped student layers: {sorted(by_student)})"
+        )
     return [(i, by_student[i]) for i in sorted(set(layers))]
 
 
@@ -273,8 +290,9 @@ def _qkv_widths(model: PreTrainedModel, layer: int) -> list[int]:
     return [getattr(attn, p).out_features for p in ("q_proj", "k_proj", "v_proj")]
 
 
-def plan_features(cfg: FeatureLossConfig, student: PreTrainedModel, teacher: PreTrainedModel,
-                  kept_layers: Sequence[int] | None = None) -> FeaturePlan:
+def plan_features(
+    cfg: FeatureLossConfig, student: PreTrainedModel, teacher: PreTrainedModel, kept_layers: Sequence[int] | None = None
+) -> FeaturePlan:
     """Resolve the configured terms into layer pairs for this student/teacher pair, checking they can work.
 
     Raises:
@@ -292,7 +310,8 @@ def plan_features(cfg: FeatureLossConfig, student: PreTrainedModel, teacher: Pre
     if attention and hs != ht:
         raise FeatureSetupError(
             f"loss.features.attention matches maps head by head, but the student has {hs} attention heads and the "
-            f"teacher {ht}: use loss.features.attention_relations, which works across head counts")
+            f"teacher {ht}: use loss.features.attention_relations, which works across head counts"
+        )
     for model, layer in [(student, s) for s, _ in attention] + [(teacher, t) for _, t in attention]:
         # refuse an unsupported attention now, not in the middle of the first step
         _rotary(self_attention(decoder_layers(model)[1][layer], layer))
@@ -304,8 +323,10 @@ def plan_features(cfg: FeatureLossConfig, student: PreTrainedModel, teacher: Pre
         elif s in dict(pairs):
             t = dict(pairs)[s]
         else:
-            raise FeatureSetupError(f"loss.features.attention_relations.layer = {rel.layer} (student layer {s}) has no "
-                                    f"partner in loss.features.layer_map {pairs}: set teacher_layer")
+            raise FeatureSetupError(
+                f"loss.features.attention_relations.layer = {rel.layer} (student layer {s}) has no "
+                f"partner in loss.features.layer_map {pairs}: set teacher_layer"
+            )
         widths = _qkv_widths(student, s) + _qkv_widths(teacher, t)
         common = math.gcd(*widths)
         if rel.num_relation_heads is None:
@@ -315,7 +336,8 @@ def plan_features(cfg: FeatureLossConfig, student: PreTrainedModel, teacher: Pre
             choices = [r for r in range(1, common + 1) if common % r == 0]
             raise FeatureSetupError(
                 f"loss.features.attention_relations.num_relation_heads = {rel.num_relation_heads} does not divide "
-                f"every q/k/v width (student {widths[:3]}, teacher {widths[3:]}): choose one of {choices}")
+                f"every q/k/v width (student {widths[:3]}, teacher {widths[3:]}): choose one of {choices}"
+            )
         else:
             heads = rel.num_relation_heads
         relation = (s, t)
@@ -329,22 +351,38 @@ class FeatureDistiller:
     `alambic.losses.features`, reduced over the counted positions like the logit loss.
     """
 
-    def __init__(self, cfg: FeatureLossConfig, student: PreTrainedModel, teacher: PreTrainedModel,
-                 kept_layers: Sequence[int] | None = None):
+    def __init__(
+        self,
+        cfg: FeatureLossConfig,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        kept_layers: Sequence[int] | None = None,
+    ):
         self.cfg = cfg
         self.plan = plan_features(cfg, student, teacher, kept_layers)
-        self.projector = FeatureProjector(student.config.hidden_size, teacher.config.hidden_size,
-                                          [s for s, _ in self.plan.hidden])
+        self.projector = FeatureProjector(
+            student.config.hidden_size, teacher.config.hidden_size, [s for s, _ in self.plan.hidden]
+        )
 
     def capture(self, model: PreTrainedModel, side: Literal["student", "teacher"]) -> LayerCapture:
         """Hooks on exactly the layers this side contributes."""
         k = 0 if side == "student" else 1
         plan = self.plan
-        return LayerCapture(model, hidden=[p[k] for p in plan.hidden], attention=[p[k] for p in plan.attention],
-                            relations=[plan.relation[k]] if plan.relation else [])
+        return LayerCapture(
+            model,
+            hidden=[p[k] for p in plan.hidden],
+            attention=[p[k] for p in plan.attention],
+            relations=[plan.relation[k]] if plan.relation else [],
+        )
 
-    def losses(self, student: CapturedFeatures, teacher: CapturedFeatures, mask: Tensor, key_mask: Tensor,
-               num_items_in_batch: int | Tensor | None = None) -> dict[str, Tensor]:
+    def losses(
+        self,
+        student: CapturedFeatures,
+        teacher: CapturedFeatures,
+        mask: Tensor,
+        key_mask: Tensor,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Unweighted terms by config field name (hidden_states, attention, attention_relations).
 
         Args:
@@ -354,20 +392,42 @@ class FeatureDistiller:
         plan, cfg, n = self.plan, self.cfg, num_items_in_batch
         terms: dict[str, Tensor] = {}
         if plan.hidden:
-            terms["hidden_states"] = torch.stack([
-                hidden_state_loss(self.projector(s, student.hidden[s]), teacher.hidden[t], mask,
-                                  kind=cfg.hidden_states.kind, num_items_in_batch=n)
-                for s, t in plan.hidden]).mean()
+            terms["hidden_states"] = torch.stack(
+                [
+                    hidden_state_loss(
+                        self.projector(s, student.hidden[s]),
+                        teacher.hidden[t],
+                        mask,
+                        kind=cfg.hidden_states.kind,
+                        num_items_in_batch=n,
+                    )
+                    for s, t in plan.hidden
+                ]
+            ).mean()
         if plan.attention:
-            terms["attention"] = torch.stack([
-                attention_map_loss(student.attention[s], teacher.attention[t], mask, kind=cfg.attention.kind,
-                                   key_mask=key_mask, num_items_in_batch=n)
-                for s, t in plan.attention]).mean()
+            terms["attention"] = torch.stack(
+                [
+                    attention_map_loss(
+                        student.attention[s],
+                        teacher.attention[t],
+                        mask,
+                        kind=cfg.attention.kind,
+                        key_mask=key_mask,
+                        num_items_in_batch=n,
+                    )
+                    for s, t in plan.attention
+                ]
+            ).mean()
         if plan.relation:
             s, t = plan.relation
             terms["attention_relations"] = attention_relation_loss(
-                student.qkv[s], teacher.qkv[t], mask, num_relation_heads=plan.num_relation_heads, key_mask=key_mask,
-                num_items_in_batch=n)
+                student.qkv[s],
+                teacher.qkv[t],
+                mask,
+                num_relation_heads=plan.num_relation_heads,
+                key_mask=key_mask,
+                num_items_in_batch=n,
+            )
         return terms
 
     @staticmethod
@@ -383,7 +443,8 @@ class FeatureDistiller:
             raise RuntimeError(
                 "the student's captured features carry no gradient: reentrant gradient checkpointing hides the layers' "
                 "internals from the feature losses; set training.trainer_args.activation_checkpointing_kwargs: "
-                "{use_reentrant: false} (the transformers default) or turn activation checkpointing off")
+                "{use_reentrant: false} (the transformers default) or turn activation checkpointing off"
+            )
 
     def weighted_sum(self, terms: dict[str, Tensor]) -> Tensor:
         """Σ_i weight_i · term_i."""

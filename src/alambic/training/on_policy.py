@@ -64,8 +64,9 @@ def sampling_settings(cfg: OnPolicyConfig, generation_configs: Sequence[tuple[st
     generation_config)` that samples (`do_sample` true; its unset fields are transformers' defaults, as `generate`
     would use them); else `DEFAULT_SAMPLING`. A generation_config that does not sample (most GGUF and base models:
     no settings at all) is passed over, like a missing one (None)."""
-    sampler = next(((role, gen) for role, gen in generation_configs
-                    if gen is not None and getattr(gen, "do_sample", False)), None)
+    sampler = next(
+        ((role, gen) for role, gen in generation_configs if gen is not None and getattr(gen, "do_sample", False)), None
+    )
     configured = {"temperature": cfg.sampling_temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
     values, source = {}, {}
     for name, value in configured.items():
@@ -85,7 +86,7 @@ def generation_eos_ids(generation_configs: Sequence[tuple[str, Any]], vocab_size
     ids: set[int] = set()
     for _, gen in generation_configs:
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        for token_id in ([eos] if isinstance(eos, int) else eos or []):
+        for token_id in [eos] if isinstance(eos, int) else eos or []:
             if isinstance(token_id, int) and 0 <= token_id < vocab_size:
                 ids.add(token_id)
     return ids
@@ -112,19 +113,24 @@ def batch_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
         ValueError: a row with an empty prompt (text data: every token is counted, nothing is a prompt).
     """
     if "prompt_length" not in batch:
-        raise KeyError("on-policy distillation needs each row's prompt length: build the collator with "
-                       "DistillationCollator(..., prompt_lengths=True) (alambic.training.run.train does when "
-                       "loss.on_policy is set)")
+        raise KeyError(
+            "on-policy distillation needs each row's prompt length: build the collator with "
+            "DistillationCollator(..., prompt_lengths=True) (alambic.training.run.train does when "
+            "loss.on_policy is set)"
+        )
     lengths = batch["prompt_length"].tolist()
     empty = [row for row, n in enumerate(lengths) if n < 1]
     if empty:
-        raise ValueError(f"rows {empty} of the batch have no prompt (prompt_length 0): on-policy distillation answers "
-                         "chat prompts, and text data has none; use data.format: chat")
+        raise ValueError(
+            f"rows {empty} of the batch have no prompt (prompt_length 0): on-policy distillation answers "
+            "chat prompts, and text data has none; use data.format: chat"
+        )
     return [ids[:n] for ids, n in zip(batch["input_ids"].tolist(), lengths)]
 
 
-def on_policy_batch(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int,
-                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def on_policy_batch(
+    prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """(prompt, response) rows -> a right-padded training batch whose labels count the response tokens only.
 
     Returns:
@@ -141,9 +147,13 @@ def on_policy_batch(prompts: list[list[int]], responses: list[list[int]], *, pad
     for b, (prompt, row) in enumerate(zip(prompts, rows)):
         ids[b, : len(row)] = torch.tensor(row)
         attention[b, : len(row)] = 1
-        labels[b, len(prompt): len(row)] = ids[b, len(prompt): len(row)]
-    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels,
-             "prompt_length": torch.tensor([len(p) for p in prompts], dtype=torch.long)}
+        labels[b, len(prompt) : len(row)] = ids[b, len(prompt) : len(row)]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "prompt_length": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -164,9 +174,13 @@ class OnPolicyStats:
         `on_policy_capped_share` only where the window sampled (no 0/0)."""
         if self.steps == 0:
             return {}
-        logs = {"on_policy_share": round(self.on_policy_steps / self.steps, 4),
-                "on_policy_seconds": round(self.seconds, 4), "on_policy_tokens": self.tokens,
-                "on_policy_samples": self.samples, "on_policy_capped": self.capped}
+        logs = {
+            "on_policy_share": round(self.on_policy_steps / self.steps, 4),
+            "on_policy_seconds": round(self.seconds, 4),
+            "on_policy_tokens": self.tokens,
+            "on_policy_samples": self.samples,
+            "on_policy_capped": self.capped,
+        }
         if self.samples:
             logs["on_policy_capped_share"] = round(self.capped / self.samples, 4)
         self.steps = self.on_policy_steps = self.tokens = self.samples = self.capped = 0
@@ -186,8 +200,10 @@ class OnPolicySampler:
 
     def __init__(self, cfg: OnPolicyConfig, tokenizer, models: Sequence[tuple[str, nn.Module | None]] = ()):
         if tokenizer is None:
-            raise ValueError("loss.on_policy needs the tokenizer (its end-of-turn tokens stop the student's "
-                             "responses): pass processing_class=tokenizer to the trainer")
+            raise ValueError(
+                "loss.on_policy needs the tokenizer (its end-of-turn tokens stop the student's "
+                "responses): pass processing_class=tokenizer to the trainer"
+            )
         self.cfg = cfg
         generation = [(role, getattr(model, "generation_config", None)) for role, model in models]
         self.settings = sampling_settings(cfg, generation)
@@ -212,8 +228,15 @@ class OnPolicySampler:
         prompts = batch_prompts(batch)
         cap, settings = self.cfg.max_new_tokens, self.settings
         responses = generate_token_responses(
-            model, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id, vocab_size=self.vocab_size,
-            max_new_tokens=cap, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            model,
+            prompts,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            vocab_size=self.vocab_size,
+            max_new_tokens=cap,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
             seed=seed,
         )
         stops = set(self.stop_ids)
@@ -222,8 +245,9 @@ class OnPolicySampler:
         self.stats.capped += sum(len(r) == cap and r[-1] not in stops for r in responses)
         return on_policy_batch(prompts, responses, pad_token_id=self.pad_id, device=batch["input_ids"].device)
 
-    def step_batches(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], *, step: int,
-                     rank: int = 0) -> list[dict[str, torch.Tensor]]:
+    def step_batches(
+        self, model: nn.Module, batches: list[dict[str, torch.Tensor]], *, step: int, rank: int = 0
+    ) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of optimizer step `step`: replaced by on-policy ones when the step is drawn, else as given.
 
         The whole step is on- or off-policy: the loss is divided by the step's count of counted tokens, which the
@@ -233,8 +257,10 @@ class OnPolicySampler:
         if not batches or not self.is_on_policy(step):
             return batches
         started = time.perf_counter()
-        out = [self.respond(model, batch, seed=sampling_seed(self.cfg.seed, step, i, rank))
-               for i, batch in enumerate(batches)]
+        out = [
+            self.respond(model, batch, seed=sampling_seed(self.cfg.seed, step, i, rank))
+            for i, batch in enumerate(batches)
+        ]
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the time of the decoding itself, not of launching it
         self.stats.seconds += time.perf_counter() - started

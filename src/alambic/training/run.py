@@ -60,13 +60,22 @@ def drop_records_after(path: Path, step: int) -> None:
 def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool) -> TrainingArguments:
     """`TrainingArguments` from the run config; `cfg.trainer_args` override anything here."""
     # The device the Trainer will pick (trainer_args' use_cpu included), for training.bf16 'auto'.
-    device = ("cpu" if cfg.trainer_args.get("use_cpu") else "cuda" if torch.cuda.is_available()
-              else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = (
+        "cpu"
+        if cfg.trainer_args.get("use_cpu")
+        else "cuda"
+        if torch.cuda.is_available()
+        else "mps"
+        if torch.backends.mps.is_available()
+        else "cpu"
+    )
     bf16 = use_bf16(cfg.bf16, device)
     if cfg.bf16 is True and device != "mps" and not native_bf16(device):
-        console.print(f"[yellow]training.bf16: true, but this {device} has no native bfloat16 (a CPU needs AMX or "
-                      "AVX512-BF16): autocast is emulated here, several times slower than float32. "
-                      "training.bf16: auto trains in bf16 only where it is native.[/]")
+        console.print(
+            f"[yellow]training.bf16: true, but this {device} has no native bfloat16 (a CPU needs AMX or "
+            "AVX512-BF16): autocast is emulated here, several times slower than float32. "
+            "training.bf16: auto trains in bf16 only where it is native.[/]"
+        )
     args: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -106,8 +115,9 @@ def training_arguments(cfg: TrainingConfig, output_dir: Path, *, has_eval: bool)
     try:
         return TrainingArguments(**args)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"training / training.trainer_args rejected by transformers.TrainingArguments: "
-                          f"{exc}") from None
+        raise ConfigError(
+            f"training / training.trainer_args rejected by transformers.TrainingArguments: {exc}"
+        ) from None
 
 
 def restore_forward(model: torch.nn.Module | None) -> None:
@@ -184,9 +194,16 @@ def train(
             callbacks=all_callbacks,
         )
 
-    trainer, summary = fit_and_export(make_trainer, training=training, has_eval=len(data.validation) > 0,
-                                      tokenizer=tokenizer, output_dir=output_dir, resume=resume, callbacks=callbacks,
-                                      teachers=source.models())
+    trainer, summary = fit_and_export(
+        make_trainer,
+        training=training,
+        has_eval=len(data.validation) > 0,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        resume=resume,
+        callbacks=callbacks,
+        teachers=source.models(),
+    )
     return {
         **summary,
         "tokens_per_step": training.per_device_train_batch_size
@@ -326,8 +343,13 @@ def scale_summary(trainer: AlambicTrainer, precision: str) -> dict[str, Any]:
     and each rank's peak memory in rank order (gathered on every rank, so every rank returns the same summary)."""
     peak, kind = peak_memory(trainer.args.device)
     peaks = gather_object([peak]) if trainer.accelerator.num_processes > 1 else [peak]
-    return {"world_size": trainer.accelerator.num_processes, "engine": trainer.engine, "precision": precision,
-            "peak_memory_bytes_per_rank": peaks, "memory_kind": kind}
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "engine": trainer.engine,
+        "precision": precision,
+        "peak_memory_bytes_per_rank": peaks,
+        "memory_kind": kind,
+    }
 
 
 def on_policy_summary(trainer: DistillationTrainer) -> dict[str, Any]:
@@ -341,9 +363,14 @@ def on_policy_summary(trainer: DistillationTrainer) -> dict[str, Any]:
     # responses sampled, and those cut at max_new_tokens before a stop token (they never show the student an ending)
     samples = sum(r.get("on_policy_samples", 0) for r in history)
     capped = sum(r.get("on_policy_capped", 0) for r in history)
-    return {"steps": steps, "share": round(steps / max(trainer.state.global_step, 1), 4),
-            "seconds": round(seconds, 3), "tokens": int(tokens),
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-            "samples": int(samples), "capped": int(capped),
-            "capped_share": round(capped / samples, 4) if samples else None,
-            "sampling": trainer.on_policy.settings.to_dict()}
+    return {
+        "steps": steps,
+        "share": round(steps / max(trainer.state.global_step, 1), 4),
+        "seconds": round(seconds, 3),
+        "tokens": int(tokens),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "samples": int(samples),
+        "capped": int(capped),
+        "capped_share": round(capped / samples, 4) if samples else None,
+        "sampling": trainer.on_policy.settings.to_dict(),
+    }

@@ -55,16 +55,35 @@ class DistillationTrainer(AlambicTrainer):
         Remaining arguments go to `transformers.Trainer`.
     """
 
-    def __init__(self, *args: Any, teacher: PreTrainedModel | None = None, loss_config: LossConfig,
-                 cached_teacher: bool = False, cross_tokenizer: bool = False, kept_layers: list[int] | None = None,
-                 additional_teachers: Sequence[WeightedTeacher] = (), teacher_weight: float = 1.0,
-                 source: TeacherSource | None = None, shard_teacher: bool | Literal["auto"] = "auto", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        teacher: PreTrainedModel | None = None,
+        loss_config: LossConfig,
+        cached_teacher: bool = False,
+        cross_tokenizer: bool = False,
+        kept_layers: list[int] | None = None,
+        additional_teachers: Sequence[WeightedTeacher] = (),
+        teacher_weight: float = 1.0,
+        source: TeacherSource | None = None,
+        shard_teacher: bool | Literal["auto"] = "auto",
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config
         self.shard_teacher = shard_teacher
-        self.source = source if source is not None else choose(
-            loss_config, teacher=teacher, cached=cached_teacher, cross_tokenizer=cross_tokenizer,
-            additional=additional_teachers, teacher_weight=teacher_weight)
+        self.source = (
+            source
+            if source is not None
+            else choose(
+                loss_config,
+                teacher=teacher,
+                cached=cached_teacher,
+                cross_tokenizer=cross_tokenizer,
+                additional=additional_teachers,
+                teacher_weight=teacher_weight,
+            )
+        )
         self.source.setup(self)
         self._check_fsdp_version()
         self.features = self._prepare_features(loss_config, kept_layers)
@@ -97,13 +116,18 @@ class DistillationTrainer(AlambicTrainer):
         # An FSDP student is sharded by accelerate when training starts, after this; `is_sharded` covers a student
         # given already sharded (fully_shard applied by the caller).
         student_sharded = (self.is_fsdp_enabled and self.accelerator.is_fsdp2) or is_sharded(self.model)
-        several = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        several = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
+        )
         if several and should_shard_teacher(self.shard_teacher, student_sharded):
             if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
-                raise ValueError("training.shard_teacher shards the teacher with FSDP2 (fully_shard); this run's FSDP "
-                                 "is version 1: set fsdp_version: 2 in the accelerate config (fsdp_config "
-                                 "{'version': 2}), or training.shard_teacher: false")
+                raise ValueError(
+                    "training.shard_teacher shards the teacher with FSDP2 (fully_shard); this run's FSDP "
+                    "is version 1: set fsdp_version: 2 in the accelerate config (fsdp_config "
+                    "{'version': 2}), or training.shard_teacher: false"
+                )
             return shard_frozen(teacher, self.args.device)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
@@ -116,20 +140,23 @@ class DistillationTrainer(AlambicTrainer):
                 "FSDP version 1 keeps the output heads flattened and sharded, and alambic's losses read them outside "
                 "the models' forward (the chunked loss fuses them with the divergence): set fsdp_version: 2 in the "
                 "accelerate config (or fsdp_config {'version': 2} in training.trainer_args), whose heads alambic "
-                "gathers for the loss, or train under DDP or DeepSpeed")
+                "gathers for the loss, or train under DDP or DeepSpeed"
+            )
 
     def _prepare_features(self, cfg: LossConfig, kept_layers: list[int] | None) -> FeatureDistiller | None:
         if cfg.features is None:
             return None
         # (`teachers.rules` has refused a source without the teacher's live hidden states)
-        features = FeatureDistiller(cfg.features, self.accelerator.unwrap_model(self.model), self.source.teacher_core,
-                                    kept_layers)
+        features = FeatureDistiller(
+            cfg.features, self.accelerator.unwrap_model(self.model), self.source.teacher_core, kept_layers
+        )
         features.projector.to(self.args.device)
         if self._projector_parameters(features) and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError(
                 "loss.features.hidden_states with a student narrower than the teacher trains a projection beside the "
                 "student, which DeepSpeed / FSDP do not shard or save here: train under DDP or a single device, or "
-                "drop hidden_states (attention and attention_relations need no projection)")
+                "drop hidden_states (attention and attention_relations need no projection)"
+            )
         return features
 
     def _prepare_on_policy(self, cfg: LossConfig) -> OnPolicySampler | None:
@@ -139,11 +166,16 @@ class DistillationTrainer(AlambicTrainer):
         if zero3 or self.is_fsdp_enabled:
             # Their sharded forward gathers parameters collectively, step by step: ranks whose responses end at
             # different lengths would wait on each other forever.
-            raise ValueError("loss.on_policy decodes with the unwrapped student, which DeepSpeed ZeRO-3 and FSDP shard "
-                             "across processes: train under DDP, DeepSpeed ZeRO-1/2 or a single device")
+            raise ValueError(
+                "loss.on_policy decodes with the unwrapped student, which DeepSpeed ZeRO-3 and FSDP shard "
+                "across processes: train under DDP, DeepSpeed ZeRO-1/2 or a single device"
+            )
         # sampling settings the config leaves unset: the teacher's generation_config first, then the student's
-        return OnPolicySampler(cfg.on_policy, self.processing_class, models=[
-            ("teacher", self.source.teacher_core), ("student", self.accelerator.unwrap_model(self.model))])
+        return OnPolicySampler(
+            cfg.on_policy,
+            self.processing_class,
+            models=[("teacher", self.source.teacher_core), ("student", self.accelerator.unwrap_model(self.model))],
+        )
 
     def _projector_parameters(self, features: FeatureDistiller | None = None) -> list[nn.Parameter]:
         features = features or getattr(self, "features", None)
@@ -151,8 +183,13 @@ class DistillationTrainer(AlambicTrainer):
 
     # -- loss -----------------------------------------------------------------------------------------
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         core = self.accelerator.unwrap_model(model)
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         mask, targets = counted_positions(inputs["labels"])  # (B, T-1), (N,)
@@ -163,11 +200,20 @@ class DistillationTrainer(AlambicTrainer):
 
         # 1. the student's forward: its final hidden states at the counted positions
         with feats.capture(core, "student") if feats else nullcontext() as s_capture:
-            hidden = final_hidden_states(model, core, input_ids, attention_mask,
-                                         inputs.get("position_ids"))[:, :-1][mask]  # (B, T, H) -> (N, H)
+            hidden = final_hidden_states(model, core, input_ids, attention_mask, inputs.get("position_ids"))[:, :-1][
+                mask
+            ]  # (B, T, H) -> (N, H)
         # 2. the teacher's signal, soft and hard terms mixed
-        step = StudentStep(core=core, inputs=inputs, targets=targets, num_items_in_batch=num_items_in_batch,
-                           hidden=hidden, mask=mask, features=feats, key_mask=key_mask)
+        step = StudentStep(
+            core=core,
+            inputs=inputs,
+            targets=targets,
+            num_items_in_batch=num_items_in_batch,
+            hidden=hidden,
+            mask=mask,
+            features=feats,
+            key_mask=key_mask,
+        )
         soft = self.source.soft_loss(step, self.loss_config)
         parts, loss = soft.parts, soft.parts.total
         # 3. the feature terms
@@ -182,9 +228,15 @@ class DistillationTrainer(AlambicTrainer):
         per_teacher = {}
         if parts.soft_per_teacher is not None and len(parts.soft_per_teacher) > 1:  # sum mode: each teacher's own
             per_teacher = dict(zip(self.source.ensemble.names, parts.soft_per_teacher.tolist()))
-        self.record_parts(model.training, parts, num_items_in_batch, self.loss_config.alpha,
-                          soft_per_teacher=per_teacher, terms={LOG_NAMES[k]: v for k, v in terms.items()},
-                          counts={"counted_tokens": float(parts.num_tokens)})
+        self.record_parts(
+            model.training,
+            parts,
+            num_items_in_batch,
+            self.loss_config.alpha,
+            soft_per_teacher=per_teacher,
+            terms={LOG_NAMES[k]: v for k, v in terms.items()},
+            counts={"counted_tokens": float(parts.num_tokens)},
+        )
         loss = self.per_device_loss(loss, num_items_in_batch)
         return (loss, {"loss_parts": parts}) if return_outputs else loss
 
@@ -195,8 +247,9 @@ class DistillationTrainer(AlambicTrainer):
         if self.on_policy is None:  # (only the training loop calls this: evaluation batches stay as they are)
             return batches, num_items_in_batch
         step = self.state.global_step  # optimizer steps done so far: this step's index, restored on resume
-        new = self.on_policy.step_batches(self.accelerator.unwrap_model(self.model), batches, step=step,
-                                          rank=self.args.process_index)
+        new = self.on_policy.step_batches(
+            self.accelerator.unwrap_model(self.model), batches, step=step, rank=self.args.process_index
+        )
         if new is batches:
             return batches, num_items_in_batch
         return new, self._get_num_items_in_batch(new, device)
@@ -252,7 +305,8 @@ class DistillationTrainer(AlambicTrainer):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: this checkpoint was written without loss.features.hidden_states (or its "
-                "projection); resume with the loss it was trained with, or start afresh (`alambic ... --restart`)")
+                "projection); resume with the loss it was trained with, or start afresh (`alambic ... --restart`)"
+            )
         device = next(self.features.projector.parameters()).device
         # In place: the optimizer already holds these parameters.
         self.features.projector.load_state_dict(load_file(str(path), device=str(device)))

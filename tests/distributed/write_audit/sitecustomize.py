@@ -29,4 +29,3 @@ if os.environ.get("WRITE_LOG") and rank > 0:
             log.flush()
 
     sys.addaudithook(audit)
-

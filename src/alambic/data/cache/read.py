@@ -103,8 +103,10 @@ class TeacherCache:
         cached = self.fingerprint
         differ = [(key, words) for key, words in _COMPATIBILITY if cached.get(key) != fingerprint.get(key)]
         if differ:
-            details = "; ".join(f"{words}: cached {_short(cached.get(key))}, now {_short(fingerprint.get(key))}"
-                                for key, words in differ)
+            details = "; ".join(
+                f"{words}: cached {_short(cached.get(key))}, now {_short(fingerprint.get(key))}"
+                for key, words in differ
+            )
             raise CacheMismatchError(
                 f"teacher cache {self.folder} was made for another {', '.join(w for _, w in differ)} ({details}): "
                 "rebuild it with `alambic cache CONFIG` or point data.teacher_cache elsewhere"

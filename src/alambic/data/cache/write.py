@@ -87,9 +87,15 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
-        TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("sequences"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
     )
 
 
@@ -106,8 +112,19 @@ class _BatchResult:
 
 
 @torch.inference_mode()
-def _run_batch(teacher: nn.Module, dataset, start: int, stop: int, *, k: int, temperature: float, vocab: int,
-               store_dtype: torch.dtype, collator: DistillationCollator, device: torch.device) -> _BatchResult:
+def _run_batch(
+    teacher: nn.Module,
+    dataset,
+    start: int,
+    stop: int,
+    *,
+    k: int,
+    temperature: float,
+    vocab: int,
+    store_dtype: torch.dtype,
+    collator: DistillationCollator,
+    device: torch.device,
+) -> _BatchResult:
     batch = collator([dataset[i] for i in range(start, stop)])
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     mask, _ = counted_positions(batch["labels"].to(device))  # (B, T-1)
@@ -117,7 +134,7 @@ def _run_batch(teacher: nn.Module, dataset, start: int, stop: int, *, k: int, te
     tail_mass_sum = torch.zeros((), dtype=torch.float64, device=device)
     store_floor = torch.finfo(store_dtype).min
     for rows in range(0, hidden.shape[0], _ROWS_PER_PROJECTION):
-        logits = project(teacher, hidden[rows: rows + _ROWS_PER_PROJECTION])[:, :vocab]  # (r, V)
+        logits = project(teacher, hidden[rows : rows + _ROWS_PER_PROJECTION])[:, :vocab]  # (r, V)
         log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
         ids, logprobs, tail = topk_of_log_probs(log_p, k)
         kl_sum += truncation_kl(log_p, ids, tail).sum(dtype=torch.float64)
@@ -131,7 +148,8 @@ def _run_batch(teacher: nn.Module, dataset, start: int, stop: int, *, k: int, te
         ids=torch.cat(ids_out) if ids_out else torch.zeros(0, k, dtype=torch.int32),
         logprobs=torch.cat(logprobs_out) if logprobs_out else torch.zeros(0, k, dtype=store_dtype),
         tail=torch.cat(tail_out) if tail_out else torch.zeros(0, dtype=torch.float32),
-        kl_sum=float(kl_sum), tail_mass_sum=float(tail_mass_sum),
+        kl_sum=float(kl_sum),
+        tail_mass_sum=float(tail_mass_sum),
     )
 
 
@@ -140,12 +158,17 @@ def _shard_tensors(parts: list[_BatchResult]) -> dict[str, torch.Tensor]:
     per_sequence = torch.cat([p.counts for p in parts])
     offsets = torch.zeros(len(per_sequence) + 1, dtype=torch.int64)
     offsets[1:] = per_sequence.cumsum(0)
-    return {"offsets": offsets, "ids": torch.cat([p.ids for p in parts]),
-            "logprobs": torch.cat([p.logprobs for p in parts]), "tail": torch.cat([p.tail for p in parts])}
+    return {
+        "offsets": offsets,
+        "ids": torch.cat([p.ids for p in parts]),
+        "logprobs": torch.cat([p.logprobs for p in parts]),
+        "tail": torch.cat([p.tail for p in parts]),
+    }
 
 
-def _folder_state(folder: Path, key: str, names: list[str], shard_ranges: list[tuple[int, int]]
-                  ) -> tuple[dict[str, Any] | None, dict[str, dict[str, str]]]:
+def _folder_state(
+    folder: Path, key: str, names: list[str], shard_ranges: list[tuple[int, int]]
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, str]]]:
     """(the manifest, when the cache is complete already; else None, the metadata of the shards kept), the folder
     made ready for the shards still to write: no manifest, no stray or half-written shard."""
     manifest_path = folder / MANIFEST
@@ -227,11 +250,15 @@ def write_teacher_cache(
         raise ValueError("the dataset is empty: nothing to cache")
     for name, value in (("k", int(k)), ("temperature", float(temperature))):
         if name in fingerprint and fingerprint[name] != value:
-            raise ValueError(f"fingerprint was made for {name} = {fingerprint[name]!r} but the cache is written with "
-                             f"{name} = {value!r}: build the fingerprint with the same settings")
+            raise ValueError(
+                f"fingerprint was made for {name} = {fingerprint[name]!r} but the cache is written with "
+                f"{name} = {value!r}: build the fingerprint with the same settings"
+            )
     if "dataset" in fingerprint and fingerprint["dataset"].get("sequences") != n:
-        raise ValueError(f"fingerprint describes {fingerprint['dataset'].get('sequences')} sequences, the dataset "
-                         f"has {n}: build the fingerprint from this dataset")
+        raise ValueError(
+            f"fingerprint describes {fingerprint['dataset'].get('sequences')} sequences, the dataset "
+            f"has {n}: build the fingerprint from this dataset"
+        )
     head_vocab = teacher.get_output_embeddings().weight.shape[0]
     vocab = head_vocab if vocab_size is None else int(vocab_size)
     if not 1 <= vocab <= head_vocab:
@@ -239,14 +266,19 @@ def write_teacher_cache(
     if k > vocab:
         raise ValueError(f"k = {k} is more than the vocabulary ({vocab} ids)")
 
-    settings = {"fingerprint": fingerprint, "dtype": dtype, "vocab_size": vocab,
-                "sequences_per_shard": sequences_per_shard}
+    settings = {
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "vocab_size": vocab,
+        "sequences_per_shard": sequences_per_shard,
+    }
     key = sha256_of(settings)
     shard_ranges = [(first, min(sequences_per_shard, n - first)) for first in range(0, n, sequences_per_shard)]
     names = [_shard_name(i) for i in range(len(shard_ranges))]
     # Rank 0 alone looks at the folder and tidies it; every rank learns which shards are still to write.
-    complete, kept = distributed.on_main(f"teacher cache {folder}: check the folder",
-                                         lambda: _folder_state(folder, key, names, shard_ranges))
+    complete, kept = distributed.on_main(
+        f"teacher cache {folder}: check the folder", lambda: _folder_state(folder, key, names, shard_ranges)
+    )
     if complete is not None:
         return complete
 
@@ -260,8 +292,18 @@ def write_teacher_cache(
     store_dtype = STORE_DTYPES[dtype]
 
     def run(start: int, stop: int) -> _BatchResult:
-        return _run_batch(teacher, dataset, start, stop, k=k, temperature=temperature, vocab=vocab,
-                          store_dtype=store_dtype, collator=collator, device=device)
+        return _run_batch(
+            teacher,
+            dataset,
+            start,
+            stop,
+            k=k,
+            temperature=temperature,
+            vocab=vocab,
+            store_dtype=store_dtype,
+            collator=collator,
+            device=device,
+        )
 
     metas: dict[str, dict[str, str] | None] = {}
     written_tokens, started = 0, time.perf_counter()
@@ -280,14 +322,17 @@ def write_teacher_cache(
                     metas[name] = kept[name]
                     bar.update(task, advance=num)  # complete already: kept
                 else:
-                    metas[name] = _write_shard(folder / name, first, num, key=key, batch_size=batch_size, run=run,
-                                               on_batch=on_batch)
+                    metas[name] = _write_shard(
+                        folder / name, first, num, key=key, batch_size=batch_size, run=run, on_batch=on_batch
+                    )
     finally:
         teacher.train(was_training)
 
     def write_manifest() -> dict[str, Any]:
-        entries = [{"file": name, "first_sequence": first, "num_sequences": num,
-                    "num_tokens": int(metas[name]["num_tokens"])} for name, (first, num) in zip(names, shard_ranges)]
+        entries = [
+            {"file": name, "first_sequence": first, "num_sequences": num, "num_tokens": int(metas[name]["num_tokens"])}
+            for name, (first, num) in zip(names, shard_ranges)
+        ]
         tokens = sum(e["num_tokens"] for e in entries)
         size = sum((folder / e["file"]).stat().st_size for e in entries)
         manifest = {
@@ -309,9 +354,9 @@ def write_teacher_cache(
                 "kl_full_to_cached": sum(float(metas[name]["kl_sum"]) for name in names) / max(tokens, 1),
                 "mean_tail_mass": sum(float(metas[name]["tail_mass_sum"]) for name in names) / max(tokens, 1),
                 "definition": "mean over counted tokens of KL(P || P~) in nats, P the teacher's full distribution at "
-                              "the cache's temperature, P~ its top-k probabilities with the tail mass spread evenly "
-                              "over the other V - k ids (= tail mass x KL(P(.|tail) || uniform)); 0 means nothing "
-                              "lost",
+                "the cache's temperature, P~ its top-k probabilities with the tail mass spread evenly "
+                "over the other V - k ids (= tail mass x KL(P(.|tail) || uniform)); 0 means nothing "
+                "lost",
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -321,9 +366,16 @@ def write_teacher_cache(
     return distributed.on_main(f"teacher cache {folder}: write the manifest", write_manifest)
 
 
-def _write_shard(path: Path, first: int, num: int, *, key: str, batch_size: int,
-                 run: Callable[[int, int], _BatchResult],
-                 on_batch: Callable[[int, int], None]) -> dict[str, str] | None:
+def _write_shard(
+    path: Path,
+    first: int,
+    num: int,
+    *,
+    key: str,
+    batch_size: int,
+    run: Callable[[int, int], _BatchResult],
+    on_batch: Callable[[int, int], None],
+) -> dict[str, str] | None:
     """Sequences [first, first + num) into the shard `path`: every rank runs its share of the shard's batches (the
     batches one process would run, so every sequence is padded and computed as it would be alone), rank 0 puts them
     together in order and writes the shard.
@@ -345,8 +397,13 @@ def _write_shard(path: Path, first: int, num: int, *, key: str, batch_size: int,
     parts = [part for theirs in gathered for part in theirs]  # rank order = batch order
     tensors = _shard_tensors(parts)
     # summed in batch order, the same on any number of ranks
-    meta = {"key": key, "first_sequence": str(first), "num_sequences": str(num),
-            "num_tokens": str(int(tensors["offsets"][-1])), "kl_sum": repr(sum(p.kl_sum for p in parts)),
-            "tail_mass_sum": repr(sum(p.tail_mass_sum for p in parts))}
+    meta = {
+        "key": key,
+        "first_sequence": str(first),
+        "num_sequences": str(num),
+        "num_tokens": str(int(tensors["offsets"][-1])),
+        "kl_sum": repr(sum(p.kl_sum for p in parts)),
+        "tail_mass_sum": repr(sum(p.tail_mass_sum for p in parts)),
+    }
     _save_shard(path, tensors, meta)
     return meta
