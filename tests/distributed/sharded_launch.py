@@ -1,5 +1,6 @@
-"""Run a sharded-training worker (fsdp_worker.py, deepspeed_worker.py) alone or as N ranks under torchrun, as the
-launchers do (gloo on CPU), with a timeout that kills the whole process group: a hung collective fails the test."""
+"""Run a worker script (ddp_worker.py, fsdp_worker.py, deepspeed_worker.py, split_worker.py) alone or as N ranks under
+torchrun or accelerate launch, as the launchers do (gloo on CPU), with a timeout that kills the whole process group: a
+hung collective fails the test, never hangs CI."""
 
 import json
 import os
@@ -12,14 +13,15 @@ from typing import Any
 
 def launch(
     worker: Path,
-    spec: dict[str, Any],
+    spec: dict[str, Any] | list[str],
     processes: int,
     timeout: float = 300,
     env: dict[str, str] | None = None,
     accelerate_config: Path | None = None,
 ) -> str:
-    """Run `worker SPEC_JSON` on `processes` ranks, under torchrun, or under `accelerate launch` with
-    `accelerate_config`; return its output. Raises AssertionError on failure or timeout."""
+    """Run `worker SPEC_JSON` (or `worker *spec` when `spec` is a list of arguments) on `processes` ranks, under
+    torchrun, or under `accelerate launch` with `accelerate_config`; return its output. Raises AssertionError on
+    failure or timeout."""
     launcher = (
         [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     )
@@ -36,7 +38,7 @@ def launch(
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environ.pop(name, None)  # a single process must not think itself launched
     proc = subprocess.Popen(
-        [sys.executable, *launcher, str(worker), json.dumps(spec)],
+        [sys.executable, *launcher, str(worker), *(spec if isinstance(spec, list) else [json.dumps(spec)])],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -7,16 +7,13 @@ One torchrun launch runs all three parts (`split_worker.py`); the single-process
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from sharded_launch import launch
 from split_worker import GREEDY, run_parts
 
 from alambic.evaluation.pareto import COST_GAINS
@@ -100,29 +97,8 @@ def make_inputs(folder: Path) -> Path:
     return folder
 
 
-def launch(inputs: Path, out: Path, processes: int) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(processes),
-        str(WORKER),
-        str(inputs),
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers alike
-        output, _ = proc.communicate()
-        raise AssertionError(f"{processes} processes still running after {TIMEOUT} s:\n{output[-3000:]}") from None
-    assert proc.returncode == 0, f"{processes} processes failed (exit {proc.returncode}):\n{output[-5000:]}"
+def launch_split(inputs: Path, out: Path, processes: int) -> None:
+    launch(WORKER, [str(inputs), str(out)], processes, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +106,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     """(one process's outputs, two processes' outputs) of the same inputs."""
     root = tmp_path_factory.mktemp("split")
     inputs = make_inputs(root / "inputs")
-    launch(inputs, root / "two", processes=2)
+    launch_split(inputs, root / "two", processes=2)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
