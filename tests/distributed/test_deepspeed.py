@@ -3,6 +3,9 @@ the fused chunked loss, 2 processes under ZeRO-3 (heads gathered by `sharding.th
 same three steps as one process with the same global batch, the teacher sharded or replicated."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +34,22 @@ RUNS = {
 ENV = {"DS_ACCELERATOR": "cpu"}  # DeepSpeed's CPU accelerator (its collectives through gloo here)
 
 
+def build_shared_memory_op() -> None:
+    """Compile DeepSpeed's CPU collective (its shared-memory op, built on first use into ~/.cache/torch_extensions)
+    once, in one process, before any launch: two ranks compiling into a fresh cache at once can race, and one of
+    them fails (seen here with the cache emptied)."""
+    build = (
+        "from deepspeed.accelerator import get_accelerator; "
+        "get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", build], env={**os.environ, **ENV}, check=True, capture_output=True, timeout=600
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
+    build_shared_memory_op()
     results = {}
     for name, run in RUNS.items():
         out = tmp_path_factory.mktemp(name)
