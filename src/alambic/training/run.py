@@ -301,10 +301,15 @@ def fit_and_export(
     trainer.accelerator.wait_for_everyone()
     try:
         check_finite_weights(tmp)  # every rank, so that all of them raise alike
-    except NonFiniteWeightsError:
+        bad = None
+    except NonFiniteWeightsError as exc:
+        bad = exc
+    # Every rank has read the export before rank 0 removes or renames it (else a slower rank finds no file).
+    trainer.accelerator.wait_for_everyone()
+    if bad is not None:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise bad
     if is_main:
         if final.exists():
             shutil.rmtree(final)
