@@ -98,3 +98,8 @@ if rank == 0:
             }
         )
     )
+# Leave the process group before exiting: torn down at interpreter exit instead, it aborted now and then here
+# ("terminate called without an active exception", SIGABRT on rank 0 after result.json was written).
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
